@@ -1,0 +1,32 @@
+# The front door. `make bench` and `make test` set everything up on a fresh machine and run.
+# torch: an existing install (e.g. a CUDA build on a GPU machine) is kept; otherwise the local
+# CPU wheel torch==2.13.0 is installed. The extension is built against that torch
+# (--no-build-isolation: an isolated build would fetch torch again).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip install -q --disable-pip-version-check
+export MAX_JOBS ?= 2
+
+.PHONY: setup test bench bench-suite study results
+
+setup:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+	@$(PYTHON) -c "import triton" 2>/dev/null || $(PIP) "triton>=3.6"
+	@$(PIP) setuptools wheel ninja numpy tqdm matplotlib scikit-learn pytest expecttest pytest-benchmark
+	$(PIP) --no-build-isolation -e .
+	@$(PYTHON) -c "import normkernels as nk; print('normkernels backends:', nk.backends())"
+
+test: setup
+	$(PYTHON) -m pytest tests -q -p no:cacheprovider
+
+bench: setup
+	$(PYTHON) -m normkernels bench --quick
+
+bench-suite: setup
+	$(PYTHON) -m pytest benchmarks -q --benchmark-only
+
+study: setup
+	$(PYTHON) -m normkernels study --quick
+
+# Regenerate the committed results for this machine's device.
+results: setup
+	$(PYTHON) -m normkernels bench --write-results benchmarks/results

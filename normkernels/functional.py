@@ -1,0 +1,205 @@
+"""Functional forms of the layers: validate the input, pick a backend, call the op, and update
+the running statistics once the op has succeeded (a failed call leaves the buffers untouched)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _backend
+from .ops import l2bn as _l2bn
+from .ops import sbn as _sbn
+
+__all__ = ["l2_batch_norm", "spectral_batch_norm", "batch_norm_sbn"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ALGORITHMS = ("auto", "parseval", "fft")
+
+
+def check_input(x, ranks: tuple[int, ...], layer: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{layer}: expected a torch.Tensor input, got {type(x).__name__}")
+    if x.dim() not in ranks:
+        shapes = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)"}
+        want = " or ".join(shapes[r] for r in ranks)
+        raise ValueError(f"{layer}: expected a {want} input, got a {x.dim()}-d input of shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{layer}: expected a float16, bfloat16, float32 or float64 input, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{layer}: got an empty input of shape {tuple(x.shape)}")
+
+
+def check_channel_tensors(x, layer: str, **tensors) -> None:
+    """Per-channel parameters/buffers must have shape (C,) and live on x's device."""
+    c = x.shape[1]
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.shape != (c,):
+            raise ValueError(f"{layer}: {name} has shape {tuple(t.shape)} but the input has C={c} channels")
+        if t.device != x.device:
+            raise ValueError(f"{layer}: {name} is on {t.device} but the input is on {x.device}")
+
+
+def check_batch_stats(count: int, x, layer: str) -> None:
+    """BatchNorm's rule: batch statistics need more than one value per channel."""
+    if count <= 1:
+        raise ValueError(
+            f"{layer}: expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}"
+        )
+
+
+def check_running(running_mean, running_var, training: bool, layer: str) -> None:
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{layer}: pass both running_mean and running_var, or neither")
+    if not training and running_mean is None:
+        raise ValueError(f"{layer}: running_mean and running_var are required when training=False")
+
+
+def update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum: float, count: int) -> None:
+    """running <- (1 - momentum) * running + momentum * batch, with the unbiased batch variance."""
+    with torch.no_grad():
+        unbiased = batch_var * (count / (count - 1))
+        running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
+        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+
+
+def _stats_arg(t, dtype):
+    return None if t is None else t.detach().to(dtype)
+
+
+def l2_batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    l2_eps: float = 1e-12,
+    rescale: bool = False,
+    backend: str = "auto",
+):
+    """L2BN: l2-normalize each sample's whole feature vector, then batch norm.
+
+    Arguments follow F.batch_norm. Inputs (N, C), (N, C, L) or (N, C, H, W). With rescale=True
+    the normalized sample is multiplied by sqrt(C*H*W) (unit RMS instead of unit norm).
+    """
+    layer = "l2_batch_norm"
+    check_input(input, (2, 3, 4), layer)
+    check_channel_tensors(input, layer, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    check_running(running_mean, running_var, training, layer)
+    count = input.numel() // input.shape[1]
+    if training:
+        check_batch_stats(count, input, layer)
+    be = _backend.resolve("l2bn", backend, input)
+    mean = None if training else _stats_arg(running_mean, torch.float32)
+    var = None if training else _stats_arg(running_var, torch.float32)
+    y, batch_mean, batch_var = _l2bn.l2_batch_norm(input, weight, bias, mean, var, eps, l2_eps, rescale, be)
+    if training and running_mean is not None:
+        update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count)
+    return y
+
+
+def resolve_algorithm(algorithm: str) -> str:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    return "parseval" if algorithm == "auto" else algorithm
+
+
+def spectral_count(x) -> int:
+    """Number of half-spectrum coefficients per channel: N * H * (W // 2 + 1)."""
+    n, _, h, w = x.shape
+    return n * h * (w // 2 + 1)
+
+
+def spectral_batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    algorithm: str = "auto",
+    backend: str = "auto",
+):
+    """SBN: batch norm of the rfft2 spectrum (complex mean, modulus variance, real affine).
+
+    running_mean is complex (C,), running_var real (C,). algorithm "parseval" (default via
+    "auto") computes it without an FFT; "fft" is the literal rfft2 -> normalize -> irfft2 path.
+    """
+    layer = "spectral_batch_norm"
+    check_input(input, (4,), layer)
+    check_channel_tensors(input, layer, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    check_running(running_mean, running_var, training, layer)
+    if running_mean is not None and not running_mean.is_complex():
+        raise TypeError(f"{layer}: running_mean must be complex (the spectral mean), got {running_mean.dtype}")
+    count = spectral_count(input)
+    if training:
+        check_batch_stats(count, input, layer)
+    algo = resolve_algorithm(algorithm)
+    be = _backend.resolve("sbn", backend, input)
+    mean = None if training else _stats_arg(running_mean, torch.complex64)
+    var = None if training else _stats_arg(running_var, torch.float32)
+    y, batch_mean, batch_var = _sbn.spectral_batch_norm(input, weight, bias, mean, var, eps, algo, be)
+    if training and running_mean is not None:
+        update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count)
+    return y
+
+
+def batch_norm_sbn(
+    input,
+    bn_running_mean,
+    bn_running_var,
+    sbn_running_mean,
+    sbn_running_var,
+    bn_weight=None,
+    bn_bias=None,
+    sbn_weight=None,
+    sbn_bias=None,
+    training: bool = False,
+    bn_momentum: float = 0.1,
+    sbn_momentum: float = 0.1,
+    bn_eps: float = 1e-5,
+    sbn_eps: float = 1e-5,
+    backend: str = "auto",
+):
+    """BatchNorm followed by SpectralBatchNorm, fused: one statistics pass, one elementwise pass."""
+    layer = "batch_norm_sbn"
+    check_input(input, (4,), layer)
+    check_channel_tensors(
+        input, layer, bn_weight=bn_weight, bn_bias=bn_bias, sbn_weight=sbn_weight, sbn_bias=sbn_bias,
+        bn_running_mean=bn_running_mean, bn_running_var=bn_running_var,
+        sbn_running_mean=sbn_running_mean, sbn_running_var=sbn_running_var,
+    )
+    check_running(bn_running_mean, bn_running_var, training, layer)
+    check_running(sbn_running_mean, sbn_running_var, training, layer)
+    if (bn_running_mean is None) != (sbn_running_mean is None):
+        raise ValueError(f"{layer}: the BN and SBN running statistics must be given together")
+    if sbn_running_mean is not None and not sbn_running_mean.is_complex():
+        raise TypeError(f"{layer}: sbn_running_mean must be complex, got {sbn_running_mean.dtype}")
+    bn_count = input.numel() // input.shape[1]
+    sbn_count = spectral_count(input)
+    if training:
+        check_batch_stats(min(bn_count, sbn_count), input, layer)
+    be = _backend.resolve("sbn", backend, input)
+    stats = (
+        (None, None, None, None)
+        if training
+        else (
+            _stats_arg(bn_running_mean, torch.float32),
+            _stats_arg(bn_running_var, torch.float32),
+            _stats_arg(sbn_running_mean, torch.complex64),
+            _stats_arg(sbn_running_var, torch.float32),
+        )
+    )
+    y, bn_mean, bn_var, sbn_mean, sbn_var = _sbn.batch_norm_sbn(
+        input, bn_weight, bn_bias, stats[0], stats[1], sbn_weight, sbn_bias, stats[2], stats[3], bn_eps, sbn_eps, be
+    )
+    if training and bn_running_mean is not None:
+        update_running_stats(bn_running_mean, bn_running_var, bn_mean, bn_var, bn_momentum, bn_count)
+        update_running_stats(sbn_running_mean, sbn_running_var, sbn_mean, sbn_var, sbn_momentum, sbn_count)
+    return y
