@@ -66,6 +66,16 @@ class _NormBase(_RunningStatsMixin, nn.Module):
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        # .double()/.half() convert only real tensors; keep the complex running mean at the
+        # precision of running_var (complex128 beside float64).
+        super()._apply(fn, recurse)
+        if self._complex_mean and self.running_mean is not None:
+            want = torch.promote_types(self.running_var.dtype, torch.complex64)
+            if self.running_mean.dtype != want:
+                self.running_mean = self.running_mean.to(want)
+        return self
+
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
             self.running_mean.zero_()

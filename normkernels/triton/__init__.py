@@ -1,0 +1,1 @@
+"""Triton kernels (optional: importing this package requires triton)."""
