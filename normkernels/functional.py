@@ -64,8 +64,15 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, momen
         running_var.lerp_(unbiased.to(running_var.dtype), momentum)
 
 
-def _stats_arg(t, dtype):
-    return None if t is None else t.detach().to(dtype)
+def _stats_dtype(x, complex_: bool = False) -> torch.dtype:
+    """Statistics are float32 (complex64), or float64 (complex128) for float64 inputs."""
+    if x.dtype == torch.float64:
+        return torch.complex128 if complex_ else torch.float64
+    return torch.complex64 if complex_ else torch.float32
+
+
+def _stats_arg(t, x, complex_: bool = False):
+    return None if t is None else t.detach().to(_stats_dtype(x, complex_))
 
 
 def l2_batch_norm(
@@ -94,8 +101,8 @@ def l2_batch_norm(
     if training:
         check_batch_stats(count, input, layer)
     be = _backend.resolve("l2bn", backend, input)
-    mean = None if training else _stats_arg(running_mean, torch.float32)
-    var = None if training else _stats_arg(running_var, torch.float32)
+    mean = None if training else _stats_arg(running_mean, input)
+    var = None if training else _stats_arg(running_var, input)
     y, batch_mean, batch_var = _l2bn.l2_batch_norm(input, weight, bias, mean, var, eps, l2_eps, rescale, be)
     if training and running_mean is not None:
         update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count)
@@ -142,8 +149,8 @@ def spectral_batch_norm(
         check_batch_stats(count, input, layer)
     algo = resolve_algorithm(algorithm)
     be = _backend.resolve("sbn", backend, input)
-    mean = None if training else _stats_arg(running_mean, torch.complex64)
-    var = None if training else _stats_arg(running_var, torch.float32)
+    mean = None if training else _stats_arg(running_mean, input, True)
+    var = None if training else _stats_arg(running_var, input)
     y, batch_mean, batch_var = _sbn.spectral_batch_norm(input, weight, bias, mean, var, eps, algo, be)
     if training and running_mean is not None:
         update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count)
@@ -190,10 +197,10 @@ def batch_norm_sbn(
         (None, None, None, None)
         if training
         else (
-            _stats_arg(bn_running_mean, torch.float32),
-            _stats_arg(bn_running_var, torch.float32),
-            _stats_arg(sbn_running_mean, torch.complex64),
-            _stats_arg(sbn_running_var, torch.float32),
+            _stats_arg(bn_running_mean, input),
+            _stats_arg(bn_running_var, input),
+            _stats_arg(sbn_running_mean, input, True),
+            _stats_arg(sbn_running_var, input),
         )
     )
     y, bn_mean, bn_var, sbn_mean, sbn_var = _sbn.batch_norm_sbn(

@@ -78,8 +78,9 @@ def run(shape, backend, dtype=torch.float32, shift=0.0, scale=1.0, affine=True,
     y, bm, bv, sm, sv = S.batch_norm_sbn(xx, pp[0], pp[1], st[0], st[1], pp[2], pp[3], st[2],
                                          st[3], EPS_BN, EPS_SBN, backend)
     assert y.dtype == x.dtype and y.shape == x.shape
-    assert bm.dtype == torch.float32 and bv.dtype == torch.float32
-    assert sm.dtype == torch.complex64 and sv.dtype == torch.float32
+    stat_real = torch.float64 if x.dtype == torch.float64 else torch.float32
+    assert bm.dtype == stat_real and bv.dtype == stat_real
+    assert sm.dtype == stat_real.to_complex() and sv.dtype == stat_real
     if channels_last:
         assert y.is_contiguous(memory_format=torch.channels_last)
     (y.double() * dy).sum().backward()

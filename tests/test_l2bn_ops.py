@@ -66,7 +66,8 @@ def run_case(x, backend, *, affine=True, eval_mode=False, rescale=False, dtype=N
     bin_ = b.clone().requires_grad_() if affine else None
     y, bm, bv = L.l2_batch_norm(xin, win, bin_, mean, var, 1e-5, 1e-12, rescale, backend)
     assert y.shape == x.shape and y.dtype == x.dtype
-    assert bm.dtype == torch.float32 and bv.dtype == torch.float32 and bm.shape == (C,)
+    stat_real = torch.float64 if x.dtype == torch.float64 else torch.float32
+    assert bm.dtype == stat_real and bv.dtype == stat_real and bm.shape == (C,)
     assert not bm.requires_grad and not bv.requires_grad
 
     xd = x.detach().double().requires_grad_()

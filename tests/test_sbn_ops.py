@@ -58,7 +58,8 @@ def run_and_compare(shape, algorithm, backend, dtype=torch.float32, shift=0.0, a
     assert y.dtype == x.dtype and y.shape == x.shape
     if channels_last:
         assert y.is_contiguous(memory_format=torch.channels_last)
-    assert bm.dtype == torch.complex64 and bv.dtype == torch.float32 and bm.shape == (C,)
+    stat_real = torch.float64 if x.dtype == torch.float64 else torch.float32
+    assert bm.dtype == stat_real.to_complex() and bv.dtype == stat_real and bm.shape == (C,)
     (y.double() * dy).sum().backward()
 
     # reference on exactly the same (rounded) input values, in float64

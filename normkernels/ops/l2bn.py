@@ -234,7 +234,8 @@ def _check_backend(backend: str) -> None:
 def l2bn_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
                  var: Optional[Tensor], eps: float, l2_eps: float, rescale: bool,
                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, batch_mean f32 (C,), batch_var f32 (C,), sample_mean (N,C), sample_m2 (N,C))."""
+    """Returns (y, batch_mean (C,), batch_var (C,), sample_mean (N,C), sample_m2 (N,C)), statistics in
+    the accumulation dtype (float64 for float64 x, else float32)."""
     _check_backend(backend)
     stats, _, apply = _passes(backend)
     smean, sm2 = stats(x)
@@ -242,14 +243,14 @@ def l2bn_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], me
     x_coef, offset = _forward_coefs(f, bias)
     acc = smean.dtype
     y = apply(x, smean, x_coef.to(acc), offset.to(acc))
-    return y, f["mu"].to(torch.float32), f["var"].to(torch.float32), smean, sm2
+    return y, f["mu"].to(acc, copy=True), f["var"].to(acc, copy=True), smean, sm2
 
 
 @l2bn_forward.register_fake
 def _(x, weight, bias, mean, var, eps, l2_eps, rescale, backend):
     n, c = x.shape[0], x.shape[1]
     acc = _acc_dtype(x.dtype)
-    return (_out_like(x), x.new_empty((c,), dtype=torch.float32), x.new_empty((c,), dtype=torch.float32),
+    return (_out_like(x), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc),
             x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc))
 
 
@@ -304,10 +305,11 @@ l2bn_forward.register_autograd(_backward, setup_context=_setup_context)
 def l2_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
                   var: Optional[Tensor], eps: float, l2_eps: float, rescale: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """L2BN forward (pure: no running buffers). Returns (y, batch_mean, batch_var), stats float32 (C,).
+    """L2BN forward (pure: no running buffers). Returns (y, batch_mean, batch_var).
 
     mean/var None: normalize with the batch statistics of u = x_n / max(||x_n||, l2_eps)
-    (* sqrt(D) if rescale); given: normalize with them (returned as float32).
+    (* sqrt(D) if rescale); given: normalize with them. Statistics are float32 (float64 for
+    float64 x).
     backend: "cpp" or "cuda" (C++ extension passes) or "torch" (torch-op passes).
     """
     _check_backend(backend)

@@ -626,8 +626,9 @@ def _mean_ri(mean: Optional[Tensor]) -> Optional[Tensor]:
     return torch.view_as_real(mean) if mean.is_complex() else mean
 
 
-def _to_complex64(m_ri: Tensor) -> Tensor:
-    return torch.view_as_complex(m_ri.to(torch.float32).contiguous())
+def _to_complex(m_ri: Tensor) -> Tensor:
+    """(C, 2) [re, im] in the accumulation dtype -> complex64 (complex128 for float64 inputs)."""
+    return torch.view_as_complex(m_ri.contiguous())
 
 
 def spectral_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -644,7 +645,7 @@ def spectral_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
         y, m, v = sbn_fft_forward(x, weight, bias, _mean_ri(mean), var, float(eps), backend)
     else:
         raise ValueError(f"algorithm must be 'parseval' or 'fft', got {algorithm!r}")
-    return y, _to_complex64(m.detach()), v.detach().to(torch.float32)
+    return y, _to_complex(m.detach()), v.detach()
 
 
 def batch_norm_sbn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
@@ -662,5 +663,4 @@ def batch_norm_sbn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Ten
     y, bm, bv, sm, sv, _ = bnsbn_forward(x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight,
                                          sbn_bias, _mean_ri(sbn_mean), sbn_var, float(bn_eps),
                                          float(sbn_eps), backend)
-    return (y, bm.detach().to(torch.float32), bv.detach().to(torch.float32),
-            _to_complex64(sm.detach()), sv.detach().to(torch.float32))
+    return y, bm.detach(), bv.detach(), _to_complex(sm.detach()), sv.detach()
