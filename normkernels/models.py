@@ -98,10 +98,8 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
-        # normalization layers keep their own reset_parameters (weight 1, bias 0)
+        # nn.Linear keeps PyTorch's default init (as torchvision's ResNet does); normalization
+        # layers keep their own reset_parameters (weight 1, bias 0)
 
 
 # ----------------------------------------------------------------------------- small CNN

@@ -1,4 +1,5 @@
-"""The layers' literal definitions in float64 torch ops: the oracle every path is tested against."""
+"""The layers' literal definitions in torch ops (use float64): the oracle every path is tested
+against, and the error measure the tests share."""
 import torch
 import torch.nn.functional as F
 
@@ -15,25 +16,35 @@ def l2bn_reference(x, weight, bias, running_mean=None, running_var=None, trainin
 def sbn_reference(x, weight, bias, mean=None, var=None, eps=1e-5):
     """rfft2 -> complex mean, modulus variance over (n, k, l) -> normalize, affine -> irfft2.
 
-    Returns (y, batch_mean, biased batch_var) — the statistics used (given or computed)."""
-    h, w = x.shape[-2:]
+    Returns (y, mean, biased var): the statistics used (given, or of this batch)."""
+    C, (H, W) = x.shape[1], x.shape[-2:]
     X = torch.fft.rfft2(x)
     if mean is None:
         mean = X.mean(dim=(0, 2, 3))
-        var = (X - mean[None, :, None, None]).abs().pow(2).mean(dim=(0, 2, 3))
-    Y = (X - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + eps)
+        var = (X - mean.view(1, C, 1, 1)).abs().square().mean(dim=(0, 2, 3))
+    Y = (X - mean.view(1, C, 1, 1)) / torch.sqrt(var.view(1, C, 1, 1) + eps)
     if weight is not None:
-        Y = Y * weight[None, :, None, None] + bias[None, :, None, None]
-    return torch.fft.irfft2(Y, s=(h, w)), mean, var
+        Y = Y * weight.view(1, C, 1, 1)
+    if bias is not None:
+        Y = Y + bias.view(1, C, 1, 1)
+    return torch.fft.irfft2(Y, s=(H, W)), mean, var
 
 
-def bn_sbn_reference(x, bn_weight, bn_bias, sbn_weight, sbn_bias, bn_stats=None, sbn_stats=None, bn_eps=1e-5,
-                     sbn_eps=1e-5):
-    """F.batch_norm followed by the literal SBN; returns (y, bn_mean, bn_var, sbn_mean, sbn_var)."""
-    if bn_stats is None:
-        bn_mean, bn_var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+def bn_sbn_reference(x, bn_weight, bn_bias, sbn_weight, sbn_bias, stats=None, bn_eps=1e-5, sbn_eps=1e-5):
+    """F.batch_norm then the literal SBN. stats = (bn_mean, bn_var, sbn_mean, sbn_var) for eval,
+    None for batch statistics. Returns (y, bn_mean, bn_var, sbn_mean, sbn_var)."""
+    if stats is None:
+        bn_mean, bn_var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        z = F.batch_norm(x, None, None, bn_weight, bn_bias, True, 0.0, bn_eps)
+        sbn_stats = (None, None)
     else:
-        bn_mean, bn_var = bn_stats
-    z = F.batch_norm(x, bn_mean, bn_var, bn_weight, bn_bias, False, 0.0, bn_eps)
-    y, sbn_mean, sbn_var = sbn_reference(z, sbn_weight, sbn_bias, *(sbn_stats or (None, None)), eps=sbn_eps)
+        bn_mean, bn_var, *sbn_stats = stats
+        z = F.batch_norm(x, bn_mean, bn_var, bn_weight, bn_bias, False, 0.0, bn_eps)
+    y, sbn_mean, sbn_var = sbn_reference(z, sbn_weight, sbn_bias, *sbn_stats, eps=sbn_eps)
     return y, bn_mean, bn_var, sbn_mean, sbn_var
+
+
+def max_rel_error(a, ref):
+    """max |a - ref| / max |ref|, computed in ref's dtype and device."""
+    a = a.detach().to(device=ref.device, dtype=ref.dtype)
+    return ((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from references import bn_sbn_reference
+from references import max_rel_error as rel
 from normkernels.ops import sbn as S
 
 EPS_BN, EPS_SBN = 1e-5, 1e-5
@@ -26,32 +28,9 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
 
 
 def reference(x, gb, bb, gs, bs, stats=None):
-    """float64: F.batch_norm, then literal SBN. stats = (bn_mean, bn_var, sbn_mean, sbn_var)
-    for eval, else batch statistics."""
-    N, C, H, W = x.shape
-    if stats is None:
-        z = F.batch_norm(x, None, None, gb, bb, True, 0.0, EPS_BN)
-        bm, bv = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-    else:
-        z = F.batch_norm(x, stats[0], stats[1], gb, bb, False, 0.0, EPS_BN)
-        bm, bv = stats[0], stats[1]
-    X = torch.fft.rfft2(z)
-    if stats is None:
-        mu = X.mean((0, 2, 3))
-        var = (X - mu.view(1, C, 1, 1)).abs().square().mean((0, 2, 3))
-    else:
-        mu, var = stats[2], stats[3]
-    Y = (X - mu.view(1, C, 1, 1)) / torch.sqrt(var.view(1, C, 1, 1) + EPS_SBN)
-    if gs is not None:
-        Y = Y * gs.view(1, C, 1, 1)
-    if bs is not None:
-        Y = Y + bs.view(1, C, 1, 1)
-    return torch.fft.irfft2(Y, s=(H, W)), bm, bv, mu, var
+    return bn_sbn_reference(x, gb, bb, gs, bs, stats, EPS_BN, EPS_SBN)
 
 
-def rel(a, ref):
-    a = a.detach().cpu().to(ref.dtype)
-    return ((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def run(shape, backend, dtype=torch.float32, shift=0.0, scale=1.0, affine=True,

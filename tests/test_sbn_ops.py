@@ -4,29 +4,15 @@ float64 definition (rfft2 -> complex mean -> modulus variance -> normalize/affin
 import pytest
 import torch
 
+from references import max_rel_error as rel
+from references import sbn_reference as literal_sbn
 from normkernels.ops import sbn as S
 
 EPS = 1e-5
 
 
-def literal_sbn(x, weight, bias, mean=None, var=None, eps=EPS):
-    """The paper's definition, plainly, in x's dtype (use float64)."""
-    N, C, H, W = x.shape
-    X = torch.fft.rfft2(x)
-    if mean is None:
-        mean = X.mean(dim=(0, 2, 3))
-        var = (X - mean.view(1, C, 1, 1)).abs().square().mean(dim=(0, 2, 3))
-    Y = (X - mean.view(1, C, 1, 1)) / torch.sqrt(var.view(1, C, 1, 1) + eps)
-    if weight is not None:
-        Y = Y * weight.view(1, C, 1, 1)
-    if bias is not None:
-        Y = Y + bias.view(1, C, 1, 1)
-    return torch.fft.irfft2(Y, s=(H, W)), mean, var
 
 
-def rel(a, ref):
-    a = a.detach().to(ref.dtype)
-    return ((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def make(shape, dtype, gen, shift=0.0, affine=True, scale=1.0):

@@ -12,6 +12,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from references import max_rel_error as rel  # noqa: E402
+from references import sbn_reference as literal_sbn  # noqa: E402
 from normkernels.ops import sbn as S  # noqa: E402
 
 K = pytest.importorskip("normkernels.triton.sbn_kernels")
@@ -23,23 +25,8 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
 
 
-def literal_sbn(x, weight, bias, mean=None, var=None, eps=EPS):
-    N, C, H, W = x.shape
-    X = torch.fft.rfft2(x)
-    if mean is None:
-        mean = X.mean(dim=(0, 2, 3))
-        var = (X - mean.view(1, C, 1, 1)).abs().square().mean(dim=(0, 2, 3))
-    Y = (X - mean.view(1, C, 1, 1)) / torch.sqrt(var.view(1, C, 1, 1) + eps)
-    if weight is not None:
-        Y = Y * weight.view(1, C, 1, 1)
-    if bias is not None:
-        Y = Y + bias.view(1, C, 1, 1)
-    return torch.fft.irfft2(Y, s=(H, W)), mean, var
 
 
-def rel(a, ref):
-    a = a.detach().to(device=ref.device, dtype=ref.dtype)
-    return ((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 # ------------------------------------------------------------------------------------------
