@@ -281,3 +281,28 @@ def test_compiled_model_matches_eager():
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(twin[1].running_var, model[1].running_var)
+
+
+def resnets():
+    from normkernels.models import resnet_cifar
+
+    yield "normkernels.models.resnet_cifar(18)", resnet_cifar(18, num_classes=10)
+    try:  # the real thing too, where torchvision is installed (the GPU machine has it)
+        import torchvision
+    except ImportError:
+        return
+    yield "torchvision.models.resnet18", torchvision.models.resnet18(num_classes=10)
+
+
+@pytest.mark.parametrize("stages", [(4,), (3, 4)])
+def test_insert_sbn_on_resnet(stages):
+    for name, model in resnets():
+        bns = {s: sum(type(m) is nn.BatchNorm2d for m in getattr(model, f"layer{s}").modules()) for s in (3, 4)}
+        nk.insert_sbn(model, stages=stages)
+        fused = {s: sum(isinstance(m, nk.BatchNormSBN2d) for m in getattr(model, f"layer{s}").modules())
+                 for s in (3, 4)}
+        assert fused == {s: bns[s] if s in stages else 0 for s in (3, 4)}, name
+        assert not any(isinstance(m, nk.BatchNormSBN2d) for m in model.layer2.modules()), name
+        out = model(torch.randn(2, 3, 32, 32))
+        out.sum().backward()
+        assert out.shape == (2, 10) and torch.isfinite(out).all(), name
