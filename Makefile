@@ -29,4 +29,4 @@ study: setup
 
 # Regenerate the committed results for this machine's device.
 results: setup
-	$(PYTHON) -m normkernels bench --write-results benchmarks/results
+	$(PYTHON) -m normkernels bench --e2e --write-results benchmarks/results

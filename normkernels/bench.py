@@ -30,15 +30,19 @@ The records are also what benchmarks/render.py turns into the Markdown table and
 """
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)   # run as a script: normkernels/triton must not shadow the real triton
+
 import argparse
 import datetime
 import gc
 import json
 import math
-import os
 import platform
 import statistics
-import sys
 import time
 from typing import Callable
 
@@ -49,7 +53,8 @@ from torch import nn
 __all__ = [
     "RESNET50_SHAPES", "CIFAR_SHAPES", "OPS", "PASSES", "IMPLS", "E2E_VARIANTS",
     "L2BNComposite", "SBNLiteral", "suite_shapes", "build", "make_runner", "time_ms",
-    "copy_bandwidth", "peak_memory", "measure", "run_e2e", "render_markdown", "plot_ratios", "main",
+    "copy_bandwidth", "peak_memory", "measure", "e2e_step", "run_e2e", "e2e_config", "render_markdown",
+    "plot_ratios", "main",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -212,16 +217,18 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def time_ms(run: Callable[[], None], device: str, quick: bool = False) -> float:
-    """Median milliseconds of one call, synchronized with the device."""
+def time_ms(run: Callable[[], None], device: str, quick: bool = False, rep_ms: float | None = None) -> float:
+    """Median milliseconds of one call, synchronized with the device.
+
+    rep_ms: GPU measuring time (do_bench's rep; default 100 quick / 400), CPU time budget."""
     if device == "cuda":
         try:
             from triton.testing import do_bench
         except ImportError:                      # pragma: no cover - CUDA without triton
             do_bench = None
         if do_bench is not None:
-            return float(do_bench(run, warmup=25 if quick else 100, rep=100 if quick else 400,
-                                  return_mode="median"))
+            rep = rep_ms or (100 if quick else 400)
+            return float(do_bench(run, warmup=max(25, rep // 4), rep=rep, return_mode="median"))
         times = []
         for _ in range(5):
             run()
@@ -230,7 +237,7 @@ def time_ms(run: Callable[[], None], device: str, quick: bool = False) -> float:
             a.record(); run(); b.record(); torch.cuda.synchronize()
             times.append(a.elapsed_time(b))
         return statistics.median(times)
-    budget = 0.25 if quick else 1.0
+    budget = (rep_ms / 1e3) if rep_ms else (0.25 if quick else 1.0)
     run(); run()                                  # warm up (allocator, first-call paths)
     times, end = [], time.perf_counter() + budget
     while len(times) < 5 or (time.perf_counter() < end and len(times) < 200):
@@ -279,11 +286,6 @@ def peak_memory(run: Callable[[], None], device: str) -> float | None:
     if device == "cpu":
         return _cpu_peak_bytes(run)
     return None
-
-
-def _quiet_profiler_logs():
-    # kineto prints start/stop lines to stderr on some builds; keep the table readable
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,51 +385,58 @@ def e2e_config(device: str, quick: bool) -> tuple[int, int]:
     return (2, 96) if quick else (4, 128)
 
 
+def e2e_step(variant: str, device: str, dtype: torch.dtype = torch.float32, batch: int = 4,
+             resolution: int = 128, seed: int = 0):
+    """(step, source): a closure running one training step (forward, cross-entropy, backward,
+    SGD with momentum) of ResNet-50 in the given variant on rotating random batches.
+    16-bit dtypes run under torch.autocast, as mixed-precision training does."""
+    builder, source = _resnet50_builder()
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, 3, resolution, resolution)
+    xs = [torch.randn(shape, generator=g).to(device) for _ in range(3)]
+    ts = [torch.randint(0, 1000, (batch,), generator=g).to(device) for _ in range(3)]
+    torch.manual_seed(seed)
+    model = _e2e_model(variant, builder).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    state = {"i": 0}
+    autocast = dtype != torch.float32
+
+    def step():
+        i = state["i"] = (state["i"] + 1) % len(xs)
+        with torch.autocast(device_type=device, dtype=dtype, enabled=autocast):
+            loss = F.cross_entropy(model(xs[i]), ts[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step.model = model
+    return step, source
+
+
 def run_e2e(device: str, dtype: torch.dtype = torch.float32, quick: bool = False,
             variants=E2E_VARIANTS, batch: int | None = None, resolution: int | None = None,
-            progress=None) -> list[dict]:
-    """One SGD training step of ResNet-50 per variant; records with ratio to plain BN."""
+            progress=None, memory: bool = True) -> list[dict]:
+    """One SGD training step of ResNet-50 per variant (records; ratios added by _add_ratios)."""
     b0, r0 = e2e_config(device, quick)
     batch, resolution = batch or b0, resolution or r0
     dname = str(dtype).replace("torch.", "")
-    shape = [batch, 3, resolution, resolution]
-    try:
-        builder, source = _resnet50_builder()
-    except Exception as e:
-        return [{"op": "resnet50-step", "impl": v, "shape": shape, "dtype": dname, "pass": "train-step",
-                 "ms": None, "gbps": None, "peak_mem_ratio": None, "error": "unavailable: " + _error(e)}
-                for v in variants]
-    g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(shape, generator=g).to(device) for _ in range(3)]
-    ts = [torch.randint(0, 1000, (batch,), generator=g).to(device) for _ in range(3)]
     out = []
     for v in variants:
-        rec = {"op": "resnet50-step", "impl": v, "shape": shape, "dtype": dname, "pass": "train-step",
-               "gbps": None, "model": source}
+        rec = {"op": "resnet50-step", "impl": v, "shape": [batch, 3, resolution, resolution], "dtype": dname,
+               "pass": "train-step", "gbps": None}
         try:
-            torch.manual_seed(0)
-            model = _e2e_model(v, builder).to(device).train()
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-            state = {"i": 0}
-            autocast = dtype != torch.float32
-
-            def step():
-                i = state["i"] = (state["i"] + 1) % len(xs)
-                with torch.autocast(device_type=device, dtype=dtype, enabled=autocast):
-                    loss = F.cross_entropy(model(xs[i]), ts[i])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
+            step, rec["model"] = e2e_step(v, device, dtype, batch, resolution)
             step(); step()
             _sync(device)
-            rec["ms"] = time_ms(step, device, quick=True)
-            rec["peak_mem_bytes"] = peak_memory(step, device)
-            del model, opt
+            # whole steps take 10-1000 ms: give do_bench room for ~10 of them
+            rec["ms"] = time_ms(step, device, quick=True, rep_ms=(1500 if device == "cuda" else 1000))
+            rec["peak_mem_bytes"] = peak_memory(step, device) if memory else None
+            del step
         except Exception as e:
             rec.update(ms=None, error=_error(e))
         rec.setdefault("peak_mem_ratio", None)
         out.append(rec)
+        gc.collect()
         if progress is not None:
             progress.update(1)
     return out
@@ -451,11 +460,19 @@ def _device_name(device: str) -> str:
     return f"cpu ({model or 'unknown'}, {torch.get_num_threads()} threads)"
 
 
+def device_tag(device: str) -> str:
+    """A file-name tag for the device: cpu-<cores>core, or the GPU's name in lower case."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name().lower()
+        return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-").replace("--", "-")
+    return f"cpu-{os.cpu_count()}core"
+
+
 def header(device: str, copy_gbps: float | None, argv) -> dict:
     try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
+        from importlib.metadata import version
+        triton_version = version("triton")
+    except Exception:
         triton_version = None
     try:
         backends = _nk().backends()
@@ -465,7 +482,15 @@ def header(device: str, copy_gbps: float | None, argv) -> dict:
             "triton": triton_version, "copy_gbps": copy_gbps,
             "command": "python -m normkernels bench " + " ".join(argv),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "backends": backends}
+            "python": platform.python_version(), "backends": backends, "loadavg_start": _loadavg()}
+
+
+def _loadavg():
+    """1-minute load average: other processes on the machine distort CPU timings."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _split(records):
@@ -485,14 +510,18 @@ def render_markdown(records: list[dict]) -> str:
         lines += [f"- device: {head.get('device')}", f"- torch {head.get('torch')}, triton {head.get('triton')}",
                   f"- device-to-device copy: {_num(head.get('copy_gbps'), '.1f')} GB/s (read + write)",
                   f"- backends: {head.get('backends')}",
+                  f"- 1-min load average at start / end: {head.get('loadavg_start')} / {head.get('loadavg_end')}",
                   f"- command: `{head.get('command')}`", f"- date: {head.get('date')}", ""]
     lines += ["| op | shape | dtype | pass | impl | ms | x BN | GB/s | % copy | peak mem x BN |",
               "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     order = {o: i for i, o in enumerate(OPS + ("resnet50-step",))}
     impl_order = {i: k for k, i in enumerate(("torch", "nk", "nk-fft", "two-modules", "eager", "compile")
                                              + E2E_VARIANTS)}
-    rows = sorted(rows, key=lambda r: (r["op"] == "resnet50-step", r["dtype"], PASSES.index(r["pass"])
-                                       if r["pass"] in PASSES else 9, [-s for s in r["shape"]],
+    first = {}
+    for r in rows:
+        first.setdefault(tuple(r["shape"]), len(first))
+    rows = sorted(rows, key=lambda r: (r["op"] == "resnet50-step", r["dtype"], first[tuple(r["shape"])],
+                                       PASSES.index(r["pass"]) if r["pass"] in PASSES else 9,
                                        order.get(r["op"], 99), impl_order.get(r["impl"], 99)))
     errors = []
     for r in rows:
@@ -513,6 +542,11 @@ def render_markdown(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+IMPL_COLORS = {"nk": "tab:blue", "nk-fft": "tab:cyan", "two-modules": "tab:purple", "eager": "tab:orange",
+               "compile": "tab:green", "bn": "tab:gray", "bn+sbn4": "tab:blue", "bn+sbn34": "tab:purple",
+               "l2bn": "tab:red"}
+
+
 def plot_ratios(records: list[dict], path: str) -> str | None:
     """Bar chart of every implementation's time relative to nn.BatchNorm2d; returns the path."""
     try:
@@ -523,23 +557,24 @@ def plot_ratios(records: list[dict], path: str) -> str | None:
         return None
     head, rows = _split(records)
     rows = [r for r in rows if r.get("ratio_bn") is not None and not (r["op"] == "bn")]
-    panels = sorted({(r["dtype"], r["pass"]) for r in rows},
-                    key=lambda k: (k[0], PASSES.index(k[1]) if k[1] in PASSES else 9))
+    panels = sorted({(r["op"] == "resnet50-step", r["dtype"], r["pass"]) for r in rows},
+                    key=lambda k: (k[0], k[1], PASSES.index(k[2]) if k[2] in PASSES else 9))
     if not panels:
         return None
-    fig, axes = plt.subplots(len(panels), 1, figsize=(14, 3.6 * len(panels)), squeeze=False)
-    for ax, (dt, ps) in zip(axes[:, 0], panels):
+    ngroups = max(len({(r["op"], tuple(r["shape"])) for r in rows if r["dtype"] == dt and r["pass"] == ps})
+                  for _, dt, ps in panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(10, 0.8 * ngroups + 2), 3.8 * len(panels)),
+                             squeeze=False)
+    impl_rank = {i: k for k, i in enumerate(IMPL_COLORS)}
+    for ax, (e2e, dt, ps) in zip(axes[:, 0], panels):
         sub = [r for r in rows if r["dtype"] == dt and r["pass"] == ps]
         groups = []
         for r in sub:
             g = (r["op"], tuple(r["shape"]))
             if g not in groups:
                 groups.append(g)
-        impls = []
-        for r in sub:
-            if r["impl"] not in impls:
-                impls.append(r["impl"])
-        width = 0.8 / max(len(impls), 1)
+        impls = sorted({r["impl"] for r in sub}, key=lambda i: impl_rank.get(i, 99))
+        width = 0.8 / max(len(impls), 1) if not e2e else 0.15
         for k, impl in enumerate(impls):
             xs, ys = [], []
             for gi, g in enumerate(groups):
@@ -547,14 +582,24 @@ def plot_ratios(records: list[dict], path: str) -> str | None:
                     if r["impl"] == impl and (r["op"], tuple(r["shape"])) == g:
                         xs.append(gi + (k - (len(impls) - 1) / 2) * width)
                         ys.append(r["ratio_bn"])
-            ax.bar(xs, ys, width, label=impl)
+            bars = ax.bar(xs, ys, width, label=impl, color=IMPL_COLORS.get(impl))
+            if e2e:
+                ax.bar_label(bars, fmt="%.2f", fontsize=8)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
-        ax.set_yscale("log")
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{OP_LABEL.get(o, o)}\n{_fmt_shape(s)}" for o, s in groups], fontsize=7)
-        ax.set_ylabel("time / BatchNorm2d")
-        ax.set_title(f"{head.get('device', '')}  {dt}  {ps}", fontsize=9)
-        ax.legend(fontsize=7, ncol=len(impls))
+        if e2e:
+            ax.set_xlim(-1.0, len(groups))
+            ax.set_ylim(0, max(r["ratio_bn"] for r in sub) * 1.15)
+            ax.set_xticklabels([f"ResNet-50 step, input {_fmt_shape(s)}" for _, s in groups], fontsize=8)
+            ax.set_ylabel("step time / BN model")
+        else:
+            ax.set_yscale("log")
+            ax.set_xticklabels([f"{OP_LABEL.get(o, o)}\n{s[0]}x{s[1]}\n{s[2]}x{s[3]}" for o, s in groups],
+                               fontsize=7)
+            ax.set_ylabel("time / nn.BatchNorm2d")
+        ax.set_title(f"{head.get('device', '')}   {dt}   {ps}", fontsize=9)
+        ax.legend(fontsize=7, ncol=len(impls), loc="upper left")
+        ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -567,9 +612,8 @@ def write_outputs(records, json_path=None, md_path=None, png_path=None) -> dict:
         if path and os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(records, f, indent=1)
-            f.write("\n")
+        with open(json_path, "w") as f:     # one record per line: diffs stay readable
+            f.write("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
         written["json"] = json_path
     if md_path:
         with open(md_path, "w") as f:
@@ -614,6 +658,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--md", default=None, metavar="PATH", help="write the Markdown table")
     p.add_argument("--png", default=None, metavar="PATH",
                    help="ratio plot (default: next to --md or --json, else ./normkernels-bench.png)")
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads(N) first")
+    p.add_argument("--write-results", default=None, metavar="DIR",
+                   help="write DIR/<device>.json, .md and .png (<device>: e.g. cpu-2core, nvidia-h100-80gb-hbm3)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return p
 
@@ -621,7 +668,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    _quiet_profiler_logs()
+    import warnings
+    warnings.filterwarnings("ignore", message=".*does not support code generation for complex.*")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -682,11 +732,15 @@ def main(argv: list[str] | None = None) -> int:
         for dt in dtypes:
             if bar is not None:
                 bar.set_postfix_str(f"resnet50 step {str(dt)[6:]}")
-            records += run_e2e(device, dt, args.quick, progress=bar)
+            records += run_e2e(device, dt, args.quick, progress=bar, memory=not args.no_memory)
     if bar is not None:
         bar.close()
     _add_ratios(records)
+    records[0]["loadavg_end"] = _loadavg()
 
+    if args.write_results:
+        stem = os.path.join(args.write_results, device_tag(device))
+        args.json, args.md = args.json or stem + ".json", args.md or stem + ".md"
     png = args.png
     if png is None:
         stem = args.md or args.json
