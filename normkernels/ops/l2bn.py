@@ -156,22 +156,38 @@ def _sample_norms(smean: Tensor, sm2: Tensor, s: int, l2_eps: float, rescale: bo
     return nrm, r, unclamped
 
 
-def _channel_stats(um: Tensor, sm2: Tensor, r: Tensor, s: int) -> tuple[Tensor, Tensor]:
-    """Channel mean / biased variance of u from per-(n,c) means um = mean/r and M2 (Chan)."""
+def _channel_stats(um: Tensor, sm2: Tensor, r: Tensor, s: int, sync=None) -> tuple[Tensor, Tensor, int]:
+    """Channel mean / biased variance of u from per-(n,c) means um = mean/r and M2 (Chan), and the
+    number of samples they cover.
+
+    The local batch gives one row (count, mean, M2) per channel; the rows of all processes
+    (``sync.gather``, normkernels.distributed) or the single local row (sync=None) are combined
+    with Chan's formula. An empty local batch contributes count 0.
+    """
     n = um.shape[0]
-    mu = um.mean(dim=0)
-    m2 = (sm2 / r.square().unsqueeze(1)).sum(dim=0) + s * (um - mu).square().sum(dim=0)
-    return mu, m2 / (n * s)
+    cnt = float(n * s)
+    mu_l = um.sum(dim=0) / max(n, 1)
+    m2_l = (sm2 / r.square().unsqueeze(1)).sum(dim=0) + s * (um - mu_l).square().sum(dim=0)
+    rows = torch.stack([torch.full_like(mu_l, cnt), mu_l, m2_l])  # (3, C)
+    rows = rows.unsqueeze(0) if sync is None else sync.gather(rows).to(rows.dtype)
+    counts, means, m2s = rows.unbind(1)  # each (P, C)
+    total = counts.sum(dim=0)
+    mu = (counts * means).sum(dim=0) / total
+    m2 = m2s.sum(dim=0) + (counts * (means - mu).square()).sum(dim=0)
+    n_all = int(round(total[0].item() / s)) if sync is not None else n
+    return mu, m2 / total, n_all
 
 
-def _finalize(x: Tensor, smean: Tensor, sm2: Tensor, weight, mean, var, eps, l2_eps, rescale):
+def _finalize(x: Tensor, smean: Tensor, sm2: Tensor, weight, mean, var, eps, l2_eps, rescale, sync=None):
+    """Sample norms, channel statistics (batch ones when mean is None, over every process of
+    ``sync``) and the per-channel scale. f["n"] is the (global) number of samples."""
     n, c, s = _nc(x)
     fd = _fin_dtype(smean.dtype, smean.device)
     smean, sm2 = smean.to(fd), sm2.to(fd)
     nrm, r, unclamped = _sample_norms(smean, sm2, s, l2_eps, rescale)
     um = smean / r.unsqueeze(1)
     if mean is None:
-        mu, v = _channel_stats(um, sm2, r, s)
+        mu, v, n = _channel_stats(um, sm2, r, s, sync)
     else:
         mu, v = mean.to(fd), var.to(fd)
     inv_s = (v + eps).rsqrt()
@@ -189,12 +205,15 @@ def _forward_coefs(f, bias):
     return x_coef, offset
 
 
-def _backward_coefs(f, pc: Tensor, q: Tensor, training: bool):
+def _backward_coefs(f, pc: Tensor, q: Tensor, training: bool, sync=None):
     """dx = dy_coef*dy + x_coef*(x - mean_nc) + offset, plus dweight, dbias (per channel).
 
     G[n,c] = sum_s dy*(u - mu) = pc/r + (mean_nc/r - mu)*q;  dgamma = sum_n G / s;  dbeta = sum_n q.
     du = k*dy + alpha*(x - mean_nc) + beta'   (training: alpha, beta' from BN's batch-stat terms)
     dx = (du - t*x)/r,  t = (x_n . du_n)/||x_n||^2 (0 where the norm was clamped).
+    With ``sync`` the batch-statistic terms A, B use the sums over every process (one packed
+    all_reduce of [sum_n q, sum_n G]; f["n"] is then the global sample count) while the returned
+    dweight, dbias stay this process's contribution.
     """
     fd = f["fd"]
     pc, q = pc.to(fd), q.to(fd)
@@ -206,8 +225,12 @@ def _backward_coefs(f, pc: Tensor, q: Tensor, training: bool):
     dxhat = G.sum(dim=0) * inv_s  # sum dy * xhat = dgamma
     if training:
         m = f["n"] * s
-        A = dbias / m
-        B = dxhat / m
+        if sync is None:
+            sq, sg = dbias, G.sum(dim=0)
+        else:
+            sq, sg = sync.all_reduce(torch.stack([dbias, G.sum(dim=0)])).to(fd).unbind(0)
+        A = sq / m
+        B = sg * inv_s / m
         alpha = (-k * B * inv_s) / r
         beta = -k * A - k * B * inv_s * cen
     else:
@@ -224,6 +247,38 @@ def _backward_coefs(f, pc: Tensor, q: Tensor, training: bool):
     return dy_coef, x_coef, offset, dxhat, dbias
 
 
+# --------------------------------------------------------------------------- implementations
+def _forward_impl(x, weight, bias, mean, var, eps, l2_eps, rescale, backend, sync=None):
+    """Passes + finalize of the forward. Returns (y, f) where f is _finalize's dict plus the
+    accumulation dtype "acc" and the pass outputs "smean_acc", "sm2_acc" (what the backward needs).
+    ``sync`` (normkernels.distributed) makes the batch statistics global over its processes."""
+    stats, _, apply = _passes(backend)
+    smean, sm2 = stats(x)
+    f = _finalize(x, smean, sm2, weight, mean, var, eps, l2_eps, rescale, sync)
+    x_coef, offset = _forward_coefs(f, bias)
+    acc = smean.dtype
+    y = apply(x, smean, x_coef.to(acc), offset.to(acc))
+    f.update(acc=acc, smean_acc=smean, sm2_acc=sm2)
+    return y, f
+
+
+def _backward_impl(dy, x, weight, mean, var, sample_mean, sample_m2, eps, l2_eps, rescale, backend,
+                   training: bool, count=None, sync=None):
+    """(dx, dweight, dbias). mean/var None: recompute the batch statistics from the saved sample
+    statistics; given with training=True (the synchronized path): they are the global batch
+    statistics over ``count`` samples, and ``sync`` all-reduces the backward sums."""
+    _, sums, apply = _passes(backend)
+    acc = sample_mean.dtype
+    f = _finalize(x, sample_mean, sample_m2, weight, mean, var, eps, l2_eps, rescale)
+    if count is not None:
+        f["n"] = count
+    pc, q = sums(dy, x, sample_mean)
+    dy_coef, x_coef, offset, dweight, dbias = _backward_coefs(f, pc, q, training, sync)
+    dx = apply(x, sample_mean, x_coef.to(acc), offset.to(acc), dy, dy_coef.to(acc))
+    wdt = weight.dtype if weight is not None else torch.float32
+    return dx, dweight.to(wdt), dbias.to(wdt)
+
+
 # --------------------------------------------------------------------------- top-level custom ops
 def _check_backend(backend: str) -> None:
     if backend not in ("cpp", "cuda", "torch"):
@@ -237,13 +292,9 @@ def l2bn_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], me
     """Returns (y, batch_mean (C,), batch_var (C,), sample_mean (N,C), sample_m2 (N,C)), statistics in
     the accumulation dtype (float64 for float64 x, else float32)."""
     _check_backend(backend)
-    stats, _, apply = _passes(backend)
-    smean, sm2 = stats(x)
-    f = _finalize(x, smean, sm2, weight, mean, var, eps, l2_eps, rescale)
-    x_coef, offset = _forward_coefs(f, bias)
-    acc = smean.dtype
-    y = apply(x, smean, x_coef.to(acc), offset.to(acc))
-    return y, f["mu"].to(acc, copy=True), f["var"].to(acc, copy=True), smean, sm2
+    y, f = _forward_impl(x, weight, bias, mean, var, eps, l2_eps, rescale, backend)
+    acc = f["acc"]
+    return y, f["mu"].to(acc, copy=True), f["var"].to(acc, copy=True), f["smean_acc"], f["sm2_acc"]
 
 
 @l2bn_forward.register_fake
@@ -260,14 +311,8 @@ def l2bn_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Optiona
                   l2_eps: float, rescale: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dweight (C,), dbias (C,)); mean/var None means training (batch statistics)."""
     _check_backend(backend)
-    _, sums, apply = _passes(backend)
-    acc = sample_mean.dtype
-    f = _finalize(x, sample_mean, sample_m2, weight, mean, var, eps, l2_eps, rescale)
-    pc, q = sums(dy, x, sample_mean)
-    dy_coef, x_coef, offset, dweight, dbias = _backward_coefs(f, pc, q, training=mean is None)
-    dx = apply(x, sample_mean, x_coef.to(acc), offset.to(acc), dy, dy_coef.to(acc))
-    wdt = weight.dtype if weight is not None else torch.float32
-    return dx, dweight.to(wdt), dbias.to(wdt)
+    return _backward_impl(dy, x, weight, mean, var, sample_mean, sample_m2, eps, l2_eps, rescale, backend,
+                          training=mean is None)
 
 
 @l2bn_backward.register_fake

@@ -69,7 +69,7 @@ def _triton_kernels():
 
 
 def _use_triton(x: Tensor, backend: str) -> bool:
-    if backend != "triton":
+    if backend != "triton" or x.numel() == 0:  # an empty (synchronized) batch: torch passes
         return False
     if not (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
         return False
@@ -102,7 +102,10 @@ def _row_consts(W: int, device: torch.device, dtype: torch.dtype) -> tuple[Tenso
 
 def _shift(x: Tensor) -> Tensor:
     """Per-channel shift K_c = x[0, c, 0, 0] in float64 (any value works; one sample of the
-    channel keeps t = x - K small for data with a large mean)."""
+    channel keeps t = x - K small for data with a large mean). An empty batch (a process of a
+    synchronized group with no samples) gets K = 0; it contributes nothing."""
+    if x.shape[0] == 0:
+        return torch.zeros(x.shape[1], dtype=_F64, device=x.device)
     return x[0, :, 0, 0].to(_F64)
 
 
@@ -204,6 +207,40 @@ def spectral_stats_from_sums(sums: Tensor, K: Tensor, N: int, H: int, W: int
     return mr, mi_t, var.clamp_min(0.0)
 
 
+def combine_shifted_sums(sums: Tensor, K: Tensor, N: int, H: int, W: int, sync=None
+                         ) -> tuple[Tensor, Tensor, int, Tensor]:
+    """Statistics-pass sums of every process of ``sync`` (normkernels.distributed; None: this
+    process only) -> (sums of the whole batch, their common shift K*, the whole batch's N, this
+    process's sums re-centered to K*).
+
+    One all_gather of the packed rows [N_r, K_r, sums_r]. Each process's shift K_r differs, so
+    its sums are moved to K* (that of the first process with N_r > 0) exactly: with
+    t' = t + delta, delta = K_r - K*, n = N_r*H*W,
+        S1' = S1 + n delta,   S2' = S2 + 2 delta S1 + n delta^2,
+        SR' = SR + 2 W delta S1 + N_r H W^2 delta^2,   SA' = SA  (W even; unused for odd W),
+        SD' = SD + delta N_r sum_w D(w) = SD + delta N_r [W, 0].
+    """
+    sums = sums.to(_F64)
+    C = sums.shape[0]
+    row = torch.cat([torch.full((C, 1), float(N), dtype=_F64, device=sums.device),
+                     K.to(_F64)[:, None], sums], dim=1)                      # (C, 8)
+    rows = row.unsqueeze(0) if sync is None else sync.gather(row).to(_F64)  # (P, C, 8)
+    Nr = rows[:, :, 0]
+    first = int(torch.nonzero(Nr[:, 0] > 0)[0, 0]) if bool((Nr[:, 0] > 0).any()) else 0
+    Ks = rows[first, :, 1]
+    delta = rows[:, :, 1] - Ks                                              # (P, C)
+    S1, S2, SR, SA, SDr, SDi = rows[:, :, 2:].unbind(2)
+    n = Nr * (H * W)
+    moved = torch.stack([S1 + n * delta,
+                         S2 + 2.0 * delta * S1 + n * delta * delta,
+                         SR + 2.0 * W * delta * S1 + Nr * (H * W * W) * delta * delta,
+                         SA,
+                         SDr + delta * Nr * W,
+                         SDi], dim=2)                                       # (P, C, 6)
+    local = moved[0] if sync is None else moved[sync.rank]
+    return moved.sum(0), Ks, int(round(Nr[:, 0].sum().item())), local
+
+
 def _sbn_grad_core(gs: Tensor, Kz: Tensor, mr: Tensor, mi: Tensor, s: Tensor, a: Tensor,
                    N: int, H: int, W: int, training: bool, gz: Tensor):
     """SBN backward on z given gradient sums gs = [Sdy, *, G0, G1] and gz = sum dy*(z - Kz).
@@ -233,15 +270,20 @@ def _sbn_grad_core(gs: Tensor, Kz: Tensor, mr: Tensor, mi: Tensor, s: Tensor, a:
 # ----------------------------------------------------------------------------------------------
 
 
-def _sbn_forward_impl(x, weight, bias, mean, var, eps, backend):
+def _sbn_forward_impl(x, weight, bias, mean, var, eps, backend, sync=None):
+    """``sync`` (normkernels.distributed, training only): statistics over every process; the
+    saved tensor then gets a 6th column, the whole batch's N."""
     N, C, H, W = x.shape
     acc = _acc(x.dtype)
     passes = _Passes(_use_triton(x, backend))
     PD, PP = _row_consts(W, x.device, acc)
     K = _shift(x)
+    N_all = N
     if mean is None:
         sums = passes.stats(x, K.to(acc), PD)
-        mr, mi, bvar = spectral_stats_from_sums(sums, K, N, H, W)
+        if sync is not None:
+            sums, K, N_all, _ = combine_shifted_sums(sums, K, N, H, W, sync)
+        mr, mi, bvar = spectral_stats_from_sums(sums, K, N_all, H, W)
     else:
         m = mean.to(_F64)
         mr, mi, bvar = m[:, 0], m[:, 1], var.to(_F64)
@@ -252,19 +294,27 @@ def _sbn_forward_impl(x, weight, bias, mean, var, eps, backend):
     # u = b + (beta - a Re mu) for the Pr = 1 position (cancellation done here in float64)
     coef = torch.stack([K, a, a * K, a * (K - mr) + beta, -a * mi], dim=1)
     y = passes.forward_apply(x, coef.to(acc), PP)
-    saved = torch.stack([K, mr, mi, s, a], dim=1)
+    cols = [K, mr, mi, s, a] + ([] if sync is None else [torch.full_like(K, float(N_all))])
+    saved = torch.stack(cols, dim=1)
     return y, torch.stack([mr, mi], 1).to(acc), bvar.to(acc).clone(), saved
 
 
-def _sbn_backward_impl(dy, x, weight, saved, training, backend):
+def _sbn_backward_impl(dy, x, weight, saved, training, backend, sync=None):
+    """``sync``: the dx coefficients use the gradient sums of every process (one all_reduce)
+    and the whole batch's N (saved's 6th column); dgamma, dbeta stay this process's share."""
     N, C, H, W = x.shape
     acc = _acc(x.dtype)
     passes = _Passes(_use_triton(x, backend))
     PD, PP = _row_consts(W, x.device, acc)
-    K, mr, mi, s, a = saved.to(_F64).unbind(1)
+    K, mr, mi, s, a = saved.to(_F64).unbind(1)[:5]
     gs = passes.grad_stats(dy, x, K.to(acc), PP).to(_F64)
-    dgamma, dbeta, kE, u, v, cst = _sbn_grad_core(gs, K, mr, mi, s, a, N, H, W, training,
-                                                  gs[:, 1])
+    gs_all, N_all = gs, N
+    if sync is not None:
+        gs_all, N_all = sync.all_reduce(gs).to(_F64), int(round(saved[0, 5].item()))
+    dgamma, dbeta, kE, u, v, cst = _sbn_grad_core(gs_all, K, mr, mi, s, a, N_all, H, W,
+                                                  training, gs_all[:, 1])
+    if sync is not None:
+        dgamma, dbeta = _sbn_grad_core(gs, K, mr, mi, s, a, N, H, W, False, gs[:, 1])[:2]
     even = 1.0 if W % 2 == 0 else 0.0
     coef = torch.stack([K, a, kE * (H * W), kE * H, kE * (H * even), cst, u, v], dim=1)
     dx = passes.backward_apply(dy, x, coef.to(acc), PD, training)
@@ -356,10 +406,14 @@ def _fft_backward_impl(dy, x, weight, mean, var, eps, training, backend):
 # saved columns
 _BS = dict(K=0, p=1, sd=2, Kz=3, mr=4, mi=5, s=6, a=7, S1=8, S2=9, SR=10, SA=11, SD0=12,
            SD1=13, mbn=14)
+# synchronized training appends this process's own sums (re-centered to K) and the whole N
+_BS_SYNC = dict(L1=15, L2=16, LR=17, LA=18, LD0=19, LD1=20, Nall=21)
 
 
 def _bnsbn_forward_impl(x, bn_w, bn_b, bn_mean, bn_var, sbn_w, sbn_b, sbn_mean, sbn_var,
-                        bn_eps, sbn_eps, backend):
+                        bn_eps, sbn_eps, backend, sync=None):
+    """``sync`` (training only): BN and SBN statistics over every process; saved gets the
+    columns of _BS_SYNC (this process's sums, for its share of the BN parameter gradients)."""
     N, C, H, W = x.shape
     acc = _acc(x.dtype)
     dev = x.device
@@ -368,9 +422,13 @@ def _bnsbn_forward_impl(x, bn_w, bn_b, bn_mean, bn_var, sbn_w, sbn_b, sbn_mean, 
     K = _shift(x)
     gb, bb = _vec(bn_w, C, 1.0, dev), _vec(bn_b, C, 0.0, dev)
     gs_, bs_ = _vec(sbn_w, C, 1.0, dev), _vec(sbn_b, C, 0.0, dev)
-    nb = N * H * W
+    N_all = N
+    local = None
     if bn_mean is None:
         sums = passes.stats(x, K.to(acc), PD).to(_F64)
+        if sync is not None:
+            sums, K, N_all, local = combine_shifted_sums(sums, K, N, H, W, sync)
+        nb = N_all * H * W
         m_t = sums[:, 0] / nb
         vbn = (sums[:, 1] / nb - m_t * m_t).clamp_min(0.0)
         mbn = K + m_t
@@ -378,7 +436,7 @@ def _bnsbn_forward_impl(x, bn_w, bn_b, bn_mean, bn_var, sbn_w, sbn_b, sbn_mean, 
         p = gb / sd
         Kz = bb - p * m_t                       # z = p*t + Kz, t = x - K
         scale = torch.stack([p, p * p, p * p, p * p, p, p], dim=1)
-        mr, mi, svar = spectral_stats_from_sums(sums * scale, Kz, N, H, W)
+        mr, mi, svar = spectral_stats_from_sums(sums * scale, Kz, N_all, H, W)
     else:
         sums = torch.zeros((C, 6), dtype=_F64, device=dev)
         mbn, vbn = bn_mean.to(_F64), bn_var.to(_F64)
@@ -392,11 +450,27 @@ def _bnsbn_forward_impl(x, bn_w, bn_b, bn_mean, bn_var, sbn_w, sbn_b, sbn_mean, 
     coef = torch.stack([K, a * p, a * Kz, a * (Kz - mr) + bs_, -a * mi], dim=1)
     y = passes.forward_apply(x, coef.to(acc), PP)
     saved = torch.cat([torch.stack([K, p, sd, Kz, mr, mi, s, a], 1), sums, mbn[:, None]], 1)
+    if local is not None:
+        saved = torch.cat([saved, local, torch.full_like(K, float(N_all))[:, None]], 1)
     return (y, mbn.to(acc).clone(), vbn.to(acc).clone(), torch.stack([mr, mi], 1).to(acc),
             svar.to(acc).clone(), saved)
 
 
-def _bnsbn_backward_impl(dy, x, bn_w, sbn_w, saved, training, backend):
+def _bn_grad_sums(S, Sdy, Gt, a, p, kE, cst_z, u_z, v_z, PDs, N, H, W):
+    """Sums of dz and of dz*t over a batch of N samples with statistics-pass sums S (6 columns)
+    and gradient sums Sdy, Gt, where
+    dz = a dy + kE p (HW t + H R_t + [even] H A_t (-1)^w) + cst_z + [h==0] (u_z Re D + v_z Im D)."""
+    S1, S2, SR, SA, SD0, SD1 = S.unbind(1)
+    even = 1.0 if W % 2 == 0 else 0.0
+    sdz = a * Sdy + kE * p * (2 * H * W) * S1 + cst_z * (N * H * W) + N * (u_z * PDs[0] + v_z * PDs[1])
+    sdzt = (a * Gt + kE * p * (H * W * S2 + H * SR + even * H * SA) + cst_z * S1
+            + u_z * SD0 + v_z * SD1)
+    return sdz, sdzt
+
+
+def _bnsbn_backward_impl(dy, x, bn_w, sbn_w, saved, training, backend, sync=None):
+    """``sync``: dx uses the gradient sums of every process (one all_reduce) and the whole
+    batch's sums saved by the forward; the parameter gradients are this process's share."""
     N, C, H, W = x.shape
     acc = _acc(x.dtype)
     passes = _Passes(_use_triton(x, backend))
@@ -405,27 +479,34 @@ def _bnsbn_backward_impl(dy, x, bn_w, sbn_w, saved, training, backend):
     col = {k: sv[:, i] for k, i in _BS.items()}
     K, p, sd, Kz, mr, mi, s, a = (col[k] for k in ("K", "p", "sd", "Kz", "mr", "mi", "s", "a"))
     gs = passes.grad_stats(dy, x, K.to(acc), PP).to(_F64)
-    Sdy, Gt = gs[:, 0], gs[:, 1]
-    dgs, dbs, kE, u_z, v_z, cst_z = _sbn_grad_core(gs, Kz, mr, mi, s, a, N, H, W, training,
-                                                   p * Gt)
-    nb = N * H * W
+    gs_all, N_all = gs, N
+    if sync is not None:
+        gs_all, N_all = sync.all_reduce(gs).to(_F64), int(round(sv[0, _BS_SYNC["Nall"]].item()))
+    Sdy, Gt = gs_all[:, 0], gs_all[:, 1]
+    dgs, dbs, kE, u_z, v_z, cst_z = _sbn_grad_core(gs_all, Kz, mr, mi, s, a, N_all, H, W,
+                                                   training, p * Gt)
+    if sync is not None:
+        dgs, dbs = _sbn_grad_core(gs, Kz, mr, mi, s, a, N, H, W, False, p * gs[:, 1])[:2]
+    nb = N_all * H * W
     even = 1.0 if W % 2 == 0 else 0.0
     zero = torch.zeros_like(p)
     if training:
-        S1, S2, SR, SA, SD0, SD1 = (col[k] for k in ("S1", "S2", "SR", "SA", "SD0", "SD1"))
         PDs = PD.to(_F64).sum(1)                       # [sum_w Re D, sum_w Im D] = [W, 0]
-        # sums of dz and dz*t, dz = a dy + kE p (HW t + H R_t + [even] H A_t (-1)^w) + cst_z
-        #                          + [h==0] (u_z Re D + v_z Im D)
-        sdz = a * Sdy + kE * p * (2 * H * W) * S1 + cst_z * nb + N * (u_z * PDs[0] + v_z * PDs[1])
-        sdzt = (a * Gt + kE * p * (H * W * S2 + H * SR + even * H * SA) + cst_z * S1
-                + u_z * SD0 + v_z * SD1)
-        m_t = S1 / nb
+        S = sv[:, _BS["S1"]:_BS["SD1"] + 1]
+        sdz, sdzt = _bn_grad_sums(S, Sdy, Gt, a, p, kE, cst_z, u_z, v_z, PDs, N_all, H, W)
+        m_t = S[:, 0] / nb
         dbb = sdz
         dgb = (sdzt - m_t * sdz) / sd
         kb = p * dgb / (sd * nb)
         coef = torch.stack([K, p * a, p * p * kE * (H * W) - kb, p * p * kE * H,
                             p * p * kE * (H * even), p * cst_z - p * sdz / nb + kb * m_t,
                             p * u_z, p * v_z], dim=1)
+        if sync is not None:  # this process's share of the BN parameter gradients
+            L = sv[:, _BS_SYNC["L1"]:_BS_SYNC["LD1"] + 1]
+            sdz, sdzt = _bn_grad_sums(L, gs[:, 0], gs[:, 1], a, p, kE, cst_z, u_z, v_z, PDs,
+                                      N, H, W)
+            dbb = sdz
+            dgb = (sdzt - m_t * sdz) / sd
     else:
         dbb = a * Sdy
         dgb = a * (Gt + (K - col["mbn"]) * Sdy) / sd
