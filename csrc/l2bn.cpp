@@ -91,6 +91,23 @@ at::Tensor coef(const at::Tensor& t, const View3& v, const char* op, const char*
   return t.to(acc_type(v.x.scalar_type())).contiguous();
 }
 
+ApplyArgs apply_args(const at::Tensor& x, const at::Tensor& center, const at::Tensor& x_coef,
+                     const at::Tensor& offset, const std::optional<at::Tensor>& dy,
+                     const std::optional<at::Tensor>& dy_coef) {
+  const char* op = "l2bn_apply";
+  ApplyArgs a{make_view(x, op), {}, {}, {}, {}, {}, dy.has_value()};
+  TORCH_CHECK_VALUE(dy.has_value() == dy_coef.has_value(), op,
+                    ": dy and dy_coef must be given together");
+  a.center = coef(center, a.v, op, "center");
+  a.x_coef = coef(x_coef, a.v, op, "x_coef");
+  a.offset = coef(offset, a.v, op, "offset");
+  if (a.has_dy) {
+    a.dy = match_layout(*dy, a.v, op, "dy");
+    a.dy_coef = coef(*dy_coef, a.v, op, "dy_coef");
+  }
+  return a;
+}
+
 }  // namespace l2bn
 }  // namespace normkernels
 

@@ -278,19 +278,11 @@ void apply_nsc(const scalar_t* x, const scalar_t* dy, const at::opmath_type<scal
 at::Tensor apply_cpu(const at::Tensor& x_in, const at::Tensor& center_in, const at::Tensor& x_coef_in,
                      const at::Tensor& offset_in, const std::optional<at::Tensor>& dy_in,
                      const std::optional<at::Tensor>& dy_coef_in) {
-  const char* op = "l2bn_apply";
-  View3 v = make_view(x_in, op);
-  TORCH_CHECK_VALUE(dy_in.has_value() == dy_coef_in.has_value(), op,
-                    ": dy and dy_coef must be given together");
-  at::Tensor center = coef(center_in, v, op, "center");
-  at::Tensor a = coef(x_coef_in, v, op, "x_coef");
-  at::Tensor b = coef(offset_in, v, op, "offset");
-  const bool has_dy = dy_in.has_value();
-  at::Tensor dy, d;
-  if (has_dy) {
-    dy = match_layout(*dy_in, v, op, "dy");
-    d = coef(*dy_coef_in, v, op, "dy_coef");
-  }
+  const ApplyArgs args = apply_args(x_in, center_in, x_coef_in, offset_in, dy_in, dy_coef_in);
+  const View3& v = args.v;
+  const at::Tensor &center = args.center, &a = args.x_coef, &b = args.offset, &dy = args.dy,
+                   &d = args.dy_coef;
+  const bool has_dy = args.has_dy;
   at::Tensor out = at::empty_like(v.x);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "l2bn_apply", [&] {

@@ -513,20 +513,12 @@ std::tuple<at::Tensor, at::Tensor> backward_sums_cuda(const at::Tensor& dy_in, c
 at::Tensor apply_cuda(const at::Tensor& x_in, const at::Tensor& center_in, const at::Tensor& x_coef_in,
                       const at::Tensor& offset_in, const std::optional<at::Tensor>& dy_in,
                       const std::optional<at::Tensor>& dy_coef_in) {
-  const char* op = "l2bn_apply";
-  View3 v = make_view(x_in, op);
+  const ApplyArgs args = apply_args(x_in, center_in, x_coef_in, offset_in, dy_in, dy_coef_in);
+  const View3& v = args.v;
+  const at::Tensor &center = args.center, &a = args.x_coef, &b = args.offset, &dy = args.dy,
+                   &d = args.dy_coef;
+  const bool has_dy = args.has_dy;
   const c10::cuda::CUDAGuard guard(v.x.device());
-  TORCH_CHECK_VALUE(dy_in.has_value() == dy_coef_in.has_value(), op,
-                    ": dy and dy_coef must be given together");
-  at::Tensor center = coef(center_in, v, op, "center");
-  at::Tensor a = coef(x_coef_in, v, op, "x_coef");
-  at::Tensor b = coef(offset_in, v, op, "offset");
-  const bool has_dy = dy_in.has_value();
-  at::Tensor dy, d;
-  if (has_dy) {
-    dy = match_layout(*dy_in, v, op, "dy");
-    d = coef(*dy_coef_in, v, op, "dy_coef");
-  }
   at::Tensor out = at::empty_like(v.x);
   const int64_t numel = out.numel();
   if (numel == 0) return out;
