@@ -67,13 +67,23 @@ class _NormBase(_RunningStatsMixin, nn.Module):
         self.reset_parameters()
 
     def _apply(self, fn, recurse=True):
-        # .double()/.half() convert only real tensors; keep the complex running mean at the
-        # precision of running_var (complex128 beside float64).
-        super()._apply(fn, recurse)
-        if self._complex_mean and self.running_mean is not None:
-            want = torch.promote_types(self.running_var.dtype, torch.complex64)
-            if self.running_mean.dtype != want:
-                self.running_mean = self.running_mean.to(want)
+        # Module.to(dtype) would cast the complex running mean to a real dtype (dropping its
+        # imaginary part) and .double() would leave it complex64. Convert its two parts like a
+        # real buffer instead, then rejoin them at the matching complex precision.
+        if not self._complex_mean or self.running_mean is None:
+            return super()._apply(fn, recurse)
+        buffers = self._buffers
+        order = list(buffers)
+        mean = buffers.pop("running_mean")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            rest = dict(buffers)
+            buffers.clear()
+            buffers.update({k: mean if k == "running_mean" else rest[k] for k in order})
+        re, im = fn(mean.real.contiguous()), fn(mean.imag.contiguous())
+        cplx = torch.promote_types(re.dtype, torch.complex64)
+        buffers["running_mean"] = torch.complex(re.to(cplx.to_real()), im.to(cplx.to_real()))
         return self
 
     def reset_running_stats(self) -> None:

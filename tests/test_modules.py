@@ -306,3 +306,19 @@ def test_insert_sbn_on_resnet(stages):
         out = model(torch.randn(2, 3, 32, 32))
         out.sum().backward()
         assert out.shape == (2, 10) and torch.isfinite(out).all(), name
+
+
+@pytest.mark.parametrize("convert,mean_dtype", [
+    (lambda m: m.double(), torch.complex128),
+    (lambda m: m.to(torch.float16), torch.complex64),
+    (lambda m: m.half().float(), torch.complex64),
+])
+def test_sbn_dtype_conversion_keeps_complex_running_mean(convert, mean_dtype):
+    layer = nk.SpectralBatchNorm2d(3)
+    layer(rand(4, 3, 6, 6, seed=8, dtype=torch.float32) * 3)
+    before = layer.running_mean.clone()
+    assert before.imag.abs().max() > 0
+    convert(layer)
+    assert layer.running_mean.dtype == mean_dtype
+    assert list(layer.state_dict()) == ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    torch.testing.assert_close(layer.running_mean.to(torch.complex64), before, rtol=1e-2, atol=1e-3)
