@@ -2,7 +2,7 @@
 
 Backends:
   "cuda"   - the C++/CUDA extension's CUDA kernels (L2BN).
-  "cpp"    - the C++ extension's CPU kernels (L2BN).
+  "cpp"    - the C++ extension's CPU kernels (L2BN, SBN, BN+SBN).
   "triton" - Triton kernels (SBN, BN+SBN) on CUDA tensors, or on CPU tensors under
              TRITON_INTERPRET=1 (slow; for testing the kernels without a GPU).
   "torch"  - the pure-PyTorch fallback: works on any device, and is what torch.compile sees best.
@@ -17,7 +17,7 @@ import torch
 BACKENDS = ("auto", "cuda", "cpp", "triton", "torch")
 
 # Which non-fallback backends each op family has.
-_NATIVE = {"l2bn": ("cuda", "cpp"), "sbn": ("triton",)}
+_NATIVE = {"l2bn": ("cuda", "cpp"), "sbn": ("triton", "cpp")}
 
 
 def _probe_extension() -> tuple[bool, bool]:

@@ -23,8 +23,10 @@ def _triton_ok():
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not _triton_ok(), reason="triton needs a GPU or TRITON_INTERPRET=1"))]
+BACKENDS = ["torch",
+            pytest.param("cpp", marks=pytest.mark.skipif(not S._CPP_SBN, reason="extension not built")),
+            pytest.param("triton", marks=pytest.mark.skipif(
+                not _triton_ok(), reason="triton needs a GPU or TRITON_INTERPRET=1"))]
 
 
 def reference(x, gb, bb, gs, bs, stats=None):

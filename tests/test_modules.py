@@ -214,8 +214,10 @@ def test_backend_errors_name_the_problem():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA tensor"):
             nk.L2BatchNorm2d(3, backend="cuda")(x)
-    with pytest.raises(ValueError, match="no 'cpp' backend"):
-        nk.SpectralBatchNorm2d(3, backend="cpp")(x)
+    with pytest.raises(ValueError, match="no 'cuda' backend"):
+        nk.SpectralBatchNorm2d(3, backend="cuda")(x)
+    with pytest.raises(ValueError, match="no 'triton' backend"):
+        nk.L2BatchNorm2d(3, backend="triton")(x)
     with pytest.raises(ValueError, match="algorithm"):
         nk.SpectralBatchNorm2d(3, algorithm="dft")
 

@@ -26,7 +26,8 @@ def make(shape, dtype, gen, shift=0.0, affine=True, scale=1.0):
 
 
 def run_and_compare(shape, algorithm, backend, dtype=torch.float32, shift=0.0, affine=True,
-                    eval_stats=False, tol=2e-5, seed=0, channels_last=False):
+                    eval_stats=False, tol=2e-5, seed=0, channels_last=False, device="cpu"):
+    """The op on `device` against the float64 literal definition on the same (rounded) values."""
     gen = torch.Generator().manual_seed(seed)
     x, w, b = make(shape, dtype, gen, shift, affine)
     C = shape[1]
@@ -35,18 +36,21 @@ def run_and_compare(shape, algorithm, backend, dtype=torch.float32, shift=0.0, a
         mean = torch.randn(C, generator=gen, dtype=torch.complex64) * 3
         var = torch.rand(C, generator=gen) * 5 + 0.5
     dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    xd = x.to(device)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    xx = x.clone().requires_grad_()
-    ww = w.clone().requires_grad_() if affine else None
-    bb = b.clone().requires_grad_() if affine else None
-    y, bm, bv = S.spectral_batch_norm(xx, ww, bb, mean, var, EPS, algorithm, backend)
+        xd = xd.contiguous(memory_format=torch.channels_last)
+    xx = xd.clone().requires_grad_()
+    ww = w.to(device, copy=True).requires_grad_() if affine else None
+    bb = b.to(device, copy=True).requires_grad_() if affine else None
+    md = None if mean is None else mean.to(device)
+    vd = None if var is None else var.to(device)
+    y, bm, bv = S.spectral_batch_norm(xx, ww, bb, md, vd, EPS, algorithm, backend)
     assert y.dtype == x.dtype and y.shape == x.shape
     if channels_last:
         assert y.is_contiguous(memory_format=torch.channels_last)
     stat_real = torch.float64 if x.dtype == torch.float64 else torch.float32
     assert bm.dtype == stat_real.to_complex() and bv.dtype == stat_real and bm.shape == (C,)
-    (y.double() * dy).sum().backward()
+    (y.double() * dy.to(device)).sum().backward()
 
     # reference on exactly the same (rounded) input values, in float64
     xr = x.double().contiguous().requires_grad_()
@@ -66,8 +70,13 @@ def run_and_compare(shape, algorithm, backend, dtype=torch.float32, shift=0.0, a
         assert rel(ww.grad, wr.grad) < tol, ("dw", rel(ww.grad, wr.grad))
         assert rel(bb.grad, br.grad) < tol, ("db", rel(bb.grad, br.grad))
     if eval_stats:
-        assert torch.equal(bm, mean) and torch.equal(bv, var)
+        assert torch.equal(bm.cpu(), mean) and torch.equal(bv.cpu(), var)
 
+
+# (algorithm, backend): the Parseval path with the torch and C++ passes, the literal FFT path.
+PATHS = [("parseval", "torch"),
+         pytest.param("parseval", "cpp", marks=pytest.mark.skipif(not S._CPP_SBN, reason="extension not built")),
+         ("fft", "torch")]
 
 SHAPES = [
     (3, 2, 4, 6),    # H, W even
@@ -82,41 +91,41 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("algorithm", ["parseval", "fft"])
+@pytest.mark.parametrize("algorithm,backend", PATHS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_train_matches_literal(shape, algorithm):
-    run_and_compare(shape, algorithm, "torch")
+def test_train_matches_literal(shape, algorithm, backend):
+    run_and_compare(shape, algorithm, backend)
 
 
-@pytest.mark.parametrize("algorithm", ["parseval", "fft"])
+@pytest.mark.parametrize("algorithm,backend", PATHS)
 @pytest.mark.parametrize("shape", [(3, 2, 4, 6), (2, 3, 5, 7), (3, 2, 4, 1), (2, 2, 1, 5),
                                    (3, 2, 3, 2)])
-def test_large_mean_float32(shape, algorithm):
+def test_large_mean_float32(shape, algorithm, backend):
     # x = 1000 + randn in float32 must match the float64 reference on the same values
-    run_and_compare(shape, algorithm, "torch", shift=1000.0, tol=2e-5, seed=1)
+    run_and_compare(shape, algorithm, backend, shift=1000.0, tol=2e-5, seed=1)
 
 
-@pytest.mark.parametrize("algorithm", ["parseval", "fft"])
+@pytest.mark.parametrize("algorithm,backend", PATHS)
 @pytest.mark.parametrize("shape", [(3, 2, 4, 6), (2, 3, 5, 7)])
-def test_eval_given_stats(shape, algorithm):
-    run_and_compare(shape, algorithm, "torch", eval_stats=True, seed=2)
+def test_eval_given_stats(shape, algorithm, backend):
+    run_and_compare(shape, algorithm, backend, eval_stats=True, seed=2)
 
 
-@pytest.mark.parametrize("algorithm", ["parseval", "fft"])
+@pytest.mark.parametrize("algorithm,backend", PATHS)
 @pytest.mark.parametrize("eval_stats", [False, True])
-def test_affine_none(algorithm, eval_stats):
-    run_and_compare((3, 2, 4, 5), algorithm, "torch", affine=False, eval_stats=eval_stats, seed=3)
+def test_affine_none(algorithm, backend, eval_stats):
+    run_and_compare((3, 2, 4, 5), algorithm, backend, affine=False, eval_stats=eval_stats, seed=3)
 
 
-@pytest.mark.parametrize("algorithm", ["parseval", "fft"])
+@pytest.mark.parametrize("algorithm,backend", PATHS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
-def test_half_dtypes(algorithm, dtype, tol):
-    run_and_compare((3, 2, 4, 6), algorithm, "torch", dtype=dtype, tol=tol, seed=4)
+def test_half_dtypes(algorithm, backend, dtype, tol):
+    run_and_compare((3, 2, 4, 6), algorithm, backend, dtype=dtype, tol=tol, seed=4)
 
 
-@pytest.mark.parametrize("algorithm", ["parseval", "fft"])
-def test_channels_last(algorithm):
-    run_and_compare((2, 3, 4, 5), algorithm, "torch", channels_last=True, seed=5)
+@pytest.mark.parametrize("algorithm,backend", PATHS)
+def test_channels_last(algorithm, backend):
+    run_and_compare((2, 3, 4, 5), algorithm, backend, channels_last=True, seed=5)
 
 
 @pytest.mark.parametrize("algorithm", ["parseval", "fft"])
@@ -147,10 +156,10 @@ def test_parseval_equals_fft_float64():
     assert rel(y1[0], y2[0]) < 1e-12
 
 
-@pytest.mark.parametrize("algorithm", ["parseval", "fft"])
+@pytest.mark.parametrize("algorithm,backend", PATHS)
 @pytest.mark.parametrize("shape", [(2, 2, 3, 4), (2, 1, 3, 3), (3, 1, 1, 2)])
 @pytest.mark.parametrize("eval_stats", [False, True])
-def test_gradcheck_float64(algorithm, shape, eval_stats):
+def test_gradcheck_float64(algorithm, backend, shape, eval_stats):
     gen = torch.Generator().manual_seed(8)
     C = shape[1]
     x = torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_()
@@ -160,7 +169,7 @@ def test_gradcheck_float64(algorithm, shape, eval_stats):
     var = torch.rand(C, generator=gen) + 0.5 if eval_stats else None
 
     def f(x, w, b):
-        return S.spectral_batch_norm(x, w, b, mean, var, EPS, algorithm, "torch")[0]
+        return S.spectral_batch_norm(x, w, b, mean, var, EPS, algorithm, backend)[0]
 
     assert torch.autograd.gradcheck(f, (x, w, b))
 

@@ -12,6 +12,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+import test_sbn_ops as sbn_op_checks  # noqa: E402
 from references import max_rel_error as rel  # noqa: E402
 from references import sbn_reference as literal_sbn  # noqa: E402
 from normkernels.ops import sbn as S  # noqa: E402
@@ -93,43 +94,8 @@ def test_host_half_input_accumulates_fp32():
 # ------------------------------------------------------------------------------------------
 
 
-def run_and_compare(shape, algorithm, dtype=torch.float32, shift=0.0, affine=True,
-                    eval_stats=False, tol=2e-5, seed=0, channels_last=False):
-    gen = torch.Generator().manual_seed(seed)
-    C = shape[1]
-    x = (torch.randn(shape, generator=gen, dtype=torch.float64) + shift).to(dtype)
-    w = (torch.rand(C, generator=gen) + 0.5) if affine else None
-    b = torch.randn(C, generator=gen) if affine else None
-    mean = var = None
-    if eval_stats:
-        mean = torch.randn(C, generator=gen, dtype=torch.complex64) * 3
-        var = torch.rand(C, generator=gen) * 5 + 0.5
-    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
-    xd = x.to(DEV)
-    if channels_last:
-        xd = xd.contiguous(memory_format=torch.channels_last)
-    xx = xd.clone().requires_grad_()
-    ww = w.to(DEV).clone().requires_grad_() if affine else None
-    bb = b.to(DEV).clone().requires_grad_() if affine else None
-    md = None if mean is None else mean.to(DEV)
-    vd = None if var is None else var.to(DEV)
-    y, bm, bv = S.spectral_batch_norm(xx, ww, bb, md, vd, EPS, algorithm, "triton")
-    assert y.dtype == x.dtype
-    if channels_last:
-        assert y.is_contiguous(memory_format=torch.channels_last)
-    (y.double() * dy.to(DEV)).sum().backward()
-    xr = x.double().requires_grad_()
-    wr = w.double().requires_grad_() if affine else None
-    br = b.double().requires_grad_() if affine else None
-    yr, mr, vr = literal_sbn(xr, wr, br, None if mean is None else mean.to(torch.complex128),
-                             None if var is None else var.double())
-    (yr * dy).sum().backward()
-    checks = [("y", y, yr), ("mean", bm, mr.detach()), ("var", bv, vr.detach()),
-              ("dx", xx.grad, xr.grad)]
-    if affine:
-        checks += [("dw", ww.grad, wr.grad), ("db", bb.grad, br.grad)]
-    for name, a, r in checks:
-        assert rel(a.cpu(), r) < tol, (name, rel(a.cpu(), r))
+def run_and_compare(shape, algorithm, **kw):
+    sbn_op_checks.run_and_compare(shape, algorithm, "triton", device=DEV, **kw)
 
 
 SHAPES = [(3, 2, 4, 6), (2, 3, 5, 7), (2, 1, 6, 5), (2, 2, 1, 5), (3, 2, 4, 1), (3, 2, 3, 2),

@@ -172,12 +172,46 @@ def _torch_backward_apply(dy: Tensor, x: Tensor, coef: Tensor, P: Tensor,
     return torch.empty_like(x).copy_(out)
 
 
+# C++ CPU passes (csrc/cpu/sbn_cpu.cpp): present when the extension is built; fake kernels
+# so that opcheck / torch.compile see through them.
+try:
+    import normkernels._C  # noqa: F401  (registers torch.ops.normkernels.*)
+
+    _CPP_SBN = hasattr(torch.ops.normkernels, "sbn_stats")
+except ImportError:
+    _CPP_SBN = False
+
+
+if _CPP_SBN:
+    @torch.library.register_fake("normkernels::sbn_stats")
+    def _(x: Tensor, K: Tensor, P: Tensor) -> Tensor:
+        return x.new_empty((x.shape[1], 6), dtype=_acc(x.dtype))
+
+    @torch.library.register_fake("normkernels::sbn_grad_stats")
+    def _(dy: Tensor, x: Tensor, K: Tensor, P: Tensor) -> Tensor:
+        return x.new_empty((x.shape[1], 4), dtype=_acc(x.dtype))
+
+    @torch.library.register_fake("normkernels::sbn_forward_apply")
+    def _(x: Tensor, coef: Tensor, P: Tensor) -> Tensor:
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("normkernels::sbn_backward_apply")
+    def _(dy: Tensor, x: Tensor, coef: Tensor, P: Tensor, need_row: bool) -> Tensor:
+        return torch.empty_like(x)
+
+
 class _Passes:
-    def __init__(self, use_triton: bool):
-        if use_triton:
+    """The four heavy passes of one backend: Triton kernels, C++ CPU kernels, or torch ops."""
+
+    def __init__(self, x: Tensor, backend: str):
+        if _use_triton(x, backend):
             k = _triton_kernels()
             self.stats, self.grad_stats = k.sbn_stats, k.sbn_grad_stats
             self.forward_apply, self.backward_apply = k.sbn_forward_apply, k.sbn_backward_apply
+        elif backend == "cpp" and _CPP_SBN and x.device.type == "cpu":
+            o = torch.ops.normkernels
+            self.stats, self.grad_stats = o.sbn_stats, o.sbn_grad_stats
+            self.forward_apply, self.backward_apply = o.sbn_forward_apply, o.sbn_backward_apply
         else:
             self.stats, self.grad_stats = _torch_stats, _torch_grad_stats
             self.forward_apply, self.backward_apply = _torch_forward_apply, _torch_backward_apply
@@ -275,7 +309,7 @@ def _sbn_forward_impl(x, weight, bias, mean, var, eps, backend, sync=None):
     saved tensor then gets a 6th column, the whole batch's N."""
     N, C, H, W = x.shape
     acc = _acc(x.dtype)
-    passes = _Passes(_use_triton(x, backend))
+    passes = _Passes(x, backend)
     PD, PP = _row_consts(W, x.device, acc)
     K = _shift(x)
     N_all = N
@@ -304,7 +338,7 @@ def _sbn_backward_impl(dy, x, weight, saved, training, backend, sync=None):
     and the whole batch's N (saved's 6th column); dgamma, dbeta stay this process's share."""
     N, C, H, W = x.shape
     acc = _acc(x.dtype)
-    passes = _Passes(_use_triton(x, backend))
+    passes = _Passes(x, backend)
     PD, PP = _row_consts(W, x.device, acc)
     K, mr, mi, s, a = saved.to(_F64).unbind(1)[:5]
     gs = passes.grad_stats(dy, x, K.to(acc), PP).to(_F64)
@@ -417,7 +451,7 @@ def _bnsbn_forward_impl(x, bn_w, bn_b, bn_mean, bn_var, sbn_w, sbn_b, sbn_mean, 
     N, C, H, W = x.shape
     acc = _acc(x.dtype)
     dev = x.device
-    passes = _Passes(_use_triton(x, backend))
+    passes = _Passes(x, backend)
     PD, PP = _row_consts(W, dev, acc)
     K = _shift(x)
     gb, bb = _vec(bn_w, C, 1.0, dev), _vec(bn_b, C, 0.0, dev)
@@ -473,7 +507,7 @@ def _bnsbn_backward_impl(dy, x, bn_w, sbn_w, saved, training, backend, sync=None
     batch's sums saved by the forward; the parameter gradients are this process's share."""
     N, C, H, W = x.shape
     acc = _acc(x.dtype)
-    passes = _Passes(_use_triton(x, backend))
+    passes = _Passes(x, backend)
     PD, PP = _row_consts(W, x.device, acc)
     sv = saved.to(_F64)
     col = {k: sv[:, i] for k, i in _BS.items()}

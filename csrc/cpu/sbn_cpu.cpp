@@ -1,0 +1,601 @@
+// SBN / BN+SBN pass kernels, CPU (schemas and semantics: csrc/sbn.cpp).
+//
+// x (N, C, H, W) is processed in one of two layouts:
+//   NCHW (contiguous): work items are the N*C planes; each row of W values is converted into an
+//                      L1 buffer of t = x - K and reduced with at::vec (R, A, sum t^2).
+//   NHWC (channels_last): the reductions run over blocks of kCB channels (inner loops over c,
+//                      vectorized by the compiler); the apply passes over rows (n, h).
+// Other layouts are made contiguous; dy is copied to x's layout when it differs.
+// Accumulation: float (double for double) within a row / chunk, double across rows; every
+// reduction writes per-(n, c) partial sums that are combined over n in a fixed order, so the
+// result does not depend on the number of threads (deterministic, no atomics).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace normkernels {
+namespace sbn {
+namespace {
+
+enum class Lay { NCHW, NHWC };
+
+struct X4 {
+  at::Tensor x;  // x itself or a contiguous copy, dense in `lay`
+  int64_t N, C, H, W;
+  Lay lay;
+};
+
+constexpr int64_t kCB = 64;       // NHWC reductions: channels per task
+constexpr int64_t kChunk = 1024;  // NCHW grad stats: elements per L1 chunk
+
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
+}
+
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+X4 view4(const at::Tensor& x, const char* op) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": expected x of shape (N, C, H, W), got rank ", x.dim());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op,
+                   ": expected a floating point x, got ", x.scalar_type());
+  X4 v;
+  v.N = x.size(0);
+  v.C = x.size(1);
+  v.H = x.size(2);
+  v.W = x.size(3);
+  if (x.is_contiguous()) {
+    v.x = x;
+    v.lay = Lay::NCHW;
+  } else if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    v.x = x;
+    v.lay = Lay::NHWC;
+  } else {
+    v.x = x.contiguous();
+    v.lay = Lay::NCHW;
+  }
+  return v;
+}
+
+// dy in x's dtype and in the layout of v.x (copy only when needed).
+at::Tensor like_x(const at::Tensor& t, const X4& v, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == v.x.sizes(), op, ": ", name, " must have the shape of x ",
+                    v.x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == v.x.device(), op, ": ", name, " must be on ", v.x.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                   " must be floating point");
+  at::Tensor r = t.scalar_type() == v.x.scalar_type() ? t : t.to(v.x.scalar_type());
+  return v.lay == Lay::NCHW ? r.contiguous() : r.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor small(const at::Tensor& t, const X4& v, int64_t d0, int64_t d1, const char* op,
+                 const char* name) {
+  const bool ok = d1 < 0 ? (t.dim() == 1 && t.size(0) == d0)
+                         : (t.dim() == 2 && t.size(0) == d0 && t.size(1) == d1);
+  TORCH_CHECK_VALUE(ok, op, ": ", name, " must have shape (", d0, d1 < 0 ? "" : ", ",
+                    d1 < 0 ? std::string() : std::to_string(d1), "), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == v.x.device(), op, ": ", name, " must be on ", v.x.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                   " must be floating point");
+  return t.to(acc_type(v.x.scalar_type())).contiguous();
+}
+
+// Output like torch.empty_like(x) (the fake kernels' answer); `work` is where the kernel writes
+// (the output itself when it already has v.x's layout, else a temporary copied back).
+at::Tensor make_out(const at::Tensor& x_orig, const X4& v, at::Tensor& work) {
+  at::Tensor out = at::empty_like(x_orig);
+  const bool ok = v.lay == Lay::NCHW ? out.is_contiguous()
+                                     : out.is_contiguous(at::MemoryFormat::ChannelsLast);
+  work = ok ? out : at::empty_like(v.x);
+  return out;
+}
+
+void finish_out(at::Tensor& out, const at::Tensor& work) {
+  if (!work.is_same(out)) out.copy_(work);
+}
+
+// Sum of per-(n, c) partials (N, C, k) over n in order -> (C, k) in `dt`.
+at::Tensor combine(const std::vector<double>& part, int64_t N, int64_t C, int64_t k,
+                   const at::TensorOptions& opt) {
+  at::Tensor out = at::empty({C, k}, opt.dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  for (int64_t i = 0; i < C * k; ++i) o[i] = 0.0;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < C * k; ++i) o[i] += part[n * C * k + i];
+  return out;
+}
+
+// R = sum buf, A = sum (-1)^w buf, Q = sum buf^2 over Wp values (Wp a multiple of the vector
+// size, zero tail).
+template <typename acc_t>
+inline void row_sums(const acc_t* buf, int64_t Wp, acc_t& R, acc_t& A, acc_t& Q) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t VS = Vec::size();
+  acc_t sg[VS];
+  for (int64_t l = 0; l < VS; ++l) sg[l] = (l & 1) ? acc_t(-1) : acc_t(1);
+  const Vec sgv = Vec::loadu(sg);
+  Vec vr(acc_t(0)), va(acc_t(0)), vq(acc_t(0));
+  for (int64_t i = 0; i < Wp; i += VS) {
+    const Vec v = Vec::loadu(buf + i);
+    vr = vr + v;
+    va = va + v * sgv;
+    vq = vq + v * v;
+  }
+  acc_t tr[VS], ta[VS], tq[VS];
+  vr.store(tr);
+  va.store(ta);
+  vq.store(tq);
+  R = A = Q = acc_t(0);
+  for (int64_t l = 0; l < VS; ++l) {
+    R += tr[l];
+    A += ta[l];
+    Q += tq[l];
+  }
+}
+
+template <typename acc_t>
+inline int64_t padded(int64_t n) {
+  constexpr int64_t VS = at::vec::Vectorized<acc_t>::size();
+  return (n + VS - 1) / VS * VS;
+}
+
+// ------------------------------------------------------------------------------ statistics
+template <typename scalar_t>
+void stats_nchw(const scalar_t* x, const at::opmath_type<scalar_t>* K,
+                const at::opmath_type<scalar_t>* P, double* part, int64_t N, int64_t C,
+                int64_t H, int64_t W) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t HW = H * W, Wp = padded<acc_t>(W);
+  at::parallel_for(0, N * C, grain_for(HW), [&](int64_t b, int64_t e) {
+    std::vector<acc_t> buf(Wp, acc_t(0));
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t c = r % C;
+      const acc_t k = K[c];
+      const scalar_t* base = x + r * HW;
+      double s1 = 0, s2 = 0, sr = 0, sa = 0, sd0 = 0, sd1 = 0;
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* row = base + h * W;
+        for (int64_t w = 0; w < W; ++w) buf[w] = static_cast<acc_t>(row[w]) - k;
+        acc_t R, A, Q;
+        row_sums<acc_t>(buf.data(), Wp, R, A, Q);
+        s1 += R;
+        s2 += Q;
+        sr += double(R) * double(R);
+        sa += double(A) * double(A);
+        if (h == 0) {
+          acc_t d0 = 0, d1 = 0;
+          for (int64_t w = 0; w < W; ++w) {
+            d0 += buf[w] * P[w];
+            d1 += buf[w] * P[W + w];
+          }
+          sd0 = d0;
+          sd1 = d1;
+        }
+      }
+      double* o = part + r * 6;
+      o[0] = s1; o[1] = s2; o[2] = sr; o[3] = sa; o[4] = sd0; o[5] = sd1;
+    }
+  });
+}
+
+template <typename scalar_t>
+void stats_nhwc(const scalar_t* x, const at::opmath_type<scalar_t>* K,
+                const at::opmath_type<scalar_t>* P, double* part, int64_t N, int64_t C,
+                int64_t H, int64_t W) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nblk = (C + kCB - 1) / kCB;
+  at::parallel_for(0, N * nblk, grain_for(H * W * std::min(C, kCB)), [&](int64_t b, int64_t e) {
+    acc_t kk[kCB], rR[kCB], rA[kCB], rQ[kCB], d0[kCB], d1[kCB];
+    double s1[kCB], s2[kCB], sr[kCB], sa[kCB];
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t n = task / nblk, c0 = (task % nblk) * kCB;
+      const int64_t cw = std::min(kCB, C - c0);
+      for (int64_t c = 0; c < cw; ++c) {
+        kk[c] = K[c0 + c];
+        s1[c] = s2[c] = sr[c] = sa[c] = 0.0;
+        d0[c] = d1[c] = acc_t(0);
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t c = 0; c < cw; ++c) rR[c] = rA[c] = rQ[c] = acc_t(0);
+        for (int64_t w = 0; w < W; ++w) {
+          const scalar_t* px = x + ((n * H + h) * W + w) * C + c0;
+          const acc_t sg = (w & 1) ? acc_t(-1) : acc_t(1);
+          if (h == 0) {
+            const acc_t p0 = P[w], p1 = P[W + w];
+            for (int64_t c = 0; c < cw; ++c) {
+              const acc_t t = static_cast<acc_t>(px[c]) - kk[c];
+              rR[c] += t;
+              rA[c] += sg * t;
+              rQ[c] += t * t;
+              d0[c] += t * p0;
+              d1[c] += t * p1;
+            }
+          } else {
+            for (int64_t c = 0; c < cw; ++c) {
+              const acc_t t = static_cast<acc_t>(px[c]) - kk[c];
+              rR[c] += t;
+              rA[c] += sg * t;
+              rQ[c] += t * t;
+            }
+          }
+        }
+        for (int64_t c = 0; c < cw; ++c) {
+          s1[c] += rR[c];
+          s2[c] += rQ[c];
+          sr[c] += double(rR[c]) * double(rR[c]);
+          sa[c] += double(rA[c]) * double(rA[c]);
+        }
+      }
+      for (int64_t c = 0; c < cw; ++c) {
+        double* o = part + (n * C + c0 + c) * 6;
+        o[0] = s1[c]; o[1] = s2[c]; o[2] = sr[c]; o[3] = sa[c]; o[4] = d0[c]; o[5] = d1[c];
+      }
+    }
+  });
+}
+
+at::Tensor stats_cpu(const at::Tensor& x_in, const at::Tensor& K_in, const at::Tensor& P_in) {
+  const char* op = "sbn_stats";
+  X4 v = view4(x_in, op);
+  const at::Tensor K = small(K_in, v, v.C, -1, op, "K");
+  const at::Tensor P = small(P_in, v, 2, v.W, op, "P");
+  std::vector<double> part(v.N * v.C * 6, 0.0);
+  if (v.x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* xp = v.x.const_data_ptr<scalar_t>();
+      const acc_t* kp = K.const_data_ptr<acc_t>();
+      const acc_t* pp = P.const_data_ptr<acc_t>();
+      if (v.lay == Lay::NCHW)
+        stats_nchw<scalar_t>(xp, kp, pp, part.data(), v.N, v.C, v.H, v.W);
+      else
+        stats_nhwc<scalar_t>(xp, kp, pp, part.data(), v.N, v.C, v.H, v.W);
+    });
+  }
+  return combine(part, v.N, v.C, 6, v.x.options()).to(acc_type(v.x.scalar_type()));
+}
+
+// ------------------------------------------------------------------------------ gradient sums
+template <typename scalar_t>
+void grad_nchw(const scalar_t* dy, const scalar_t* x, const at::opmath_type<scalar_t>* K,
+               const at::opmath_type<scalar_t>* P, double* part, int64_t N, int64_t C,
+               int64_t H, int64_t W) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t VS = Vec::size();
+  const int64_t HW = H * W;
+  at::parallel_for(0, N * C, grain_for(2 * HW), [&](int64_t b, int64_t e) {
+    std::vector<acc_t> bd(kChunk, acc_t(0)), bt(kChunk, acc_t(0));
+    for (int64_t r = b; r < e; ++r) {
+      const acc_t k = K[r % C];
+      const scalar_t* px = x + r * HW;
+      const scalar_t* pd = dy + r * HW;
+      acc_t g0 = 0, g1 = 0;
+      for (int64_t w = 0; w < W; ++w) {
+        const acc_t d = static_cast<acc_t>(pd[w]);
+        g0 += d * P[w];
+        g1 += d * P[W + w];
+      }
+      double sd = 0, sdt = 0;
+      for (int64_t s0 = 0; s0 < HW; s0 += kChunk) {
+        const int64_t L = std::min(kChunk, HW - s0), Lp = padded<acc_t>(L);
+        for (int64_t i = 0; i < L; ++i) {
+          bd[i] = static_cast<acc_t>(pd[s0 + i]);
+          bt[i] = static_cast<acc_t>(px[s0 + i]) - k;
+        }
+        for (int64_t i = L; i < Lp; ++i) bd[i] = bt[i] = acc_t(0);
+        Vec v1(acc_t(0)), v2(acc_t(0));
+        for (int64_t i = 0; i < Lp; i += VS) {
+          const Vec d = Vec::loadu(bd.data() + i);
+          v1 = v1 + d;
+          v2 = v2 + d * Vec::loadu(bt.data() + i);
+        }
+        acc_t t1[VS], t2[VS];
+        v1.store(t1);
+        v2.store(t2);
+        acc_t a1 = 0, a2 = 0;
+        for (int64_t l = 0; l < VS; ++l) {
+          a1 += t1[l];
+          a2 += t2[l];
+        }
+        sd += a1;
+        sdt += a2;
+      }
+      double* o = part + r * 4;
+      o[0] = sd; o[1] = sdt; o[2] = g0; o[3] = g1;
+    }
+  });
+}
+
+template <typename scalar_t>
+void grad_nhwc(const scalar_t* dy, const scalar_t* x, const at::opmath_type<scalar_t>* K,
+               const at::opmath_type<scalar_t>* P, double* part, int64_t N, int64_t C,
+               int64_t H, int64_t W) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nblk = (C + kCB - 1) / kCB;
+  at::parallel_for(0, N * nblk, grain_for(2 * H * W * std::min(C, kCB)),
+                   [&](int64_t b, int64_t e) {
+    acc_t kk[kCB], rS[kCB], rT[kCB], g0[kCB], g1[kCB];
+    double sS[kCB], sT[kCB];
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t n = task / nblk, c0 = (task % nblk) * kCB;
+      const int64_t cw = std::min(kCB, C - c0);
+      for (int64_t c = 0; c < cw; ++c) {
+        kk[c] = K[c0 + c];
+        sS[c] = sT[c] = 0.0;
+        g0[c] = g1[c] = acc_t(0);
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t c = 0; c < cw; ++c) rS[c] = rT[c] = acc_t(0);
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t off = ((n * H + h) * W + w) * C + c0;
+          const scalar_t* px = x + off;
+          const scalar_t* pd = dy + off;
+          if (h == 0) {
+            const acc_t p0 = P[w], p1 = P[W + w];
+            for (int64_t c = 0; c < cw; ++c) {
+              const acc_t d = static_cast<acc_t>(pd[c]);
+              rS[c] += d;
+              rT[c] += d * (static_cast<acc_t>(px[c]) - kk[c]);
+              g0[c] += d * p0;
+              g1[c] += d * p1;
+            }
+          } else {
+            for (int64_t c = 0; c < cw; ++c) {
+              const acc_t d = static_cast<acc_t>(pd[c]);
+              rS[c] += d;
+              rT[c] += d * (static_cast<acc_t>(px[c]) - kk[c]);
+            }
+          }
+        }
+        for (int64_t c = 0; c < cw; ++c) {
+          sS[c] += rS[c];
+          sT[c] += rT[c];
+        }
+      }
+      for (int64_t c = 0; c < cw; ++c) {
+        double* o = part + (n * C + c0 + c) * 4;
+        o[0] = sS[c]; o[1] = sT[c]; o[2] = g0[c]; o[3] = g1[c];
+      }
+    }
+  });
+}
+
+at::Tensor grad_stats_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& K_in,
+                          const at::Tensor& P_in) {
+  const char* op = "sbn_grad_stats";
+  X4 v = view4(x_in, op);
+  const at::Tensor dy = like_x(dy_in, v, op, "dy");
+  const at::Tensor K = small(K_in, v, v.C, -1, op, "K");
+  const at::Tensor P = small(P_in, v, 2, v.W, op, "P");
+  std::vector<double> part(v.N * v.C * 4, 0.0);
+  if (v.x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* xp = v.x.const_data_ptr<scalar_t>();
+      const scalar_t* dp = dy.const_data_ptr<scalar_t>();
+      const acc_t* kp = K.const_data_ptr<acc_t>();
+      const acc_t* pp = P.const_data_ptr<acc_t>();
+      if (v.lay == Lay::NCHW)
+        grad_nchw<scalar_t>(dp, xp, kp, pp, part.data(), v.N, v.C, v.H, v.W);
+      else
+        grad_nhwc<scalar_t>(dp, xp, kp, pp, part.data(), v.N, v.C, v.H, v.W);
+    });
+  }
+  return combine(part, v.N, v.C, 4, v.x.options()).to(acc_type(v.x.scalar_type()));
+}
+
+// ------------------------------------------------------------------------------ forward apply
+// y = cx*(x - K) + (h > 0 ? b : T0[c, w]),  T0 = b*(1 - P0) + u*P0 + v*P1.
+template <typename scalar_t>
+void fwd_apply(const scalar_t* x, scalar_t* y, const at::opmath_type<scalar_t>* cf,
+               const at::opmath_type<scalar_t>* P, int64_t N, int64_t C, int64_t H, int64_t W,
+               Lay lay) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> K(C), cx(C), bb(C), T0(C * W);
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t* r = cf + c * 5;
+    K[c] = r[0];
+    cx[c] = r[1];
+    bb[c] = r[2];
+    for (int64_t w = 0; w < W; ++w) {
+      const acc_t t0 = r[2] * (acc_t(1) - P[w]) + r[3] * P[w] + r[4] * P[W + w];
+      if (lay == Lay::NCHW)
+        T0[c * W + w] = t0;
+      else
+        T0[w * C + c] = t0;
+    }
+  }
+  const int64_t HW = H * W;
+  if (lay == Lay::NCHW) {
+    at::parallel_for(0, N * C, grain_for(HW), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t c = r % C;
+        const acc_t k = K[c], a = cx[c], bc = bb[c];
+        const acc_t* t0 = T0.data() + c * W;
+        const scalar_t* px = x + r * HW;
+        scalar_t* py = y + r * HW;
+        for (int64_t w = 0; w < W; ++w)
+          py[w] = static_cast<scalar_t>(a * (static_cast<acc_t>(px[w]) - k) + t0[w]);
+        for (int64_t i = W; i < HW; ++i)
+          py[i] = static_cast<scalar_t>(a * (static_cast<acc_t>(px[i]) - k) + bc);
+      }
+    });
+  } else {
+    const acc_t* kp = K.data();
+    const acc_t* ap = cx.data();
+    const acc_t* bp = bb.data();
+    at::parallel_for(0, N * H, grain_for(W * C), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const bool row0 = (r % H) == 0;
+        for (int64_t w = 0; w < W; ++w) {
+          const scalar_t* px = x + (r * W + w) * C;
+          scalar_t* py = y + (r * W + w) * C;
+          const acc_t* add = row0 ? T0.data() + w * C : bp;
+          for (int64_t c = 0; c < C; ++c)
+            py[c] = static_cast<scalar_t>(ap[c] * (static_cast<acc_t>(px[c]) - kp[c]) + add[c]);
+        }
+      }
+    });
+  }
+}
+
+at::Tensor forward_apply_cpu(const at::Tensor& x_in, const at::Tensor& coef_in,
+                             const at::Tensor& P_in) {
+  const char* op = "sbn_forward_apply";
+  X4 v = view4(x_in, op);
+  const at::Tensor cf = small(coef_in, v, v.C, 5, op, "coef");
+  const at::Tensor P = small(P_in, v, 2, v.W, op, "P");
+  at::Tensor work;
+  at::Tensor out = make_out(x_in, v, work);
+  if (v.x.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    fwd_apply<scalar_t>(v.x.const_data_ptr<scalar_t>(), work.data_ptr<scalar_t>(),
+                        cf.const_data_ptr<acc_t>(), P.const_data_ptr<acc_t>(), v.N, v.C, v.H,
+                        v.W, v.lay);
+  });
+  finish_out(out, work);
+  return out;
+}
+
+// ------------------------------------------------------------------------------ backward apply
+// dx = c_dy*dy + c_t*t + cst [+ c_R*R + c_A*A*(-1)^w] + [h==0] T0[c, w],  T0 = u*P0 + v*P1.
+template <typename scalar_t>
+void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
+               const at::opmath_type<scalar_t>* cf, const at::opmath_type<scalar_t>* P,
+               int64_t N, int64_t C, int64_t H, int64_t W, Lay lay, bool need_row) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> K(C), cdy(C), ct(C), cR(C), cA(C), cst(C), T0(C * W);
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t* r = cf + c * 8;
+    K[c] = r[0];
+    cdy[c] = r[1];
+    ct[c] = r[2];
+    cR[c] = r[3];
+    cA[c] = r[4];
+    cst[c] = r[5];
+    for (int64_t w = 0; w < W; ++w) {
+      const acc_t t0 = r[6] * P[w] + r[7] * P[W + w];
+      if (lay == Lay::NCHW)
+        T0[c * W + w] = t0;
+      else
+        T0[w * C + c] = t0;
+    }
+  }
+  const int64_t HW = H * W;
+  if (lay == Lay::NCHW) {
+    const int64_t Wp = padded<acc_t>(W);
+    at::parallel_for(0, N * C, grain_for(2 * HW), [&](int64_t b, int64_t e) {
+      std::vector<acc_t> buf(Wp, acc_t(0)), off(W);
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t c = r % C;
+        const acc_t k = K[c], a = cdy[c], bt = ct[c];
+        const acc_t* t0 = T0.data() + c * W;
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t base = r * HW + h * W;
+          const scalar_t* px = x + base;
+          const scalar_t* pd = dy + base;
+          scalar_t* pdx = dx + base;
+          for (int64_t w = 0; w < W; ++w) buf[w] = static_cast<acc_t>(px[w]) - k;
+          acc_t ev = cst[c], od = cst[c];
+          if (need_row) {
+            acc_t R, A, Q;
+            row_sums<acc_t>(buf.data(), Wp, R, A, Q);
+            const acc_t base_r = cst[c] + cR[c] * R, alt = cA[c] * A;
+            ev = base_r + alt;
+            od = base_r - alt;
+          }
+          if (h == 0) {
+            for (int64_t w = 0; w < W; ++w) off[w] = ((w & 1) ? od : ev) + t0[w];
+          } else {
+            for (int64_t w = 0; w < W; ++w) off[w] = (w & 1) ? od : ev;
+          }
+          for (int64_t w = 0; w < W; ++w)
+            pdx[w] = static_cast<scalar_t>(a * static_cast<acc_t>(pd[w]) + bt * buf[w] + off[w]);
+        }
+      }
+    });
+  } else {
+    const acc_t* kp = K.data();
+    const acc_t* ap = cdy.data();
+    const acc_t* tp = ct.data();
+    at::parallel_for(0, N * H, grain_for(2 * W * C), [&](int64_t b, int64_t e) {
+      std::vector<acc_t> R(C), A(C), ev(cst), od(cst), add(C);
+      for (int64_t r = b; r < e; ++r) {
+        const bool row0 = (r % H) == 0;
+        const scalar_t* xr = x + r * W * C;
+        if (need_row) {
+          for (int64_t c = 0; c < C; ++c) R[c] = A[c] = acc_t(0);
+          for (int64_t w = 0; w < W; ++w) {
+            const scalar_t* px = xr + w * C;
+            const acc_t sg = (w & 1) ? acc_t(-1) : acc_t(1);
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t t = static_cast<acc_t>(px[c]) - kp[c];
+              R[c] += t;
+              A[c] += sg * t;
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t base_r = cst[c] + cR[c] * R[c], alt = cA[c] * A[c];
+            ev[c] = base_r + alt;
+            od[c] = base_r - alt;
+          }
+        }
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t o = (r * W + w) * C;
+          const scalar_t* px = x + o;
+          const scalar_t* pd = dy + o;
+          scalar_t* pdx = dx + o;
+          const acc_t* ofs = (w & 1) ? od.data() : ev.data();
+          if (row0) {
+            const acc_t* t0 = T0.data() + w * C;
+            for (int64_t c = 0; c < C; ++c) add[c] = ofs[c] + t0[c];
+            ofs = add.data();
+          }
+          for (int64_t c = 0; c < C; ++c)
+            pdx[c] = static_cast<scalar_t>(ap[c] * static_cast<acc_t>(pd[c]) +
+                                           tp[c] * (static_cast<acc_t>(px[c]) - kp[c]) + ofs[c]);
+        }
+      }
+    });
+  }
+}
+
+at::Tensor backward_apply_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
+                              const at::Tensor& coef_in, const at::Tensor& P_in, bool need_row) {
+  const char* op = "sbn_backward_apply";
+  X4 v = view4(x_in, op);
+  const at::Tensor dy = like_x(dy_in, v, op, "dy");
+  const at::Tensor cf = small(coef_in, v, v.C, 8, op, "coef");
+  const at::Tensor P = small(P_in, v, 2, v.W, op, "P");
+  at::Tensor work;
+  at::Tensor out = make_out(x_in, v, work);
+  if (v.x.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    bwd_apply<scalar_t>(dy.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(),
+                        work.data_ptr<scalar_t>(), cf.const_data_ptr<acc_t>(),
+                        P.const_data_ptr<acc_t>(), v.N, v.C, v.H, v.W, v.lay, need_row);
+  });
+  finish_out(out, work);
+  return out;
+}
+
+}  // namespace
+}  // namespace sbn
+}  // namespace normkernels
+
+TORCH_LIBRARY_IMPL(normkernels, CPU, m) {
+  m.impl("sbn_stats", &normkernels::sbn::stats_cpu);
+  m.impl("sbn_grad_stats", &normkernels::sbn::grad_stats_cpu);
+  m.impl("sbn_forward_apply", &normkernels::sbn::forward_apply_cpu);
+  m.impl("sbn_backward_apply", &normkernels::sbn::backward_apply_cpu);
+}
