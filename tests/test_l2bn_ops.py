@@ -339,3 +339,39 @@ def test_bad_arguments():
         L.l2_batch_norm(x, None, None, torch.zeros(4), None, 1e-5, 1e-12, False, "torch")
     with pytest.raises(TypeError):
         L.l2_batch_norm(x.long(), None, None, None, None, 1e-5, 1e-12, False, "torch")
+
+
+class _TwinReducer:
+    """Stands in for normkernels.distributed.Reducer: two processes holding the same batch."""
+
+    def gather(self, t):
+        return torch.stack([t, t])
+
+    def all_reduce(self, t):
+        return t * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rescale", [False, True])
+def test_sync_path_equals_concatenated_batch(backend, rescale):
+    """The sync= code path of the internal implementation (Chan combination of gathered rows,
+    all-reduced backward sums) equals the single-process path on the concatenated batch."""
+    x = torch.randn(3, 4, 5, 5, generator=_gen(31), dtype=torch.float64) + 3
+    dy = torch.randn(x.shape, generator=_gen(32), dtype=torch.float64)
+    w = torch.rand(4, generator=_gen(33), dtype=torch.float64) + 0.5
+    b = torch.randn(4, generator=_gen(34), dtype=torch.float64)
+    args = (1e-5, 1e-12, rescale, backend)
+    y, f = L._forward_impl(x, w, b, None, None, *args, sync=_TwinReducer())
+    dx, dw, db = L._backward_impl(dy, x, w, f["mu"], f["var"], f["smean_acc"], f["sm2_acc"], *args,
+                                  training=True, count=f["n"], sync=_TwinReducer())
+    x2, dy2 = torch.cat([x, x]), torch.cat([dy, dy])
+    y2, f2 = L._forward_impl(x2, w, b, None, None, *args)
+    dx2, dw2, db2 = L._backward_impl(dy2, x2, w, None, None, f2["smean_acc"], f2["sm2_acc"], *args,
+                                     training=True)
+    assert f["n"] == 6
+    torch.testing.assert_close(f["mu"], f2["mu"])
+    torch.testing.assert_close(f["var"], f2["var"])
+    torch.testing.assert_close(y, y2[:3])
+    torch.testing.assert_close(dx, dx2[:3])
+    torch.testing.assert_close(dw * 2, dw2)  # each process returns its local share
+    torch.testing.assert_close(db * 2, db2)

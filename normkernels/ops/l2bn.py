@@ -9,7 +9,7 @@ Layout of the work (DESIGN.md section 3, written in centered / Chan form):
   implemented by the C++/CUDA extension (torch.ops.normkernels.*, backend "cpp"/"cuda") or by
   the torch fallbacks below (backend "torch");
 
-  finalize (O(N*C) torch ops, shared by every backend): _sample_norms, _channel_stats,
+  finalize (O(N*C) torch ops, shared by every backend): _finalize, _channel_stats,
   _forward_coefs, _backward_coefs.
 
 Top-level custom ops normkernels::l2bn_forward / normkernels::l2bn_backward carry fake kernels
@@ -141,72 +141,94 @@ if _EXT:
 
 
 # --------------------------------------------------------------------------- finalize (shared)
+# Written for few ops (each is a Python dispatch on CPU and a kernel launch on GPU): the (N, C)
+# pass outputs are converted to the finalize dtype once, at the top of _finalize /
+# _backward_coefs; weight, bias and eval mean are only ever used together with a finalize-dtype
+# operand, so type promotion computes in float64 without a separate conversion; the (N, C)
+# coefficients handed to the apply pass are written straight into accumulation-dtype buffers
+# (out=); eval mode (alpha = beta' = 0) skips the batch-statistic terms instead of adding zeros;
+# sync=None skips the (identity) Chan combination of the single local row.
 def _fin_dtype(acc: torch.dtype, device: torch.device) -> torch.dtype:
     # O(N*C) math: float64 where the device has it (cheap, removes finalize rounding).
     return torch.float64 if device.type in ("cpu", "cuda") else acc
 
 
-def _sample_norms(smean: Tensor, sm2: Tensor, s: int, l2_eps: float, rescale: bool):
-    """Per-sample ||x_n||, r_n = max(||x_n||, l2_eps) / scale (u = x / r), unclamped mask."""
-    c = smean.shape[1]
-    nrm = (sm2 + s * smean.square()).sum(dim=1).clamp_min(0).sqrt()
-    scale = math.sqrt(c * s) if rescale else 1.0
-    r = nrm.clamp_min(l2_eps) / scale
-    unclamped = nrm >= l2_eps  # F.normalize's clamp_min passes the gradient where norm >= eps
-    return nrm, r, unclamped
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
-def _channel_stats(um: Tensor, sm2: Tensor, r: Tensor, s: int, sync=None) -> tuple[Tensor, Tensor, int]:
-    """Channel mean / biased variance of u from per-(n,c) means um = mean/r and M2 (Chan), and the
-    number of samples they cover.
+def _channel_stats(um: Tensor, sm2: Tensor, r: Tensor, s: int, sync=None):
+    """Channel mean / biased variance of u from per-(n,c) means um = mean/r (N, C), M2 sm2 (N, C) and
+    r (N, 1) (Chan), the number of samples they cover, and cen = um - mean (N, C).
 
     The local batch gives one row (count, mean, M2) per channel; the rows of all processes
-    (``sync.gather``, normkernels.distributed) or the single local row (sync=None) are combined
-    with Chan's formula. An empty local batch contributes count 0.
+    (``sync.gather``, normkernels.distributed) are combined with Chan's formula; with sync=None the
+    single local row is the result (Chan's combination of one row is that row). An empty local
+    batch contributes count 0.
     """
     n = um.shape[0]
-    cnt = float(n * s)
-    mu_l = um.sum(dim=0) / max(n, 1)
-    m2_l = (sm2 / r.square().unsqueeze(1)).sum(dim=0) + s * (um - mu_l).square().sum(dim=0)
-    rows = torch.stack([torch.full_like(mu_l, cnt), mu_l, m2_l])  # (3, C)
-    rows = rows.unsqueeze(0) if sync is None else sync.gather(rows).to(rows.dtype)
-    counts, means, m2s = rows.unbind(1)  # each (P, C)
+    mu = um.sum(dim=0) / max(n, 1)
+    cen = um - mu
+    m2 = torch.addcmul(sm2 / r.square(), cen, cen, value=s).sum(dim=0)  # sum_n M2/r^2 + s*(um - mu)^2
+    if sync is None:
+        return mu, m2 / (n * s), n, cen
+    rows = torch.stack([torch.full_like(mu, float(n * s)), mu, m2])  # (3, C)
+    counts, means, m2s = sync.gather(rows).to(rows.dtype).unbind(1)  # each (P, C)
     total = counts.sum(dim=0)
     mu = (counts * means).sum(dim=0) / total
     m2 = m2s.sum(dim=0) + (counts * (means - mu).square()).sum(dim=0)
-    n_all = int(round(total[0].item() / s)) if sync is not None else n
-    return mu, m2 / total, n_all
+    n_all = int(round(total[0].item() / s))
+    return mu, m2 / total, n_all, um - mu
 
 
 def _finalize(x: Tensor, smean: Tensor, sm2: Tensor, weight, mean, var, eps, l2_eps, rescale, sync=None):
     """Sample norms, channel statistics (batch ones when mean is None, over every process of
-    ``sync``) and the per-channel scale. f["n"] is the (global) number of samples."""
+    ``sync``) and the per-channel scale. f["n"] is the (global) number of samples.
+
+    Shapes: per-sample nrm2, nrm, r (N, 1); smean, sm2, um, cen (N, C) and inv_s, k (C,) in the
+    finalize dtype fd; mu, var (C,): fd batch statistics, or the given mean/var unconverted (eval).
+    nrm needs no clamp_min(0): nrm2 is a sum of M2 >= 0 and squares."""
     n, c, s = _nc(x)
     fd = _fin_dtype(smean.dtype, smean.device)
-    smean, sm2 = smean.to(fd), sm2.to(fd)
-    nrm, r, unclamped = _sample_norms(smean, sm2, s, l2_eps, rescale)
-    um = smean / r.unsqueeze(1)
+    smean, sm2 = _as(smean, fd), _as(sm2, fd)
+    nrm2 = torch.addcmul(sm2, smean, smean, value=s).sum(dim=1, keepdim=True)  # ||x_n||^2
+    nrm = nrm2.sqrt()
+    r = nrm.clamp_min(l2_eps)  # u = x / r
+    if rescale:
+        r = r / math.sqrt(c * s)
+    um = smean / r
     if mean is None:
-        mu, v, n = _channel_stats(um, sm2, r, s, sync)
+        mu, v, n, cen = _channel_stats(um, sm2, r, s, sync)
+        vf = v
     else:
-        mu, v = mean.to(fd), var.to(fd)
-    inv_s = (v + eps).rsqrt()
-    k = inv_s if weight is None else inv_s * weight.to(fd)
-    return dict(n=n, c=c, s=s, fd=fd, smean=smean, sm2=sm2, nrm=nrm, r=r,
-                unclamped=unclamped, um=um, mu=mu, var=v, inv_s=inv_s, k=k)
+        mu, v = mean, var
+        cen = um - mean
+        vf = _as(var, fd)
+    inv_s = (vf + eps).rsqrt()
+    k = inv_s if weight is None else inv_s * weight
+    return dict(n=n, c=c, s=s, fd=fd, smean=smean, sm2=sm2, nrm2=nrm2, nrm=nrm, r=r, l2_eps=l2_eps,
+                um=um, cen=cen, mu=mu, var=v, inv_s=inv_s, k=k)
 
 
-def _forward_coefs(f, bias):
-    """y = x_coef*(x - mean_nc) + offset  with  x_coef = k/r,  offset = k*(mean_nc/r - mu) + beta."""
-    x_coef = f["k"] / f["r"].unsqueeze(1)
-    offset = f["k"] * (f["um"] - f["mu"])
-    if bias is not None:
-        offset = offset + bias.to(f["fd"])
+def _nc_out(f, acc: torch.dtype) -> Tensor:
+    """Empty (N, C) buffer in the accumulation dtype for an out= coefficient."""
+    return torch.empty((f["smean"].shape[0], f["c"]), dtype=acc, device=f["smean"].device)
+
+
+def _forward_coefs(f, bias, acc: torch.dtype):
+    """y = x_coef*(x - mean_nc) + offset  with  x_coef = k/r,  offset = k*(mean_nc/r - mu) + beta.
+    Returned in the accumulation dtype ``acc``."""
+    x_coef = torch.div(f["k"], f["r"], out=_nc_out(f, acc))
+    if bias is None:
+        offset = torch.mul(f["k"], f["cen"], out=_nc_out(f, acc))
+    else:
+        offset = torch.addcmul(bias, f["k"], f["cen"], out=_nc_out(f, acc))
     return x_coef, offset
 
 
-def _backward_coefs(f, pc: Tensor, q: Tensor, training: bool, sync=None):
-    """dx = dy_coef*dy + x_coef*(x - mean_nc) + offset, plus dweight, dbias (per channel).
+def _backward_coefs(f, pc: Tensor, q: Tensor, training: bool, acc: torch.dtype, sync=None):
+    """dx = dy_coef*dy + x_coef*(x - mean_nc) + offset (coefficients in ``acc``), plus dweight,
+    dbias (per channel, finalize dtype).
 
     G[n,c] = sum_s dy*(u - mu) = pc/r + (mean_nc/r - mu)*q;  dgamma = sum_n G / s;  dbeta = sum_n q.
     du = k*dy + alpha*(x - mean_nc) + beta'   (training: alpha, beta' from BN's batch-stat terms)
@@ -215,35 +237,41 @@ def _backward_coefs(f, pc: Tensor, q: Tensor, training: bool, sync=None):
     all_reduce of [sum_n q, sum_n G]; f["n"] is then the global sample count) while the returned
     dweight, dbias stay this process's contribution.
     """
-    fd = f["fd"]
-    pc, q = pc.to(fd), q.to(fd)
-    r = f["r"].unsqueeze(1)
-    k, inv_s, um, mu, s = f["k"], f["inv_s"], f["um"], f["mu"], f["s"]
-    cen = um - mu
-    G = pc / r + cen * q
+    fd, r, k, inv_s, cen, s = f["fd"], f["r"], f["k"], f["inv_s"], f["cen"], f["s"]
+    smean, sm2 = f["smean"], f["sm2"]
+    pc, q = _as(pc, fd), _as(q, fd)
+    G = torch.addcmul(pc / r, cen, q)
     dbias = q.sum(dim=0)
-    dxhat = G.sum(dim=0) * inv_s  # sum dy * xhat = dgamma
+    sg = G.sum(dim=0)
+    dxhat = sg * inv_s  # sum dy * xhat = dgamma
+    kq = k * q
+    kpc = k * pc
     if training:
-        m = f["n"] * s
         if sync is None:
-            sq, sg = dbias, G.sum(dim=0)
+            sq, sgi = dbias, dxhat
         else:
-            sq, sg = sync.all_reduce(torch.stack([dbias, G.sum(dim=0)])).to(fd).unbind(0)
-        A = sq / m
-        B = sg * inv_s / m
-        alpha = (-k * B * inv_s) / r
-        beta = -k * A - k * B * inv_s * cen
+            sq, sg = sync.all_reduce(torch.stack([dbias, sg])).to(fd).unbind(0)
+            sgi = sg * inv_s
+        km = k * (-1.0 / (f["n"] * s))
+        a = km * inv_s * sgi  # -k*B*inv_s, B = sum G * inv_s / m
+        alpha = a / r  # (N, C)
+        beta = torch.addcmul(km * sq, a, cen)  # -k*A - k*B*inv_s*cen
+        sdu = torch.add(kq, beta, alpha=s)  # sum_s du
+        dot = torch.addcmul(torch.addcmul(kpc, alpha, sm2), smean, sdu)
+    else:  # alpha = beta' = 0
+        dot = torch.addcmul(kpc, smean, kq)
+    dot = dot.sum(dim=1, keepdim=True)  # sum x*du per sample
+    # t = dot/||x_n||^2 where the norm was not clamped (F.normalize's clamp_min passes the gradient
+    # where norm >= eps), 0 elsewhere (dot / inf).
+    t = dot / torch.where(f["nrm"] >= f["l2_eps"], f["nrm2"], math.inf)
+    dy_coef = torch.div(k, r, out=_nc_out(f, acc))
+    if training:
+        x_coef = torch.div(alpha - t, r, out=_nc_out(f, acc))
+        offset = torch.div(torch.addcmul(beta, t, smean, value=-1), r, out=_nc_out(f, acc))
     else:
-        alpha = torch.zeros_like(cen)
-        beta = torch.zeros_like(cen)
-    sdu = k * q + s * beta  # sum_s du
-    dot = (k * pc + alpha * f["sm2"] + f["smean"] * sdu).sum(dim=1)  # sum x*du per sample
-    nrm = f["nrm"]
-    t = torch.where(f["unclamped"], dot / torch.where(f["unclamped"], nrm, torch.ones_like(nrm)).square(),
-                    torch.zeros_like(dot)).unsqueeze(1)
-    dy_coef = (k / r).expand_as(cen)
-    x_coef = (alpha - t) / r
-    offset = (beta - t * f["smean"]) / r
+        tr = t.neg() / r  # (N, 1): x_coef = -t/r, offset = -t*mean_nc/r
+        x_coef = _nc_out(f, acc).copy_(tr)
+        offset = torch.mul(tr, smean, out=_nc_out(f, acc))
     return dy_coef, x_coef, offset, dxhat, dbias
 
 
@@ -255,9 +283,9 @@ def _forward_impl(x, weight, bias, mean, var, eps, l2_eps, rescale, backend, syn
     stats, _, apply = _passes(backend)
     smean, sm2 = stats(x)
     f = _finalize(x, smean, sm2, weight, mean, var, eps, l2_eps, rescale, sync)
-    x_coef, offset = _forward_coefs(f, bias)
     acc = smean.dtype
-    y = apply(x, smean, x_coef.to(acc), offset.to(acc))
+    x_coef, offset = _forward_coefs(f, bias, acc)
+    y = apply(x, smean, x_coef, offset)
     f.update(acc=acc, smean_acc=smean, sm2_acc=sm2)
     return y, f
 
@@ -273,10 +301,10 @@ def _backward_impl(dy, x, weight, mean, var, sample_mean, sample_m2, eps, l2_eps
     if count is not None:
         f["n"] = count
     pc, q = sums(dy, x, sample_mean)
-    dy_coef, x_coef, offset, dweight, dbias = _backward_coefs(f, pc, q, training, sync)
-    dx = apply(x, sample_mean, x_coef.to(acc), offset.to(acc), dy, dy_coef.to(acc))
+    dy_coef, x_coef, offset, dweight, dbias = _backward_coefs(f, pc, q, training, acc, sync)
+    dx = apply(x, sample_mean, x_coef, offset, dy, dy_coef)
     wdt = weight.dtype if weight is not None else torch.float32
-    return dx, dweight.to(wdt), dbias.to(wdt)
+    return dx, _as(dweight, wdt), _as(dbias, wdt)
 
 
 # --------------------------------------------------------------------------- top-level custom ops
