@@ -100,19 +100,43 @@ def _row_consts(W: int, device: torch.device, dtype: torch.dtype) -> tuple[Tenso
     return hit
 
 
-def _shift(x: Tensor) -> Tensor:
-    """Per-channel shift K_c = x[0, c, 0, 0] in float64 (any value works; one sample of the
-    channel keeps t = x - K small for data with a large mean). An empty batch (a process of a
-    synchronized group with no samples) gets K = 0; it contributes nothing."""
-    if x.shape[0] == 0:
-        return torch.zeros(x.shape[1], dtype=_F64, device=x.device)
-    return x[0, :, 0, 0].to(_F64)
+def _shift(x: Tensor, dtype: torch.dtype = _F64) -> Tensor:
+    """Per-channel shift K_c = x[0, c, 0, 0] as a (C,) tensor in ``dtype`` (any value works; one
+    sample of the channel keeps t = x - K small for data with a large mean). An empty batch (a
+    process of a synchronized group with no samples) gets K = 0; it contributes nothing."""
+    if x.numel() == 0:
+        return torch.zeros(x.shape[1], dtype=dtype, device=x.device)
+    # x[0, :, 0, 0] as one strided view (one op instead of three selects)
+    # (a contiguous copy: the passes and the finalize's cat want contiguous operands)
+    return x.as_strided((x.shape[1],), (x.stride(1),), x.storage_offset()).to(dtype, copy=True)
 
 
-def _vec(t: Optional[Tensor], C: int, fill: float, device) -> Tensor:
-    if t is None:
-        return torch.full((C,), fill, dtype=_F64, device=device)
-    return t.to(_F64)
+def _cols(t: Tensor) -> tuple[Tensor, ...]:
+    """(C, k) -> k (C, 1) column views (one split: the finalize works on (C, 1) columns so that
+    (C,) parameters broadcast after one .view(-1, 1) and results concatenate with one cat)."""
+    return t.split([1] * t.shape[1], 1)    # split_with_sizes: one view op per column
+
+
+def _col(t: Optional[Tensor]):
+    """A (C,) parameter as a (C, 1) column, used as is in float64 arithmetic (type promotion
+    computes in float64 exactly); None stays None (the caller uses a python scalar)."""
+    return None if t is None else t.view(-1, 1)
+
+
+def _index_cols(t: Tensor, *cols: int) -> Tensor:
+    """Columns of a (C, k) tensor as a contiguous (C, len(cols)) copy: one index_select with a
+    cached index (a cat of column views would take the per-input slow path)."""
+    key = ("index", cols, str(t.device))
+    idx = _CONST_CACHE.get(key)
+    if idx is None:
+        idx = _CONST_CACHE[key] = torch.tensor(cols, dtype=torch.long, device=t.device)
+    return t.index_select(1, idx)
+
+
+def _out(col: Tensor, dtype: torch.dtype) -> Tensor:
+    """A (C, 1) float64 column -> a fresh contiguous (C,) output in ``dtype``."""
+    return col.view(-1).to(dtype, copy=True)
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,23 +246,31 @@ class _Passes:
 # ----------------------------------------------------------------------------------------------
 
 
+def _spectral_stats(S1, S2, SR, SA, SDr, SDi, K, N: int, H: int, W: int):
+    """The shifted-sums -> (Re mu, Im mu, var) formula of the module docstring, elementwise on
+    columns of any (matching) shape, float64."""
+    Wr = W // 2 + 1
+    M = N * H * Wr
+    mr_t = SDr * (H / M)
+    mi_t = SDi * (H / M)
+    E = torch.add(S2 * (H * W / (2 * M)), SR, alpha=H / (2 * M))
+    if W % 2 == 0:
+        E = torch.add(E, SA, alpha=H / (2 * M))
+    var_t = E - torch.addcmul(mr_t * mr_t, mi_t, mi_t)
+    d = K * float(H * W)                                 # DC coefficient of the constant K
+    mr = torch.add(mr_t, K, alpha=W / Wr)             # mu = mu_t + cK, cK = K*W/Wr
+    # var = var_t + (N d (d - cK) + 2 d (S1 - N Re mu_t)) / M
+    inner = torch.add(torch.add(d, K, alpha=-W / Wr) * float(N), torch.add(S1, mr_t, alpha=-N),
+                      alpha=2.0)
+    var = torch.addcmul(var_t, d, inner, value=1.0 / M)
+    return mr, mi_t, var.clamp_min(0.0)
+
+
 def spectral_stats_from_sums(sums: Tensor, K: Tensor, N: int, H: int, W: int
                              ) -> tuple[Tensor, Tensor, Tensor]:
     """Shifted sums of t = z - K (columns S1, S2, SR, SA, SD_re, SD_im) -> (Re mu, Im mu, var)
-    of SBN on z, exactly (see module docstring)."""
-    sums = sums.to(_F64)
-    Wr = W // 2 + 1
-    M = N * H * Wr
-    even = 1.0 if W % 2 == 0 else 0.0
-    S1, S2, SR, SA, SDr, SDi = sums.unbind(1)
-    mr_t = (H / M) * SDr
-    mi_t = (H / M) * SDi
-    var_t = (H * W * S2 + H * SR + even * H * SA) / (2 * M) - (mr_t * mr_t + mi_t * mi_t)
-    d = K * (H * W)
-    cK = K * (W / Wr)
-    mr = mr_t + cK
-    var = var_t + (N * d * (d - cK) + 2.0 * d * (S1 - N * mr_t)) / M
-    return mr, mi_t, var.clamp_min(0.0)
+    of SBN on z, exactly (see module docstring); (C,) outputs for a (C,) K."""
+    return _spectral_stats(*sums.to(_F64).unbind(1), K.to(_F64), N, H, W)
 
 
 def combine_shifted_sums(sums: Tensor, K: Tensor, N: int, H: int, W: int, sync=None
@@ -275,28 +307,24 @@ def combine_shifted_sums(sums: Tensor, K: Tensor, N: int, H: int, W: int, sync=N
     return moved.sum(0), Ks, int(round(Nr[:, 0].sum().item())), local
 
 
-def _sbn_grad_core(gs: Tensor, Kz: Tensor, mr: Tensor, mi: Tensor, s: Tensor, a: Tensor,
-                   N: int, H: int, W: int, training: bool, gz: Tensor):
-    """SBN backward on z given gradient sums gs = [Sdy, *, G0, G1] and gz = sum dy*(z - Kz).
-    Returns dgamma, dbeta, kE, u, v, cst with
+def _sbn_grad_core(Sdy, G0, G1, gz, Kz, mr, mi, s, a, N: int, H: int, W: int, training: bool):
+    """SBN backward on z given the gradient sums Sdy = sum dy, G0, G1 (row-0 sums against Pr,
+    Pi) and gz = sum dy*(z - Kz) (float64 columns). Returns dgamma, dbeta and, when training,
+    kE, u, v, cst (else None) with
     dz = a*dy + kE*(HW*(z-Kz) + H*R + [even] H*A*(-1)^w) + cst + [h==0]*(u ReD + v ImD)."""
-    Wr = W // 2 + 1
-    M = N * H * Wr
-    Sdy, _, G0, G1 = gs.to(_F64).unbind(1)
-    Ga = gz + Kz * Sdy - mr * G0 - mi * G1
+    Ga = torch.addcmul(torch.addcmul(torch.addcmul(gz, Kz, Sdy), mr, G0, value=-1.0),
+                       mi, G1, value=-1.0)
     dgamma = Ga / s
-    dbeta = G0
     if not training:
-        zero = torch.zeros_like(a)
-        return dgamma, dbeta, zero, zero, zero, zero
-    dvar = -Ga * a / (2.0 * s * s)
-    kE = dvar / M
-    kr = -a * G0 - 2.0 * mr * dvar
-    ki = -a * G1 - 2.0 * mi * dvar
-    u = (H / M) * kr
-    v = (H / M) * ki
-    cst = 2.0 * Kz * (H * W) * kE
-    return dgamma, dbeta, kE, u, v, cst
+        return dgamma, G0, None, None, None, None
+    M = N * H * (W // 2 + 1)
+    # dvar = -Ga*a/(2 s^2) = -dgamma*(a/s)/2,  kE = dvar/M
+    kE = torch.mul(dgamma, a / s) * (-0.5 / M)
+    # u = (H/M) kr = (H/M)(-a G0 - 2 Re mu dvar) = -(H/M) a G0 - 2 H Re mu kE;  v likewise
+    u = torch.addcmul(mr * kE * (-2.0 * H), a, G0, value=-H / M)
+    v = torch.addcmul(mi * kE * (-2.0 * H), a, G1, value=-H / M)
+    cst = Kz * kE * (2.0 * H * W)
+    return dgamma, G0, kE, u, v, cst
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,26 +339,27 @@ def _sbn_forward_impl(x, weight, bias, mean, var, eps, backend, sync=None):
     acc = _acc(x.dtype)
     passes = _Passes(x, backend)
     PD, PP = _row_consts(W, x.device, acc)
-    K = _shift(x)
+    K = _shift(x, acc)
     N_all = N
     if mean is None:
-        sums = passes.stats(x, K.to(acc), PD)
+        sums = passes.stats(x, K, PD)
         if sync is not None:
             sums, K, N_all, _ = combine_shifted_sums(sums, K, N, H, W, sync)
-        mr, mi, bvar = spectral_stats_from_sums(sums, K, N_all, H, W)
+        K = K.view(-1, 1).to(_F64)          # a contiguous column (fast cat below)
+        mr, mi, bvar = _spectral_stats(*_cols(sums.to(_F64)), K, N_all, H, W)
     else:
-        m = mean.to(_F64)
-        mr, mi, bvar = m[:, 0], m[:, 1], var.to(_F64)
+        mr, mi, bvar, K = _cols(torch.cat([mean, var.view(-1, 1),
+                                           K.view(-1, 1)], 1).to(_F64))
     s = torch.sqrt(bvar + eps)
-    a = _vec(weight, C, 1.0, x.device) / s
-    beta = _vec(bias, C, 0.0, x.device)
+    a = s.reciprocal() if weight is None else _col(weight) / s
     # y = a*(x-K) + a*K + [h==0]*((beta - a Re mu) Pr + (-a Im mu) Pi); the pass takes
     # u = b + (beta - a Re mu) for the Pr = 1 position (cancellation done here in float64)
-    coef = torch.stack([K, a, a * K, a * (K - mr) + beta, -a * mi], dim=1)
-    y = passes.forward_apply(x, coef.to(acc), PP)
+    u = a * (K - mr) if bias is None else torch.addcmul(_col(bias), a, K - mr)
+    coef = torch.cat([K, a, a * K, u, torch.mul(a, mi).neg_()], 1)
+    y = passes.forward_apply(x, coef, PP)
     cols = [K, mr, mi, s, a] + ([] if sync is None else [torch.full_like(K, float(N_all))])
-    saved = torch.stack(cols, dim=1)
-    return y, torch.stack([mr, mi], 1).to(acc), bvar.to(acc).clone(), saved
+    saved = torch.cat(cols, 1)
+    return y, torch.cat([mr, mi], 1).to(acc), _out(bvar, acc), saved
 
 
 def _sbn_backward_impl(dy, x, weight, saved, training, backend, sync=None):
@@ -340,20 +369,26 @@ def _sbn_backward_impl(dy, x, weight, saved, training, backend, sync=None):
     acc = _acc(x.dtype)
     passes = _Passes(x, backend)
     PD, PP = _row_consts(W, x.device, acc)
-    K, mr, mi, s, a = saved.to(_F64).unbind(1)[:5]
-    gs = passes.grad_stats(dy, x, K.to(acc), PP).to(_F64)
+    K, mr, mi, s, a = _cols(saved.to(_F64))[:5]
+    gs = passes.grad_stats(dy, x, K.view(-1).to(acc), PP).to(_F64)
     gs_all, N_all = gs, N
     if sync is not None:
         gs_all, N_all = sync.all_reduce(gs).to(_F64), int(round(saved[0, 5].item()))
-    dgamma, dbeta, kE, u, v, cst = _sbn_grad_core(gs_all, K, mr, mi, s, a, N_all, H, W,
-                                                  training, gs_all[:, 1])
+    Sdy, Gt, G0, G1 = _cols(gs_all)
+    dgamma, dbeta, kE, u, v, cst = _sbn_grad_core(Sdy, G0, G1, Gt, K, mr, mi, s, a,
+                                                  N_all, H, W, training)
     if sync is not None:
-        dgamma, dbeta = _sbn_grad_core(gs, K, mr, mi, s, a, N, H, W, False, gs[:, 1])[:2]
-    even = 1.0 if W % 2 == 0 else 0.0
-    coef = torch.stack([K, a, kE * (H * W), kE * H, kE * (H * even), cst, u, v], dim=1)
-    dx = passes.backward_apply(dy, x, coef.to(acc), PD, training)
+        Sdy, Gt, G0, G1 = _cols(gs)
+        dgamma, dbeta = _sbn_grad_core(Sdy, G0, G1, Gt, K, mr, mi, s, a, N, H, W, False)[:2]
+    if training:
+        kEH = kE * float(H)
+        coef = torch.cat([_index_cols(saved, 0, 4), kEH * float(W), kEH, kEH if W % 2 == 0 else kEH * 0.0, cst, u, v], 1)
+    else:
+        coef = torch.cat([_index_cols(saved, 0, 4), a.new_zeros((C, 6))], 1)
+    dx = passes.backward_apply(dy, x, coef, PD, training)
     pdt = weight.dtype if weight is not None else acc
-    return dx, dgamma.to(pdt).clone(), dbeta.to(pdt).clone()
+    return dx, _out(dgamma, pdt), _out(dbeta, pdt)
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,52 +488,62 @@ def _bnsbn_forward_impl(x, bn_w, bn_b, bn_mean, bn_var, sbn_w, sbn_b, sbn_mean, 
     dev = x.device
     passes = _Passes(x, backend)
     PD, PP = _row_consts(W, dev, acc)
-    K = _shift(x)
-    gb, bb = _vec(bn_w, C, 1.0, dev), _vec(bn_b, C, 0.0, dev)
-    gs_, bs_ = _vec(sbn_w, C, 1.0, dev), _vec(sbn_b, C, 0.0, dev)
+    K = _shift(x, acc)
     N_all = N
     local = None
     if bn_mean is None:
-        sums = passes.stats(x, K.to(acc), PD).to(_F64)
+        sums = passes.stats(x, K, PD)
         if sync is not None:
             sums, K, N_all, local = combine_shifted_sums(sums, K, N, H, W, sync)
-        nb = N_all * H * W
-        m_t = sums[:, 0] / nb
-        vbn = (sums[:, 1] / nb - m_t * m_t).clamp_min(0.0)
+        K = K.view(-1, 1).to(_F64)          # a contiguous column (fast cat below)
+        sums = sums.to(_F64)
+        S1, S2, SR, SA, SD0, SD1 = _cols(sums)
+        nb = float(N_all * H * W)
+        m_t = S1 / nb
+        vbn = torch.addcmul(S2 / nb, m_t, m_t, value=-1.0).clamp_min(0.0)
         mbn = K + m_t
         sd = torch.sqrt(vbn + bn_eps)
-        p = gb / sd
-        Kz = bb - p * m_t                       # z = p*t + Kz, t = x - K
-        scale = torch.stack([p, p * p, p * p, p * p, p, p], dim=1)
-        mr, mi, svar = spectral_stats_from_sums(sums * scale, Kz, N_all, H, W)
+        p = sd.reciprocal() if bn_w is None else _col(bn_w) / sd
+        # z = p*t + Kz, t = x - K
+        Kz = (p * m_t).neg_() if bn_b is None else torch.addcmul(_col(bn_b), p, m_t, value=-1.0)
+        p2 = p * p
+        mr, mi, svar = _spectral_stats(p * S1, p2 * S2, p2 * SR, p2 * SA, p * SD0, p * SD1, Kz,
+                                       N_all, H, W)
     else:
-        sums = torch.zeros((C, 6), dtype=_F64, device=dev)
-        mbn, vbn = bn_mean.to(_F64), bn_var.to(_F64)
+        mbn, vbn, mr, mi, svar, K = _cols(torch.cat(
+            [bn_mean.view(-1, 1), bn_var.view(-1, 1), sbn_mean, sbn_var.view(-1, 1),
+             K.view(-1, 1)], 1).to(_F64))
+        sums = x.new_zeros((C, 6), dtype=_F64)
         sd = torch.sqrt(vbn + bn_eps)
-        p = gb / sd
-        Kz = p * (K - mbn) + bb
-        m = sbn_mean.to(_F64)
-        mr, mi, svar = m[:, 0], m[:, 1], sbn_var.to(_F64)
+        p = sd.reciprocal() if bn_w is None else _col(bn_w) / sd
+        Kz = p * (K - mbn) if bn_b is None else torch.addcmul(_col(bn_b), p, K - mbn)
     s = torch.sqrt(svar + sbn_eps)
-    a = gs_ / s
-    coef = torch.stack([K, a * p, a * Kz, a * (Kz - mr) + bs_, -a * mi], dim=1)
-    y = passes.forward_apply(x, coef.to(acc), PP)
-    saved = torch.cat([torch.stack([K, p, sd, Kz, mr, mi, s, a], 1), sums, mbn[:, None]], 1)
+    a = s.reciprocal() if sbn_w is None else _col(sbn_w) / s
+    u = a * (Kz - mr) if sbn_b is None else torch.addcmul(_col(sbn_b), a, Kz - mr)
+    coef = torch.cat([K, a * p, a * Kz, u, torch.mul(a, mi).neg_()], 1)
+    y = passes.forward_apply(x, coef, PP)
+    cols = [K, p, sd, Kz, mr, mi, s, a, sums, mbn]
     if local is not None:
-        saved = torch.cat([saved, local, torch.full_like(K, float(N_all))[:, None]], 1)
-    return (y, mbn.to(acc).clone(), vbn.to(acc).clone(), torch.stack([mr, mi], 1).to(acc),
-            svar.to(acc).clone(), saved)
+        cols += [local, torch.full_like(K, float(N_all))]
+    saved = torch.cat(cols, 1)
+    return (y, _out(mbn, acc), _out(vbn, acc), torch.cat([mr, mi], 1).to(acc), _out(svar, acc),
+            saved)
 
 
-def _bn_grad_sums(S, Sdy, Gt, a, p, kE, cst_z, u_z, v_z, PDs, N, H, W):
-    """Sums of dz and of dz*t over a batch of N samples with statistics-pass sums S (6 columns)
-    and gradient sums Sdy, Gt, where
-    dz = a dy + kE p (HW t + H R_t + [even] H A_t (-1)^w) + cst_z + [h==0] (u_z Re D + v_z Im D)."""
-    S1, S2, SR, SA, SD0, SD1 = S.unbind(1)
-    even = 1.0 if W % 2 == 0 else 0.0
-    sdz = a * Sdy + kE * p * (2 * H * W) * S1 + cst_z * (N * H * W) + N * (u_z * PDs[0] + v_z * PDs[1])
-    sdzt = (a * Gt + kE * p * (H * W * S2 + H * SR + even * H * SA) + cst_z * S1
-            + u_z * SD0 + v_z * SD1)
+def _bn_grad_sums(S1, S2, SR, SA, SD0, SD1, Sdy, Gt, a, p, kE, cst_z, u_z, v_z, N, H, W):
+    """Sums of dz and of dz*t over a batch of N samples with statistics-pass sums S1..SD1 and
+    gradient sums Sdy, Gt, where
+    dz = a dy + kE p (HW t + H R_t + [even] H A_t (-1)^w) + cst_z + [h==0] (u_z Re D + v_z Im D)
+    (sum_w D(w) = W: the row-0 term sums to N*W*u_z)."""
+    kEp = kE * p
+    sdz = torch.add(torch.addcmul(a * Sdy, kEp, S1, value=2.0 * H * W), cst_z,
+                    alpha=float(N * H * W))
+    sdz = torch.add(sdz, u_z, alpha=float(N * W))
+    E = torch.add(S2 * float(H * W), SR, alpha=float(H))
+    if W % 2 == 0:
+        E = torch.add(E, SA, alpha=float(H))
+    sdzt = torch.addcmul(torch.addcmul(torch.addcmul(torch.addcmul(
+        a * Gt, kEp, E), cst_z, S1), u_z, SD0), v_z, SD1)
     return sdz, sdzt
 
 
@@ -509,47 +554,44 @@ def _bnsbn_backward_impl(dy, x, bn_w, sbn_w, saved, training, backend, sync=None
     acc = _acc(x.dtype)
     passes = _Passes(x, backend)
     PD, PP = _row_consts(W, x.device, acc)
-    sv = saved.to(_F64)
-    col = {k: sv[:, i] for k, i in _BS.items()}
-    K, p, sd, Kz, mr, mi, s, a = (col[k] for k in ("K", "p", "sd", "Kz", "mr", "mi", "s", "a"))
-    gs = passes.grad_stats(dy, x, K.to(acc), PP).to(_F64)
+    sv = _cols(saved.to(_F64))
+    K, p, sd, Kz, mr, mi, s, a = sv[:8]
+    S = sv[_BS["S1"]:_BS["SD1"] + 1]
+    gs = passes.grad_stats(dy, x, K.view(-1).to(acc), PP).to(_F64)
     gs_all, N_all = gs, N
     if sync is not None:
-        gs_all, N_all = sync.all_reduce(gs).to(_F64), int(round(sv[0, _BS_SYNC["Nall"]].item()))
-    Sdy, Gt = gs_all[:, 0], gs_all[:, 1]
-    dgs, dbs, kE, u_z, v_z, cst_z = _sbn_grad_core(gs_all, Kz, mr, mi, s, a, N_all, H, W,
-                                                   training, p * Gt)
+        gs_all, N_all = sync.all_reduce(gs).to(_F64), int(round(saved[0, _BS_SYNC["Nall"]].item()))
+    Sdy, Gt, G0, G1 = _cols(gs_all)
+    dgs, dbs, kE, u_z, v_z, cst_z = _sbn_grad_core(Sdy, G0, G1, p * Gt, Kz, mr, mi, s, a,
+                                                   N_all, H, W, training)
     if sync is not None:
-        dgs, dbs = _sbn_grad_core(gs, Kz, mr, mi, s, a, N, H, W, False, p * gs[:, 1])[:2]
-    nb = N_all * H * W
-    even = 1.0 if W % 2 == 0 else 0.0
-    zero = torch.zeros_like(p)
+        lSdy, lGt, lG0, lG1 = _cols(gs)
+        dgs, dbs = _sbn_grad_core(lSdy, lG0, lG1, p * lGt, Kz, mr, mi, s, a, N, H, W, False)[:2]
+    nb = float(N_all * H * W)
     if training:
-        PDs = PD.to(_F64).sum(1)                       # [sum_w Re D, sum_w Im D] = [W, 0]
-        S = sv[:, _BS["S1"]:_BS["SD1"] + 1]
-        sdz, sdzt = _bn_grad_sums(S, Sdy, Gt, a, p, kE, cst_z, u_z, v_z, PDs, N_all, H, W)
-        m_t = S[:, 0] / nb
+        sdz, sdzt = _bn_grad_sums(*S, Sdy, Gt, a, p, kE, cst_z, u_z, v_z, N_all, H, W)
+        m_t = S[0] / nb
         dbb = sdz
-        dgb = (sdzt - m_t * sdz) / sd
+        dgb = torch.addcmul(sdzt, m_t, sdz, value=-1.0) / sd
         kb = p * dgb / (sd * nb)
-        coef = torch.stack([K, p * a, p * p * kE * (H * W) - kb, p * p * kE * H,
-                            p * p * kE * (H * even), p * cst_z - p * sdz / nb + kb * m_t,
-                            p * u_z, p * v_z], dim=1)
+        pkEH = p * p * kE * float(H)
+        c_cst = torch.addcmul(torch.add(p * cst_z, p * sdz, alpha=-1.0 / nb), kb, m_t)
+        coef = torch.cat([_index_cols(saved, 0), p * a, pkEH * float(W) - kb, pkEH,
+                          pkEH if W % 2 == 0 else pkEH * 0.0, c_cst, p * u_z, p * v_z], 1)
         if sync is not None:  # this process's share of the BN parameter gradients
-            L = sv[:, _BS_SYNC["L1"]:_BS_SYNC["LD1"] + 1]
-            sdz, sdzt = _bn_grad_sums(L, gs[:, 0], gs[:, 1], a, p, kE, cst_z, u_z, v_z, PDs,
-                                      N, H, W)
+            L = sv[_BS_SYNC["L1"]:_BS_SYNC["LD1"] + 1]
+            sdz, sdzt = _bn_grad_sums(*L, lSdy, lGt, a, p, kE, cst_z, u_z, v_z, N, H, W)
             dbb = sdz
-            dgb = (sdzt - m_t * sdz) / sd
+            dgb = torch.addcmul(sdzt, m_t, sdz, value=-1.0) / sd
     else:
         dbb = a * Sdy
-        dgb = a * (Gt + (K - col["mbn"]) * Sdy) / sd
-        coef = torch.stack([K, p * a, zero, zero, zero, zero, zero, zero], dim=1)
-    dx = passes.backward_apply(dy, x, coef.to(acc), PD, training)
+        dgb = a * torch.addcmul(Gt, K - sv[_BS["mbn"]], Sdy) / sd
+        coef = torch.cat([_index_cols(saved, 0), p * a, a.new_zeros((C, 6))], 1)
+    dx = passes.backward_apply(dy, x, coef, PD, training)
     bdt = bn_w.dtype if bn_w is not None else acc
     sdt = sbn_w.dtype if sbn_w is not None else acc
-    return (dx, dgb.to(bdt).clone(), dbb.to(bdt).clone(), dgs.to(sdt).clone(),
-            dbs.to(sdt).clone())
+    return dx, _out(dgb, bdt), _out(dbb, bdt), _out(dgs, sdt), _out(dbs, sdt)
+
 
 
 # ----------------------------------------------------------------------------------------------
