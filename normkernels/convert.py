@@ -13,10 +13,13 @@ __all__ = ["convert_bn_to_l2bn", "insert_sbn", "fuse_bn_sbn", "unfuse_bn_sbn"]
 
 
 def _replace(module: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
-    """Depth-first: every child for which swap() returns a module is replaced by it."""
+    """Depth-first: every module for which swap() returns a module is replaced by it. Fused
+    BatchNormSBN2d layers are replaced whole or not at all, never entered."""
     new = swap(module)
     if new is not None:
         return new
+    if isinstance(module, BatchNormSBN2d):  # a fused unit: its inner BN is not a separate layer
+        return module
     for name, child in module.named_children():
         replaced = _replace(child, swap)
         if replaced is not child:

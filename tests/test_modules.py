@@ -270,6 +270,15 @@ def test_insert_sbn_stages_and_fuse_round_trip():
         nk.insert_sbn(TinyResNet(), stages=(9,))
 
 
+def test_surgery_leaves_fused_layers_whole():
+    model = nk.insert_sbn(TinyResNet(), stages=(4,))
+    nk.convert_bn_to_l2bn(model)
+    nk.insert_sbn(model, stages=(4,))
+    fused = model.layer4[1]
+    assert isinstance(fused, nk.BatchNormSBN2d) and type(fused.bn) is nn.BatchNorm2d
+    assert isinstance(model.layer3[1], nk.L2BatchNorm2d)
+
+
 def test_compiled_model_matches_eager():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nk.L2BatchNorm2d(4, backend="torch"), nn.ReLU(),
                           nk.BatchNormSBN2d(4, backend="torch"), nk.SpectralBatchNorm2d(4, backend="torch"))
