@@ -112,38 +112,127 @@ at::Tensor combine(const std::vector<double>& part, int64_t N, int64_t C, int64_
   return out;
 }
 
-// R = sum buf, A = sum (-1)^w buf, Q = sum buf^2 over Wp values (Wp a multiple of the vector
-// size, zero tail).
-template <typename acc_t>
-inline void row_sums(const acc_t* buf, int64_t Wp, acc_t& R, acc_t& A, acc_t& Q) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t VS = Vec::size();
-  acc_t sg[VS];
-  for (int64_t l = 0; l < VS; ++l) sg[l] = (l & 1) ? acc_t(-1) : acc_t(1);
-  const Vec sgv = Vec::loadu(sg);
-  Vec vr(acc_t(0)), va(acc_t(0)), vq(acc_t(0));
-  for (int64_t i = 0; i < Wp; i += VS) {
-    const Vec v = Vec::loadu(buf + i);
-    vr = vr + v;
-    va = va + v * sgv;
-    vq = vq + v * v;
+// Lane-accumulated reductions: kL independent accumulators (lane j takes the elements with
+// index = j mod kL) that the compiler keeps in vector registers (float reductions are not
+// reassociated by the compiler itself); lanes are combined in a fixed tree.  kL is even, so a
+// lane's parity is the parity of w for a row starting at w = 0.
+constexpr int kL = 8;
+
+// Row of W values t = p[w] - k:  R = sum t, A = sum (-1)^w t, Q = sum t^2 (float for float).
+template <bool kQ, typename scalar_t, typename acc_t>
+inline void row_raq(const scalar_t* p, int64_t W, acc_t k, acc_t& R, acc_t& A, acc_t& Q) {
+  acc_t e = 0, o = 0, q = 0;
+  int64_t w = 0;
+  if (W >= kL) {
+    acc_t r[kL], s[kL];
+    for (int j = 0; j < kL; ++j) r[j] = s[j] = acc_t(0);
+    for (; w + kL <= W; w += kL) {
+      for (int j = 0; j < kL; ++j) {
+        const acc_t t = static_cast<acc_t>(p[w + j]) - k;
+        r[j] += t;
+        if (kQ) s[j] += t * t;
+      }
+    }
+    acc_t r4[4], s4[4];
+    for (int j = 0; j < 4; ++j) {
+      r4[j] = r[j] + r[j + 4];
+      s4[j] = s[j] + s[j + 4];
+    }
+    e = r4[0] + r4[2];
+    o = r4[1] + r4[3];
+    if (kQ) q = (s4[0] + s4[2]) + (s4[1] + s4[3]);
   }
-  acc_t tr[VS], ta[VS], tq[VS];
-  vr.store(tr);
-  va.store(ta);
-  vq.store(tq);
-  R = A = Q = acc_t(0);
-  for (int64_t l = 0; l < VS; ++l) {
-    R += tr[l];
-    A += ta[l];
-    Q += tq[l];
+  for (; w + 1 < W; w += 2) {  // w is even here
+    const acc_t t0 = static_cast<acc_t>(p[w]) - k, t1 = static_cast<acc_t>(p[w + 1]) - k;
+    e += t0;
+    o += t1;
+    if (kQ) q += t0 * t0 + t1 * t1;
   }
+  if (w < W) {
+    const acc_t t = static_cast<acc_t>(p[w]) - k;
+    e += t;
+    if (kQ) q += t * t;
+  }
+  R = e + o;
+  A = e - o;
+  Q = q;
 }
 
-template <typename acc_t>
-inline int64_t padded(int64_t n) {
-  constexpr int64_t VS = at::vec::Vectorized<acc_t>::size();
-  return (n + VS - 1) / VS * VS;
+// Row 0 projections: d0 = sum (p[w] - k) P0[w], d1 = sum (p[w] - k) P1[w] (k = 0 for dy).
+template <typename scalar_t, typename acc_t>
+inline void row_dots(const scalar_t* p, int64_t W, acc_t k, const acc_t* P0, const acc_t* P1,
+                     acc_t& d0, acc_t& d1) {
+  acc_t a[kL], b[kL];
+  for (int j = 0; j < kL; ++j) a[j] = b[j] = acc_t(0);
+  int64_t w = 0;
+  for (; w + kL <= W; w += kL) {
+    for (int j = 0; j < kL; ++j) {
+      const acc_t t = static_cast<acc_t>(p[w + j]) - k;
+      a[j] += t * P0[w + j];
+      b[j] += t * P1[w + j];
+    }
+  }
+  acc_t ta = 0, tb = 0;
+  for (; w < W; ++w) {
+    const acc_t t = static_cast<acc_t>(p[w]) - k;
+    ta += t * P0[w];
+    tb += t * P1[w];
+  }
+  d0 = (((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))) + ta;
+  d1 = (((b[0] + b[4]) + (b[2] + b[6])) + ((b[1] + b[5]) + (b[3] + b[7]))) + tb;
+}
+
+// Gradient sums on small maps (NCHW): groups of kL consecutive planes, one plane per lane; the
+// planes are transposed into an L1 buffer [i][lane] so every reduction runs across lanes with no
+// per-plane horizontal sums (float over the whole plane: HW < kSmallHW <= kChunk).
+constexpr int64_t kSmallHW = 256;
+
+template <typename scalar_t>
+void grad_nchw_grp(const scalar_t* dy, const scalar_t* x, const at::opmath_type<scalar_t>* K,
+                   const at::opmath_type<scalar_t>* P, double* part, int64_t N, int64_t C,
+                   int64_t H, int64_t W) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t HW = H * W, NR = N * C, ng = (NR + kL - 1) / kL;
+  at::parallel_for(0, ng, grain_for(2 * HW * kL), [&](int64_t b, int64_t e) {
+    std::vector<acc_t> bd(HW * kL), bt(HW * kL);
+    for (int64_t g = b; g < e; ++g) {
+      const int64_t r0 = g * kL, nl = std::min<int64_t>(kL, NR - r0);
+      if (nl < kL) {
+        std::fill(bd.begin(), bd.end(), acc_t(0));
+        std::fill(bt.begin(), bt.end(), acc_t(0));
+      }
+      for (int64_t j = 0; j < nl; ++j) {
+        const scalar_t* px = x + (r0 + j) * HW;
+        const scalar_t* pd = dy + (r0 + j) * HW;
+        const acc_t k = K[(r0 + j) % C];
+        for (int64_t i = 0; i < HW; ++i) {
+          bd[i * kL + j] = static_cast<acc_t>(pd[i]);
+          bt[i * kL + j] = static_cast<acc_t>(px[i]) - k;
+        }
+      }
+      const acc_t* dp = bd.data();
+      const acc_t* tp = bt.data();
+      acc_t u[kL], v[kL], g0[kL], g1[kL];
+      for (int j = 0; j < kL; ++j) u[j] = v[j] = g0[j] = g1[j] = acc_t(0);
+      for (int64_t w = 0; w < W; ++w) {
+        const acc_t p0 = P[w], p1 = P[W + w];
+        for (int j = 0; j < kL; ++j) {
+          g0[j] += dp[w * kL + j] * p0;
+          g1[j] += dp[w * kL + j] * p1;
+        }
+      }
+      for (int64_t i = 0; i < HW; ++i) {
+        for (int j = 0; j < kL; ++j) {
+          u[j] += dp[i * kL + j];
+          v[j] += dp[i * kL + j] * tp[i * kL + j];
+        }
+      }
+      for (int64_t j = 0; j < nl; ++j) {
+        double* o = part + (r0 + j) * 4;
+        o[0] = u[j]; o[1] = v[j]; o[2] = g0[j]; o[3] = g1[j];
+      }
+    }
+  });
 }
 
 // ------------------------------------------------------------------------------ statistics
@@ -152,35 +241,24 @@ void stats_nchw(const scalar_t* x, const at::opmath_type<scalar_t>* K,
                 const at::opmath_type<scalar_t>* P, double* part, int64_t N, int64_t C,
                 int64_t H, int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t HW = H * W, Wp = padded<acc_t>(W);
+  const int64_t HW = H * W;
   at::parallel_for(0, N * C, grain_for(HW), [&](int64_t b, int64_t e) {
-    std::vector<acc_t> buf(Wp, acc_t(0));
     for (int64_t r = b; r < e; ++r) {
-      const int64_t c = r % C;
-      const acc_t k = K[c];
+      const acc_t k = K[r % C];
       const scalar_t* base = x + r * HW;
-      double s1 = 0, s2 = 0, sr = 0, sa = 0, sd0 = 0, sd1 = 0;
+      double s1 = 0, s2 = 0, sr = 0, sa = 0;
       for (int64_t h = 0; h < H; ++h) {
-        const scalar_t* row = base + h * W;
-        for (int64_t w = 0; w < W; ++w) buf[w] = static_cast<acc_t>(row[w]) - k;
         acc_t R, A, Q;
-        row_sums<acc_t>(buf.data(), Wp, R, A, Q);
+        row_raq<true>(base + h * W, W, k, R, A, Q);
         s1 += R;
         s2 += Q;
         sr += double(R) * double(R);
         sa += double(A) * double(A);
-        if (h == 0) {
-          acc_t d0 = 0, d1 = 0;
-          for (int64_t w = 0; w < W; ++w) {
-            d0 += buf[w] * P[w];
-            d1 += buf[w] * P[W + w];
-          }
-          sd0 = d0;
-          sd1 = d1;
-        }
       }
+      acc_t d0, d1;
+      row_dots(base, W, k, P, P + W, d0, d1);
       double* o = part + r * 6;
-      o[0] = s1; o[1] = s2; o[2] = sr; o[3] = sa; o[4] = sd0; o[5] = sd1;
+      o[0] = s1; o[1] = s2; o[2] = sr; o[3] = sa; o[4] = d0; o[5] = d1;
     }
   });
 }
@@ -268,45 +346,37 @@ void grad_nchw(const scalar_t* dy, const scalar_t* x, const at::opmath_type<scal
                const at::opmath_type<scalar_t>* P, double* part, int64_t N, int64_t C,
                int64_t H, int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t VS = Vec::size();
   const int64_t HW = H * W;
   at::parallel_for(0, N * C, grain_for(2 * HW), [&](int64_t b, int64_t e) {
-    std::vector<acc_t> bd(kChunk, acc_t(0)), bt(kChunk, acc_t(0));
     for (int64_t r = b; r < e; ++r) {
       const acc_t k = K[r % C];
       const scalar_t* px = x + r * HW;
       const scalar_t* pd = dy + r * HW;
-      acc_t g0 = 0, g1 = 0;
-      for (int64_t w = 0; w < W; ++w) {
-        const acc_t d = static_cast<acc_t>(pd[w]);
-        g0 += d * P[w];
-        g1 += d * P[W + w];
-      }
+      acc_t g0, g1;
+      row_dots(pd, W, acc_t(0), P, P + W, g0, g1);
       double sd = 0, sdt = 0;
-      for (int64_t s0 = 0; s0 < HW; s0 += kChunk) {
-        const int64_t L = std::min(kChunk, HW - s0), Lp = padded<acc_t>(L);
-        for (int64_t i = 0; i < L; ++i) {
-          bd[i] = static_cast<acc_t>(pd[s0 + i]);
-          bt[i] = static_cast<acc_t>(px[s0 + i]) - k;
+      for (int64_t s0 = 0; s0 < HW; s0 += kChunk) {  // float within a chunk, double across
+        const int64_t L = std::min(kChunk, HW - s0);
+        const scalar_t* cx = px + s0;
+        const scalar_t* cd = pd + s0;
+        acc_t u[kL], v[kL];
+        for (int j = 0; j < kL; ++j) u[j] = v[j] = acc_t(0);
+        int64_t i = 0;
+        for (; i + kL <= L; i += kL) {
+          for (int j = 0; j < kL; ++j) {
+            const acc_t d = static_cast<acc_t>(cd[i + j]);
+            u[j] += d;
+            v[j] += d * (static_cast<acc_t>(cx[i + j]) - k);
+          }
         }
-        for (int64_t i = L; i < Lp; ++i) bd[i] = bt[i] = acc_t(0);
-        Vec v1(acc_t(0)), v2(acc_t(0));
-        for (int64_t i = 0; i < Lp; i += VS) {
-          const Vec d = Vec::loadu(bd.data() + i);
-          v1 = v1 + d;
-          v2 = v2 + d * Vec::loadu(bt.data() + i);
+        acc_t tu = 0, tv = 0;
+        for (; i < L; ++i) {
+          const acc_t d = static_cast<acc_t>(cd[i]);
+          tu += d;
+          tv += d * (static_cast<acc_t>(cx[i]) - k);
         }
-        acc_t t1[VS], t2[VS];
-        v1.store(t1);
-        v2.store(t2);
-        acc_t a1 = 0, a2 = 0;
-        for (int64_t l = 0; l < VS; ++l) {
-          a1 += t1[l];
-          a2 += t2[l];
-        }
-        sd += a1;
-        sdt += a2;
+        sd += (((u[0] + u[4]) + (u[2] + u[6])) + ((u[1] + u[5]) + (u[3] + u[7]))) + tu;
+        sdt += (((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))) + tv;
       }
       double* o = part + r * 4;
       o[0] = sd; o[1] = sdt; o[2] = g0; o[3] = g1;
@@ -383,7 +453,9 @@ at::Tensor grad_stats_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const
       const scalar_t* dp = dy.const_data_ptr<scalar_t>();
       const acc_t* kp = K.const_data_ptr<acc_t>();
       const acc_t* pp = P.const_data_ptr<acc_t>();
-      if (v.lay == Lay::NCHW)
+      if (v.lay == Lay::NCHW && v.H * v.W < kSmallHW && v.N * v.C >= kL)
+        grad_nchw_grp<scalar_t>(dp, xp, kp, pp, part.data(), v.N, v.C, v.H, v.W);
+      else if (v.lay == Lay::NCHW)
         grad_nchw<scalar_t>(dp, xp, kp, pp, part.data(), v.N, v.C, v.H, v.W);
       else
         grad_nhwc<scalar_t>(dp, xp, kp, pp, part.data(), v.N, v.C, v.H, v.W);
@@ -492,34 +564,43 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
   }
   const int64_t HW = H * W;
   if (lay == Lay::NCHW) {
-    const int64_t Wp = padded<acc_t>(W);
     at::parallel_for(0, N * C, grain_for(2 * HW), [&](int64_t b, int64_t e) {
-      std::vector<acc_t> buf(Wp, acc_t(0)), off(W);
       for (int64_t r = b; r < e; ++r) {
         const int64_t c = r % C;
-        const acc_t k = K[c], a = cdy[c], bt = ct[c];
+        const acc_t k = K[c], a = cdy[c], bt = ct[c], cs = cst[c], cr = cR[c], ca = cA[c];
         const acc_t* t0 = T0.data() + c * W;
         for (int64_t h = 0; h < H; ++h) {
           const int64_t base = r * HW + h * W;
           const scalar_t* px = x + base;
           const scalar_t* pd = dy + base;
           scalar_t* pdx = dx + base;
-          for (int64_t w = 0; w < W; ++w) buf[w] = static_cast<acc_t>(px[w]) - k;
-          acc_t ev = cst[c], od = cst[c];
+          acc_t ev = cs, od = cs;
           if (need_row) {
             acc_t R, A, Q;
-            row_sums<acc_t>(buf.data(), Wp, R, A, Q);
-            const acc_t base_r = cst[c] + cR[c] * R, alt = cA[c] * A;
+            row_raq<false>(px, W, k, R, A, Q);
+            const acc_t base_r = cs + cr * R, alt = ca * A;
             ev = base_r + alt;
             od = base_r - alt;
           }
           if (h == 0) {
-            for (int64_t w = 0; w < W; ++w) off[w] = ((w & 1) ? od : ev) + t0[w];
-          } else {
-            for (int64_t w = 0; w < W; ++w) off[w] = (w & 1) ? od : ev;
+            for (int64_t w = 0; w < W; ++w)
+              pdx[w] = static_cast<scalar_t>(a * static_cast<acc_t>(pd[w]) +
+                                             bt * (static_cast<acc_t>(px[w]) - k) +
+                                             (((w & 1) ? od : ev) + t0[w]));
+            continue;
           }
-          for (int64_t w = 0; w < W; ++w)
-            pdx[w] = static_cast<scalar_t>(a * static_cast<acc_t>(pd[w]) + bt * buf[w] + off[w]);
+          acc_t ofs[kL];
+          for (int j = 0; j < kL; ++j) ofs[j] = (j & 1) ? od : ev;
+          int64_t w = 0;
+          for (; w + kL <= W; w += kL)
+            for (int j = 0; j < kL; ++j)
+              pdx[w + j] = static_cast<scalar_t>(a * static_cast<acc_t>(pd[w + j]) +
+                                                 bt * (static_cast<acc_t>(px[w + j]) - k) +
+                                                 ofs[j]);
+          for (; w < W; ++w)
+            pdx[w] = static_cast<scalar_t>(a * static_cast<acc_t>(pd[w]) +
+                                           bt * (static_cast<acc_t>(px[w]) - k) +
+                                           ((w & 1) ? od : ev));
         }
       }
     });
