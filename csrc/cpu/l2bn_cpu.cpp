@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <tuple>
 
 #include "../l2bn.h"
@@ -37,6 +39,131 @@ inline void chan_combine(acc_t& n_a, acc_t& mean_a, acc_t& m2_a, acc_t n_b, acc_
 inline int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
 }
+
+// ---------------------------------------------------------------- lane reductions
+// Sums over a short contiguous run written so the compiler vectorizes them at the baseline ISA:
+// kWide independent lane accumulators for the bulk, folded (fixed order) into kNarrow lanes,
+// which also take the kNarrow-wide tail, then the scalar remainder, then a fixed pairwise tree.
+// No buffer copy and no per-row setup beyond a few register zeroings, so short rows are cheap;
+// the summation order is a fixed function of the length (deterministic).
+template <typename acc_t>
+struct Lanes {
+  static constexpr int kNarrow = 16 / sizeof(acc_t);  // 4 float, 2 double (one SSE register)
+};
+
+// A kNarrow-wide vector of acc_t: GCC/Clang vector extension (lowered to the baseline ISA),
+// plain array elsewhere (same arithmetic, same order, only slower).
+#if defined(__GNUC__) || defined(__clang__)
+template <typename acc_t>
+struct LaneVec {
+  typedef acc_t type __attribute__((vector_size(16)));
+};
+template <typename acc_t>
+using lane_t = typename LaneVec<acc_t>::type;
+#else
+template <typename acc_t>
+struct lane_t {
+  acc_t v[Lanes<acc_t>::kNarrow];
+  acc_t& operator[](int j) { return v[j]; }
+  acc_t operator[](int j) const { return v[j]; }
+  friend lane_t operator-(lane_t a, acc_t b) {
+    for (auto& e : a.v) e -= b;
+    return a;
+  }
+  friend lane_t operator-(lane_t a, const lane_t& b) {
+    for (int j = 0; j < Lanes<acc_t>::kNarrow; ++j) a.v[j] -= b.v[j];
+    return a;
+  }
+  friend lane_t operator*(lane_t a, const lane_t& b) {
+    for (int j = 0; j < Lanes<acc_t>::kNarrow; ++j) a.v[j] *= b.v[j];
+    return a;
+  }
+};
+#endif
+
+template <typename acc_t, typename V>
+inline void lane_fill(V& v, acc_t c) {  // broadcast (built in registers, not element by element)
+#if defined(__GNUC__) || defined(__clang__)
+  v = V{} + c;
+#else
+  for (int j = 0; j < Lanes<acc_t>::kNarrow; ++j) v[j] = c;
+#endif
+}
+template <typename acc_t, typename V>
+inline void lane_zero(V& v) {
+  lane_fill<acc_t>(v, acc_t(0));
+}
+template <typename acc_t, typename V>
+inline void lane_add(V& a, const V& b) {
+  for (int j = 0; j < Lanes<acc_t>::kNarrow; ++j) a[j] += b[j];
+}
+template <typename acc_t, typename scalar_t, typename V>
+inline void lane_load(V& v, const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(&v, p, sizeof(acc_t) * Lanes<acc_t>::kNarrow);
+  } else {
+    for (int j = 0; j < Lanes<acc_t>::kNarrow; ++j) v[j] = static_cast<acc_t>(p[j]);
+  }
+}
+
+template <typename acc_t, typename V>
+inline acc_t tree_sum(const V& a) {
+  constexpr int K = Lanes<acc_t>::kNarrow;
+  if constexpr (K == 4) {
+    return (a[0] + a[2]) + (a[1] + a[3]);
+  } else {
+    static_assert(K == 2, "lane count");
+    return a[0] + a[1];
+  }
+}
+
+// (sum dy, sum dy*(x - ctr)) over L elements in one sweep, same order scheme as lane_sum.
+template <typename acc_t, typename scalar_t>
+inline void lane_sums_dy(const scalar_t* pd, const scalar_t* px, acc_t ctr, int64_t L, acc_t& sq,
+                         acc_t& spc) {
+  using V = lane_t<acc_t>;
+  constexpr int K = Lanes<acc_t>::kNarrow;
+  V q0, q1, c0, c1, vc;
+  lane_fill<acc_t>(vc, ctr);
+  lane_zero<acc_t>(q0);
+  lane_zero<acc_t>(c0);
+  int64_t i = 0;
+  if (L >= 2 * K) {
+    lane_zero<acc_t>(q1);
+    lane_zero<acc_t>(c1);
+    for (; i + 2 * K <= L; i += 2 * K) {
+      V d0, d1, x0, x1;
+      lane_load<acc_t>(d0, pd + i);
+      lane_load<acc_t>(d1, pd + i + K);
+      lane_load<acc_t>(x0, px + i);
+      lane_load<acc_t>(x1, px + i + K);
+      lane_add<acc_t>(q0, d0);
+      lane_add<acc_t>(q1, d1);
+      lane_add<acc_t>(c0, d0 * (x0 - vc));
+      lane_add<acc_t>(c1, d1 * (x1 - vc));
+    }
+    lane_add<acc_t>(q0, q1);
+    lane_add<acc_t>(c0, c1);
+  }
+  for (; i + K <= L; i += K) {
+    V d, xv;
+    lane_load<acc_t>(d, pd + i);
+    lane_load<acc_t>(xv, px + i);
+    lane_add<acc_t>(q0, d);
+    lane_add<acc_t>(c0, d * (xv - vc));
+  }
+  acc_t tq = acc_t(0), tc = acc_t(0);
+  for (; i < L; ++i) {
+    const acc_t d = static_cast<acc_t>(pd[i]);
+    tq += d;
+    tc += d * (static_cast<acc_t>(px[i]) - ctr);
+  }
+  sq = tree_sum<acc_t>(q0) + tq;
+  spc = tree_sum<acc_t>(c0) + tc;
+}
+
+// NCS row tasks: enough rows per task that short rows do not pay a task each.
+inline int64_t row_grain(int64_t S) { return std::max<int64_t>(16, grain_for(S)); }
 
 // ---------------------------------------------------------------- sample stats
 template <typename scalar_t>
@@ -69,43 +196,83 @@ void stats_ncs(const scalar_t* x, at::opmath_type<scalar_t>* mean, at::opmath_ty
   });
 }
 
+// NSC channel grouping. For C below kCBlock, rows are regrouped: the (S, C) block of a sample is
+// read as (S/m, C*m) with m | S, i.e. m "virtual channels" per channel (virtual channel g*C + c
+// sees spatial rows s = m*s' + g), so the inner loops run over C*m contiguous values instead of
+// a few; the m partial results of a channel are folded afterwards in a fixed order.
+inline int64_t nsc_group(int64_t C, int64_t S) {
+  if (C >= 16) return 1;  // wide enough already; folding m partials costs more than it saves
+  int64_t best = 1;
+  for (int64_t m = 2; m * C <= kCBlock && m <= S; ++m)
+    if (S % m == 0) best = m;
+  return best;
+}
+
+// Two-pass stats of W channels (ld apart between rows) over Srows rows, chunked by kSRows with
+// Chan combination across chunks. Writes run_mean[W], run_m2[W].
+template <typename scalar_t>
+inline void stats_block(const scalar_t* base, int64_t ld, int64_t W, int64_t Srows,
+                        at::opmath_type<scalar_t>* run_mean, at::opmath_type<scalar_t>* run_m2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t sum[kCBlock], m2b[kCBlock];
+  acc_t n_a = 0;
+  for (int64_t c = 0; c < W; ++c) run_mean[c] = run_m2[c] = acc_t(0);
+  for (int64_t s0 = 0; s0 < Srows; s0 += kSRows) {
+    const int64_t L = std::min(kSRows, Srows - s0);
+    for (int64_t c = 0; c < W; ++c) sum[c] = m2b[c] = acc_t(0);
+    for (int64_t s = s0; s < s0 + L; ++s) {
+      const scalar_t* row = base + s * ld;
+      for (int64_t c = 0; c < W; ++c) sum[c] += static_cast<acc_t>(row[c]);
+    }
+    const acc_t inv = acc_t(1) / acc_t(L);
+    for (int64_t c = 0; c < W; ++c) sum[c] *= inv;  // chunk mean
+    for (int64_t s = s0; s < s0 + L; ++s) {
+      const scalar_t* row = base + s * ld;
+      for (int64_t c = 0; c < W; ++c) {
+        const acc_t d = static_cast<acc_t>(row[c]) - sum[c];
+        m2b[c] += d * d;
+      }
+    }
+    const acc_t n_b = acc_t(L), n_tot = n_a + n_b, w = n_b / n_tot, cross = n_a * w;
+    for (int64_t c = 0; c < W; ++c) {
+      const acc_t delta = sum[c] - run_mean[c];
+      run_mean[c] += delta * w;
+      run_m2[c] += m2b[c] + delta * delta * cross;
+    }
+    n_a = n_tot;
+  }
+}
+
 template <typename scalar_t>
 void stats_nsc(const scalar_t* x, at::opmath_type<scalar_t>* mean, at::opmath_type<scalar_t>* m2,
                int64_t N, int64_t C, int64_t S) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t m = nsc_group(C, S);
+  if (m > 1) {
+    const int64_t W = C * m, Sg = S / m;
+    at::parallel_for(0, N, grain_for(S * C), [&](int64_t b, int64_t e) {
+      acc_t run_mean[kCBlock], run_m2[kCBlock];
+      for (int64_t n = b; n < e; ++n) {
+        stats_block<scalar_t>(x + n * S * C, W, W, Sg, run_mean, run_m2);
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t n_a = acc_t(Sg), mean_a = run_mean[c], m2_a = run_m2[c];
+          for (int64_t g = 1; g < m; ++g)
+            chan_combine<acc_t>(n_a, mean_a, m2_a, acc_t(Sg), run_mean[g * C + c],
+                                run_m2[g * C + c]);
+          mean[n * C + c] = mean_a;
+          m2[n * C + c] = m2_a;
+        }
+      }
+    });
+    return;
+  }
   const int64_t nblk = (C + kCBlock - 1) / kCBlock;
   at::parallel_for(0, N * nblk, grain_for(S * std::min(C, kCBlock)), [&](int64_t b, int64_t e) {
-    acc_t run_mean[kCBlock], run_m2[kCBlock], sum[kCBlock], m2b[kCBlock];
+    acc_t run_mean[kCBlock], run_m2[kCBlock];
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / nblk, c0 = (t % nblk) * kCBlock;
       const int64_t W = std::min(kCBlock, C - c0);
-      const scalar_t* base = x + n * S * C + c0;
-      acc_t n_a = 0;
-      for (int64_t c = 0; c < W; ++c) run_mean[c] = run_m2[c] = acc_t(0);
-      for (int64_t s0 = 0; s0 < S; s0 += kSRows) {
-        const int64_t L = std::min(kSRows, S - s0);
-        for (int64_t c = 0; c < W; ++c) sum[c] = m2b[c] = acc_t(0);
-        for (int64_t s = s0; s < s0 + L; ++s) {
-          const scalar_t* row = base + s * C;
-          for (int64_t c = 0; c < W; ++c) sum[c] += static_cast<acc_t>(row[c]);
-        }
-        const acc_t inv = acc_t(1) / acc_t(L);
-        for (int64_t c = 0; c < W; ++c) sum[c] *= inv;  // chunk mean
-        for (int64_t s = s0; s < s0 + L; ++s) {
-          const scalar_t* row = base + s * C;
-          for (int64_t c = 0; c < W; ++c) {
-            const acc_t d = static_cast<acc_t>(row[c]) - sum[c];
-            m2b[c] += d * d;
-          }
-        }
-        const acc_t n_b = acc_t(L), n_tot = n_a + n_b, w = n_b / n_tot, cross = n_a * w;
-        for (int64_t c = 0; c < W; ++c) {
-          const acc_t delta = sum[c] - run_mean[c];
-          run_mean[c] += delta * w;
-          run_m2[c] += m2b[c] + delta * delta * cross;
-        }
-        n_a = n_tot;
-      }
+      stats_block<scalar_t>(x + n * S * C + c0, C, W, S, run_mean, run_m2);
       for (int64_t c = 0; c < W; ++c) {
         mean[n * C + c0 + c] = run_mean[c];
         m2[n * C + c0 + c] = run_m2[c];
@@ -137,9 +304,7 @@ template <typename scalar_t>
 void sums_ncs(const scalar_t* dy, const scalar_t* x, const at::opmath_type<scalar_t>* center,
               at::opmath_type<scalar_t>* pc, at::opmath_type<scalar_t>* q, int64_t R, int64_t S) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
-  at::parallel_for(0, R, grain_for(2 * S), [&](int64_t b, int64_t e) {
-    acc_t bx[kChunk], bdy[kChunk];
+  at::parallel_for(0, R, row_grain(2 * S), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const scalar_t* px = x + r * S;
       const scalar_t* pd = dy + r * S;
@@ -147,14 +312,12 @@ void sums_ncs(const scalar_t* dy, const scalar_t* x, const at::opmath_type<scala
       acc_t spc = 0, sq = 0;
       for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
         const int64_t L = std::min(kChunk, S - s0);
-        for (int64_t i = 0; i < L; ++i) {
-          bx[i] = static_cast<acc_t>(px[s0 + i]);
-          bdy[i] = static_cast<acc_t>(pd[s0 + i]);
-        }
-        sq += at::vec::reduce_all<acc_t>([](Vec& a, Vec& c) { return a + c; }, bdy, L);
-        spc += at::vec::map2_reduce_all<acc_t>(
-            [ctr](Vec d, Vec xv) { return d * (xv - Vec(ctr)); },
-            [](Vec a, Vec c) { return a + c; }, bdy, bx, L);
+        const scalar_t* cx = px + s0;
+        const scalar_t* cd = pd + s0;
+        acc_t cq, cpc;
+        lane_sums_dy<acc_t>(cd, cx, ctr, L, cq, cpc);
+        sq += cq;
+        spc += cpc;
       }
       pc[r] = spc;
       q[r] = sq;
@@ -162,39 +325,70 @@ void sums_ncs(const scalar_t* dy, const scalar_t* x, const at::opmath_type<scala
   });
 }
 
+// One-pass sums of W channels (ld apart between rows) over Srows rows, per-chunk partials added
+// in order. ctr[W] holds the centers. Writes tot_pc[W], tot_q[W].
+template <typename scalar_t>
+inline void sums_block(const scalar_t* bx, const scalar_t* bd, int64_t ld, int64_t W, int64_t Srows,
+                       const at::opmath_type<scalar_t>* ctr, at::opmath_type<scalar_t>* tot_pc,
+                       at::opmath_type<scalar_t>* tot_q) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t cpc[kCBlock], cq[kCBlock];
+  for (int64_t c = 0; c < W; ++c) tot_pc[c] = tot_q[c] = acc_t(0);
+  for (int64_t s0 = 0; s0 < Srows; s0 += kSRows) {
+    const int64_t L = std::min(kSRows, Srows - s0);
+    for (int64_t c = 0; c < W; ++c) cpc[c] = cq[c] = acc_t(0);
+    for (int64_t s = s0; s < s0 + L; ++s) {
+      const scalar_t* rx = bx + s * ld;
+      const scalar_t* rd = bd + s * ld;
+      for (int64_t c = 0; c < W; ++c) {
+        const acc_t d = static_cast<acc_t>(rd[c]);
+        cq[c] += d;
+        cpc[c] += d * (static_cast<acc_t>(rx[c]) - ctr[c]);
+      }
+    }
+    for (int64_t c = 0; c < W; ++c) {
+      tot_pc[c] += cpc[c];
+      tot_q[c] += cq[c];
+    }
+  }
+}
+
 template <typename scalar_t>
 void sums_nsc(const scalar_t* dy, const scalar_t* x, const at::opmath_type<scalar_t>* center,
               at::opmath_type<scalar_t>* pc, at::opmath_type<scalar_t>* q, int64_t N, int64_t C,
               int64_t S) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t m = nsc_group(C, S);
+  if (m > 1) {
+    const int64_t W = C * m, Sg = S / m;
+    at::parallel_for(0, N, grain_for(2 * S * C), [&](int64_t b, int64_t e) {
+      acc_t tot_pc[kCBlock], tot_q[kCBlock], ctr[kCBlock];
+      for (int64_t n = b; n < e; ++n) {
+        for (int64_t g = 0; g < m; ++g)
+          for (int64_t c = 0; c < C; ++c) ctr[g * C + c] = center[n * C + c];
+        sums_block<scalar_t>(x + n * S * C, dy + n * S * C, W, W, Sg, ctr, tot_pc, tot_q);
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t sp = tot_pc[c], sq = tot_q[c];
+          for (int64_t g = 1; g < m; ++g) {
+            sp += tot_pc[g * C + c];
+            sq += tot_q[g * C + c];
+          }
+          pc[n * C + c] = sp;
+          q[n * C + c] = sq;
+        }
+      }
+    });
+    return;
+  }
   const int64_t nblk = (C + kCBlock - 1) / kCBlock;
   at::parallel_for(0, N * nblk, grain_for(2 * S * std::min(C, kCBlock)), [&](int64_t b, int64_t e) {
-    acc_t tot_pc[kCBlock], tot_q[kCBlock], cpc[kCBlock], cq[kCBlock], ctr[kCBlock];
+    acc_t tot_pc[kCBlock], tot_q[kCBlock], ctr[kCBlock];
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / nblk, c0 = (t % nblk) * kCBlock;
       const int64_t W = std::min(kCBlock, C - c0);
       const int64_t off = n * S * C + c0;
-      for (int64_t c = 0; c < W; ++c) {
-        tot_pc[c] = tot_q[c] = acc_t(0);
-        ctr[c] = center[n * C + c0 + c];
-      }
-      for (int64_t s0 = 0; s0 < S; s0 += kSRows) {
-        const int64_t L = std::min(kSRows, S - s0);
-        for (int64_t c = 0; c < W; ++c) cpc[c] = cq[c] = acc_t(0);
-        for (int64_t s = s0; s < s0 + L; ++s) {
-          const scalar_t* rx = x + off + s * C;
-          const scalar_t* rd = dy + off + s * C;
-          for (int64_t c = 0; c < W; ++c) {
-            const acc_t d = static_cast<acc_t>(rd[c]);
-            cq[c] += d;
-            cpc[c] += d * (static_cast<acc_t>(rx[c]) - ctr[c]);
-          }
-        }
-        for (int64_t c = 0; c < W; ++c) {
-          tot_pc[c] += cpc[c];
-          tot_q[c] += cq[c];
-        }
-      }
+      for (int64_t c = 0; c < W; ++c) ctr[c] = center[n * C + c0 + c];
+      sums_block<scalar_t>(x + off, dy + off, C, W, S, ctr, tot_pc, tot_q);
       for (int64_t c = 0; c < W; ++c) {
         pc[n * C + c0 + c] = tot_pc[c];
         q[n * C + c0 + c] = tot_q[c];
