@@ -6,7 +6,7 @@
 // and _torch_backward_apply). x is (N, C, H, W); t = x - K[c]; per row (n, c, h):
 // R = sum_w t, A = sum_w (-1)^w t. K, P, coef are in the accumulation dtype (float32, float64 for
 // float64 x); P is (2, W) (the caller picks Re D / Im D or Pr[0, :] / Pi[0, :]).
-// CPU kernels: csrc/cpu/sbn_cpu.cpp; fake kernels: normkernels/ops/_sbn_cpp_fakes.py.
+// CPU kernels: csrc/cpu/sbn_cpu.cpp; fake kernels: normkernels/ops/sbn.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(normkernels, m) {

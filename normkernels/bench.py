@@ -65,6 +65,7 @@ CIFAR_SHAPES = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)]
 CPU_BATCH = {"resnet50": 8, "cifar": 16}          # CPU: same C, H, W with a smaller batch
 CPU_BATCH_QUICK = {"resnet50": 4, "cifar": 8}
 QUICK_SHAPES = {"resnet50": [(64, 1024, 14, 14)], "cifar": [(128, 128, 16, 16)]}
+CPU_TARGET_SHAPES = [(32, 128, 28, 28)]           # the shape of the layer issues' CPU targets
 
 OPS = ("bn", "l2bn", "sbn", "bnsbn")
 PASSES = ("fwd", "fwd+bwd")
@@ -89,6 +90,8 @@ def suite_shapes(device: str, quick: bool = False, families=("resnet50", "cifar"
             if device == "cpu":
                 n = (CPU_BATCH_QUICK if quick else CPU_BATCH)[fam]
             out.append((n, c, h, w))
+    if device == "cpu" and not quick:
+        out += CPU_TARGET_SHAPES
     return out
 
 

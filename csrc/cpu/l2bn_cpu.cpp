@@ -36,10 +36,6 @@ inline void chan_combine(acc_t& n_a, acc_t& mean_a, acc_t& m2_a, acc_t n_b, acc_
   n_a = n;
 }
 
-inline int64_t grain_for(int64_t work_per_item) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
-}
-
 // ---------------------------------------------------------------- lane reductions
 // Sums over a short contiguous run written so the compiler vectorizes them at the baseline ISA:
 // kWide independent lane accumulators for the bulk, folded (fixed order) into kNarrow lanes,

@@ -1,8 +1,8 @@
 // SBN / BN+SBN pass kernels, CPU (schemas and semantics: csrc/sbn.cpp).
 //
 // x (N, C, H, W) is processed in one of two layouts:
-//   NCHW (contiguous): work items are the N*C planes; each row of W values is converted into an
-//                      L1 buffer of t = x - K and reduced with at::vec (R, A, sum t^2).
+//   NCHW (contiguous): work items are the N*C planes; each row of W values is reduced straight
+//                      from x in kL lane accumulators (R, A, sum t^2; t = x - K).
 //   NHWC (channels_last): the reductions run over blocks of kCB channels (inner loops over c,
 //                      vectorized by the compiler); the apply passes over rows (n, h).
 // Other layouts are made contiguous; dy is copied to x's layout when it differs.
@@ -19,60 +19,35 @@
 #include <algorithm>
 #include <vector>
 
+#include "../common.h"
+
 namespace normkernels {
 namespace sbn {
 namespace {
 
-enum class Lay { NCHW, NHWC };
-
-struct X4 {
-  at::Tensor x;  // x itself or a contiguous copy, dense in `lay`
-  int64_t N, C, H, W;
-  Lay lay;
+// x as (N, C, S = H*W) in layout NCS (NCHW) or NSC (channels_last), plus its H and W.
+struct X4 : View3 {
+  int64_t H, W;
 };
 
 constexpr int64_t kCB = 64;       // NHWC reductions: channels per task
 constexpr int64_t kChunk = 1024;  // NCHW grad stats: elements per L1 chunk
 
-inline int64_t grain_for(int64_t work_per_item) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
-}
-
-inline at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 X4 view4(const at::Tensor& x, const char* op) {
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": expected x of shape (N, C, H, W), got rank ", x.dim());
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op,
-                   ": expected a floating point x, got ", x.scalar_type());
   X4 v;
-  v.N = x.size(0);
-  v.C = x.size(1);
+  static_cast<View3&>(v) = make_view(x, op);
   v.H = x.size(2);
   v.W = x.size(3);
-  if (x.is_contiguous()) {
-    v.x = x;
-    v.lay = Lay::NCHW;
-  } else if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    v.x = x;
-    v.lay = Lay::NHWC;
-  } else {
-    v.x = x.contiguous();
-    v.lay = Lay::NCHW;
-  }
   return v;
 }
 
 // dy in x's dtype and in the layout of v.x (copy only when needed).
 at::Tensor like_x(const at::Tensor& t, const X4& v, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == v.x.sizes(), op, ": ", name, " must have the shape of x ",
-                    v.x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == v.x.device(), op, ": ", name, " must be on ", v.x.device());
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
                    " must be floating point");
-  at::Tensor r = t.scalar_type() == v.x.scalar_type() ? t : t.to(v.x.scalar_type());
-  return v.lay == Lay::NCHW ? r.contiguous() : r.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor r = t.scalar_type() == v.x.scalar_type() ? t : t.to(v.x.scalar_type());
+  return match_layout(r, v, op, name);
 }
 
 at::Tensor small(const at::Tensor& t, const X4& v, int64_t d0, int64_t d1, const char* op,
@@ -91,7 +66,7 @@ at::Tensor small(const at::Tensor& t, const X4& v, int64_t d0, int64_t d1, const
 // (the output itself when it already has v.x's layout, else a temporary copied back).
 at::Tensor make_out(const at::Tensor& x_orig, const X4& v, at::Tensor& work) {
   at::Tensor out = at::empty_like(x_orig);
-  const bool ok = v.lay == Lay::NCHW ? out.is_contiguous()
+  const bool ok = v.layout == Layout::NCS ? out.is_contiguous()
                                      : out.is_contiguous(at::MemoryFormat::ChannelsLast);
   work = ok ? out : at::empty_like(v.x);
   return out;
@@ -331,7 +306,7 @@ at::Tensor stats_cpu(const at::Tensor& x_in, const at::Tensor& K_in, const at::T
       const scalar_t* xp = v.x.const_data_ptr<scalar_t>();
       const acc_t* kp = K.const_data_ptr<acc_t>();
       const acc_t* pp = P.const_data_ptr<acc_t>();
-      if (v.lay == Lay::NCHW)
+      if (v.layout == Layout::NCS)
         stats_nchw<scalar_t>(xp, kp, pp, part.data(), v.N, v.C, v.H, v.W);
       else
         stats_nhwc<scalar_t>(xp, kp, pp, part.data(), v.N, v.C, v.H, v.W);
@@ -453,9 +428,9 @@ at::Tensor grad_stats_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const
       const scalar_t* dp = dy.const_data_ptr<scalar_t>();
       const acc_t* kp = K.const_data_ptr<acc_t>();
       const acc_t* pp = P.const_data_ptr<acc_t>();
-      if (v.lay == Lay::NCHW && v.H * v.W < kSmallHW && v.N * v.C >= kL)
+      if (v.layout == Layout::NCS && v.H * v.W < kSmallHW && v.N * v.C >= kL)
         grad_nchw_grp<scalar_t>(dp, xp, kp, pp, part.data(), v.N, v.C, v.H, v.W);
-      else if (v.lay == Lay::NCHW)
+      else if (v.layout == Layout::NCS)
         grad_nchw<scalar_t>(dp, xp, kp, pp, part.data(), v.N, v.C, v.H, v.W);
       else
         grad_nhwc<scalar_t>(dp, xp, kp, pp, part.data(), v.N, v.C, v.H, v.W);
@@ -469,7 +444,7 @@ at::Tensor grad_stats_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const
 template <typename scalar_t>
 void fwd_apply(const scalar_t* x, scalar_t* y, const at::opmath_type<scalar_t>* cf,
                const at::opmath_type<scalar_t>* P, int64_t N, int64_t C, int64_t H, int64_t W,
-               Lay lay) {
+               Layout lay) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<acc_t> K(C), cx(C), bb(C), T0(C * W);
   for (int64_t c = 0; c < C; ++c) {
@@ -479,14 +454,14 @@ void fwd_apply(const scalar_t* x, scalar_t* y, const at::opmath_type<scalar_t>* 
     bb[c] = r[2];
     for (int64_t w = 0; w < W; ++w) {
       const acc_t t0 = r[2] * (acc_t(1) - P[w]) + r[3] * P[w] + r[4] * P[W + w];
-      if (lay == Lay::NCHW)
+      if (lay == Layout::NCS)
         T0[c * W + w] = t0;
       else
         T0[w * C + c] = t0;
     }
   }
   const int64_t HW = H * W;
-  if (lay == Lay::NCHW) {
+  if (lay == Layout::NCS) {
     at::parallel_for(0, N * C, grain_for(HW), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t c = r % C;
@@ -532,7 +507,7 @@ at::Tensor forward_apply_cpu(const at::Tensor& x_in, const at::Tensor& coef_in,
     using acc_t = at::opmath_type<scalar_t>;
     fwd_apply<scalar_t>(v.x.const_data_ptr<scalar_t>(), work.data_ptr<scalar_t>(),
                         cf.const_data_ptr<acc_t>(), P.const_data_ptr<acc_t>(), v.N, v.C, v.H,
-                        v.W, v.lay);
+                        v.W, v.layout);
   });
   finish_out(out, work);
   return out;
@@ -543,7 +518,7 @@ at::Tensor forward_apply_cpu(const at::Tensor& x_in, const at::Tensor& coef_in,
 template <typename scalar_t>
 void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
                const at::opmath_type<scalar_t>* cf, const at::opmath_type<scalar_t>* P,
-               int64_t N, int64_t C, int64_t H, int64_t W, Lay lay, bool need_row) {
+               int64_t N, int64_t C, int64_t H, int64_t W, Layout lay, bool need_row) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<acc_t> K(C), cdy(C), ct(C), cR(C), cA(C), cst(C), T0(C * W);
   for (int64_t c = 0; c < C; ++c) {
@@ -556,14 +531,14 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
     cst[c] = r[5];
     for (int64_t w = 0; w < W; ++w) {
       const acc_t t0 = r[6] * P[w] + r[7] * P[W + w];
-      if (lay == Lay::NCHW)
+      if (lay == Layout::NCS)
         T0[c * W + w] = t0;
       else
         T0[w * C + c] = t0;
     }
   }
   const int64_t HW = H * W;
-  if (lay == Lay::NCHW) {
+  if (lay == Layout::NCS) {
     at::parallel_for(0, N * C, grain_for(2 * HW), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t c = r % C;
@@ -664,7 +639,7 @@ at::Tensor backward_apply_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
     using acc_t = at::opmath_type<scalar_t>;
     bwd_apply<scalar_t>(dy.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(),
                         work.data_ptr<scalar_t>(), cf.const_data_ptr<acc_t>(),
-                        P.const_data_ptr<acc_t>(), v.N, v.C, v.H, v.W, v.lay, need_row);
+                        P.const_data_ptr<acc_t>(), v.N, v.C, v.H, v.W, v.layout, need_row);
   });
   finish_out(out, work);
   return out;
