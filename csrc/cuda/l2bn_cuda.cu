@@ -59,6 +59,18 @@ int64_t choose_splits(int64_t rows, int64_t S, int64_t min_seg) {
   return std::max<int64_t>(1, std::min<int64_t>(splits, 65535));
 }
 
+// How the reduction passes cut each row's S elements into segments (one block each).
+struct SplitPlan {
+  int64_t splits, seg_len;
+};
+SplitPlan plan_splits(const View3& v, int V) {
+  const int64_t work_rows = v.layout == Layout::NCS ? v.N * v.C : v.N * ((v.C + kTileC - 1) / kTileC);
+  const int64_t min_seg = v.layout == Layout::NCS ? int64_t(kThreads) * V * 4 : int64_t(kTileS) * 16;
+  const int64_t splits = choose_splits(work_rows, v.S, min_seg);
+  const int64_t seg_len = ((v.S + splits - 1) / splits + V - 1) / V * V;  // vector-aligned starts
+  return {splits, seg_len};
+}
+
 // --------------------------------------------------------------------------- Welford / Chan
 template <typename acc_t>
 struct Stat {
@@ -432,11 +444,8 @@ std::tuple<at::Tensor, at::Tensor> sample_stats_cuda(const at::Tensor& x_in) {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int V = vec_size<scalar_t>();
     const scalar_t* xp = v.x.const_data_ptr<scalar_t>();
-    const int64_t work_rows = v.layout == Layout::NCS ? rows : v.N * ((v.C + kTileC - 1) / kTileC);
-    const int64_t min_seg = v.layout == Layout::NCS ? int64_t(kThreads) * V * 4 : int64_t(kTileS) * 16;
-    const int64_t splits = choose_splits(work_rows, v.S, min_seg);
-    int64_t seg_len = (v.S + splits - 1) / splits;
-    seg_len = ((seg_len + V - 1) / V) * V;  // keeps vector alignment of segment starts
+    const SplitPlan plan = plan_splits(v, V);
+    const int64_t splits = plan.splits, seg_len = plan.seg_len;
     at::Tensor partial;
     acc_t* pp = nullptr;
     if (splits > 1) {
@@ -479,11 +488,8 @@ std::tuple<at::Tensor, at::Tensor> backward_sums_cuda(const at::Tensor& dy_in, c
     constexpr int V = vec_size<scalar_t>();
     const scalar_t* xp = v.x.const_data_ptr<scalar_t>();
     const scalar_t* dp = dy.const_data_ptr<scalar_t>();
-    const int64_t work_rows = v.layout == Layout::NCS ? rows : v.N * ((v.C + kTileC - 1) / kTileC);
-    const int64_t min_seg = v.layout == Layout::NCS ? int64_t(kThreads) * V * 4 : int64_t(kTileS) * 16;
-    const int64_t splits = choose_splits(work_rows, v.S, min_seg);
-    int64_t seg_len = (v.S + splits - 1) / splits;
-    seg_len = ((seg_len + V - 1) / V) * V;
+    const SplitPlan plan = plan_splits(v, V);
+    const int64_t splits = plan.splits, seg_len = plan.seg_len;
     at::Tensor partial;
     acc_t* pp = nullptr;
     if (splits > 1) {
