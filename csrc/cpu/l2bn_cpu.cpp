@@ -12,6 +12,9 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <tuple>
 
 #include "../l2bn.h"
@@ -162,11 +165,115 @@ inline void lane_sums_dy(const scalar_t* pd, const scalar_t* px, acc_t ctr, int6
 inline int64_t row_grain(int64_t S) { return std::max<int64_t>(16, grain_for(S)); }
 
 // ---------------------------------------------------------------- sample stats
+// Short rows of float / half / bfloat16: one pass in double over the values shifted by the row's
+// first element, d = x - x[0] (exact in double), accumulating sum d and sum d^2; then
+// mean = x[0] + sum/S and M2 = sum d^2 - (sum d)^2 / S. Since x[0] is one of the values,
+// S (x[0] - mean)^2 <= (S - 1) M2, so the cancellation costs at most a factor S on the
+// double rounding error (~S^2 * 1e-16 relative), far below float output precision.
+// Each row's summation order is a fixed function of S (deterministic, independent of how rows
+// are split across threads); rows are independent, so their short chains overlap.
+constexpr int64_t kOnePassMaxS = 64;
+
+#if defined(__GNUC__) || defined(__clang__)
+typedef double d2_t __attribute__((vector_size(16)));
+typedef float f4_t __attribute__((vector_size(16)));
+typedef float f2_t __attribute__((vector_size(8)));
+#endif
+
+template <typename scalar_t>
+inline void row_stats_1p(const scalar_t* p, int64_t S, double& sum, double& sq) {
+  const double x0 = static_cast<double>(static_cast<float>(p[0]));
+  int64_t i = 0;
+#if defined(__GNUC__) || defined(__clang__)
+  const d2_t v0 = d2_t{} + x0;
+  d2_t s0{}, s1{}, s2{}, s3{}, q0{}, q1{}, q2{}, q3{};
+  auto load4 = [&](const scalar_t* q, d2_t& a, d2_t& b) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+#if defined(__SSE2__)
+      const __m128 f = _mm_loadu_ps(q);
+      a = (d2_t)_mm_cvtps_pd(f) - v0;
+      b = (d2_t)_mm_cvtps_pd(_mm_movehl_ps(f, f)) - v0;
+#else
+      f4_t f;
+      std::memcpy(&f, q, sizeof(f));
+      a = __builtin_convertvector(__builtin_shufflevector(f, f, 0, 1), d2_t) - v0;
+      b = __builtin_convertvector(__builtin_shufflevector(f, f, 2, 3), d2_t) - v0;
+#endif
+    } else {
+      a = d2_t{static_cast<double>(static_cast<float>(q[0])),
+               static_cast<double>(static_cast<float>(q[1]))} - v0;
+      b = d2_t{static_cast<double>(static_cast<float>(q[2])),
+               static_cast<double>(static_cast<float>(q[3]))} - v0;
+    }
+  };
+  for (; i + 8 <= S; i += 8) {
+    d2_t a, b, c, d;
+    load4(p + i, a, b);
+    load4(p + i + 4, c, d);
+    s0 += a;
+    s1 += b;
+    s2 += c;
+    s3 += d;
+    q0 += a * a;
+    q1 += b * b;
+    q2 += c * c;
+    q3 += d * d;
+  }
+  if (i + 4 <= S) {
+    d2_t a, b;
+    load4(p + i, a, b);
+    s0 += a;
+    s1 += b;
+    q0 += a * a;
+    q1 += b * b;
+    i += 4;
+  }
+  s0 = (s0 + s2) + (s1 + s3);
+  q0 = (q0 + q2) + (q1 + q3);
+  sum = s0[0] + s0[1];
+  sq = q0[0] + q0[1];
+#else
+  double s[4] = {0, 0, 0, 0}, q[4] = {0, 0, 0, 0};
+  for (; i + 4 <= S; i += 4)
+    for (int j = 0; j < 4; ++j) {
+      const double d = static_cast<double>(static_cast<float>(p[i + j])) - x0;
+      s[j] += d;
+      q[j] += d * d;
+    }
+  sum = (s[0] + s[2]) + (s[1] + s[3]);
+  sq = (q[0] + q[2]) + (q[1] + q[3]);
+#endif
+  for (; i < S; ++i) {
+    const double d = static_cast<double>(static_cast<float>(p[i])) - x0;
+    sum += d;
+    sq += d * d;
+  }
+}
+
+template <typename scalar_t>
+void stats_ncs_1p(const scalar_t* x, float* mean, float* m2, int64_t R, int64_t S) {
+  const double invS = 1.0 / static_cast<double>(S);
+  at::parallel_for(0, R, row_grain(S), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const scalar_t* p = x + r * S;
+      double sum, sq;
+      row_stats_1p<scalar_t>(p, S, sum, sq);
+      const double md = sum * invS;
+      mean[r] = static_cast<float>(static_cast<double>(static_cast<float>(p[0])) + md);
+      m2[r] = static_cast<float>(std::max(0.0, sq - sum * md));
+    }
+  });
+}
+
 template <typename scalar_t>
 void stats_ncs(const scalar_t* x, at::opmath_type<scalar_t>* mean, at::opmath_type<scalar_t>* m2,
                int64_t R, int64_t S) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    static_assert(std::is_same_v<acc_t, float>, "float accumulator");
+    if (S <= kOnePassMaxS) return stats_ncs_1p<scalar_t>(x, mean, m2, R, S);
+  }
   at::parallel_for(0, R, grain_for(S), [&](int64_t b, int64_t e) {
     acc_t buf[kChunk];
     for (int64_t r = b; r < e; ++r) {

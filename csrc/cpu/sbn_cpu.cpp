@@ -3,8 +3,10 @@
 // x (N, C, H, W) is processed in one of two layouts:
 //   NCHW (contiguous): work items are the N*C planes; each row of W values is reduced straight
 //                      from x in kL lane accumulators (R, A, sum t^2; t = x - K).
-//   NHWC (channels_last): the reductions run over blocks of kCB channels (inner loops over c,
-//                      vectorized by the compiler); the apply passes over rows (n, h).
+//   NHWC (channels_last): the reductions run over tasks (n, kCB channels); each row (n, h) is
+//                      reduced in compile-time blocks of 8 channels (tail 4/2/1) whose
+//                      accumulators stay in registers (loops over c vectorized by the
+//                      compiler); the apply passes over rows (n, h).
 // Other layouts are made contiguous; dy is copied to x's layout when it differs.
 // Accumulation: float (double for double) within a row / chunk, double across rows; every
 // reduction writes per-(n, c) partial sums that are combined over n in a fixed order, so the
@@ -238,6 +240,90 @@ void stats_nchw(const scalar_t* x, const at::opmath_type<scalar_t>* K,
   });
 }
 
+// NHWC row kernels over a compile-time block of CB channels (p = x + row offset + c0, pixel
+// stride C): the per-channel accumulators are fixed-size local arrays that stay in registers and
+// the loops over j vectorize.  Even / odd pixels go to separate accumulators (R = E + O,
+// A = E - O, as in row_raq); float within the row.  kD (row 0): also the P projections.
+template <int CB, bool kD, typename scalar_t, typename acc_t>
+inline void nhwc_row_stats(const scalar_t* p, int64_t W, int64_t C, const acc_t* kk,
+                           const acc_t* P, acc_t* R, acc_t* A, acc_t* Q, acc_t* D0, acc_t* D1) {
+  acc_t k[CB], e[CB], o[CB], q[CB], a0[CB], a1[CB];
+  for (int j = 0; j < CB; ++j) {
+    k[j] = kk[j];
+    e[j] = o[j] = q[j] = a0[j] = a1[j] = acc_t(0);
+  }
+  int64_t w = 0;
+  for (; w + 1 < W; w += 2) {
+    const scalar_t* p0 = p + w * C;
+    const scalar_t* p1 = p0 + C;
+    if (kD) {
+      const acc_t u0 = P[w], u1 = P[w + 1], v0 = P[W + w], v1 = P[W + w + 1];
+      for (int j = 0; j < CB; ++j) {
+        const acc_t t0 = static_cast<acc_t>(p0[j]) - k[j];
+        const acc_t t1 = static_cast<acc_t>(p1[j]) - k[j];
+        e[j] += t0;
+        o[j] += t1;
+        q[j] += t0 * t0;
+        q[j] += t1 * t1;
+        a0[j] += t0 * u0;
+        a0[j] += t1 * u1;
+        a1[j] += t0 * v0;
+        a1[j] += t1 * v1;
+      }
+    } else {
+      for (int j = 0; j < CB; ++j) {
+        const acc_t t0 = static_cast<acc_t>(p0[j]) - k[j];
+        const acc_t t1 = static_cast<acc_t>(p1[j]) - k[j];
+        e[j] += t0;
+        o[j] += t1;
+        q[j] += t0 * t0;
+        q[j] += t1 * t1;
+      }
+    }
+  }
+  if (w < W) {  // w is even
+    const scalar_t* p0 = p + w * C;
+    for (int j = 0; j < CB; ++j) {
+      const acc_t t0 = static_cast<acc_t>(p0[j]) - k[j];
+      e[j] += t0;
+      q[j] += t0 * t0;
+      if (kD) {
+        a0[j] += t0 * P[w];
+        a1[j] += t0 * P[W + w];
+      }
+    }
+  }
+  for (int j = 0; j < CB; ++j) {
+    R[j] = e[j] + o[j];
+    A[j] = e[j] - o[j];
+    Q[j] = q[j];
+    if (kD) {
+      D0[j] = a0[j];
+      D1[j] = a1[j];
+    }
+  }
+}
+
+// One row (n, h) of channels [c0, c0 + cw): blocks of 8 channels, then 4 / 2 / 1 for the tail.
+template <bool kD, typename scalar_t, typename acc_t>
+inline void nhwc_row_stats_all(const scalar_t* p, int64_t W, int64_t C, int64_t cw,
+                               const acc_t* kk, const acc_t* P, acc_t* R, acc_t* A, acc_t* Q,
+                               acc_t* D0, acc_t* D1) {
+  int64_t c = 0;
+  for (; c + 8 <= cw; c += 8)
+    nhwc_row_stats<8, kD>(p + c, W, C, kk + c, P, R + c, A + c, Q + c, D0 + c, D1 + c);
+  if (c + 4 <= cw) {
+    nhwc_row_stats<4, kD>(p + c, W, C, kk + c, P, R + c, A + c, Q + c, D0 + c, D1 + c);
+    c += 4;
+  }
+  if (c + 2 <= cw) {
+    nhwc_row_stats<2, kD>(p + c, W, C, kk + c, P, R + c, A + c, Q + c, D0 + c, D1 + c);
+    c += 2;
+  }
+  if (c < cw)
+    nhwc_row_stats<1, kD>(p + c, W, C, kk + c, P, R + c, A + c, Q + c, D0 + c, D1 + c);
+}
+
 template <typename scalar_t>
 void stats_nhwc(const scalar_t* x, const at::opmath_type<scalar_t>* K,
                 const at::opmath_type<scalar_t>* P, double* part, int64_t N, int64_t C,
@@ -245,40 +331,18 @@ void stats_nhwc(const scalar_t* x, const at::opmath_type<scalar_t>* K,
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nblk = (C + kCB - 1) / kCB;
   at::parallel_for(0, N * nblk, grain_for(H * W * std::min(C, kCB)), [&](int64_t b, int64_t e) {
-    acc_t kk[kCB], rR[kCB], rA[kCB], rQ[kCB], d0[kCB], d1[kCB];
+    acc_t rR[kCB], rA[kCB], rQ[kCB], d0[kCB], d1[kCB];
     double s1[kCB], s2[kCB], sr[kCB], sa[kCB];
     for (int64_t task = b; task < e; ++task) {
       const int64_t n = task / nblk, c0 = (task % nblk) * kCB;
       const int64_t cw = std::min(kCB, C - c0);
-      for (int64_t c = 0; c < cw; ++c) {
-        kk[c] = K[c0 + c];
-        s1[c] = s2[c] = sr[c] = sa[c] = 0.0;
-        d0[c] = d1[c] = acc_t(0);
-      }
+      for (int64_t c = 0; c < cw; ++c) s1[c] = s2[c] = sr[c] = sa[c] = 0.0;
       for (int64_t h = 0; h < H; ++h) {
-        for (int64_t c = 0; c < cw; ++c) rR[c] = rA[c] = rQ[c] = acc_t(0);
-        for (int64_t w = 0; w < W; ++w) {
-          const scalar_t* px = x + ((n * H + h) * W + w) * C + c0;
-          const acc_t sg = (w & 1) ? acc_t(-1) : acc_t(1);
-          if (h == 0) {
-            const acc_t p0 = P[w], p1 = P[W + w];
-            for (int64_t c = 0; c < cw; ++c) {
-              const acc_t t = static_cast<acc_t>(px[c]) - kk[c];
-              rR[c] += t;
-              rA[c] += sg * t;
-              rQ[c] += t * t;
-              d0[c] += t * p0;
-              d1[c] += t * p1;
-            }
-          } else {
-            for (int64_t c = 0; c < cw; ++c) {
-              const acc_t t = static_cast<acc_t>(px[c]) - kk[c];
-              rR[c] += t;
-              rA[c] += sg * t;
-              rQ[c] += t * t;
-            }
-          }
-        }
+        const scalar_t* p = x + (n * H + h) * W * C + c0;
+        if (h == 0)
+          nhwc_row_stats_all<true>(p, W, C, cw, K + c0, P, rR, rA, rQ, d0, d1);
+        else
+          nhwc_row_stats_all<false>(p, W, C, cw, K + c0, P, rR, rA, rQ, d0, d1);
         for (int64_t c = 0; c < cw; ++c) {
           s1[c] += rR[c];
           s2[c] += rQ[c];
@@ -359,6 +423,89 @@ void grad_nchw(const scalar_t* dy, const scalar_t* x, const at::opmath_type<scal
   });
 }
 
+// NHWC gradient row kernel over a compile-time block of CB channels (see nhwc_row_stats):
+// S = sum dy, T = sum dy*t in float over the row; kD (row 0): G0/G1 = sum dy*P[0/1, w].
+template <int CB, bool kD, typename scalar_t, typename acc_t>
+inline void nhwc_row_grad(const scalar_t* pd, const scalar_t* px, int64_t W, int64_t C,
+                          const acc_t* kk, const acc_t* P, acc_t* S, acc_t* T, acc_t* G0,
+                          acc_t* G1) {
+  // even / odd pixels in separate accumulators (two independent add chains), summed at the end
+  acc_t k[CB], se[CB], so[CB], te[CB], to[CB], g0[CB], g1[CB];
+  for (int j = 0; j < CB; ++j) {
+    k[j] = kk[j];
+    se[j] = so[j] = te[j] = to[j] = g0[j] = g1[j] = acc_t(0);
+  }
+  int64_t w = 0;
+  for (; w + 1 < W; w += 2) {
+    const scalar_t* d0 = pd + w * C;
+    const scalar_t* d1 = d0 + C;
+    const scalar_t* x0 = px + w * C;
+    const scalar_t* x1 = x0 + C;
+    if (kD) {
+      const acc_t u0 = P[w], u1 = P[w + 1], v0 = P[W + w], v1 = P[W + w + 1];
+      for (int j = 0; j < CB; ++j) {
+        const acc_t a = static_cast<acc_t>(d0[j]), b = static_cast<acc_t>(d1[j]);
+        se[j] += a;
+        so[j] += b;
+        te[j] += a * (static_cast<acc_t>(x0[j]) - k[j]);
+        to[j] += b * (static_cast<acc_t>(x1[j]) - k[j]);
+        g0[j] += a * u0;
+        g0[j] += b * u1;
+        g1[j] += a * v0;
+        g1[j] += b * v1;
+      }
+    } else {
+      for (int j = 0; j < CB; ++j) {
+        const acc_t a = static_cast<acc_t>(d0[j]), b = static_cast<acc_t>(d1[j]);
+        se[j] += a;
+        so[j] += b;
+        te[j] += a * (static_cast<acc_t>(x0[j]) - k[j]);
+        to[j] += b * (static_cast<acc_t>(x1[j]) - k[j]);
+      }
+    }
+  }
+  if (w < W) {
+    const scalar_t* d0 = pd + w * C;
+    const scalar_t* x0 = px + w * C;
+    for (int j = 0; j < CB; ++j) {
+      const acc_t a = static_cast<acc_t>(d0[j]);
+      se[j] += a;
+      te[j] += a * (static_cast<acc_t>(x0[j]) - k[j]);
+      if (kD) {
+        g0[j] += a * P[w];
+        g1[j] += a * P[W + w];
+      }
+    }
+  }
+  for (int j = 0; j < CB; ++j) {
+    S[j] = se[j] + so[j];
+    T[j] = te[j] + to[j];
+    if (kD) {
+      G0[j] = g0[j];
+      G1[j] = g1[j];
+    }
+  }
+}
+
+template <bool kD, typename scalar_t, typename acc_t>
+inline void nhwc_row_grad_all(const scalar_t* pd, const scalar_t* px, int64_t W, int64_t C,
+                              int64_t cw, const acc_t* kk, const acc_t* P, acc_t* S, acc_t* T,
+                              acc_t* G0, acc_t* G1) {
+  int64_t c = 0;
+  for (; c + 8 <= cw; c += 8)
+    nhwc_row_grad<8, kD>(pd + c, px + c, W, C, kk + c, P, S + c, T + c, G0 + c, G1 + c);
+  if (c + 4 <= cw) {
+    nhwc_row_grad<4, kD>(pd + c, px + c, W, C, kk + c, P, S + c, T + c, G0 + c, G1 + c);
+    c += 4;
+  }
+  if (c + 2 <= cw) {
+    nhwc_row_grad<2, kD>(pd + c, px + c, W, C, kk + c, P, S + c, T + c, G0 + c, G1 + c);
+    c += 2;
+  }
+  if (c < cw)
+    nhwc_row_grad<1, kD>(pd + c, px + c, W, C, kk + c, P, S + c, T + c, G0 + c, G1 + c);
+}
+
 template <typename scalar_t>
 void grad_nhwc(const scalar_t* dy, const scalar_t* x, const at::opmath_type<scalar_t>* K,
                const at::opmath_type<scalar_t>* P, double* part, int64_t N, int64_t C,
@@ -367,39 +514,18 @@ void grad_nhwc(const scalar_t* dy, const scalar_t* x, const at::opmath_type<scal
   const int64_t nblk = (C + kCB - 1) / kCB;
   at::parallel_for(0, N * nblk, grain_for(2 * H * W * std::min(C, kCB)),
                    [&](int64_t b, int64_t e) {
-    acc_t kk[kCB], rS[kCB], rT[kCB], g0[kCB], g1[kCB];
+    acc_t rS[kCB], rT[kCB], g0[kCB], g1[kCB];
     double sS[kCB], sT[kCB];
     for (int64_t task = b; task < e; ++task) {
       const int64_t n = task / nblk, c0 = (task % nblk) * kCB;
       const int64_t cw = std::min(kCB, C - c0);
-      for (int64_t c = 0; c < cw; ++c) {
-        kk[c] = K[c0 + c];
-        sS[c] = sT[c] = 0.0;
-        g0[c] = g1[c] = acc_t(0);
-      }
+      for (int64_t c = 0; c < cw; ++c) sS[c] = sT[c] = 0.0;
       for (int64_t h = 0; h < H; ++h) {
-        for (int64_t c = 0; c < cw; ++c) rS[c] = rT[c] = acc_t(0);
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t off = ((n * H + h) * W + w) * C + c0;
-          const scalar_t* px = x + off;
-          const scalar_t* pd = dy + off;
-          if (h == 0) {
-            const acc_t p0 = P[w], p1 = P[W + w];
-            for (int64_t c = 0; c < cw; ++c) {
-              const acc_t d = static_cast<acc_t>(pd[c]);
-              rS[c] += d;
-              rT[c] += d * (static_cast<acc_t>(px[c]) - kk[c]);
-              g0[c] += d * p0;
-              g1[c] += d * p1;
-            }
-          } else {
-            for (int64_t c = 0; c < cw; ++c) {
-              const acc_t d = static_cast<acc_t>(pd[c]);
-              rS[c] += d;
-              rT[c] += d * (static_cast<acc_t>(px[c]) - kk[c]);
-            }
-          }
-        }
+        const int64_t off = (n * H + h) * W * C + c0;
+        if (h == 0)
+          nhwc_row_grad_all<true>(dy + off, x + off, W, C, cw, K + c0, P, rS, rT, g0, g1);
+        else
+          nhwc_row_grad_all<false>(dy + off, x + off, W, C, cw, K + c0, P, rS, rT, g0, g1);
         for (int64_t c = 0; c < cw; ++c) {
           sS[c] += rS[c];
           sT[c] += rT[c];
