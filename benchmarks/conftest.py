@@ -47,6 +47,11 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+def pytest_sessionstart(session):
+    # Same CPU allocator setting as the bench command: timings of kernels, not of page faults.
+    bench.steady_cpu_allocator()
+
+
 def pytest_addoption(parser):
     g = parser.getgroup("normkernels", "normkernels benchmark selection")
     g.addoption("--nk-device", default=DEFAULTS["--nk-device"], help="cuda, cpu or auto")
