@@ -332,6 +332,17 @@ def _sbn_grad_core(Sdy, G0, G1, gz, Kz, mr, mi, s, a, N: int, H: int, W: int, tr
 # ----------------------------------------------------------------------------------------------
 
 
+def _batch_sums(x, passes, K, PD, sync):
+    """The statistics pass on t = x - K, combined over the process group when ``sync`` is given.
+    Returns (sums float64 (C, 6), the shift as a float64 column (C, 1) — the common one under
+    sync —, N over the group, this process's sums at that shift or None)."""
+    N, _, H, W = x.shape
+    sums, local, N_all = passes.stats(x, K, PD), None, N
+    if sync is not None:
+        sums, K, N_all, local = combine_shifted_sums(sums, K, N, H, W, sync)
+    return sums.to(_F64), K.view(-1, 1).to(_F64), N_all, local   # K: a contiguous column
+
+
 def _sbn_forward_impl(x, weight, bias, mean, var, eps, backend, sync=None):
     """``sync`` (normkernels.distributed, training only): statistics over every process; the
     saved tensor then gets a 6th column, the whole batch's N."""
@@ -342,11 +353,8 @@ def _sbn_forward_impl(x, weight, bias, mean, var, eps, backend, sync=None):
     K = _shift(x, acc)
     N_all = N
     if mean is None:
-        sums = passes.stats(x, K, PD)
-        if sync is not None:
-            sums, K, N_all, _ = combine_shifted_sums(sums, K, N, H, W, sync)
-        K = K.view(-1, 1).to(_F64)          # a contiguous column (fast cat below)
-        mr, mi, bvar = _spectral_stats(*_cols(sums.to(_F64)), K, N_all, H, W)
+        sums, K, N_all, _ = _batch_sums(x, passes, K, PD, sync)
+        mr, mi, bvar = _spectral_stats(*_cols(sums), K, N_all, H, W)
     else:
         mr, mi, bvar, K = _cols(torch.cat([mean, var.view(-1, 1),
                                            K.view(-1, 1)], 1).to(_F64))
@@ -492,11 +500,7 @@ def _bnsbn_forward_impl(x, bn_w, bn_b, bn_mean, bn_var, sbn_w, sbn_b, sbn_mean, 
     N_all = N
     local = None
     if bn_mean is None:
-        sums = passes.stats(x, K, PD)
-        if sync is not None:
-            sums, K, N_all, local = combine_shifted_sums(sums, K, N, H, W, sync)
-        K = K.view(-1, 1).to(_F64)          # a contiguous column (fast cat below)
-        sums = sums.to(_F64)
+        sums, K, N_all, local = _batch_sums(x, passes, K, PD, sync)
         S1, S2, SR, SA, SD0, SD1 = _cols(sums)
         nb = float(N_all * H * W)
         m_t = S1 / nb
