@@ -3,7 +3,8 @@
 Install with `pip install --no-build-isolation -e .` so the build uses the torch already
 installed (an isolated build would fetch torch again).
 
-The extension is always built from csrc/*.cpp + csrc/cpu/*.cpp; csrc/cuda/*.cu are added when
+The extension is always built from csrc/*.cpp + csrc/cpu/*.cpp + csrc/autograd/*.cpp;
+csrc/cuda/*.cu are added when
 torch was built with CUDA and a CUDA toolkit is found (CUDA_HOME), or when forced:
 
     NORMKERNELS_FORCE_CUDA=1   build the CUDA kernels even without a visible GPU/CUDA torch
@@ -32,7 +33,7 @@ def _ext_modules():
     def rel(pattern):
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/autograd/*.cpp")
     cuda_sources = rel("csrc/cuda/*.cu")
     if _env_flag("NORMKERNELS_NO_CUDA"):
         use_cuda = False

@@ -56,9 +56,44 @@ def check_running(running_mean, running_var, training: bool, layer: str) -> None
         raise ValueError(f"{layer}: running_mean and running_var are required when training=False")
 
 
-def update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum: float, count: int) -> None:
-    """running <- (1 - momentum) * running + momentum * batch, with the unbiased batch variance."""
+ACTIVATIONS = (None, "identity", "relu", "leaky_relu", "silu")
+FFT_NORMS = ("backward", "ortho", "forward")
+
+
+def check_activation(activation) -> str:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return "identity" if activation is None else activation
+
+
+def check_fft_norm(fft_norm) -> str:
+    if fft_norm not in FFT_NORMS:
+        raise ValueError(f"fft_norm must be one of {FFT_NORMS} (torch.fft's norm), got {fft_norm!r}")
+    return fft_norm
+
+
+def _activate(y, act: str, negative_slope: float):
+    # transitional: the kernels fuse the activation once the fused ops land
+    if act == "relu":
+        return torch.relu(y)
+    if act == "leaky_relu":
+        return torch.nn.functional.leaky_relu(y, negative_slope)
+    if act == "silu":
+        return torch.nn.functional.silu(y)
+    return y
+
+
+def update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count: int,
+                         num_batches_tracked=None) -> None:
+    """running <- (1 - f) * running + f * batch, with the unbiased batch variance; f = momentum, or
+    1 / num_batches_tracked (after its increment) for momentum=None (cumulative average)."""
     with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if momentum is None:
+            if num_batches_tracked is None:
+                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+            momentum = 1.0 / float(num_batches_tracked.item())
         unbiased = batch_var * (count / (count - 1))
         running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
         running_var.lerp_(unbiased.to(running_var.dtype), momentum)
@@ -87,6 +122,10 @@ def l2_batch_norm(
     l2_eps: float = 1e-12,
     rescale: bool = False,
     backend: str = "auto",
+    *,
+    num_batches_tracked=None,
+    activation=None,
+    negative_slope: float = 0.01,
 ):
     """L2BN: l2-normalize each sample's whole feature vector, then batch norm.
 
@@ -103,10 +142,12 @@ def l2_batch_norm(
     be = _backend.resolve("l2bn", backend, input)
     mean = None if training else _stats_arg(running_mean, input)
     var = None if training else _stats_arg(running_var, input)
+    act = check_activation(activation)
     y, batch_mean, batch_var = _l2bn.l2_batch_norm(input, weight, bias, mean, var, eps, l2_eps, rescale, be)
     if training and running_mean is not None:
-        update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count)
-    return y
+        update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count,
+                             num_batches_tracked)
+    return _activate(y, act, negative_slope)
 
 
 def resolve_algorithm(algorithm: str) -> str:
@@ -132,6 +173,11 @@ def spectral_batch_norm(
     eps: float = 1e-5,
     algorithm: str = "auto",
     backend: str = "auto",
+    *,
+    fft_norm: str = "backward",
+    num_batches_tracked=None,
+    activation=None,
+    negative_slope: float = 0.01,
 ):
     """SBN: batch norm of the rfft2 spectrum (complex mean, modulus variance, real affine).
 
@@ -151,10 +197,14 @@ def spectral_batch_norm(
     be = _backend.resolve("sbn", backend, input)
     mean = None if training else _stats_arg(running_mean, input, True)
     var = None if training else _stats_arg(running_var, input)
+    act = check_activation(activation)
+    if check_fft_norm(fft_norm) != "backward":
+        raise NotImplementedError("fft_norm other than 'backward' lands with the fused ops")
     y, batch_mean, batch_var = _sbn.spectral_batch_norm(input, weight, bias, mean, var, eps, algo, be)
     if training and running_mean is not None:
-        update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count)
-    return y
+        update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count,
+                             num_batches_tracked)
+    return _activate(y, act, negative_slope)
 
 
 def batch_norm_sbn(
@@ -173,6 +223,12 @@ def batch_norm_sbn(
     bn_eps: float = 1e-5,
     sbn_eps: float = 1e-5,
     backend: str = "auto",
+    *,
+    fft_norm: str = "backward",
+    bn_num_batches_tracked=None,
+    sbn_num_batches_tracked=None,
+    activation=None,
+    negative_slope: float = 0.01,
 ):
     """BatchNorm followed by SpectralBatchNorm, fused: one statistics pass, one elementwise pass."""
     layer = "batch_norm_sbn"
@@ -206,7 +262,12 @@ def batch_norm_sbn(
     y, bn_mean, bn_var, sbn_mean, sbn_var = _sbn.batch_norm_sbn(
         input, bn_weight, bn_bias, stats[0], stats[1], sbn_weight, sbn_bias, stats[2], stats[3], bn_eps, sbn_eps, be
     )
+    act = check_activation(activation)
+    if check_fft_norm(fft_norm) != "backward":
+        raise NotImplementedError("fft_norm other than 'backward' lands with the fused ops")
     if training and bn_running_mean is not None:
-        update_running_stats(bn_running_mean, bn_running_var, bn_mean, bn_var, bn_momentum, bn_count)
-        update_running_stats(sbn_running_mean, sbn_running_var, sbn_mean, sbn_var, sbn_momentum, sbn_count)
-    return y
+        update_running_stats(bn_running_mean, bn_running_var, bn_mean, bn_var, bn_momentum, bn_count,
+                             bn_num_batches_tracked)
+        update_running_stats(sbn_running_mean, sbn_running_var, sbn_mean, sbn_var, sbn_momentum, sbn_count,
+                             sbn_num_batches_tracked)
+    return _activate(y, act, negative_slope)

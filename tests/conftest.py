@@ -8,9 +8,18 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Op tests run on every device present: CPU always, CUDA when there is a GPU.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (run on a GPU machine: pytest -m cuda)")
+    config.addinivalue_line("markers", "gpu_compile: compiles kernels for sm_90 without a GPU (pytest -m gpu_compile)")
 
 
 def pytest_collection_modifyitems(config, items):
