@@ -352,6 +352,22 @@ def test_backends_reports_torch():
     assert set(b) == {"cuda", "cpp", "triton", "torch"} and b["torch"]
 
 
+def test_compiled_model_matches_eager():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nk.L2BatchNorm2d(4, backend="torch"), nn.ReLU(),
+                          nk.BatchNormSBN2d(4, backend="torch"), nk.SpectralBatchNorm2d(4, backend="torch"),
+                          nk.L2BatchNormAct2d(4, act_layer=nn.SiLU, backend="torch"))
+    x = torch.randn(4, 3, 8, 8)
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    y, yc = model(x), compiled(x)
+    torch.testing.assert_close(yc, y, rtol=1e-4, atol=1e-4)
+    yc.square().sum().backward()
+    y.square().sum().backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(twin[1].running_var, model[1].running_var)
+
+
 @pytest.mark.parametrize("convert,mean_dtype", [
     (lambda m: m.double(), torch.complex128),
     (lambda m: m.to(torch.float16), torch.complex64),
