@@ -161,7 +161,8 @@ def insert_sbn(model: nn.Module, stages: Iterable = (3, 4), fuse: bool = True, *
 
     State: the norm's keys do not change (layer4.0.bn1.weight stays layer4.0.bn1.weight in
     every form), so checkpoints of the plain model load strictly; SBN's is new, under
-    <layer>.sbn_*, and a FreshStateWarning lists those keys.
+    <layer>.sbn_*, and where it sits beside trained statistics a FreshStateWarning lists those
+    keys (loading a plain checkpoint later reports them too).
     """
     from . import distributed as nkd
 
@@ -194,7 +195,9 @@ def insert_sbn(model: nn.Module, stages: Iterable = (3, 4), fuse: bool = True, *
             new = NormThenSBN2d(m, make_sbn(m, isinstance(m, nkd._Sync)))
         else:
             return None
-        fresh.extend(name + "sbn_" + k for k in ("weight", "bias") + _RUNNING if getattr(sbn_of(new), k, None) is not None)
+        if _is_trained(m):  # fresh SBN state beside trained state: say so (a fresh model is all fresh)
+            fresh.extend(name + "sbn_" + k for k in ("weight", "bias") + _RUNNING
+                         if getattr(sbn_of(new), k, None) is not None)
         return new
 
     def sbn_of(new):

@@ -56,10 +56,11 @@ def test_convert_bn_to_l2bn_resets_trained_statistics_and_says_so():
     assert isinstance(nk.convert_bn_to_l2bn(nn.BatchNorm1d(3)), nk.L2BatchNorm1d)
 
 
-def test_convert_fresh_model_does_not_warn():
+def test_surgery_on_a_fresh_model_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         nk.convert_bn_to_l2bn(TinyResNet())
+        nk.insert_sbn(TinyResNet(), stages=(3, 4))
 
 
 def test_converted_model_with_batches_has_l2bn_statistics_and_a_working_eval():
@@ -150,8 +151,7 @@ def test_surgery_never_adds_a_second_sbn():
 def test_insert_sbn_after_l2bn():
     """#12.6: insert_sbn on a model already converted to L2BN."""
     model = nk.convert_bn_to_l2bn(TinyResNet())
-    with pytest.warns(nk.FreshStateWarning):
-        nk.insert_sbn(model, stages=(4,))
+    nk.insert_sbn(model, stages=(4,))
     pair = model.layer4[1]
     assert isinstance(pair, nk.NormThenSBN2d) and isinstance(pair.norm, nk.L2BatchNorm2d)
     x = rand(4, 3, 8, 8, seed=3)
