@@ -23,6 +23,7 @@ import importlib.abc
 import importlib.util
 import sys
 import threading
+import warnings
 
 from torch import nn
 
@@ -96,6 +97,8 @@ def _install_timm_norm_act(mod) -> None:
 def _install_timm_create_norm_act(mod) -> None:
     from . import modules as m
 
+    if not hasattr(mod, "_NORM_TO_NORM_ACT_MAP"):  # timm before its class -> norm+act map: nothing to add to
+        return
     pairs = {m.L2BatchNorm2d: m.L2BatchNormAct2d, m.SpectralBatchNorm2d: m.SpectralBatchNormAct2d,
              m.BatchNormSBN2d: m.BatchNormSBNAct2d}
     for norm, norm_act in pairs.items():
@@ -126,10 +129,18 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             loader_exec(module)
-            installer(module)
+            _run(installer, module)
 
         spec.loader.exec_module = exec_module
         return spec
+
+
+def _run(installer, module) -> None:
+    try:
+        installer(module)
+    except Exception as e:  # a timm whose internals differ must still import
+        warnings.warn(f"normkernels could not add its layers to {module.__name__} ({type(e).__name__}: {e}); "
+                      f"timm's helpers will not see them", RuntimeWarning, stacklevel=2)
 
 
 def install() -> None:
@@ -137,6 +148,6 @@ def install() -> None:
     _install_torch()
     for name, installer in _INSTALLERS.items():
         if name in sys.modules:
-            installer(sys.modules[name])
+            _run(installer, sys.modules[name])
     if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport())
