@@ -12,10 +12,18 @@ still joins both collectives and returns an empty output and zero parameter grad
 Eval mode (running statistics) does no collective.
 
 The math is the single-process code in normkernels/ops (``sync=`` argument of the internal
-implementation functions); this module only provides the reducer and the modules.
+implementation functions); this module provides the reducer, the modules and convert_sync.
 
     model = normkernels.distributed.convert_sync(model)        # before wrapping in DDP
     model = torch.nn.parallel.DistributedDataParallel(model)
+
+convert_sync converts the whole model: every nk layer into its Sync form, and torch's
+BatchNorm1d/2d/3d (and timm's BatchNormAct2d) into nn.SyncBatchNorm (timm's SyncBatchNormAct)
+when the group's backend is NCCL, else into SyncBatchNorm / SyncBatchNormAct2d below (the same
+math on any device and backend: nn.SyncBatchNorm runs only on GPUs, and DDP refuses it in CPU
+modules). No model is left half-synchronized: torch's
+nn.SyncBatchNorm.convert_sync_batchnorm and timm's convert_sync_batchnorm convert the nk layers
+too (normkernels wraps them when imported; see normkernels/_frameworks.py).
 """
 from __future__ import annotations
 
@@ -25,11 +33,15 @@ from torch import nn
 
 from . import _backend
 from . import functional as F_nk
-from .modules import BatchNormSBN2d, L2BatchNorm2d, SpectralBatchNorm2d, _RunningStatsMixin
+from .modules import (BatchNormSBN2d, BatchNormSBNAct2d, L2BatchNorm1d, L2BatchNorm2d, L2BatchNormAct2d,
+                      SpectralBatchNorm2d, SpectralBatchNormAct2d)
+from .ops import _act
 from .ops import l2bn as _l2bn
 from .ops import sbn as _sbn
 
-__all__ = ["Reducer", "SyncL2BatchNorm2d", "SyncSpectralBatchNorm2d", "SyncBatchNormSBN2d", "convert_sync"]
+__all__ = ["Reducer", "SyncL2BatchNorm1d", "SyncL2BatchNorm2d", "SyncSpectralBatchNorm2d", "SyncBatchNormSBN2d",
+           "SyncL2BatchNormAct2d", "SyncSpectralBatchNormAct2d", "SyncBatchNormSBNAct2d", "SyncBatchNorm",
+           "SyncBatchNormAct2d", "convert_sync"]
 
 
 class Reducer:
@@ -154,38 +166,202 @@ class _BNSBNSync(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+
+class _BatchNormSync(torch.autograd.Function):
+    """Plain BatchNorm over a process group on any device (nn.SyncBatchNorm's kernels are GPU-only):
+    one all_gather of (count, mean, M2) rows combined with Chan's formula, one all_reduce of the
+    gradient sums (sum dy, sum dy * xhat)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, reducer):
+        c = x.shape[1]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dims = [0] + list(range(2, x.dim()))
+        xa = x.to(acc)
+        n = x.numel() // c
+        if n > 0:
+            var_l, mean_l = torch.var_mean(xa, dims, correction=0)
+        else:  # an empty local batch still joins both collectives
+            var_l = mean_l = torch.zeros(c, dtype=acc, device=x.device)
+        rows = reducer.gather(torch.stack([torch.full_like(mean_l, n), mean_l, var_l * n]))  # (P, 3, C)
+        counts, means, m2s = rows.unbind(1)
+        total = counts.sum(0)
+        mean = (counts * means).sum(0) / total
+        var = (m2s + counts * (means - mean) ** 2).sum(0) / total
+        invstd = torch.rsqrt(var + eps)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        scale = invstd if weight is None else invstd * weight.to(acc)
+        shift = -mean * scale if bias is None else bias.to(acc) - mean * scale
+        y = (xa * scale.view(shape) + shift.view(shape)).to(x.dtype)
+        ctx.save_for_backward(x, weight, mean, invstd, total)
+        ctx.reducer, ctx.has_bias = reducer, bias is not None
+        count = int(counts[:, 0].sum().item())
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var, count
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar, _dcount):
+        x, weight, mean, invstd, total = ctx.saved_tensors
+        c = x.shape[1]
+        acc = mean.dtype
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, c] + [1] * (x.dim() - 2)
+        dy_a = torch.zeros(x.shape, dtype=acc, device=x.device) if dy is None else dy.to(acc)
+        xhat = (x.to(acc) - mean.view(shape)) * invstd.view(shape)
+        local = torch.stack([dy_a.sum(dims), (dy_a * xhat).sum(dims)])
+        sums = ctx.reducer.all_reduce(local)
+        k = invstd if weight is None else invstd * weight.to(acc)
+        dx = k.view(shape) * (dy_a - (sums[0] / total).view(shape) - xhat * (sums[1] / total).view(shape))
+        dweight = local[1].to(weight.dtype) if weight is not None else None
+        dbias = local[0].to(weight.dtype if weight is not None else acc) if ctx.has_bias else None
+        return dx.to(x.dtype), dweight, dbias, None, None
+
+
+# --------------------------------------------------------------------------- the synchronized ops
+# These four have the contracts of normkernels.ops.l2bn.l2bn_sync, ops.sbn.sbn_sync / bnsbn_sync
+# (PLAN section 2): when those land, the three nk ones are replaced by them one for one.
+
+def _fft_scale(fft_norm: str, h: int, w: int) -> float:
+    """f, the forward rfft2's scale for torch.fft's norm (1, 1/sqrt(HW), 1/(HW))."""
+    return {"backward": 1.0, "ortho": (h * w) ** -0.5, "forward": 1.0 / (h * w)}[fft_norm]
+
+
+def l2bn_sync(x, weight, bias, eps, l2_eps, rescale, act, act_param, backend, reducer):
+    """-> (y, batch_mean, batch_var (biased), count = values per channel over the group)."""
+    info = {}
+    y, mean, var = _L2BNSync.apply(x, weight, bias, eps, l2_eps, rescale, backend, reducer, info)
+    return _act.act_forward(y, act, act_param), mean, var, info["count"]
+
+
+def sbn_sync(x, weight, bias, eps, fft_norm, act, act_param, backend, reducer):
+    """-> (y, batch_mean (C, 2) [re, im], batch_var, count). fft_norm m: the m-normalized spectrum
+    is f times the unnormalized one, so its layer is h = 1/f times the "backward" layer with
+    eps / f^2, and its statistics are f mu, f^2 var."""
+    h_, w_ = x.shape[-2:]
+    f = _fft_scale(fft_norm, h_, w_)
+    info = {}
+    y, mean, var = _SBNSync.apply(x, weight, bias, eps / (f * f), backend, reducer, info)
+    if f != 1.0:
+        y, mean, var = y / f, mean * f, var * (f * f)
+    return _act.act_forward(y, act, act_param), mean, var, info["n"] * h_ * (w_ // 2 + 1)
+
+
+def bnsbn_sync(x, bn_w, bn_b, sbn_w, sbn_b, bn_eps, sbn_eps, fft_norm, act, act_param, backend, reducer):
+    """-> (y, bn_mean, bn_var, sbn_mean (C, 2), sbn_var, bn_count, sbn_count); fft_norm as sbn_sync."""
+    h_, w_ = x.shape[-2:]
+    f = _fft_scale(fft_norm, h_, w_)
+    info = {}
+    y, bm, bv, sm, sv = _BNSBNSync.apply(x, bn_w, bn_b, sbn_w, sbn_b, bn_eps, sbn_eps / (f * f), backend, reducer,
+                                         info)
+    if f != 1.0:
+        y, sm, sv = y / f, sm * f, sv * (f * f)
+    n = info["n"]
+    return _act.act_forward(y, act, act_param), bm, bv, sm, sv, n * h_ * w_, n * h_ * (w_ // 2 + 1)
+
+
+def batch_norm_sync(x, weight, bias, eps, reducer):
+    """Plain BatchNorm over the group -> (y, batch_mean, batch_var (biased), count)."""
+    return _BatchNormSync.apply(x, weight, bias, eps, reducer)
+
+
 # --------------------------------------------------------------------------- modules
-class _SyncMixin:
-    def _sync(self):
-        """The reducer when this forward must synchronize (training, group of > 1), else None."""
-        return reducer_for(self.process_group) if self.training else None
+def _tracked(layer, prefix=""):
+    mean = getattr(layer, prefix + "running_mean")
+    return mean is not None and layer.track_running_stats
 
 
-class SyncL2BatchNorm2d(_SyncMixin, L2BatchNorm2d):
-    """L2BatchNorm2d whose training statistics are computed over a process group (None = WORLD)."""
+def _complex(mean_ri):
+    return torch.view_as_complex(mean_ri.detach().contiguous())
+
+
+def _l2bn_forward(layer, input, reducer):
+    name = type(layer).__name__
+    _check_input(input, layer._ranks, name)
+    tracked = _tracked(layer)
+    F_nk.check_channel_tensors(input, name, weight=layer.weight, bias=layer.bias,
+                               running_mean=layer.running_mean if tracked else None,
+                               running_var=layer.running_var if tracked else None)
+    be = _backend.resolve("l2bn", layer.backend, input)
+    y, mean, var, count = l2bn_sync(input, layer.weight, layer.bias, float(layer.eps), float(layer.l2_eps),
+                                    bool(layer.rescale), F_nk.check_activation(layer._activation),
+                                    float(layer._negative_slope), be, reducer)
+    _check_global_count(count, input, name)
+    if tracked:
+        F_nk.update_running_stats(layer.running_mean, layer.running_var, mean.detach(), var.detach(), layer.momentum,
+                                  count, layer.num_batches_tracked)
+    return y
+
+
+def _sbn_forward(layer, input, reducer):
+    name = type(layer).__name__
+    _check_input(input, (4,), name)
+    _check_algorithm(layer.algorithm)
+    tracked = _tracked(layer)
+    F_nk.check_channel_tensors(input, name, weight=layer.weight, bias=layer.bias,
+                               running_mean=layer.running_mean if tracked else None,
+                               running_var=layer.running_var if tracked else None)
+    be = _backend.resolve("sbn", layer.backend, input)
+    y, mean, var, count = sbn_sync(input, layer.weight, layer.bias, float(layer.eps), layer.fft_norm,
+                                   F_nk.check_activation(layer._activation), float(layer._negative_slope), be, reducer)
+    _check_global_count(count, input, name)
+    if tracked:
+        F_nk.update_running_stats(layer.running_mean, layer.running_var, _complex(mean), var.detach(), layer.momentum,
+                                  count, layer.num_batches_tracked)
+    return y
+
+
+def _bnsbn_forward(layer, input, reducer):
+    name = type(layer).__name__
+    _check_input(input, (4,), name)
+    tracked = _tracked(layer)
+    F_nk.check_channel_tensors(input, name, bn_weight=layer.weight, bn_bias=layer.bias, sbn_weight=layer.sbn_weight,
+                               sbn_bias=layer.sbn_bias, bn_running_mean=layer.running_mean if tracked else None,
+                               bn_running_var=layer.running_var if tracked else None,
+                               sbn_running_mean=layer.sbn_running_mean if tracked else None,
+                               sbn_running_var=layer.sbn_running_var if tracked else None)
+    be = _backend.resolve("sbn", layer.backend, input)
+    y, bm, bv, sm, sv, bn_count, sbn_count = bnsbn_sync(
+        input, layer.weight, layer.bias, layer.sbn_weight, layer.sbn_bias, float(layer.eps), float(layer.sbn_eps),
+        layer.fft_norm, F_nk.check_activation(layer._activation), float(layer._negative_slope), be, reducer)
+    _check_global_count(min(bn_count, sbn_count), input, name)
+    if tracked:
+        F_nk.update_running_stats(layer.running_mean, layer.running_var, bm.detach(), bv.detach(), layer.momentum,
+                                  bn_count, layer.num_batches_tracked)
+        F_nk.update_running_stats(layer.sbn_running_mean, layer.sbn_running_var, _complex(sm), sv.detach(),
+                                  layer.sbn_momentum, sbn_count, layer.sbn_num_batches_tracked)
+    return y
+
+
+def _batch_norm_forward(layer, input, reducer):
+    if input.dim() < 2:
+        raise ValueError(f"{type(layer).__name__}: expected an (N, C, ...) input, got shape {tuple(input.shape)}")
+    tracked = _tracked(layer)
+    y, mean, var, count = batch_norm_sync(input, layer.weight, layer.bias, float(layer.eps), reducer)
+    _check_global_count(count, input, type(layer).__name__)
+    if tracked:
+        F_nk.update_running_stats(layer.running_mean, layer.running_var, mean.detach(), var.detach(), layer.momentum,
+                                  count, layer.num_batches_tracked)
+    return y
+
+
+class _Sync:
+    """First base of every Sync layer: in training, with torch.distributed initialized and a
+    group of more than one process (process_group, None = WORLD), the statistics are the
+    group's; otherwise the layer runs exactly as its parent."""
+
+    _sync_forward = None  # the family's synchronized training forward(layer, input, reducer)
 
     def __init__(self, *args, process_group=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.process_group = process_group
 
     def forward(self, input):
-        sync = self._sync()
-        if sync is None:
+        reducer = reducer_for(self.process_group) if self.training else None
+        if reducer is None:
             return super().forward(input)
-        layer = type(self).__name__
-        _check_input(input, self._ranks, layer)
-        training, running_mean, running_var, factor = self._stats_plan()
-        F_nk.check_channel_tensors(input, layer, weight=self.weight, bias=self.bias, running_mean=running_mean,
-                                   running_var=running_var)
-        be = _backend.resolve("l2bn", self.backend, input)
-        info = {}
-        y, mean, var = _L2BNSync.apply(input, self.weight, self.bias, float(self.eps), float(self.l2_eps),
-                                       bool(self.rescale), be, sync, info)
-        count = info["count"]
-        _check_global_count(count, input, layer)
-        if running_mean is not None:
-            F_nk.update_running_stats(running_mean, running_var, mean, var, factor, count)
-        self._count_batch()
+        y = self._sync_forward(input, reducer)
+        if self._unfused:  # NormAct layers whose activation / drop runs as a module
+            y = self.act(self.drop(y))
         return y
 
 
@@ -198,100 +374,160 @@ def _check_algorithm(algorithm: str) -> str:
     return algo
 
 
-class SyncSpectralBatchNorm2d(_SyncMixin, SpectralBatchNorm2d):
-    """SpectralBatchNorm2d whose training statistics are computed over a process group (None =
-    WORLD). Only algorithm "parseval"/"auto" (the same math as "fft") can be synchronized."""
+class SyncL2BatchNorm1d(_Sync, L2BatchNorm1d):
+    """L2BatchNorm1d with its training statistics over a process group (None = WORLD)."""
+    _sync_forward = _l2bn_forward
 
-    def __init__(self, *args, process_group=None, **kwargs):
+
+class SyncL2BatchNorm2d(_Sync, L2BatchNorm2d):
+    """L2BatchNorm2d with its training statistics over a process group (None = WORLD)."""
+    _sync_forward = _l2bn_forward
+
+
+class SyncSpectralBatchNorm2d(_Sync, SpectralBatchNorm2d):
+    """SpectralBatchNorm2d with its training statistics over a process group (None = WORLD).
+    Only algorithm "parseval"/"auto" (the same math as "fft") can be synchronized."""
+    _sync_forward = _sbn_forward
+
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _check_algorithm(self.algorithm)
-        self.process_group = process_group
-
-    def forward(self, input):
-        sync = self._sync()
-        if sync is None:
-            return super().forward(input)
-        layer = type(self).__name__
-        _check_input(input, (4,), layer)
-        training, running_mean, running_var, factor = self._stats_plan()
-        F_nk.check_channel_tensors(input, layer, weight=self.weight, bias=self.bias, running_mean=running_mean,
-                                   running_var=running_var)
-        _check_algorithm(self.algorithm)
-        be = _backend.resolve("sbn", self.backend, input)
-        info = {}
-        y, m, v = _SBNSync.apply(input, self.weight, self.bias, float(self.eps), be, sync, info)
-        count = info["n"] * input.shape[2] * (input.shape[3] // 2 + 1)
-        _check_global_count(count, input, layer)
-        if running_mean is not None:
-            F_nk.update_running_stats(running_mean, running_var, _sbn._to_complex(m.detach()), v.detach(),
-                                      factor, count)
-        self._count_batch()
-        return y
 
 
-class SyncBatchNormSBN2d(_SyncMixin, BatchNormSBN2d):
-    """BatchNormSBN2d whose training statistics (BN's and SBN's) are computed over a process group
-    (None = WORLD)."""
+class SyncBatchNormSBN2d(_Sync, BatchNormSBN2d):
+    """BatchNormSBN2d with its training statistics (BN's and SBN's) over a process group."""
+    _sync_forward = _bnsbn_forward
 
-    def __init__(self, *args, process_group=None, **kwargs):
+
+class SyncL2BatchNormAct2d(_Sync, L2BatchNormAct2d):
+    """L2BatchNormAct2d with its training statistics over a process group (None = WORLD)."""
+    _sync_forward = _l2bn_forward
+
+
+class SyncSpectralBatchNormAct2d(_Sync, SpectralBatchNormAct2d):
+    """SpectralBatchNormAct2d with its training statistics over a process group (parseval only)."""
+    _sync_forward = _sbn_forward
+
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        _check_algorithm(self.algorithm)
+
+
+class SyncBatchNormSBNAct2d(_Sync, BatchNormSBNAct2d):
+    """BatchNormSBNAct2d with its training statistics over a process group (None = WORLD)."""
+    _sync_forward = _bnsbn_forward
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """nn.BatchNorm1d/2d/3d with its training statistics over a process group, like
+    nn.SyncBatchNorm, on any device and backend (gloo on CPUs too): nn.SyncBatchNorm runs only
+    on GPUs. convert_sync makes torch's BatchNorm layers into it where the group's backend is
+    not NCCL. One all_gather forward, one all_reduce backward; empty local batches are allowed.
+
+    Args: nn.BatchNorm2d's (num_features, eps, momentum, affine, track_running_stats, device,
+    dtype) and process_group (None = WORLD). Shape: input (N, C, *), output the same."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
 
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected an (N, C, ...) input, got a {input.dim()}-d input")
+
     def forward(self, input):
-        sync = self._sync()
-        if sync is None:
+        reducer = reducer_for(self.process_group) if self.training else None
+        if reducer is None:
             return super().forward(input)
-        layer = type(self).__name__
-        bn, sbn = self.bn, self.sbn
-        _check_input(input, (4,), layer)
-        bn_training, bn_rm, bn_rv, bn_factor = _RunningStatsMixin._stats_plan(bn)
-        sbn_training, sbn_rm, sbn_rv, sbn_factor = sbn._stats_plan()
-        if bn_training != sbn_training:
-            raise ValueError(f"{layer}: bn and sbn must both be in training or both in eval mode")
-        F_nk.check_channel_tensors(input, layer, bn_weight=bn.weight, bn_bias=bn.bias, sbn_weight=sbn.weight,
-                                   sbn_bias=sbn.bias, bn_running_mean=bn_rm, bn_running_var=bn_rv,
-                                   sbn_running_mean=sbn_rm, sbn_running_var=sbn_rv)
-        be = _backend.resolve("sbn", self.backend, input)
-        info = {}
-        y, bm, bv, sm, sv = _BNSBNSync.apply(input, bn.weight, bn.bias, sbn.weight, sbn.bias,
-                                             float(bn.eps), float(sbn.eps), be, sync, info)
-        n_all = info["n"]
-        h, w = input.shape[2], input.shape[3]
-        bn_count, sbn_count = n_all * h * w, n_all * h * (w // 2 + 1)
-        _check_global_count(min(bn_count, sbn_count), input, layer)
-        if bn_rm is not None:
-            F_nk.update_running_stats(bn_rm, bn_rv, bm.detach(), bv.detach(), bn_factor, bn_count)
-        if sbn_rm is not None:
-            F_nk.update_running_stats(sbn_rm, sbn_rv, _sbn._to_complex(sm.detach()), sv.detach(), sbn_factor,
-                                      sbn_count)
-        _RunningStatsMixin._count_batch(bn)
-        sbn._count_batch()
-        return y
+        return _batch_norm_forward(self, input, reducer)
+
+
+class SyncBatchNormAct2d(SyncBatchNorm):
+    """timm's BatchNormAct2d (norm, then drop, then act) synchronized on any backend: what
+    convert_sync makes of it where timm's SyncBatchNormAct (GPU only) cannot run."""
+
+    def forward(self, input):
+        return self.act(self.drop(super().forward(input)))
 
 
 # --------------------------------------------------------------------------- conversion
-_SYNC_OF = {L2BatchNorm2d: SyncL2BatchNorm2d, SpectralBatchNorm2d: SyncSpectralBatchNorm2d,
-            BatchNormSBN2d: SyncBatchNormSBN2d}
+_SYNC_OF = {L2BatchNorm1d: SyncL2BatchNorm1d, L2BatchNorm2d: SyncL2BatchNorm2d,
+            SpectralBatchNorm2d: SyncSpectralBatchNorm2d, BatchNormSBN2d: SyncBatchNormSBN2d,
+            L2BatchNormAct2d: SyncL2BatchNormAct2d, SpectralBatchNormAct2d: SyncSpectralBatchNormAct2d,
+            BatchNormSBNAct2d: SyncBatchNormSBNAct2d}
+_TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _to_sync(module: nn.Module, process_group) -> nn.Module:
-    cls = _SYNC_OF[type(module)]
+def _retype(module: nn.Module, cls, process_group) -> nn.Module:
+    """A cls object with module's parameters, buffers, sub-modules, hooks and settings."""
     new = cls.__new__(cls)
-    # same parameters, buffers, sub-modules, hooks and settings (the containers are copied)
     new.__dict__.update({k: (type(v)(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
     new.process_group = process_group
-    if cls is SyncSpectralBatchNorm2d:
+    if isinstance(new, (SyncSpectralBatchNorm2d, SyncSpectralBatchNormAct2d)):
         _check_algorithm(new.algorithm)
     return new
 
 
-def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
-    """Swap every L2BatchNorm2d, SpectralBatchNorm2d and BatchNormSBN2d in ``module`` for its Sync
-    version, sharing the parameters and buffers (like nn.SyncBatchNorm.convert_sync_batchnorm).
-    Returns the converted model (a new top-level object when ``module`` itself is such a layer).
-    A SpectralBatchNorm2d with algorithm="fft" raises ValueError (use "parseval": same math)."""
+def _to_sync(module: nn.Module, process_group) -> nn.Module:
+    """The Sync form of an nk layer (same state)."""
+    return _retype(module, _SYNC_OF[type(module)], process_group)
+
+
+def _is_synchronized(m: nn.Module) -> bool:
+    return isinstance(m, (_Sync, nn.SyncBatchNorm, SyncBatchNorm))
+
+
+def _uses_nccl(process_group) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_backend(process_group) == "nccl"
+
+
+def _timm_batch_norm_act(m: nn.Module) -> bool:
+    return any(c.__name__ == "BatchNormAct2d" and c.__module__.startswith("timm.") for c in type(m).__mro__)
+
+
+def convert_nk_layers(module: nn.Module, process_group=None) -> nn.Module:
+    """Only the nk layers of ``module`` into their Sync forms (what torch's and timm's converters
+    add to their own work, see _frameworks.py)."""
     if type(module) in _SYNC_OF:
         return _to_sync(module, process_group)
+    for name, child in module.named_children():
+        new = convert_nk_layers(child, process_group)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
+    """Synchronize every normalization layer of ``module`` over ``process_group`` (None = WORLD),
+    sharing parameters and buffers (like nn.SyncBatchNorm.convert_sync_batchnorm); call it
+    before wrapping the model in DDP. Returns the converted model (a new top-level object when
+    ``module`` itself is such a layer).
+
+        L2BatchNorm1d/2d, SpectralBatchNorm2d, BatchNormSBN2d and their NormAct forms -> Sync*
+        nn.BatchNorm1d/2d/3d -> nn.SyncBatchNorm with an NCCL group, else SyncBatchNorm (this
+            module's: the same math on any device; nn.SyncBatchNorm runs only on GPUs)
+        timm's BatchNormAct2d -> timm's SyncBatchNormAct with NCCL, else SyncBatchNormAct2d
+    Layers already synchronized are kept. Raises ValueError for SpectralBatchNorm2d with
+    algorithm="fft" (use "parseval": same math), and TypeError for any other _BatchNorm subclass
+    (its forward is unknown: converting it could change what it computes)."""
+    if type(module) in _SYNC_OF:
+        return _to_sync(module, process_group)
+    if _is_synchronized(module):
+        return module
+    if _timm_batch_norm_act(module):
+        if _uses_nccl(process_group):
+            import importlib
+
+            return importlib.import_module("timm.layers.norm_act").convert_sync_batchnorm(module, process_group)
+        return _retype(module, SyncBatchNormAct2d, process_group)
+    if type(module) in _TORCH_BN:
+        if _uses_nccl(process_group):
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+        return _retype(module, SyncBatchNorm, process_group)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"convert_sync: do not know how to synchronize {type(module).__name__} (a BatchNorm "
+                        f"subclass with its own forward); convert it yourself or replace it")
     for name, child in module.named_children():
         new = convert_sync(child, process_group)
         if new is not child:

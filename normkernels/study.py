@@ -136,6 +136,27 @@ def _layer_impl(model) -> str:
     return "+".join(names) or "-"
 
 
+#: the study's optional dependencies (import name -> package), installed by normkernels[study]
+EXTRAS = {"sklearn": "scikit-learn", "tqdm": "tqdm", "matplotlib": "matplotlib"}
+
+
+def require_extras() -> None:
+    """Fail before any work, naming the extra, when an optional dependency is missing."""
+    import importlib.util
+
+    missing = [pkg for mod, pkg in EXTRAS.items() if _find(importlib.util, mod) is None]
+    if missing:
+        raise ModuleNotFoundError(f"the study needs {', '.join(missing)}, not installed: "
+                                  f"pip install 'normkernels[study]'", name=missing[0])
+
+
+def _find(util, module: str):
+    try:
+        return util.find_spec(module)
+    except ValueError:  # a module set to None in sys.modules (how tests hide a package)
+        return None
+
+
 def run_study(out: str = "study_results", *, seeds: Sequence[int] = (0, 1, 2), epochs: int = 6,
               norms: Sequence[str] = NORMS, device: str = "cpu", block: str = "plain",
               widths: Sequence[int] = (16, 32, 64), blocks: int = 2, batch_size: int = 32,
@@ -147,6 +168,7 @@ def run_study(out: str = "study_results", *, seeds: Sequence[int] = (0, 1, 2), e
     ``threads``: torch intra-op threads while it runs (restored afterwards; None leaves it). The
     default 1 is deliberate: the convolutions are tiny, extra threads barely help, and on a busy
     machine OpenMP threads oversubscribe the cores and slow training down by 10x and more."""
+    require_extras()
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

@@ -12,7 +12,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import normkernels as nk
+import normkernels.distributed as nkd
 from normkernels.distributed import convert_sync
+from test_modules import sbn_literal
 
 WORLD = 2
 # name -> (layer factory, input width W); odd W drops SBN's alternating-sum term.
@@ -20,10 +22,17 @@ LAYERS = {
     "l2bn": (lambda: nk.L2BatchNorm2d(3, backend="torch"), 6),
     "l2bn_cpp": (lambda: nk.L2BatchNorm2d(3), 6),
     "l2bn_rescale_noaffine": (lambda: nk.L2BatchNorm2d(3, affine=False, rescale=True, momentum=None), 6),
+    "l2bn1d": (lambda: nk.L2BatchNorm1d(3), 6),  # #12.5: fed (N, C, H*W)
+    "l2bn_act_silu": (lambda: nk.L2BatchNormAct2d(3, act_layer=nn.SiLU), 6),
     "sbn": (lambda: nk.SpectralBatchNorm2d(3), 6),
     "sbn_odd_w": (lambda: nk.SpectralBatchNorm2d(3), 5),
+    "sbn_act_leaky": (lambda: nk.SpectralBatchNormAct2d(3, act_layer=nn.LeakyReLU, act_kwargs={"negative_slope": 0.2}),
+                      6),
     "bnsbn": (lambda: nk.BatchNormSBN2d(3), 6),
     "bnsbn_odd_w": (lambda: nk.BatchNormSBN2d(3), 5),
+    "bnsbn_act_unfused": (lambda: nk.BatchNormSBNAct2d(3, act_layer=nn.GELU), 6),
+    "torch_bn": (lambda: nn.BatchNorm2d(3), 6),  # -> normkernels.distributed.SyncBatchNorm on gloo
+    "torch_bn_cumulative": (lambda: nn.BatchNorm2d(3, momentum=None), 5),
 }
 # Per-rank batch sizes: uneven, and one rank with an empty batch.
 SPLITS = {"uneven": [3, 5], "empty_rank": [6, 0]}
@@ -75,10 +84,12 @@ def check_layer_matches_single_process(rank, name, split):
     # a different mean per rank: the ranks' statistics shifts differ
     x = torch.randn(sum(sizes), 3, 6, width, generator=g, dtype=torch.float64) * 2 + 3
     x[sizes[0]:] += 5
+    if name == "l2bn1d":
+        x = x.flatten(2)
     dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
     single = randomized(make().double(), seed=1)
     synced = convert_sync(copy.deepcopy(single))
-    assert synced is not single
+    assert synced is not single and nkd._is_synchronized(synced), type(synced)
 
     # One process, whole batch.
     xs = x.clone().requires_grad_()
@@ -105,7 +116,38 @@ def check_layer_matches_single_process(rank, name, split):
         torch.testing.assert_close(synced(x), single.eval()(x))
 
 
+def check_fft_norm_against_torch_fft(rank):
+    """#12.9 in the synchronized path: fft_norm's layer equals torch.fft's literal on the whole batch."""
+    g = torch.Generator().manual_seed(5)
+    sizes = [3, 2]
+    x = torch.randn(sum(sizes), 3, 6, 6, generator=g, dtype=torch.float64) + 2
+    start, local = sum(sizes[:rank]), slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    for fft_norm in ("ortho", "forward"):
+        for fused_bn in (False, True):
+            layer = (nk.BatchNormSBN2d(3, fft_norm=fft_norm) if fused_bn else
+                     nk.SpectralBatchNorm2d(3, eps=1e-3, fft_norm=fft_norm))
+            layer = convert_sync(randomized(layer.double(), seed=2))
+            xl = x[local].clone().requires_grad_()
+            xs = x.clone().requires_grad_()
+            y = layer(xl)
+            if fused_bn:
+                z = nn.functional.batch_norm(xs, None, None, layer.weight, layer.bias, True)
+                ref, mean, var = sbn_literal(z, layer.sbn_weight, layer.sbn_bias, 1e-5, fft_norm)
+                running = layer.sbn_running_mean, layer.sbn_running_var
+            else:
+                ref, mean, var = sbn_literal(xs, layer.weight, layer.bias, 1e-3, fft_norm)
+                running = layer.running_mean, layer.running_var
+            torch.testing.assert_close(y, ref[local], msg=f"{fft_norm} {fused_bn}")
+            (y * ref[local].detach()).sum().backward()
+            (ref * ref.detach()).sum().backward()
+            torch.testing.assert_close(xl.grad, xs.grad[local])
+            n = x.shape[0] * 6 * 4
+            torch.testing.assert_close(running[0], 0.1 * mean.detach())
+            torch.testing.assert_close(running[1], 0.9 + 0.1 * var.detach() * n / (n - 1))
+
+
 def check_all_layers(rank):
+    check_fft_norm_against_torch_fft(rank)
     failed = []
     for name in LAYERS:
         for split in SPLITS:
@@ -122,18 +164,22 @@ def test_sync_matches_single_process():
 
 
 class SmallNet(nn.Module):
+    """Every kind of norm layer, nk's and torch's: DDP on CPU (gloo) must accept the converted model."""
+
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
         self.norm1 = nk.L2BatchNorm2d(4)
         self.norm2 = nk.BatchNormSBN2d(4)
         self.norm3 = nk.SpectralBatchNorm2d(4)
+        self.norm4 = nk.L2BatchNorm1d(4)
         self.fc = nn.Linear(4, 5)
 
     def forward(self, x):
-        x = torch.relu(self.norm1(self.conv(x)))
+        x = torch.relu(self.norm1(self.bn(self.conv(x))))
         x = self.norm3(self.norm2(x))
-        return self.fc(x.mean((2, 3)))
+        return self.fc(self.norm4(x.mean((2, 3))))
 
 
 def ddp_step(rank):
@@ -199,3 +245,32 @@ def test_convert_sync_without_process_group_runs_locally():
     layer = convert_sync(nk.L2BatchNorm2d(3))
     x = torch.randn(4, 3, 5, 5)
     torch.testing.assert_close(layer(x), nk.L2BatchNorm2d(3)(x))
+    bn = convert_sync(nn.BatchNorm2d(3))
+    assert type(bn) is nkd.SyncBatchNorm  # no NCCL group: the layer that runs on any device
+    torch.testing.assert_close(bn(x), nn.BatchNorm2d(3)(x))
+
+
+# ---------------------------------------------------------------- framework converters (#12.2)
+
+def test_torch_converter_synchronizes_the_nk_layers_too():
+    """nn.SyncBatchNorm.convert_sync_batchnorm alone must not leave a model half-synchronized."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nk.BatchNormSBN2d(4), nk.L2BatchNorm2d(4),
+                          nn.Sequential(nk.SpectralBatchNormAct2d(4), nk.L2BatchNorm1d(4)))
+    weight = model[2].sbn_weight
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    kinds = [type(m) for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm,
+                                                                nk.modules._NormBase))]
+    assert kinds == [nn.SyncBatchNorm, nkd.SyncBatchNormSBN2d, nkd.SyncL2BatchNorm2d,
+                     nkd.SyncSpectralBatchNormAct2d, nkd.SyncL2BatchNorm1d]
+    assert model[2].sbn_weight is weight  # same state
+    layer = nn.SyncBatchNorm.convert_sync_batchnorm(nk.L2BatchNorm2d(4))  # the model itself a layer
+    assert type(layer) is nkd.SyncL2BatchNorm2d
+
+
+def test_convert_sync_rejects_unknown_batchnorm_subclasses():
+    class MyNorm(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    with pytest.raises(TypeError, match="MyNorm"):
+        convert_sync(nn.Sequential(MyNorm(3)))

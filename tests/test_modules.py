@@ -102,16 +102,131 @@ def test_sbn_algorithms_agree(algorithm):
 def test_bn_sbn_matches_two_modules_and_reference():
     fused = randomize_affine(nk.BatchNormSBN2d(3).double())
     pair = copy.deepcopy(fused).to_modules()
+    assert isinstance(pair, nk.NormThenSBN2d) and type(pair.norm) is nn.BatchNorm2d
     x = rand(4, 3, 6, 6, seed=2, mean=5.0)
-    torch.testing.assert_close(fused(x), pair(x))
-    for a, b in zip(fused.state_dict().values(), pair.state_dict().values()):
-        torch.testing.assert_close(a, b)
-    y_ref = bn_sbn_reference(x, fused.bn.weight, fused.bn.bias, fused.sbn.weight, fused.sbn.bias)[0]
+    y_ref = bn_sbn_reference(x, fused.weight, fused.bias, fused.sbn_weight, fused.sbn_bias)[0]
+    torch.testing.assert_close(fused(x), y_ref)
+    torch.testing.assert_close(pair(x), y_ref)
+    fused_state, pair_state = fused.state_dict(), pair.state_dict()
+    assert sorted(fused_state) == sorted(pair_state)  # the unfused form has the fused layer's keys
+    for k in fused_state:
+        torch.testing.assert_close(pair_state[k], fused_state[k], msg=k)
     fused.eval(), pair.eval()
     torch.testing.assert_close(fused(x), pair(x))
-    assert fused.bn.num_batches_tracked.item() == 1 and fused.sbn.num_batches_tracked.item() == 1
-    assert set(fused.state_dict()) >= {"bn.weight", "bn.running_mean", "sbn.running_mean", "sbn.weight"}
-    assert torch.isfinite(y_ref).all()
+    assert fused.num_batches_tracked.item() == 1 and fused.sbn_num_batches_tracked.item() == 1
+
+
+# ---------------------------------------------------------------- BatchNormSBN2d's state (#12.2-4)
+
+BN_KEYS = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+SBN_KEYS = ["sbn_" + k for k in BN_KEYS]
+
+
+def test_bn_sbn_state_is_flat_with_bn_names():
+    layer = nk.BatchNormSBN2d(4)
+    assert not list(layer.children())  # nothing a framework converter could swap unseen
+    assert sorted(layer.state_dict()) == sorted(BN_KEYS + SBN_KEYS)
+    assert layer.weight.shape == (4,) and layer.sbn_running_mean.is_complex()
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in layer.modules())
+
+
+def test_plain_bn_checkpoint_loads_strictly_and_reports_fresh_sbn_keys():
+    bn = randomize_affine(nn.BatchNorm2d(4).double())
+    bn(rand(5, 4, 6, 6, seed=3, mean=2.0))
+    layer = nk.BatchNormSBN2d(4).double()
+    with pytest.warns(nk.FreshStateWarning) as record:
+        result = layer.load_state_dict(bn.state_dict())  # strict
+    assert not result.missing_keys and not result.unexpected_keys
+    assert set(record[0].message.keys) == set(SBN_KEYS)
+    for k in BN_KEYS:
+        torch.testing.assert_close(getattr(layer, k), getattr(bn, k), rtol=0, atol=0)
+    assert layer.sbn_num_batches_tracked.item() == 0 and (layer.sbn_weight == 1).all()
+
+
+def test_bn_sbn_checkpoint_with_partial_sbn_state_is_an_error():
+    state = nk.BatchNormSBN2d(4).state_dict()
+    del state["sbn_running_var"]
+    with pytest.raises(RuntimeError, match="sbn_running_var"):
+        nk.BatchNormSBN2d(4).load_state_dict(state)
+
+
+def test_old_nested_bn_sbn_checkpoint_loads():
+    """Checkpoints of the layer before its state was flattened (bn.*, sbn.* keys) still load."""
+    new = randomize_affine(nk.BatchNormSBN2d(3).double())
+    new(rand(4, 3, 6, 6, seed=4))
+    old = {("bn." + k if not k.startswith("sbn_") else "sbn." + k[4:]): v for k, v in new.state_dict().items()}
+    fresh = nk.BatchNormSBN2d(3).double()
+    fresh.load_state_dict(old)
+    for k, v in new.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[k], v, msg=k)
+
+
+def test_l2bn_keeps_its_statistics_when_loading_batchnorm_ones():
+    """BatchNorm's statistics (state_dict version 2) are of x, not of the l2-normalized samples."""
+    bn = nn.BatchNorm2d(3)
+    bn(rand(8, 3, 5, 5, seed=5, dtype=torch.float32, mean=3.0))
+    l2bn = nk.L2BatchNorm2d(3)
+    with pytest.warns(nk.FreshStateWarning, match="wrong scale"):
+        l2bn.load_state_dict(bn.state_dict())
+    assert (l2bn.running_mean == 0).all() and (l2bn.running_var == 1).all()
+    torch.testing.assert_close(l2bn.weight, bn.weight)
+    own = nk.L2BatchNorm2d(3)
+    own(rand(8, 3, 5, 5, seed=6, dtype=torch.float32))
+    l2bn.load_state_dict(own.state_dict())  # an L2BN checkpoint (version 3) loads as it is
+    torch.testing.assert_close(l2bn.running_var, own.running_var)
+
+
+# ---------------------------------------------------------------- fft_norm (#12.9)
+# These compare with torch.fft's own norm= and need the functional layer's fft_norm (H2).
+
+def sbn_literal(x, weight, bias, eps=1e-5, fft_norm="backward", mean=None, var=None):
+    """SBN with torch.fft's norm=fft_norm: (y, mean, biased var) of the normalized spectrum."""
+    C, (H, W) = x.shape[1], x.shape[-2:]
+    X = torch.fft.rfft2(x, norm=fft_norm)
+    if mean is None:
+        mean = X.mean(dim=(0, 2, 3))
+        var = (X - mean.view(1, C, 1, 1)).abs().square().mean(dim=(0, 2, 3))
+    Y = (X - mean.view(1, C, 1, 1)) / torch.sqrt(var.view(1, C, 1, 1) + eps)
+    Y = Y * weight.view(1, C, 1, 1) + bias.view(1, C, 1, 1)
+    return torch.fft.irfft2(Y, s=(H, W), norm=fft_norm), mean, var
+
+
+@pytest.mark.parametrize("fft_norm", ["backward", "ortho", "forward"])
+@pytest.mark.parametrize("algorithm", ["parseval", "fft"])
+def test_sbn_fft_norm_matches_torch_fft(fft_norm, algorithm):
+    layer = randomize_affine(nk.SpectralBatchNorm2d(3, eps=1e-3, algorithm=algorithm, fft_norm=fft_norm).double())
+    x = rand(4, 3, 6, 5, seed=10, mean=1.0)
+    y_ref, mean, var = sbn_literal(x, layer.weight, layer.bias, 1e-3, fft_norm)
+    torch.testing.assert_close(layer(x), y_ref)
+    rm, rv = reference_running([(mean, var)], 0.1, 4 * 6 * 3)
+    torch.testing.assert_close(layer.running_mean, rm)  # statistics of the normalized spectrum
+    torch.testing.assert_close(layer.running_var, rv)
+    layer.eval()
+    x2 = rand(2, 3, 6, 5, seed=11)
+    expected = sbn_literal(x2, layer.weight, layer.bias, 1e-3, fft_norm, layer.running_mean, layer.running_var)[0]
+    torch.testing.assert_close(layer(x2), expected)
+
+
+@pytest.mark.parametrize("fft_norm", ["ortho", "forward"])
+def test_bn_sbn_fft_norm_matches_torch_fft(fft_norm):
+    layer = randomize_affine(nk.BatchNormSBN2d(3, fft_norm=fft_norm).double())
+    x = rand(4, 3, 6, 6, seed=12, mean=2.0)
+    z = nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True)
+    torch.testing.assert_close(layer(x), sbn_literal(z, layer.sbn_weight, layer.sbn_bias, 1e-5, fft_norm)[0])
+
+
+def test_sbn_ortho_has_batchnorm_scale():
+    x = rand(8, 3, 16, 16, seed=13, dtype=torch.float32)
+    paper = nk.SpectralBatchNorm2d(3)(x).std().item()
+    ortho = nk.SpectralBatchNorm2d(3, fft_norm="ortho")(x).std().item()
+    assert abs(ortho - 1) < 0.1 and paper < 0.1  # ~1/sqrt(H*W) = 1/16 of BN's with the paper's scaling
+
+
+def test_fft_norm_rejected_at_construction():
+    for cls in (nk.SpectralBatchNorm2d, nk.BatchNormSBN2d):
+        with pytest.raises(ValueError, match="fft_norm must be one of"):
+            cls(3, fft_norm="unitary")
+    assert "fft_norm='ortho'" in repr(nk.SpectralBatchNorm2d(3, fft_norm="ortho"))
 
 
 # ---------------------------------------------------------------- nn.BatchNorm conventions
@@ -158,7 +273,8 @@ def test_extra_repr():
     assert "l2_eps=1e-12, rescale=False" in repr(nk.L2BatchNorm2d(8))
     assert "8, eps=1e-05, momentum=0.1, affine=True" in repr(nk.SpectralBatchNorm2d(8))
     assert "algorithm='auto'" in repr(nk.SpectralBatchNorm2d(8))
-    assert "BatchNorm2d(8" in repr(nk.BatchNormSBN2d(8))
+    assert "BatchNormSBN2d(8, eps=1e-05" in repr(nk.BatchNormSBN2d(8))
+    assert "sbn_eps=1e-05, sbn_momentum=0.1, fft_norm='backward'" in repr(nk.BatchNormSBN2d(8))
 
 
 @pytest.mark.parametrize("name", LAYERS)
@@ -207,6 +323,15 @@ def test_batch_of_one_is_fine_in_eval():
     assert torch.isfinite(layer(rand(1, 3, 1, 1, dtype=torch.float32))).all()
 
 
+@pytest.mark.parametrize("make", [
+    lambda b: nk.L2BatchNorm1d(3, backend=b), lambda b: nk.L2BatchNorm2d(3, backend=b),
+    lambda b: nk.SpectralBatchNorm2d(3, backend=b), lambda b: nk.BatchNormSBN2d(3, backend=b),
+    lambda b: nk.L2BatchNormAct2d(3, backend=b)])
+def test_bad_backend_rejected_at_construction(make):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        make("bogus")
+
+
 def test_backend_errors_name_the_problem():
     x = rand(4, 3, 6, 6, dtype=torch.float32)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -215,9 +340,9 @@ def test_backend_errors_name_the_problem():
         with pytest.raises(RuntimeError, match="CUDA tensor"):
             nk.L2BatchNorm2d(3, backend="cuda")(x)
     with pytest.raises(ValueError, match="no 'cuda' backend"):
-        nk.SpectralBatchNorm2d(3, backend="cuda")(x)
+        nk.SpectralBatchNorm2d(3, backend="cuda")
     with pytest.raises(ValueError, match="no 'triton' backend"):
-        nk.L2BatchNorm2d(3, backend="triton")(x)
+        nk.L2BatchNorm2d(3, backend="triton")
     with pytest.raises(ValueError, match="algorithm"):
         nk.SpectralBatchNorm2d(3, algorithm="dft")
 
@@ -227,61 +352,10 @@ def test_backends_reports_torch():
     assert set(b) == {"cuda", "cpp", "triton", "torch"} and b["torch"]
 
 
-# ---------------------------------------------------------------- model surgery
-
-class TinyResNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
-        self.layer3 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.layer4 = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
-        self.fc = nn.Linear(6, 2)
-
-    def forward(self, x):
-        x = self.layer4(self.layer3(self.bn1(self.conv1(x))))
-        return self.fc(x.mean((2, 3)))
-
-
-def test_convert_bn_to_l2bn_keeps_state():
-    model = TinyResNet()
-    model(torch.randn(4, 3, 8, 8))
-    bn = model.layer3[1]
-    weight, running_mean = bn.weight, bn.running_mean.clone()
-    nk.convert_bn_to_l2bn(model)
-    new = model.layer3[1]
-    assert isinstance(new, nk.L2BatchNorm2d) and new.weight is weight
-    torch.testing.assert_close(new.running_mean, running_mean)
-    assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
-    assert isinstance(nk.convert_bn_to_l2bn(nn.BatchNorm1d(3)), nk.L2BatchNorm1d)
-
-
-def test_insert_sbn_stages_and_fuse_round_trip():
-    model = TinyResNet()
-    nk.insert_sbn(model, stages=(4,))
-    assert isinstance(model.layer4[1], nk.BatchNormSBN2d) and type(model.layer3[1]) is nn.BatchNorm2d
-    assert type(model.bn1) is nn.BatchNorm2d
-    x = torch.randn(4, 3, 8, 8)
-    fused_out = model(x)
-    nk.unfuse_bn_sbn(model)
-    assert isinstance(model.layer4[1], nn.Sequential)
-    torch.testing.assert_close(model.eval()(x), nk.fuse_bn_sbn(model).eval()(x))
-    assert fused_out.shape == (4, 2)
-    with pytest.raises(ValueError, match="no stage 'layer9'"):
-        nk.insert_sbn(TinyResNet(), stages=(9,))
-
-
-def test_surgery_leaves_fused_layers_whole():
-    model = nk.insert_sbn(TinyResNet(), stages=(4,))
-    nk.convert_bn_to_l2bn(model)
-    nk.insert_sbn(model, stages=(4,))
-    fused = model.layer4[1]
-    assert isinstance(fused, nk.BatchNormSBN2d) and type(fused.bn) is nn.BatchNorm2d
-    assert isinstance(model.layer3[1], nk.L2BatchNorm2d)
-
-
 def test_compiled_model_matches_eager():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nk.L2BatchNorm2d(4, backend="torch"), nn.ReLU(),
-                          nk.BatchNormSBN2d(4, backend="torch"), nk.SpectralBatchNorm2d(4, backend="torch"))
+                          nk.BatchNormSBN2d(4, backend="torch"), nk.SpectralBatchNorm2d(4, backend="torch"),
+                          nk.L2BatchNormAct2d(4, act_layer=nn.SiLU, backend="torch"))
     x = torch.randn(4, 3, 8, 8)
     twin = copy.deepcopy(model)
     compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
@@ -292,31 +366,6 @@ def test_compiled_model_matches_eager():
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(twin[1].running_var, model[1].running_var)
-
-
-def resnets():
-    from normkernels.models import resnet_cifar
-
-    yield "normkernels.models.resnet_cifar(18)", resnet_cifar(18, num_classes=10)
-    try:  # the real thing too, where torchvision is installed (the GPU machine has it)
-        import torchvision
-    except ImportError:
-        return
-    yield "torchvision.models.resnet18", torchvision.models.resnet18(num_classes=10)
-
-
-@pytest.mark.parametrize("stages", [(4,), (3, 4)])
-def test_insert_sbn_on_resnet(stages):
-    for name, model in resnets():
-        bns = {s: sum(type(m) is nn.BatchNorm2d for m in getattr(model, f"layer{s}").modules()) for s in (3, 4)}
-        nk.insert_sbn(model, stages=stages)
-        fused = {s: sum(isinstance(m, nk.BatchNormSBN2d) for m in getattr(model, f"layer{s}").modules())
-                 for s in (3, 4)}
-        assert fused == {s: bns[s] if s in stages else 0 for s in (3, 4)}, name
-        assert not any(isinstance(m, nk.BatchNormSBN2d) for m in model.layer2.modules()), name
-        out = model(torch.randn(2, 3, 32, 32))
-        out.sum().backward()
-        assert out.shape == (2, 10) and torch.isfinite(out).all(), name
 
 
 @pytest.mark.parametrize("convert,mean_dtype", [
@@ -333,3 +382,68 @@ def test_sbn_dtype_conversion_keeps_complex_running_mean(convert, mean_dtype):
     assert layer.running_mean.dtype == mean_dtype
     assert list(layer.state_dict()) == ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
     torch.testing.assert_close(layer.running_mean.to(torch.complex64), before, rtol=1e-2, atol=1e-3)
+
+
+# ---------------------------------------------------------------- norm + activation (#12.7, #13.1)
+
+ACT_LAYERS = {
+    "l2bn": lambda **kw: nk.L2BatchNormAct2d(3, **kw),
+    "sbn": lambda **kw: nk.SpectralBatchNormAct2d(3, **kw),
+    "bnsbn": lambda **kw: nk.BatchNormSBNAct2d(3, **kw),
+}
+PLAIN = {"l2bn": nk.L2BatchNorm2d, "sbn": nk.SpectralBatchNorm2d, "bnsbn": nk.BatchNormSBN2d}
+
+
+class TwiceGELU(nn.Module):  # an activation no kernel fuses
+    def __init__(self, inplace=False):
+        super().__init__()
+
+    def forward(self, x):
+        return 2 * nn.functional.gelu(x)
+
+
+@pytest.mark.parametrize("name", ACT_LAYERS)
+@pytest.mark.parametrize("act_layer,act_kwargs,fused", [
+    (nn.ReLU, None, True), (nn.LeakyReLU, {"negative_slope": 0.2}, True), (nn.SiLU, None, True),
+    ("swish", None, True), (TwiceGELU, None, False)])
+def test_norm_act_equals_layer_then_activation(name, act_layer, act_kwargs, fused):
+    layer = randomize_affine(ACT_LAYERS[name](act_layer=act_layer, act_kwargs=act_kwargs).double())
+    plain = randomize_affine(PLAIN[name](3).double())
+    act = (act_layer if not isinstance(act_layer, str) else nn.SiLU)(**(act_kwargs or {}))
+    x = rand(4, 3, 6, 6, seed=20)
+    torch.testing.assert_close(layer(x), act(plain(x)))
+    torch.testing.assert_close(layer.running_var, plain.running_var)
+    assert ("(fused)" in repr(layer)) == fused and ("unfused" in repr(layer)) == (not fused)
+    assert list(layer.state_dict()) == list(plain.state_dict())
+
+
+def test_norm_act_has_timms_signature():
+    layer = nk.L2BatchNormAct2d(3, 1e-3, 0.2, True, True, apply_act=False, act_layer=nn.ReLU, act_kwargs=None,
+                                inplace=True, drop_layer=None, device="cpu", dtype=torch.float64, rescale=True)
+    assert layer.eps == 1e-3 and layer.rescale and layer.weight.dtype == torch.float64
+    x = rand(4, 3, 5, 5, seed=21)
+    torch.testing.assert_close(layer(x), nk.L2BatchNorm2d(3, 1e-3, 0.2, rescale=True).double()(x))
+    dropped = nk.SpectralBatchNormAct2d(3, drop_layer=nn.Identity, act_layer=nn.SiLU)
+    assert "(fused)" in repr(dropped)  # an Identity drop changes nothing
+    with_drop = nk.SpectralBatchNormAct2d(3, drop_layer=lambda: nn.Dropout(0.5), act_layer=nn.SiLU)
+    assert "unfused" in repr(with_drop) and isinstance(with_drop.drop, nn.Dropout)
+
+
+# ---------------------------------------------------------------- docstrings (#12.10)
+
+DOCUMENTED = ["L2BatchNorm1d", "L2BatchNorm2d", "SpectralBatchNorm2d", "BatchNormSBN2d", "L2BatchNormAct2d",
+              "SpectralBatchNormAct2d", "BatchNormSBNAct2d"]
+
+
+@pytest.mark.parametrize("name", DOCUMENTED)
+def test_docstring_lists_every_argument_and_the_shape(name):
+    import inspect
+
+    cls = getattr(nk, name)
+    doc = cls.__doc__
+    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    missing = [p for p in params if p not in doc]
+    assert not missing, f"{cls.__name__}'s docstring does not mention {missing}"
+    assert "Shape:" in doc and "(N, C" in doc
+    if "Spectral" in cls.__name__ or "SBN" in cls.__name__:
+        assert "1/sqrt(H*W)" in doc and '"ortho"' in doc  # the output scale

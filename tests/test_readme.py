@@ -1,12 +1,61 @@
-"""The README's usage example runs as written."""
+"""The README's examples run as written, and the command line does what it says."""
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+import normkernels as nk
+from normkernels.__main__ import main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def python_blocks():
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
 def test_usage_example_runs(capsys):
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    blocks = python_blocks()
     assert blocks, "README.md has no python example"
     exec(compile(blocks[0], "README.md", "exec"), {})
     assert "'torch': True" in capsys.readouterr().out
+
+
+def test_ddp_example_runs_under_gloo_on_two_processes(tmp_path):
+    """#12.8: the DDP example, exactly as written, under torchrun with 2 CPU processes (gloo)."""
+    [block] = [b for b in python_blocks() if b.startswith("# train.py")]
+    script = tmp_path / "train.py"
+    script.write_text(block)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "trained 2 processes: loss" in run.stdout
+
+
+# ---------------------------------------------------------------- command line (#12.10)
+
+def test_help_lists_the_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "bench" in out and "study" in out and "--version" in out
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"normkernels {nk.__version__}"
+
+
+def test_unknown_command_and_no_command(capsys):
+    assert main(["train"]) == 2 and "unknown command 'train'" in capsys.readouterr().err
+    assert main([]) == 2 and "bench" in capsys.readouterr().err
+
+
+def test_study_without_its_extras_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ModuleNotFoundError
+    assert main(["study", "--quick", "--out", "unused"]) == 1
+    err = capsys.readouterr().err
+    assert "scikit-learn" in err and "pip install 'normkernels[study]'" in err
