@@ -558,8 +558,8 @@ def fuse_norm_act(model: nn.Module, *, strict: bool = True, report: bool = False
 
     A pair is fused only if the norm's output feeds nothing but the activation (not a residual
     too), the norm is called once and sits at one place in the model, the two modules are in the
-    same training mode, neither has hooks, and (in code) the forward forms the pair in training
-    and in eval mode. Torch's BatchNorm layers are not fused (nk.convert_bn_to_l2bn or
+    same training mode (so not a layer frozen by nk.freeze in a model in training mode), neither
+    has hooks, and (in code) the forward forms the pair in training and in eval mode. Torch's BatchNorm layers are not fused (nk.convert_bn_to_l2bn or
     nk.insert_sbn first); timm models built on BatchNormAct2d take the NormAct layers through
     norm_layer= instead.
 
@@ -575,13 +575,15 @@ def fuse_norm_act(model: nn.Module, *, strict: bool = True, report: bool = False
         activation node; it has the module's children (the fused norm at the norm's path),
         parameters, buffers and plain attributes, but not its class or methods. So the result
         is a GraphModule when the model's own forward had to be rewritten (a model calling
-        F.relu itself); otherwise it is the model, changed in place.
+        F.relu itself); otherwise it is the model, changed in place. Use the returned model.
 
     State: the fused layers hold the norms' Parameter objects and buffers (an optimizer holding
     them keeps working) under the same state_dict keys, so checkpoints of the unfused model load
     strictly into the fused one and back. Traced code is fixed at tracing time (Python control
     flow on attributes, as torch.fx does); a forward whose code differs between training and
-    eval mode is not rewritten (in-place swaps do not depend on it).
+    eval mode is not rewritten (in-place swaps do not depend on it). Only forward is traced: a
+    module's other methods that call a swapped norm get its activation too, which is right where
+    they call the same pair (timm's forward_features, forward_intermediates).
 
     strict: if a module whose forward calls a norm cannot be traced, or cannot be replaced by a
         GraphModule (hooks, its own state_dict methods, a forward that depends on the training
