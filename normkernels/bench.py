@@ -241,9 +241,10 @@ def _pool_size(nbytes: int, device: str) -> int:
 
 
 def make_inputs(shape, device, dtype, count: int, seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    xs = [(torch.randn(shape, generator=g) * 2 + 0.5).to(device=device, dtype=dtype) for _ in range(count)]
-    dys = [torch.randn(shape, generator=g).to(device=device, dtype=dtype) for _ in range(count)]
+    # drawn on the device: a 200 MB tensor drawn on the CPU and copied costs seconds per shape
+    g = torch.Generator(device=device).manual_seed(seed)
+    xs = [(torch.randn(shape, generator=g, device=device) * 2 + 0.5).to(dtype) for _ in range(count)]
+    dys = [torch.randn(shape, generator=g, device=device).to(dtype) for _ in range(count)]
     return xs, dys
 
 
@@ -747,6 +748,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-only", action="store_true", help="only the end-to-end step")
     p.add_argument("--e2e-rep-ms", type=float, default=None,
                    help="end-to-end timing per variant in ms (default 1500 GPU, 1000 CPU)")
+    p.add_argument("--e2e-variants", default=",".join(E2E_VARIANTS), help=f"comma list of {','.join(E2E_VARIANTS)}")
+    p.add_argument("--no-plot", action="store_true", help="no PNG plot")
     p.add_argument("--e2e-size", default=None, metavar="BATCHxRES",
                    help="end-to-end batch and resolution (default: 64x224 GPU, 4x128 CPU; --quick 32x224, 2x96)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -800,7 +803,11 @@ def main(argv: list[str] | None = None) -> int:
                     if impl_filter is None or impl in impl_filter or (op, impl) == ("bn+relu", "torch+relu"):
                         jobs.append((shape, dt, op, impl))
     e2e = args.e2e or args.e2e_only
-    total = len(jobs) + (len(E2E_VARIANTS) * len(dtypes) if e2e else 0)
+    variants = [v.strip() for v in args.e2e_variants.split(",") if v.strip()]
+    if any(v not in E2E_VARIANTS for v in variants):
+        print(f"unknown end-to-end variants {variants}; choose from {E2E_VARIANTS}", file=sys.stderr)
+        return 2
+    total = len(jobs) + (len(variants) * len(dtypes) if e2e else 0)
 
     try:
         from tqdm import tqdm
@@ -848,17 +855,20 @@ def main(argv: list[str] | None = None) -> int:
         for dt in dtypes:
             if bar is not None:
                 bar.set_postfix_str(f"resnet50 step {str(dt)[6:]}")
-            run_e2e(device, dt, args.quick, batch=batch, resolution=res, progress=bar, memory=not args.no_memory,
-                    on_record=lambda rec: (records.append(rec), checkpoint()), rep_ms=args.e2e_rep_ms)
+            run_e2e(device, dt, args.quick, variants=variants, batch=batch, resolution=res, progress=bar,
+                    memory=not args.no_memory, on_record=lambda rec: (records.append(rec), checkpoint()),
+                    rep_ms=args.e2e_rep_ms)
     if bar is not None:
         bar.close()
     _add_ratios(records)
     records[0]["loadavg_end"] = _loadavg()
 
     png = args.png
-    if png is None:
+    if png is None and not args.no_plot:
         stem = args.md or args.json
         png = (os.path.splitext(stem)[0] + ".png") if stem else "normkernels-bench.png"
+    if args.no_plot:
+        png = None
     written = write_outputs(records, args.json, args.md, png)
     print(render_markdown(records))
     for kind, path in written.items():

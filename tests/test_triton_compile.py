@@ -367,8 +367,18 @@ def main(argv=None) -> int:
               "kernels_recorded": sorted({r.name for r in launches}),
               "specialisation_mismatches": specialisation_mismatches(launches)}
     t1 = time.perf_counter()
-    report["results"] = launch.compile_launches(launches, jobs=jobs, reassemble_with=legacy)
+    report.update(results=[], complete=False)
+
+    def progress(row, total):
+        # a partial report every 50 compiles: a caller's timeout (gpu-check) still gets them
+        report["results"].append(row)
+        report["specialisations"] = total
+        if args.json and len(report["results"]) % 50 == 1:
+            with open(args.json, "w") as f:
+                json.dump(report, f, default=str)
+    launch.compile_launches(launches, jobs=jobs, reassemble_with=legacy, progress=progress)
     report["compile_s"] = round(time.perf_counter() - t1, 1)
+    report["complete"] = True
     text = summarise(report)
     report["summary"] = text
     print(text)

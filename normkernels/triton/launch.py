@@ -384,7 +384,8 @@ def compile_launches(launches, arch: int = 90, jobs: int | None = None,
     or the compile error. ``reassemble_with``: (path, CUDA release) of a second ptxas (e.g.
     legacy_ptxas()); each kernel's PTX is also assembled by it, its resources under
     "reassembled". Compiles run in ``jobs`` forked processes (default: the cores this process may
-    use); triton's cache makes a repeated run take seconds."""
+    use); triton's cache makes a repeated run take seconds. ``progress(row, total)`` is called
+    after each."""
     import multiprocessing
 
     unique: dict = {}
@@ -412,7 +413,7 @@ def compile_launches(launches, arch: int = 90, jobs: int | None = None,
                 row.update(launches=e["launches"], where=e["where"], **res)
                 results.append(row)
                 if progress is not None:
-                    progress(row)
+                    progress(row, len(entries))
     finally:
         _JOBS = []
     return results
