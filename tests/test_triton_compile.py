@@ -13,7 +13,13 @@ kernel of normkernels/triton that no recorded launch reaches, and on a differenc
 JIT's binder and the rules written out in launch.explicit_specialisation. The summary (registers
 and spills per kernel) is printed at the end of the pytest run; the full table:
 
-    python tests/test_triton_compile.py [--json out.json] [--jobs N] [--quick]
+    python tests/test_triton_compile.py [--json out.json] [--jobs N] [--quick | --smoke]
+
+What is recorded: once normkernels/triton/sbn.py has IMPL (the host functions of H3's fused ops,
+named and called exactly as the C++ ops of PLAN section 2), every op of CONTRACT_OPS through IMPL
+("contract" plan); until then the launchers of normkernels/triton/sbn_kernels.py as
+normkernels/ops/sbn.py calls them ("current" plan). The compiling is generic: whatever was
+recorded is compiled.
 
 Shapes: ResNet-50's (64,256,56,56) (64,512,28,28) (64,1024,14,14) (64,2048,7,7) and CIFAR's
 (128,64,32,32); float32, bfloat16, float16, float64 (parameters in float32, and in the input's

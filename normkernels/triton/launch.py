@@ -8,7 +8,8 @@ collected) and compile each one ahead of time for sm_90 without a GPU (``compile
 Under ``recording()`` a launcher is called with meta-device tensors (dtype, shape, strides and
 storage offset are all a launch looks at), so nothing is allocated and no GPU is needed. A launch
 that bypasses ``launch()`` (``kernel[grid](...)``, ``@triton.heuristics``, ``@triton.autotune``:
-every config) is recorded too, by intercepting ``JITFunction.run`` for the duration.
+every config) is recorded too, by intercepting ``JITFunction.run`` (and the interpreter's
+``InterpretedFunction.run``, so launches can be counted under TRITON_INTERPRET=1) for the duration.
 
 A launcher that sizes its grid from the multiprocessor count must take it from
 ``multiprocessor_count(device)``: it is cached per device (no per-call property query) and, for
