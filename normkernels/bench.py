@@ -25,12 +25,14 @@ Implementations (``impl``):
     two-modules  nn.BatchNorm2d followed by nk.SpectralBatchNorm2d (the unfused pair)
 
 Fused-activation rows (issue #13; ops ``<layer>+relu``), ReLU after each layer:
-    nk-fused     normkernels.functional.<layer>(..., activation="relu") on the layer's own
-                 parameters and buffers (the public API of the fused kernels)
+    nk-fused     nk.L2BatchNormAct2d / SpectralBatchNormAct2d / BatchNormSBNAct2d with nn.ReLU:
+                 the layer passes activation="relu" to normkernels.functional.* (fused into the
+                 kernels' passes once they implement it; before, applied after the op)
     nk+relu      the nk layer followed by nn.ReLU(inplace=True)
     torch+relu   nn.BatchNorm2d followed by nn.ReLU(inplace=True) (op bn+relu)
-    compile+relu torch.compile of that pair (op bn+relu)
-Their ``x BN+ReLU`` column is the ratio to torch+relu on the same tensor and pass.
+    compile+relu torch.compile of that pair (op bn+relu): Inductor's fused kernel, the anchor
+Their columns: ``x BN+ReLU`` (time / torch+relu), ``x nk+ReLU`` (nk-fused time / nk+relu: the
+issue's <= 0.8 target) and ``mem x layer`` (peak memory / the nk layer alone's: target <= 1).
 
 Timing: triton.testing.do_bench (median) on CUDA; on CPU the median of many synchronous runs.
 Inputs rotate among several pre-made random tensors (never zeros) so caches do not flatter.
@@ -61,7 +63,7 @@ from torch import nn
 
 __all__ = [
     "RESNET50_SHAPES", "CIFAR_SHAPES", "OPS", "PASSES", "IMPLS", "E2E_VARIANTS",
-    "L2BNComposite", "SBNLiteral", "FusedActivation", "suite_shapes", "build", "make_runner", "time_ms",
+    "L2BNComposite", "SBNLiteral", "suite_shapes", "build", "make_runner", "time_ms",
     "copy_bandwidth", "peak_memory", "measure", "e2e_step", "run_e2e", "e2e_config", "render_markdown",
     "plot_ratios", "main",
 ]
@@ -74,7 +76,8 @@ CIFAR_SHAPES = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)]
 CPU_BATCH = {"resnet50": 8, "cifar": 16}          # CPU: same C, H, W with a smaller batch
 CPU_BATCH_QUICK = {"resnet50": 4, "cifar": 8}
 QUICK_SHAPES = {"resnet50": [(64, 1024, 14, 14)], "cifar": [(128, 128, 16, 16)]}
-CPU_TARGET_SHAPES = [(32, 128, 28, 28)]           # the shape of the layer issues' CPU targets
+# the CPU targets of the layer issues (PLAN section 5, issue #13): `--quick` on a CPU measures these
+CPU_TARGET_SHAPES = [(32, 128, 28, 28), (16, 256, 8, 8), (8, 2048, 7, 7)]
 
 OPS = ("bn", "l2bn", "sbn", "bnsbn", "bn+relu", "l2bn+relu", "sbn+relu", "bnsbn+relu")
 PASSES = ("fwd", "fwd+bwd")
@@ -96,8 +99,11 @@ E2E_VARIANTS = ("bn", "bn+sbn4", "bn+sbn34", "l2bn")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def suite_shapes(device: str, quick: bool = False, families=("resnet50", "cifar")) -> list[tuple]:
-    """The benchmark shapes for a device: full batches on GPU, smaller batches on CPU."""
+def suite_shapes(device: str, quick: bool = False, families=("resnet50", "cifar"), targets: bool = True) -> list[tuple]:
+    """The benchmark shapes for a device: full batches on GPU; on CPU smaller batches of the
+    same C, H, W and the CPU target shapes (``--quick`` on CPU: the target shapes only)."""
+    if device == "cpu" and quick and targets:
+        return list(CPU_TARGET_SHAPES)
     out = []
     for fam in families:
         shapes = QUICK_SHAPES[fam] if quick else (RESNET50_SHAPES if fam == "resnet50" else CIFAR_SHAPES)
@@ -105,8 +111,8 @@ def suite_shapes(device: str, quick: bool = False, families=("resnet50", "cifar"
             if device == "cpu":
                 n = (CPU_BATCH_QUICK if quick else CPU_BATCH)[fam]
             out.append((n, c, h, w))
-    if device == "cpu" and not quick:
-        out += CPU_TARGET_SHAPES
+    if device == "cpu" and not quick and targets:
+        out += [s for s in CPU_TARGET_SHAPES if s not in out]
     return out
 
 
@@ -156,35 +162,6 @@ class SBNLiteral(nn.Module):
         return y.to(x.dtype)
 
 
-class FusedActivation(nn.Module):
-    """An nk layer's parameters and buffers run through the public functional API with the
-    activation fused: ``normkernels.functional.l2_batch_norm / spectral_batch_norm /
-    batch_norm_sbn(..., activation=...)`` (PLAN section 3 signatures), with the running-statistics
-    conventions of the layer (momentum, num_batches_tracked)."""
-
-    def __init__(self, layer: nn.Module, activation: str = ACTIVATION):
-        super().__init__()
-        self.layer, self.activation = layer, activation
-
-    def forward(self, x):
-        from normkernels import functional as nkF
-        nk = _nk()
-        L, t, act = self.layer, self.training, self.activation
-        if isinstance(L, nk.BatchNormSBN2d):
-            bn, sbn = L.bn, L.sbn
-            return nkF.batch_norm_sbn(x, bn.running_mean, bn.running_var, sbn.running_mean, sbn.running_var,
-                                      bn.weight, bn.bias, sbn.weight, sbn.bias, t, bn.momentum, sbn.momentum,
-                                      bn.eps, sbn.eps, L.backend, bn_num_batches_tracked=bn.num_batches_tracked,
-                                      sbn_num_batches_tracked=sbn.num_batches_tracked, activation=act)
-        if isinstance(L, nk.SpectralBatchNorm2d):
-            return nkF.spectral_batch_norm(x, L.running_mean, L.running_var, L.weight, L.bias, t, L.momentum,
-                                           L.eps, L.algorithm, L.backend, num_batches_tracked=L.num_batches_tracked,
-                                           activation=act)
-        return nkF.l2_batch_norm(x, L.running_mean, L.running_var, L.weight, L.bias, t, L.momentum, L.eps,
-                                 L.l2_eps, L.rescale, L.backend, num_batches_tracked=L.num_batches_tracked,
-                                 activation=act)
-
-
 # ---------------------------------------------------------------------------------------------
 # building an implementation
 
@@ -206,12 +183,16 @@ def build(op: str, impl: str, channels: int, device, dtype=torch.float32) -> tup
     c = channels
     nk_layer = {"l2bn+relu": lambda: _nk().L2BatchNorm2d(c), "sbn+relu": lambda: _nk().SpectralBatchNorm2d(c),
                 "bnsbn+relu": lambda: _nk().BatchNormSBN2d(c)}
+    # the NormAct layers pass activation="relu" to normkernels.functional (fused in the kernels)
+    nk_fused = {"l2bn+relu": lambda: _nk().L2BatchNormAct2d(c, act_layer=nn.ReLU),
+                "sbn+relu": lambda: _nk().SpectralBatchNormAct2d(c, act_layer=nn.ReLU),
+                "bnsbn+relu": lambda: _nk().BatchNormSBNAct2d(c, act_layer=nn.ReLU)}
     if op == "bn" and impl == "torch":
         m = nn.BatchNorm2d(c)
     elif op == "bn+relu" and impl in ("torch+relu", "compile+relu"):
         m = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True))
-    elif op in nk_layer and impl == "nk-fused":
-        m = FusedActivation(nk_layer[op]())
+    elif op in nk_fused and impl == "nk-fused":
+        m = nk_fused[op]()
     elif op in nk_layer and impl == "nk+relu":
         m = nn.Sequential(nk_layer[op](), nn.ReLU(inplace=True))
     elif op == "l2bn":
@@ -395,13 +376,18 @@ def _add_ratios(records: list[dict]) -> None:
     """ratio_bn and peak_mem_ratio against the torch BatchNorm record of the same tensor/pass;
     ratio_bn_relu of the fused-activation rows against BatchNorm2d + ReLU."""
     key = lambda r: (tuple(r["shape"]), r["dtype"], r["pass"], r["op"] == "resnet50-step")
-    ref, ref_relu = {}, {}
+    ref, ref_relu, unfused, layer = {}, {}, {}, {}
     for r in records:
-        if r.get("ms") and ((r["op"] == "bn" and r["impl"] == "torch") or
-                            (r["op"] == "resnet50-step" and r["impl"] == "bn")):
+        if not r.get("ms"):
+            continue
+        if (r["op"] == "bn" and r["impl"] == "torch") or (r["op"] == "resnet50-step" and r["impl"] == "bn"):
             ref[key(r)] = r
-        if r.get("ms") and r.get("op") == "bn+relu" and r["impl"] == "torch+relu":
+        if r["op"] == "bn+relu" and r["impl"] == "torch+relu":
             ref_relu[key(r)] = r
+        if r["op"].endswith("+relu") and r["impl"] == "nk+relu":
+            unfused[(r["op"],) + key(r)] = r
+        if r["op"] in OPS and r["impl"] == "nk":
+            layer[(r["op"] + "+relu",) + key(r)] = r
     for r in records:
         if "op" not in r:
             continue
@@ -410,6 +396,11 @@ def _add_ratios(records: list[dict]) -> None:
         if r["op"].endswith("+relu"):
             br = ref_relu.get(key(r))
             r["ratio_bn_relu"] = r["ms"] / br["ms"] if br and r.get("ms") else None
+        if r["impl"] == "nk-fused":
+            u = unfused.get((r["op"],) + key(r))
+            r["ratio_unfused"] = r["ms"] / u["ms"] if u and r.get("ms") else None
+            lb, fb = (layer.get((r["op"],) + key(r)) or {}).get("peak_mem_bytes"), r.get("peak_mem_bytes")
+            r["peak_mem_ratio_layer"] = fb / lb if lb and fb is not None else None
         pb, pr = (b or {}).get("peak_mem_bytes"), r.get("peak_mem_bytes")
         r["peak_mem_ratio"] = pr / pb if pb and pr is not None else None
 
@@ -601,8 +592,8 @@ def render_markdown(records: list[dict]) -> str:
                   *([f"- CPU allocator: {head['cpu_allocator']}"] if head.get("cpu_allocator") else []),
                   f"- 1-min load average at start / end: {head.get('loadavg_start')} / {head.get('loadavg_end')}",
                   f"- command: `{head.get('command')}`", f"- date: {head.get('date')}", ""]
-    lines += ["| op | shape | dtype | pass | impl | ms | x BN | x BN+ReLU | GB/s | % copy | peak mem x BN |",
-              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| op | shape | dtype | pass | impl | ms | x BN | x BN+ReLU | x nk+ReLU | GB/s | % copy | peak mem x BN "
+              "| mem x layer |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     order = {o: i for i, o in enumerate(OPS + ("resnet50-step",))}
     impl_order = {i: k for k, i in enumerate(("torch", "nk", "nk-fft", "two-modules", "eager", "compile",
                                               "torch+relu", "compile+relu", "nk-fused", "nk+relu")
@@ -623,8 +614,9 @@ def render_markdown(records: list[dict]) -> str:
         op = OP_LABEL.get(r["op"], r["op"])
         lines.append(f"| {op} | {_fmt_shape(r['shape'])} | {r['dtype']} | {r['pass']} | {r['impl']} | {ms} | "
                      f"{_num(r.get('ratio_bn'), '.2f', '')} | {_num(r.get('ratio_bn_relu'), '.2f', '')} | "
-                     f"{_num(r.get('gbps'), '.1f', '')} | "
-                     f"{_num(r.get('pct_copy'), '.0f', '')} | {_num(r.get('peak_mem_ratio'), '.2f', 'n/a')} |")
+                     f"{_num(r.get('ratio_unfused'), '.2f', '')} | {_num(r.get('gbps'), '.1f', '')} | "
+                     f"{_num(r.get('pct_copy'), '.0f', '')} | {_num(r.get('peak_mem_ratio'), '.2f', 'n/a')} | "
+                     f"{_num(r.get('peak_mem_ratio_layer'), '.2f', '')} |")
     if errors:
         lines.append("")
         for i, r in enumerate(errors, 1):
@@ -726,7 +718,7 @@ def _parse_shapes(text: str | None, device: str, quick: bool) -> list[tuple]:
     for item in text.split(","):
         item = item.strip()
         if item in ("resnet50", "cifar"):
-            out += suite_shapes(device, quick, families=(item,))
+            out += suite_shapes(device, quick, families=(item,), targets=False)
         else:
             out.append(tuple(int(v) for v in item.lower().split("x")))
     return out
