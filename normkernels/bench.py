@@ -412,8 +412,8 @@ def _resnet50_builder():
     try:
         import torchvision
         return (lambda: torchvision.models.resnet50(num_classes=1000)), "torchvision.models.resnet50"
-    except ImportError:
-        pass
+    except Exception:   # missing, or a build whose C extension does not load with this torch
+        pass            # (torch 2.13's torchvision wheel is a CUDA build: on the CPU torch it raises)
     from normkernels.models import resnet50      # raises ImportError if neither exists
     return (lambda: resnet50(num_classes=1000)), "normkernels.models.resnet50"
 
