@@ -6,7 +6,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip install -q --disable-pip-version-check
 export MAX_JOBS ?= 2
 
-.PHONY: setup test bench bench-suite study results
+.PHONY: setup test bench bench-suite study results gpu-check
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
@@ -34,3 +34,11 @@ study: setup
 # Regenerate the committed results for this machine's device.
 results: setup
 	$(PYTHON) -m normkernels bench --e2e --write-results benchmarks/results
+
+# GPU readiness (issue #11; H4). One prepared command for a fresh GPU machine, at most 5 minutes:
+# build for sm_90 only, the CUDA and Triton tests, the benchmark, the ResNet-50 step and the Triton
+# AOT compile, each stage with its own timeout; results + log into $(GPU_CHECK_OUT) (default
+# benchmarks/results). Without a GPU: a rehearsal of the same plumbing in under a minute (CI runs
+# it: tests/test_gpu_check.py). No `setup` prerequisite: the GPU machine has no package registry.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py

@@ -24,6 +24,16 @@ Implementations (``impl``):
     compile      torch.compile of that eager reference
     two-modules  nn.BatchNorm2d followed by nk.SpectralBatchNorm2d (the unfused pair)
 
+Fused-activation rows (issue #13; ops ``<layer>+relu``), ReLU after each layer:
+    nk-fused     nk.L2BatchNormAct2d / SpectralBatchNormAct2d / BatchNormSBNAct2d with nn.ReLU:
+                 the layer passes activation="relu" to normkernels.functional.* (fused into the
+                 kernels' passes once they implement it; before, applied after the op)
+    nk+relu      the nk layer followed by nn.ReLU(inplace=True)
+    torch+relu   nn.BatchNorm2d followed by nn.ReLU(inplace=True) (op bn+relu)
+    compile+relu torch.compile of that pair (op bn+relu): Inductor's fused kernel, the anchor
+Their columns: ``x BN+ReLU`` (time / torch+relu), ``x nk+ReLU`` (nk-fused time / nk+relu: the
+issue's <= 0.8 target) and ``mem x layer`` (peak memory / the nk layer alone's: target <= 1).
+
 Timing: triton.testing.do_bench (median) on CUDA; on CPU the median of many synchronous runs.
 Inputs rotate among several pre-made random tensors (never zeros) so caches do not flatter.
 The records are also what benchmarks/render.py turns into the Markdown table and the PNG.
@@ -66,9 +76,10 @@ CIFAR_SHAPES = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)]
 CPU_BATCH = {"resnet50": 8, "cifar": 16}          # CPU: same C, H, W with a smaller batch
 CPU_BATCH_QUICK = {"resnet50": 4, "cifar": 8}
 QUICK_SHAPES = {"resnet50": [(64, 1024, 14, 14)], "cifar": [(128, 128, 16, 16)]}
-CPU_TARGET_SHAPES = [(32, 128, 28, 28)]           # the shape of the layer issues' CPU targets
+# the CPU targets of the layer issues (PLAN section 5, issue #13): `--quick` on a CPU measures these
+CPU_TARGET_SHAPES = [(32, 128, 28, 28), (16, 256, 8, 8), (8, 2048, 7, 7)]
 
-OPS = ("bn", "l2bn", "sbn", "bnsbn")
+OPS = ("bn", "l2bn", "sbn", "bnsbn", "bn+relu", "l2bn+relu", "sbn+relu", "bnsbn+relu")
 PASSES = ("fwd", "fwd+bwd")
 TRAFFIC = {"fwd": 3, "fwd+bwd": 8}                # minimal traffic in tensor-sized transfers
 IMPLS = {
@@ -76,14 +87,23 @@ IMPLS = {
     "l2bn": ("nk", "eager", "compile"),
     "sbn": ("nk", "nk-fft", "eager", "compile"),
     "bnsbn": ("nk", "two-modules", "eager", "compile"),
+    "bn+relu": ("torch+relu", "compile+relu"),
+    "l2bn+relu": ("nk-fused", "nk+relu"),
+    "sbn+relu": ("nk-fused", "nk+relu"),
+    "bnsbn+relu": ("nk-fused", "nk+relu"),
 }
-OP_LABEL = {"bn": "BatchNorm2d", "l2bn": "L2BN", "sbn": "SBN", "bnsbn": "BN+SBN"}
+OP_LABEL = {"bn": "BatchNorm2d", "l2bn": "L2BN", "sbn": "SBN", "bnsbn": "BN+SBN", "bn+relu": "BatchNorm2d+ReLU",
+            "l2bn+relu": "L2BN+ReLU", "sbn+relu": "SBN+ReLU", "bnsbn+relu": "BN+SBN+ReLU"}
+ACTIVATION = "relu"
 E2E_VARIANTS = ("bn", "bn+sbn4", "bn+sbn34", "l2bn")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def suite_shapes(device: str, quick: bool = False, families=("resnet50", "cifar")) -> list[tuple]:
-    """The benchmark shapes for a device: full batches on GPU, smaller batches on CPU."""
+def suite_shapes(device: str, quick: bool = False, families=("resnet50", "cifar"), targets: bool = True) -> list[tuple]:
+    """The benchmark shapes for a device: full batches on GPU; on CPU smaller batches of the
+    same C, H, W and the CPU target shapes (``--quick`` on CPU: the target shapes only)."""
+    if device == "cpu" and quick and targets:
+        return list(CPU_TARGET_SHAPES)
     out = []
     for fam in families:
         shapes = QUICK_SHAPES[fam] if quick else (RESNET50_SHAPES if fam == "resnet50" else CIFAR_SHAPES)
@@ -91,8 +111,8 @@ def suite_shapes(device: str, quick: bool = False, families=("resnet50", "cifar"
             if device == "cpu":
                 n = (CPU_BATCH_QUICK if quick else CPU_BATCH)[fam]
             out.append((n, c, h, w))
-    if device == "cpu" and not quick:
-        out += CPU_TARGET_SHAPES
+    if device == "cpu" and not quick and targets:
+        out += [s for s in CPU_TARGET_SHAPES if s not in out]
     return out
 
 
@@ -161,8 +181,20 @@ def build(op: str, impl: str, channels: int, device, dtype=torch.float32) -> tup
 
     Parameters stay float32 (as under autocast); the input carries the benchmark dtype."""
     c = channels
+    nk_layer = {"l2bn+relu": lambda: _nk().L2BatchNorm2d(c), "sbn+relu": lambda: _nk().SpectralBatchNorm2d(c),
+                "bnsbn+relu": lambda: _nk().BatchNormSBN2d(c)}
+    # the NormAct layers pass activation="relu" to normkernels.functional (fused in the kernels)
+    nk_fused = {"l2bn+relu": lambda: _nk().L2BatchNormAct2d(c, act_layer=nn.ReLU),
+                "sbn+relu": lambda: _nk().SpectralBatchNormAct2d(c, act_layer=nn.ReLU),
+                "bnsbn+relu": lambda: _nk().BatchNormSBNAct2d(c, act_layer=nn.ReLU)}
     if op == "bn" and impl == "torch":
         m = nn.BatchNorm2d(c)
+    elif op == "bn+relu" and impl in ("torch+relu", "compile+relu"):
+        m = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+    elif op in nk_fused and impl == "nk-fused":
+        m = nk_fused[op]()
+    elif op in nk_layer and impl == "nk+relu":
+        m = nn.Sequential(nk_layer[op](), nn.ReLU(inplace=True))
     elif op == "l2bn":
         m = {"nk": lambda: _nk().L2BatchNorm2d(c), "eager": lambda: L2BNComposite(c),
              "compile": lambda: L2BNComposite(c)}[impl]()
@@ -179,7 +211,7 @@ def build(op: str, impl: str, channels: int, device, dtype=torch.float32) -> tup
         raise KeyError(f"unknown op/impl {op}/{impl}")
     m = m.to(device).train()
     params = [p for p in m.parameters() if p.requires_grad]
-    fn = _compiled(m) if impl == "compile" else m
+    fn = _compiled(m) if impl in ("compile", "compile+relu") else m
     return fn, params
 
 
@@ -190,9 +222,10 @@ def _pool_size(nbytes: int, device: str) -> int:
 
 
 def make_inputs(shape, device, dtype, count: int, seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    xs = [(torch.randn(shape, generator=g) * 2 + 0.5).to(device=device, dtype=dtype) for _ in range(count)]
-    dys = [torch.randn(shape, generator=g).to(device=device, dtype=dtype) for _ in range(count)]
+    # drawn on the device: a 200 MB tensor drawn on the CPU and copied costs seconds per shape
+    g = torch.Generator(device=device).manual_seed(seed)
+    xs = [(torch.randn(shape, generator=g, device=device) * 2 + 0.5).to(dtype) for _ in range(count)]
+    dys = [torch.randn(shape, generator=g, device=device).to(dtype) for _ in range(count)]
     return xs, dys
 
 
@@ -305,7 +338,8 @@ def _error(e: BaseException) -> str:
 
 
 def measure(op: str, impl: str, shape, dtype: torch.dtype, device: str, passes=PASSES,
-            quick: bool = False, copy_gbps: float | None = None, inputs=None, memory: bool = True) -> list[dict]:
+            quick: bool = False, copy_gbps: float | None = None, inputs=None, memory: bool = True,
+            rep_ms: float | None = None) -> list[dict]:
     """Records for one op/impl on one shape and dtype, one per pass (error records on failure)."""
     dname = str(dtype).replace("torch.", "")
     base = {"op": op, "impl": impl, "shape": list(shape), "dtype": dname}
@@ -326,7 +360,7 @@ def measure(op: str, impl: str, shape, dtype: torch.dtype, device: str, passes=P
             run = make_runner(fn, params, xs, dys, p)
             run()                                  # compile / autotune / first call outside timing
             _sync(device)
-            ms = time_ms(run, device, quick)
+            ms = time_ms(run, device, quick, rep_ms)
             gbps = TRAFFIC[p] * nbytes / (ms * 1e-3) / 1e9
             rec.update(ms=ms, gbps=gbps, pct_copy=100 * gbps / copy_gbps if copy_gbps else None)
             rec["peak_mem_bytes"] = peak_memory(run, device) if memory else None
@@ -339,18 +373,34 @@ def measure(op: str, impl: str, shape, dtype: torch.dtype, device: str, passes=P
 
 
 def _add_ratios(records: list[dict]) -> None:
-    """ratio_bn and peak_mem_ratio against the torch BatchNorm record of the same tensor/pass."""
+    """ratio_bn and peak_mem_ratio against the torch BatchNorm record of the same tensor/pass;
+    ratio_bn_relu of the fused-activation rows against BatchNorm2d + ReLU."""
     key = lambda r: (tuple(r["shape"]), r["dtype"], r["pass"], r["op"] == "resnet50-step")
-    ref = {}
+    ref, ref_relu, unfused, layer = {}, {}, {}, {}
     for r in records:
-        if r.get("ms") and ((r["op"] == "bn" and r["impl"] == "torch") or
-                            (r["op"] == "resnet50-step" and r["impl"] == "bn")):
+        if not r.get("ms"):
+            continue
+        if (r["op"] == "bn" and r["impl"] == "torch") or (r["op"] == "resnet50-step" and r["impl"] == "bn"):
             ref[key(r)] = r
+        if r["op"] == "bn+relu" and r["impl"] == "torch+relu":
+            ref_relu[key(r)] = r
+        if r["op"].endswith("+relu") and r["impl"] == "nk+relu":
+            unfused[(r["op"],) + key(r)] = r
+        if r["op"] in OPS and r["impl"] == "nk":
+            layer[(r["op"] + "+relu",) + key(r)] = r
     for r in records:
         if "op" not in r:
             continue
         b = ref.get(key(r))
         r["ratio_bn"] = r["ms"] / b["ms"] if b and r.get("ms") else None
+        if r["op"].endswith("+relu"):
+            br = ref_relu.get(key(r))
+            r["ratio_bn_relu"] = r["ms"] / br["ms"] if br and r.get("ms") else None
+        if r["impl"] == "nk-fused":
+            u = unfused.get((r["op"],) + key(r))
+            r["ratio_unfused"] = r["ms"] / u["ms"] if u and r.get("ms") else None
+            lb, fb = (layer.get((r["op"],) + key(r)) or {}).get("peak_mem_bytes"), r.get("peak_mem_bytes")
+            r["peak_mem_ratio_layer"] = fb / lb if lb and fb is not None else None
         pb, pr = (b or {}).get("peak_mem_bytes"), r.get("peak_mem_bytes")
         r["peak_mem_ratio"] = pr / pb if pb and pr is not None else None
 
@@ -362,8 +412,8 @@ def _resnet50_builder():
     try:
         import torchvision
         return (lambda: torchvision.models.resnet50(num_classes=1000)), "torchvision.models.resnet50"
-    except ImportError:
-        pass
+    except Exception:   # missing, or a build whose C extension does not load with this torch
+        pass            # (torch 2.13's torchvision wheel is a CUDA build: on the CPU torch it raises)
     from normkernels.models import resnet50      # raises ImportError if neither exists
     return (lambda: resnet50(num_classes=1000)), "normkernels.models.resnet50"
 
@@ -382,8 +432,11 @@ def _e2e_model(variant: str, builder):
     raise KeyError(variant)
 
 
-def e2e_config(device: str, quick: bool) -> tuple[int, int]:
-    """(batch, resolution) of the end-to-end step."""
+def e2e_config(device: str, quick: bool, size: str | None = None) -> tuple[int, int]:
+    """(batch, resolution) of the end-to-end step; ``size`` "BATCHxRES" overrides."""
+    if size:
+        batch, res = (int(v) for v in size.lower().split("x"))
+        return batch, res
     if device == "cuda":
         return (32, 224) if quick else (64, 224)
     return (2, 96) if quick else (4, 128)
@@ -419,7 +472,7 @@ def e2e_step(variant: str, device: str, dtype: torch.dtype = torch.float32, batc
 
 def run_e2e(device: str, dtype: torch.dtype = torch.float32, quick: bool = False,
             variants=E2E_VARIANTS, batch: int | None = None, resolution: int | None = None,
-            progress=None, memory: bool = True) -> list[dict]:
+            progress=None, memory: bool = True, on_record=None, rep_ms: float | None = None) -> list[dict]:
     """One SGD training step of ResNet-50 per variant (records; ratios added by _add_ratios)."""
     b0, r0 = e2e_config(device, quick)
     batch, resolution = batch or b0, resolution or r0
@@ -433,13 +486,15 @@ def run_e2e(device: str, dtype: torch.dtype = torch.float32, quick: bool = False
             step(); step()
             _sync(device)
             # whole steps take 10-1000 ms: give do_bench room for ~10 of them
-            rec["ms"] = time_ms(step, device, quick=True, rep_ms=(1500 if device == "cuda" else 1000))
+            rec["ms"] = time_ms(step, device, quick=True, rep_ms=rep_ms or (1500 if device == "cuda" else 1000))
             rec["peak_mem_bytes"] = peak_memory(step, device) if memory else None
             del step
         except Exception as e:
             rec.update(ms=None, error=_error(e))
         rec.setdefault("peak_mem_ratio", None)
         out.append(rec)
+        if on_record is not None:
+            on_record(rec)
         gc.collect()
         if progress is not None:
             progress.update(1)
@@ -537,10 +592,11 @@ def render_markdown(records: list[dict]) -> str:
                   *([f"- CPU allocator: {head['cpu_allocator']}"] if head.get("cpu_allocator") else []),
                   f"- 1-min load average at start / end: {head.get('loadavg_start')} / {head.get('loadavg_end')}",
                   f"- command: `{head.get('command')}`", f"- date: {head.get('date')}", ""]
-    lines += ["| op | shape | dtype | pass | impl | ms | x BN | GB/s | % copy | peak mem x BN |",
-              "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["| op | shape | dtype | pass | impl | ms | x BN | x BN+ReLU | x nk+ReLU | GB/s | % copy | peak mem x BN "
+              "| mem x layer |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     order = {o: i for i, o in enumerate(OPS + ("resnet50-step",))}
-    impl_order = {i: k for k, i in enumerate(("torch", "nk", "nk-fft", "two-modules", "eager", "compile")
+    impl_order = {i: k for k, i in enumerate(("torch", "nk", "nk-fft", "two-modules", "eager", "compile",
+                                              "torch+relu", "compile+relu", "nk-fused", "nk+relu")
                                              + E2E_VARIANTS)}
     first = {}
     for r in rows:
@@ -557,8 +613,10 @@ def render_markdown(records: list[dict]) -> str:
             ms = _num(r["ms"], ".3f")
         op = OP_LABEL.get(r["op"], r["op"])
         lines.append(f"| {op} | {_fmt_shape(r['shape'])} | {r['dtype']} | {r['pass']} | {r['impl']} | {ms} | "
-                     f"{_num(r.get('ratio_bn'), '.2f', '')} | {_num(r.get('gbps'), '.1f', '')} | "
-                     f"{_num(r.get('pct_copy'), '.0f', '')} | {_num(r.get('peak_mem_ratio'), '.2f', 'n/a')} |")
+                     f"{_num(r.get('ratio_bn'), '.2f', '')} | {_num(r.get('ratio_bn_relu'), '.2f', '')} | "
+                     f"{_num(r.get('ratio_unfused'), '.2f', '')} | {_num(r.get('gbps'), '.1f', '')} | "
+                     f"{_num(r.get('pct_copy'), '.0f', '')} | {_num(r.get('peak_mem_ratio'), '.2f', 'n/a')} | "
+                     f"{_num(r.get('peak_mem_ratio_layer'), '.2f', '')} |")
     if errors:
         lines.append("")
         for i, r in enumerate(errors, 1):
@@ -568,7 +626,8 @@ def render_markdown(records: list[dict]) -> str:
 
 
 IMPL_COLORS = {"nk": "tab:blue", "nk-fft": "tab:cyan", "two-modules": "tab:purple", "eager": "tab:orange",
-               "compile": "tab:green", "bn": "tab:gray", "bn+sbn4": "tab:blue", "bn+sbn34": "tab:purple",
+               "compile": "tab:green", "torch+relu": "tab:gray", "compile+relu": "tab:olive", "nk-fused": "navy",
+               "nk+relu": "tab:brown", "bn": "tab:gray", "bn+sbn4": "tab:blue", "bn+sbn34": "tab:purple",
                "l2bn": "tab:red"}
 
 
@@ -659,7 +718,7 @@ def _parse_shapes(text: str | None, device: str, quick: bool) -> list[tuple]:
     for item in text.split(","):
         item = item.strip()
         if item in ("resnet50", "cifar"):
-            out += suite_shapes(device, quick, families=(item,))
+            out += suite_shapes(device, quick, families=(item,), targets=False)
         else:
             out.append(tuple(int(v) for v in item.lower().split("x")))
     return out
@@ -670,7 +729,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: cuda when present)")
     p.add_argument("--dtype", default=None,
                    help="comma list of float32,bfloat16,float16 (default: float32,bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--ops", default=",".join(OPS), help=f"comma list of {','.join(OPS)} (BatchNorm always runs)")
+    p.add_argument("--ops", default=",".join(OPS),
+                   help=f"comma list of {','.join(OPS)} (BatchNorm always runs; BatchNorm2d+ReLU with any +relu op)")
     p.add_argument("--impls", default=None, help="comma list to restrict implementations (e.g. nk,eager)")
     p.add_argument("--shapes", default=None,
                    help="comma list of resnet50, cifar or NxCxHxW (default: both families; CPU uses smaller batches)")
@@ -678,7 +738,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="one ResNet-50 and one CIFAR shape, shorter timing")
     p.add_argument("--e2e", action="store_true", help="also time one ResNet-50 training step per variant")
     p.add_argument("--e2e-only", action="store_true", help="only the end-to-end step")
+    p.add_argument("--e2e-rep-ms", type=float, default=None,
+                   help="end-to-end timing per variant in ms (default 1500 GPU, 1000 CPU)")
+    p.add_argument("--e2e-variants", default=",".join(E2E_VARIANTS), help=f"comma list of {','.join(E2E_VARIANTS)}")
+    p.add_argument("--no-plot", action="store_true", help="no PNG plot")
+    p.add_argument("--e2e-size", default=None, metavar="BATCHxRES",
+                   help="end-to-end batch and resolution (default: 64x224 GPU, 4x128 CPU; --quick 32x224, 2x96)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--rep-ms", type=float, default=None,
+                   help="timing per measurement in ms (GPU: do_bench's rep; CPU: budget; default 100/400 GPU, 250/1000 CPU)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the records as JSON")
     p.add_argument("--md", default=None, metavar="PATH", help="write the Markdown table")
     p.add_argument("--png", default=None, metavar="PATH",
@@ -714,18 +782,24 @@ def main(argv: list[str] | None = None) -> int:
     impl_filter = set(args.impls.split(",")) if args.impls else None
     shapes = [] if args.e2e_only else _parse_shapes(args.shapes, device, args.quick)
 
-    jobs = []  # (shape, dtype, op, impl); BatchNorm first for every tensor
+    if any(o.endswith("+relu") for o in ops) and "bn+relu" not in ops:
+        ops.append("bn+relu")                       # the reference of the x BN+ReLU column
+    jobs = []  # (shape, dtype, op, impl); BatchNorm (and BatchNorm2d+ReLU) first for every tensor
     for shape in shapes:
         for dt in dtypes:
             jobs.append((shape, dt, "bn", "torch"))
-            for op in ops:
+            for op in sorted(ops, key=lambda o: o != "bn+relu"):
                 if op == "bn":
                     continue
                 for impl in IMPLS[op]:
-                    if impl_filter is None or impl in impl_filter:
+                    if impl_filter is None or impl in impl_filter or (op, impl) == ("bn+relu", "torch+relu"):
                         jobs.append((shape, dt, op, impl))
     e2e = args.e2e or args.e2e_only
-    total = len(jobs) + (len(E2E_VARIANTS) * len(dtypes) if e2e else 0)
+    variants = [v.strip() for v in args.e2e_variants.split(",") if v.strip()]
+    if any(v not in E2E_VARIANTS for v in variants):
+        print(f"unknown end-to-end variants {variants}; choose from {E2E_VARIANTS}", file=sys.stderr)
+        return 2
+    total = len(jobs) + (len(variants) * len(dtypes) if e2e else 0)
 
     try:
         from tqdm import tqdm
@@ -741,6 +815,17 @@ def main(argv: list[str] | None = None) -> int:
     records = [header(device, copy_gbps, argv)]
     if allocator:
         records[0]["cpu_allocator"] = allocator
+    if args.write_results:
+        stem = os.path.join(args.write_results, device_tag(device))
+        args.json, args.md = args.json or stem + ".json", args.md or stem + ".md"
+
+    def checkpoint(*_):
+        # the JSON and the table so far, after every measurement: a run stopped by a timeout
+        # (gpu-check's stages) still leaves its results
+        if args.json or args.md:
+            _add_ratios(records)
+            write_outputs(records, args.json, args.md, None)
+    checkpoint()
     inputs_key, inputs = None, None
     for shape, dt, op, impl in jobs:
         if bar is not None:
@@ -752,27 +837,30 @@ def main(argv: list[str] | None = None) -> int:
             inputs = make_inputs(shape, device, dt, _pool_size(nbytes, device))
             inputs_key = (shape, dt)
         records += measure(op, impl, shape, dt, device, passes, args.quick, copy_gbps, inputs,
-                           memory=not args.no_memory)
+                           memory=not args.no_memory, rep_ms=args.rep_ms)
+        checkpoint()
         if bar is not None:
             bar.update(1)
     inputs = None
     if e2e:
+        batch, res = e2e_config(device, args.quick, args.e2e_size)
         for dt in dtypes:
             if bar is not None:
                 bar.set_postfix_str(f"resnet50 step {str(dt)[6:]}")
-            records += run_e2e(device, dt, args.quick, progress=bar, memory=not args.no_memory)
+            run_e2e(device, dt, args.quick, variants=variants, batch=batch, resolution=res, progress=bar,
+                    memory=not args.no_memory, on_record=lambda rec: (records.append(rec), checkpoint()),
+                    rep_ms=args.e2e_rep_ms)
     if bar is not None:
         bar.close()
     _add_ratios(records)
     records[0]["loadavg_end"] = _loadavg()
 
-    if args.write_results:
-        stem = os.path.join(args.write_results, device_tag(device))
-        args.json, args.md = args.json or stem + ".json", args.md or stem + ".md"
     png = args.png
-    if png is None:
+    if png is None and not args.no_plot:
         stem = args.md or args.json
         png = (os.path.splitext(stem)[0] + ".png") if stem else "normkernels-bench.png"
+    if args.no_plot:
+        png = None
     written = write_outputs(records, args.json, args.md, png)
     print(render_markdown(records))
     for kind, path in written.items():

@@ -29,3 +29,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+_TERMINAL_SECTIONS: list = []
+
+
+@pytest.fixture(scope="session")
+def terminal_section():
+    """add(title, text): print text under a title at the end of the pytest run (e.g. the
+    registers and spills per Triton kernel of tests/test_triton_compile.py)."""
+    return lambda title, text: _TERMINAL_SECTIONS.append((title, text))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for title, text in _TERMINAL_SECTIONS:
+        terminalreporter.write_sep("-", title)
+        terminalreporter.write_line(text)
