@@ -95,7 +95,7 @@ def split_saved(saved: Tensor, n: int, c: int) -> dict:
 
 def _ncs(x: Tensor) -> Tensor:
     n, c = x.shape[0], x.shape[1]
-    return x.reshape(n, c, -1)
+    return x.reshape(n, c, math.prod(x.shape[2:]))
 
 
 # --------------------------------------------------------------------------- fake kernels (C++ ops)
@@ -185,7 +185,7 @@ def _local_rows(m: Tensor, m2: Tensor, inv_r: Tensor, s: int) -> Tensor:
     """(3, C) [count, mean, M2] of u over this batch (two passes over n)."""
     n = m.shape[0]
     um = m * inv_r[:, None]
-    mean = um.sum(dim=0) / n if n > 0 else torch.zeros_like(um[0])
+    mean = um.sum(dim=0) / n if n > 0 else um.new_zeros(um.shape[1])
     m2u = (m2 * inv_r[:, None].square() + s * (um - mean).square()).sum(dim=0)
     return torch.stack([torch.full_like(mean, float(n * s)), mean, m2u])
 
