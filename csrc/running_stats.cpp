@@ -44,6 +44,12 @@ Args check(const at::Tensor& running_mean, const at::Tensor& running_var,
                     ", got ", batch_mean.sizes());
   TORCH_CHECK_VALUE(batch_var.sizes() == a.var.sizes(), op, ": batch_var must have shape (", C,
                     ",), got ", batch_var.sizes());
+  TORCH_CHECK_TYPE(a.mean.scalar_type() == a.var.scalar_type(), op,
+                   ": running_mean (its real view) and running_var must share a dtype, got ",
+                   a.mean.scalar_type(), " and ", a.var.scalar_type());
+  TORCH_CHECK_TYPE(batch_mean.scalar_type() == batch_var.scalar_type(), op,
+                   ": batch_mean and batch_var must share a dtype, got ", batch_mean.scalar_type(),
+                   " and ", batch_var.scalar_type());
   TORCH_CHECK_VALUE(a.mean.is_contiguous() && a.var.is_contiguous(), op,
                     ": running_mean and running_var must be contiguous");
   const auto dev = a.var.device();
