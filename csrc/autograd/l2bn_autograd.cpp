@@ -33,6 +33,7 @@ class L2BNFunction : public torch::autograd::Function<L2BNFunction> {
                                double eps, double l2_eps, bool rescale, c10::string_view act,
                                double act_param) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->set_materialize_grads(false);  // no zero tensors for the unused output gradients
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("normkernels::l2bn_forward", "")
                          .typed<ForwardSig>();
