@@ -6,6 +6,13 @@
 //            order and each channel's over n in order, so the result does not depend on the
 //            number of threads (nor on how the rows were split among them).
 //   apply    y = act(pre) / dx, per-(n, c) coefficients.
+// GCC: the activation selects (leaky_relu's pre * slope, silu) may be evaluated speculatively,
+// which lets the elementwise loops be if-converted and vectorized instead of branching per
+// element. Only floating-point exception flags are affected, never a value. Set before every
+// include so that all inline functions of this file share the option (and stay inlinable).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -125,8 +132,8 @@ inline acc_t tree_sum(const V& a) {
 }
 
 // (sum dy, sum dy*(x - ctr)) over L elements in one sweep, same order scheme as lane_sum.
-template <typename acc_t, typename scalar_t>
-inline void lane_sums_dy(const scalar_t* pd, const scalar_t* px, acc_t ctr, int64_t L, acc_t& sq,
+template <typename acc_t, typename dy_t, typename scalar_t>
+inline void lane_sums_dy(const dy_t* pd, const scalar_t* px, acc_t ctr, int64_t L, acc_t& sq,
                          acc_t& spc) {
   using V = lane_t<acc_t>;
   constexpr int K = Lanes<acc_t>::kNarrow;
@@ -430,32 +437,16 @@ inline acc_t fold_lanes(const acc_t* q) {
 
 // ---------------------------------------------------------------- gradient sums
 // Q = sum_s g, P = sum_s g (x - center), g = act'(pre) dy with pre recomputed as the forward did.
+// A chunk (L <= kChunk) of one row: g into a buffer (a plain elementwise loop, which vectorizes),
+// then the same lane sums as for g = dy.
 template <typename acc_t, typename scalar_t, Act A>
 inline void row_grad_sums_act(const scalar_t* pd, const scalar_t* px, acc_t ctr, acc_t a, acc_t b,
                               acc_t slope, int64_t L, acc_t& sq, acc_t& sp) {
-  constexpr int K = Lanes<acc_t>::kNarrow;
-  acc_t q[K], p[K];
-  for (int j = 0; j < K; ++j) q[j] = p[j] = acc_t(0);
-  int64_t i = 0;
-  for (; i + K <= L; i += K) {
-    for (int j = 0; j < K; ++j) {
-      const acc_t xv = static_cast<acc_t>(px[i + j]);
-      const acc_t g = act_backward<acc_t>(A, pre_act<acc_t>(xv, ctr, a, b), slope,
-                                          static_cast<acc_t>(pd[i + j]));
-      q[j] += g;
-      p[j] += g * (xv - ctr);
-    }
-  }
-  acc_t tq = 0, tp = 0;
-  for (; i < L; ++i) {
-    const acc_t xv = static_cast<acc_t>(px[i]);
-    const acc_t g = act_backward<acc_t>(A, pre_act<acc_t>(xv, ctr, a, b), slope,
-                                        static_cast<acc_t>(pd[i]));
-    tq += g;
-    tp += g * (xv - ctr);
-  }
-  sq = fold_lanes<acc_t>(q) + tq;
-  sp = fold_lanes<acc_t>(p) + tp;
+  acc_t g[kChunk];
+  for (int64_t i = 0; i < L; ++i)
+    g[i] = act_backward<acc_t>(A, pre_act<acc_t>(static_cast<acc_t>(px[i]), ctr, a, b), slope,
+                               static_cast<acc_t>(pd[i]));
+  lane_sums_dy<acc_t>(g, px, ctr, L, sq, sp);
 }
 
 // Pass operands: the saved forward coefficients (center, x_coef, offset planes) and slope.
@@ -689,9 +680,11 @@ void apply_pass(const View3& v, const at::Tensor& dy, Act act,
 constexpr int64_t kFinC = 64;  // channels per finalize task
 
 inline int64_t channel_blocks(int64_t C) { return (C + kFinC - 1) / kFinC; }
-// Finalize tasks: a few thousand (n, c) values each (tiny finalizes stay on one thread).
+// Finalize tasks: at least 32K (n, c) values each, so a finalize of ResNet size runs on the
+// calling thread (a parallel region costs more than it saves there, and much more on a loaded
+// machine, where every region waits for its threads to be scheduled).
 inline int64_t fin_grain(int64_t per_item) {
-  return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, per_item));
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, per_item));
 }
 
 // Per sample: the norm and the scale r (inv_r always; r, nrm into saved when given).
