@@ -944,7 +944,10 @@ Fwd forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
   StatsSource src;
   src.mean = channel_vec(mean, k.v, op, "mean");
   src.var = channel_vec(var, k.v, op, "var");
-  auto [y, bmean, bvar, saved] = forward_outputs(k);
+  // named references, not structured bindings (C++17 cannot capture those in the lambdas)
+  const Fwd out = forward_outputs(k);
+  const at::Tensor &y = std::get<0>(out), &bmean = std::get<1>(out), &bvar = std::get<2>(out),
+                   &saved = std::get<3>(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.v.x.scalar_type(), "l2bn", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* sp = saved.data_ptr<acc_t>();
@@ -953,7 +956,7 @@ Fwd forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
     finish_core<scalar_t>(k, sp + L.center(), sp + L.m2(), src, w, b, eps, l2_eps, rescale, y,
                           bmean, bvar, saved);
   });
-  return {y, bmean, bvar, saved};
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& x, double l2_eps, bool rescale) {
@@ -1004,14 +1007,17 @@ Fwd finish_cpu(const at::Tensor& x, const at::Tensor& stats_in,
   src.mean = channel_vec(mean, k.v, op, "mean");
   src.var = channel_vec(var, k.v, op, "var");
   const ChannelVec w = channel_vec(weight, k.v, op, "weight"), b = channel_vec(bias, k.v, op, "bias");
-  auto [y, bmean, bvar, saved] = forward_outputs(k);
+  // named references, not structured bindings (C++17 cannot capture those in the lambdas)
+  const Fwd out = forward_outputs(k);
+  const at::Tensor &y = std::get<0>(out), &bmean = std::get<1>(out), &bvar = std::get<2>(out),
+                   &saved = std::get<3>(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.v.x.scalar_type(), "l2bn", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* m = stats.const_data_ptr<acc_t>();
     finish_core<scalar_t>(k, m, m + k.v.N * k.v.C, src, w, b, eps, l2_eps, rescale, y, bmean, bvar,
                           saved);
   });
-  return {y, bmean, bvar, saved};
+  return out;
 }
 
 // Gradient sums pass of the backward (sums planes q, p).
@@ -1076,7 +1082,8 @@ Bwd backward_cpu(const at::Tensor& dy_in, const at::Tensor& x, const std::option
   const at::Tensor dy = match_layout(dy_in, k.v, op, "dy");
   const at::Tensor saved = checked_saved(saved_in, k.v, op);
   const ChannelVec w = channel_vec(weight, k.v, op, "weight");
-  auto [dx, dweight, dbias] = backward_outputs(k);
+  const Bwd out = backward_outputs(k);
+  const at::Tensor &dx = std::get<0>(out), &dweight = std::get<1>(out), &dbias = std::get<2>(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.v.x.scalar_type(), "l2bn", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t NC = k.v.N * k.v.C;
@@ -1089,7 +1096,7 @@ Bwd backward_cpu(const at::Tensor& dy_in, const at::Tensor& x, const std::option
     grad_finish_core<scalar_t>(k, dy, saved, sums.get(), sums.get() + NC, /*in_place=*/true,
                                rows.get(), training ? rows.get() : nullptr, w, dx, dweight, dbias);
   });
-  return {dx, dweight, dbias};
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> grad_stats_cpu(const at::Tensor& dy_in, const at::Tensor& x,
@@ -1128,7 +1135,8 @@ Bwd grad_finish_cpu(const at::Tensor& dy_in, const at::Tensor& x,
   if (rows_all_in.has_value())
     rows_all = checked(*rows_all_in, {kGradRowFields, k.v.C}, at::kDouble, k.v, op, "rows_all");
   const ChannelVec w = channel_vec(weight, k.v, op, "weight");
-  auto [dx, dweight, dbias] = backward_outputs(k);
+  const Bwd out = backward_outputs(k);
+  const at::Tensor &dx = std::get<0>(out), &dweight = std::get<1>(out), &dbias = std::get<2>(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.v.x.scalar_type(), "l2bn", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // const_cast: with in_place=false the sums are only read
@@ -1138,7 +1146,7 @@ Bwd grad_finish_cpu(const at::Tensor& dy_in, const at::Tensor& x,
                                rows_all.defined() ? rows_all.const_data_ptr<double>() : nullptr, w,
                                dx, dweight, dbias);
   });
-  return {dx, dweight, dbias};
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> sample_stats_cpu(const at::Tensor& x) {

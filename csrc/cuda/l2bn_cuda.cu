@@ -17,7 +17,9 @@
 // per-sample and per-channel phases; two plain launches where cooperative launch is missing). It
 // folds in the combine of the segment partials.
 // Apply: flat grid-stride over 16-byte vectors (per-element row index by a precomputed divider),
-// scalar when the pointers are not equally aligned.
+// scalar when the pointers are not equally aligned. The activation is a kernel argument (uniform
+// over the grid, so its branch costs nothing next to the memory traffic) rather than a template
+// parameter: four times fewer kernels to compile.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -302,6 +304,7 @@ struct PassCoefs {
   const acc_t* x_coef;
   const acc_t* offset;
   acc_t slope;
+  Act act;  // a kernel argument, uniform over the grid (one instantiation for every activation)
 };
 
 template <typename acc_t>
@@ -316,15 +319,16 @@ __device__ __forceinline__ void write_sums(int64_t row, int64_t item, int64_t sp
   }
 }
 
-template <typename acc_t, Act A>
-__device__ __forceinline__ void grad_add(acc_t xv, acc_t d, acc_t ctr, acc_t a, acc_t b,
+template <typename acc_t>
+__device__ __forceinline__ void grad_add(Act act, acc_t xv, acc_t d, acc_t ctr, acc_t a, acc_t b,
                                          acc_t slope, acc_t& sq, acc_t& sp) {
-  const acc_t g = A == Act::Identity ? d : act_backward<acc_t>(A, pre_act<acc_t>(xv, ctr, a, b), slope, d);
+  const acc_t g =
+      act == Act::Identity ? d : act_backward<acc_t>(act, pre_act<acc_t>(xv, ctr, a, b), slope, d);
   sq += g;
   sp += g * (xv - ctr);
 }
 
-template <typename scalar_t, typename acc_t, int TEAM, Act A>
+template <typename scalar_t, typename acc_t, int TEAM>
 __global__ void __launch_bounds__(kThreads)
     sums_ncs_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                     PassCoefs<acc_t> pc, acc_t* __restrict__ q, acc_t* __restrict__ p,
@@ -345,7 +349,7 @@ __global__ void __launch_bounds__(kThreads)
       const acc_t ctr = pc.center[row], ca = pc.x_coef[row], cb = pc.offset[row];
       team_row<scalar_t, TEAM>(x + row * S, dy + row * S, a, b, lane, vec_ok,
                                [&](scalar_t xv, scalar_t dv) {
-                                 grad_add<acc_t, A>(static_cast<acc_t>(xv), static_cast<acc_t>(dv),
+                                 grad_add<acc_t>(pc.act, static_cast<acc_t>(xv), static_cast<acc_t>(dv),
                                                     ctr, ca, cb, pc.slope, sq, sp);
                                });
     }
@@ -354,7 +358,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t, typename acc_t, int V, Act A>
+template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
     sums_nsc_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                     PassCoefs<acc_t> pc, acc_t* __restrict__ q, acc_t* __restrict__ p,
@@ -392,7 +396,7 @@ __global__ void __launch_bounds__(kThreads)
         }
 #pragma unroll
         for (int k = 0; k < V; ++k)
-          grad_add<acc_t, A>(static_cast<acc_t>(xv.v[k]), static_cast<acc_t>(dv.v[k]), ctr[k],
+          grad_add<acc_t>(pc.act, static_cast<acc_t>(xv.v[k]), static_cast<acc_t>(dv.v[k]), ctr[k],
                              ca[k], cb[k], pc.slope, sq[k], sp[k]);
       }
     }
@@ -496,7 +500,7 @@ void launch_stats(const View3& v, const PassPlan& pl, acc_t* mean, acc_t* m2, ac
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, typename acc_t, Act A>
+template <typename scalar_t, typename acc_t>
 void launch_sums(const View3& v, const PassPlan& pl, const scalar_t* dy, PassCoefs<acc_t> pc,
                  acc_t* q, acc_t* p, acc_t* partial, bool vec_ok, cudaStream_t stream) {
   const scalar_t* x = v.x.const_data_ptr<scalar_t>();
@@ -504,7 +508,7 @@ void launch_sums(const View3& v, const PassPlan& pl, const scalar_t* dy, PassCoe
   if (!pl.nsc) {
     const int64_t rows = v.N * v.C;
 #define L2BN_SUMS_NCS(T)                                                                    \
-  sums_ncs_kernel<scalar_t, acc_t, T, A><<<pl.grid, kThreads, 0, stream>>>(                 \
+  sums_ncs_kernel<scalar_t, acc_t, T><<<pl.grid, kThreads, 0, stream>>>(                 \
       dy, x, pc, q, p, partial, rows, v.S, pl.splits, pl.seg_len, vec_ok)
     switch (pl.team) {
       case 4: L2BN_SUMS_NCS(4); break;
@@ -515,10 +519,10 @@ void launch_sums(const View3& v, const PassPlan& pl, const scalar_t* dy, PassCoe
     }
 #undef L2BN_SUMS_NCS
   } else if (pl.vec == V) {
-    sums_nsc_kernel<scalar_t, acc_t, V, A><<<pl.grid, kThreads, 0, stream>>>(
+    sums_nsc_kernel<scalar_t, acc_t, V><<<pl.grid, kThreads, 0, stream>>>(
         dy, x, pc, q, p, partial, v.N, v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
   } else {
-    sums_nsc_kernel<scalar_t, acc_t, 1, A><<<pl.grid, kThreads, 0, stream>>>(
+    sums_nsc_kernel<scalar_t, acc_t, 1><<<pl.grid, kThreads, 0, stream>>>(
         dy, x, pc, q, p, partial, v.N, v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -888,7 +892,7 @@ struct ApplyCoefs {
   const acc_t* dx_offset;
 };
 
-template <typename scalar_t, typename acc_t, typename index_t, bool NSC, bool BWD, Act A, int V>
+template <typename scalar_t, typename acc_t, typename index_t, bool NSC, bool BWD, int V>
 __global__ void __launch_bounds__(kThreads)
     apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
                  ApplyCoefs<acc_t> ac, scalar_t* __restrict__ out, index_t numel, index_t C,
@@ -905,10 +909,10 @@ __global__ void __launch_bounds__(kThreads)
   auto one = [&](acc_t xv, acc_t dv, index_t row) -> scalar_t {
     const acc_t ctr = ac.f.center[row], a = ac.f.x_coef[row], b = ac.f.offset[row];
     if constexpr (!BWD) {
-      return static_cast<scalar_t>(act_forward<acc_t>(A, pre_act<acc_t>(xv, ctr, a, b), ac.f.slope));
+      return static_cast<scalar_t>(act_forward<acc_t>(ac.f.act, pre_act<acc_t>(xv, ctr, a, b), ac.f.slope));
     } else {
       const acc_t g =
-          A == Act::Identity ? dv : act_backward<acc_t>(A, pre_act<acc_t>(xv, ctr, a, b), ac.f.slope, dv);
+          ac.f.act == Act::Identity ? dv : act_backward<acc_t>(ac.f.act, pre_act<acc_t>(xv, ctr, a, b), ac.f.slope, dv);
       return static_cast<scalar_t>(a * g + ac.dx_coef[row] * (xv - ctr) + ac.dx_offset[row]);
     }
   };
@@ -931,7 +935,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename scalar_t, typename acc_t, bool BWD>
-void launch_apply(const View3& v, const scalar_t* dy, const ApplyCoefs<acc_t>& ac, Act act,
+void launch_apply(const View3& v, const scalar_t* dy, const ApplyCoefs<acc_t>& ac,
                   const at::Tensor& out, cudaStream_t stream) {
   const int64_t numel = out.numel();
   if (numel == 0) return;
@@ -941,52 +945,33 @@ void launch_apply(const View3& v, const scalar_t* dy, const ApplyCoefs<acc_t>& a
   const bool vec = aligned16(x) && aligned16(o) && (!BWD || aligned16(dy));
   const bool nsc = v.layout == Layout::NSC;
   const bool small = numel < (int64_t(1) << 31) - 64;
-  auto go = [&](auto index_tag, auto nsc_tag, auto act_tag, auto v_tag) {
+  auto go = [&](auto index_tag, auto nsc_tag, auto v_tag) {
     using index_t = decltype(index_tag);
     constexpr bool NSC = decltype(nsc_tag)::value;
-    constexpr Act A = decltype(act_tag)::value;
     constexpr int V = decltype(v_tag)::value;
     const int64_t groups = numel / V;
     const int64_t grid = bounded_grid(std::max<int64_t>((groups + kThreads - 1) / kThreads, 1));
-    apply_kernel<scalar_t, acc_t, index_t, NSC, BWD, A, V><<<grid, kThreads, 0, stream>>>(
+    apply_kernel<scalar_t, acc_t, index_t, NSC, BWD, V><<<grid, kThreads, 0, stream>>>(
         x, dy, ac, o, static_cast<index_t>(numel), static_cast<index_t>(v.C), Div<index_t>(v.S),
         Div<index_t>(v.C), Div<index_t>(v.S * v.C));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  auto with_v = [&](auto index_tag, auto nsc_tag, auto act_tag) {
+  auto with_v = [&](auto index_tag, auto nsc_tag) {
     if (vec)
-      go(index_tag, nsc_tag, act_tag, std::integral_constant<int, VV>{});
+      go(index_tag, nsc_tag, std::integral_constant<int, VV>{});
     else
-      go(index_tag, nsc_tag, act_tag, std::integral_constant<int, 1>{});
-  };
-  auto with_act = [&](auto index_tag, auto nsc_tag) {
-    switch (act) {
-      case Act::ReLU: with_v(index_tag, nsc_tag, std::integral_constant<Act, Act::ReLU>{}); break;
-      case Act::LeakyReLU: with_v(index_tag, nsc_tag, std::integral_constant<Act, Act::LeakyReLU>{}); break;
-      case Act::SiLU: with_v(index_tag, nsc_tag, std::integral_constant<Act, Act::SiLU>{}); break;
-      default: with_v(index_tag, nsc_tag, std::integral_constant<Act, Act::Identity>{}); break;
-    }
+      go(index_tag, nsc_tag, std::integral_constant<int, 1>{});
   };
   auto with_layout = [&](auto index_tag) {
     if (nsc)
-      with_act(index_tag, std::true_type{});
+      with_v(index_tag, std::true_type{});
     else
-      with_act(index_tag, std::false_type{});
+      with_v(index_tag, std::false_type{});
   };
   if (small)
     with_layout(uint32_t{});
   else
     with_layout(int64_t{});
-}
-
-template <typename F>
-void dispatch_act(Act act, F&& f) {
-  switch (act) {
-    case Act::ReLU: f(std::integral_constant<Act, Act::ReLU>{}); break;
-    case Act::LeakyReLU: f(std::integral_constant<Act, Act::LeakyReLU>{}); break;
-    case Act::SiLU: f(std::integral_constant<Act, Act::SiLU>{}); break;
-    default: f(std::integral_constant<Act, Act::Identity>{}); break;
-  }
 }
 
 // ------------------------------------------------------------------------------- op bodies
@@ -1062,9 +1047,9 @@ void finish_apply(const Common& k, const at::Tensor& y, const at::Tensor& saved,
   const SavedLayout L = layout_of(k.v);
   const acc_t* sp = saved.const_data_ptr<acc_t>();
   const ApplyCoefs<acc_t> ac{
-      {sp + L.center(), sp + L.x_coef(), sp + L.offset(), static_cast<acc_t>(k.slope)}, nullptr,
-      nullptr};
-  launch_apply<scalar_t, acc_t, false>(k.v, nullptr, ac, k.act, y, stream);
+      {sp + L.center(), sp + L.x_coef(), sp + L.offset(), static_cast<acc_t>(k.slope), k.act},
+      nullptr, nullptr};
+  launch_apply<scalar_t, acc_t, false>(k.v, nullptr, ac, y, stream);
 }
 
 Fwd forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
@@ -1076,7 +1061,10 @@ Fwd forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
   const Common k = common(x, act, act_param, op);
   TORCH_CHECK_VALUE(mean.has_value() == var.has_value(), op,
                     ": mean and var must both be given (eval) or both be None (training)");
-  auto [y, bmean, bvar, saved] = forward_outputs(k);
+  // named references, not structured bindings (C++17 cannot capture those in the lambdas)
+  const Fwd out = forward_outputs(k);
+  const at::Tensor &y = std::get<0>(out), &bmean = std::get<1>(out), &bvar = std::get<2>(out),
+                   &saved = std::get<3>(out);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor inv_r = at::empty({std::max<int64_t>(k.v.N, 1)}, k.v.x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.v.x.scalar_type(), "l2bn_forward", [&] {
@@ -1101,7 +1089,7 @@ Fwd forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
     launch_finalize(&fwd_finalize_kernel<acc_t>, f, k.v.N, k.v.C, true, stream);
     finish_apply<scalar_t>(k, y, saved, stream);
   });
-  return {y, bmean, bvar, saved};
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x, double l2_eps, bool rescale) {
@@ -1146,7 +1134,10 @@ Fwd finish_cuda(const at::Tensor& x, const at::Tensor& stats_in,
   const at::Tensor stats = checked(stats_in, {2, k.v.N, k.v.C}, k.acc, k.v, op, "stats");
   at::Tensor rows_all;
   if (rows_all_in.has_value()) rows_all = checked_rows_all(*rows_all_in, kRowFields, k.v, op);
-  auto [y, bmean, bvar, saved] = forward_outputs(k);
+  // named references, not structured bindings (C++17 cannot capture those in the lambdas)
+  const Fwd out = forward_outputs(k);
+  const at::Tensor &y = std::get<0>(out), &bmean = std::get<1>(out), &bvar = std::get<2>(out),
+                   &saved = std::get<3>(out);
   const at::Tensor inv_r = at::empty({std::max<int64_t>(k.v.N, 1)}, k.v.x.options().dtype(at::kDouble));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.v.x.scalar_type(), "l2bn_finish", [&] {
@@ -1171,7 +1162,7 @@ Fwd finish_cuda(const at::Tensor& x, const at::Tensor& stats_in,
     launch_finalize(&fwd_finalize_kernel<acc_t>, f, k.v.N, k.v.C, true, stream);
     finish_apply<scalar_t>(k, y, saved, stream);
   });
-  return {y, bmean, bvar, saved};
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> sample_stats_cuda(const at::Tensor& x) {
@@ -1191,7 +1182,8 @@ std::tuple<at::Tensor, at::Tensor> sample_stats_cuda(const at::Tensor& x) {
     f.m = f.m_out = mean.data_ptr<acc_t>();
     f.m2 = f.m2_out = m2.data_ptr<acc_t>();
     f.coefs = false;
-    launch_finalize(&fwd_finalize_kernel<acc_t>, f, v.N, v.C, false, stream);  // combine only
+    if (partial.defined() || v.S == 0)  // combine the segments (or zero empty rows) only
+      launch_finalize(&fwd_finalize_kernel<acc_t>, f, v.N, v.C, false, stream);
   });
   return {mean, m2};
 }
@@ -1224,13 +1216,10 @@ at::Tensor run_sums(const Common& k, const at::Tensor& dy, const at::Tensor& sav
   const SavedLayout L = layout_of(v);
   const acc_t* sp = saved.const_data_ptr<acc_t>();
   const PassCoefs<acc_t> pc{sp + L.center(), sp + L.x_coef(), sp + L.offset(),
-                            static_cast<acc_t>(k.slope)};
-  dispatch_act(k.act, [&](auto tag) {
-    constexpr Act A = decltype(tag)::value;
-    launch_sums<scalar_t, acc_t, A>(v, pl, dp, pc, q, p,
-                                    partial.defined() ? partial.data_ptr<acc_t>() : nullptr, vec_ok,
-                                    stream);
-  });
+                            static_cast<acc_t>(k.slope), k.act};
+  launch_sums<scalar_t, acc_t>(v, pl, dp, pc, q, p,
+                               partial.defined() ? partial.data_ptr<acc_t>() : nullptr, vec_ok,
+                               stream);
   return partial;
 }
 
@@ -1262,8 +1251,9 @@ void backward_apply(const Common& k, const scalar_t* dy, const at::Tensor& saved
   const SavedLayout L = layout_of(k.v);
   const acc_t* sp = saved.const_data_ptr<acc_t>();
   const ApplyCoefs<acc_t> ac{
-      {sp + L.center(), sp + L.x_coef(), sp + L.offset(), static_cast<acc_t>(k.slope)}, dxc, dxo};
-  launch_apply<scalar_t, acc_t, true>(k.v, dy, ac, k.act, dx, stream);
+      {sp + L.center(), sp + L.x_coef(), sp + L.offset(), static_cast<acc_t>(k.slope), k.act},
+      dxc, dxo};
+  launch_apply<scalar_t, acc_t, true>(k.v, dy, ac, dx, stream);
 }
 
 Bwd backward_cuda(const at::Tensor& dy_in, const at::Tensor& x, const std::optional<at::Tensor>& weight,
@@ -1273,7 +1263,8 @@ Bwd backward_cuda(const at::Tensor& dy_in, const at::Tensor& x, const std::optio
   const Common k = common(x, act, act_param, op);
   const at::Tensor dy = match_layout(dy_in, k.v, op, "dy");
   const at::Tensor saved = checked_saved(saved_in, k.v, op);
-  auto [dx, dweight, dbias] = backward_outputs(k);
+  const Bwd out = backward_outputs(k);
+  const at::Tensor &dx = std::get<0>(out), &dweight = std::get<1>(out), &dbias = std::get<2>(out);
   const int64_t NC = k.v.N * k.v.C;
   at::Tensor sums = at::empty({std::max<int64_t>(2 * NC, 1)}, k.v.x.options().dtype(k.acc));
   at::Tensor gc = at::empty({std::max<int64_t>(3 * k.v.C, 1)}, k.v.x.options().dtype(at::kDouble));
@@ -1298,7 +1289,7 @@ Bwd backward_cuda(const at::Tensor& dy_in, const at::Tensor& x, const std::optio
     launch_finalize(&bwd_finalize_kernel<acc_t>, f, k.v.N, k.v.C, true, stream);
     backward_apply<scalar_t>(k, dy.const_data_ptr<scalar_t>(), saved, q, p, dx, stream);
   });
-  return {dx, dweight, dbias};
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> grad_stats_cuda(const at::Tensor& dy_in, const at::Tensor& x,
@@ -1343,7 +1334,8 @@ Bwd grad_finish_cuda(const at::Tensor& dy_in, const at::Tensor& x,
   at::Tensor rows_all;
   if (rows_all_in.has_value())
     rows_all = checked(*rows_all_in, {kGradRowFields, k.v.C}, at::kDouble, k.v, op, "rows_all");
-  auto [dx, dweight, dbias] = backward_outputs(k);
+  const Bwd out = backward_outputs(k);
+  const at::Tensor &dx = std::get<0>(out), &dweight = std::get<1>(out), &dbias = std::get<2>(out);
   const int64_t NC = k.v.N * k.v.C;
   at::Tensor coef = at::empty({std::max<int64_t>(2 * NC, 1)}, k.v.x.options().dtype(k.acc));
   at::Tensor gc = at::empty({std::max<int64_t>(3 * k.v.C, 1)}, k.v.x.options().dtype(at::kDouble));
@@ -1369,7 +1361,7 @@ Bwd grad_finish_cuda(const at::Tensor& dy_in, const at::Tensor& x,
     backward_apply<scalar_t>(k, dy.const_data_ptr<scalar_t>(), saved, f.dx_coef, f.dx_offset, dx,
                              stream);
   });
-  return {dx, dweight, dbias};
+  return out;
 }
 
 }  // namespace
