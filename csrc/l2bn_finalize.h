@@ -124,6 +124,20 @@ C10_HOST_DEVICE inline void chan_merge(ChanRow& a, const ChanRow& b) {
   a.n = n;
 }
 
+// The group's row of channel c from rows_all (P, 3, C) (kRowFields x C per process), combined in
+// process order; the group's sample count is its count / S.
+C10_HOST_DEVICE inline ChanRow group_row(const double* rows_all, int64_t P, int64_t C, int64_t c) {
+  ChanRow row{0.0, 0.0, 0.0};
+  for (int64_t p = 0; p < P; ++p) {
+    const double* rp = rows_all + p * kRowFields * C;
+    chan_merge(row, ChanRow{rp[c], rp[C + c], rp[2 * C + c]});
+  }
+  return row;
+}
+C10_HOST_DEVICE inline double group_samples(const ChanRow& row, double S) {
+  return S > 0.0 ? row.n / S : 0.0;
+}
+
 // This process's channel row, in two passes over its samples: mean = sum_n um / N, then
 // M2 = sum_n (m2 / r^2 + S (um - mean)^2) (the rows' within and between terms).
 C10_HOST_DEVICE inline double u_row_mean(double m, double inv_r) { return m * inv_r; }

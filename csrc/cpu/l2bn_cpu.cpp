@@ -737,15 +737,6 @@ struct StatsSource {
   ChannelVec mean, var;              // eval
 };
 
-inline ChanRow group_row(const double* rows_all, int64_t P, int64_t C, int64_t c) {
-  ChanRow row{0.0, 0.0, 0.0};
-  for (int64_t p = 0; p < P; ++p) {
-    const double* rp = rows_all + p * kRowFields * C;
-    chan_merge(row, ChanRow{rp[c], rp[C + c], rp[2 * C + c]});
-  }
-  return row;
-}
-
 // Channel statistics and coefficients; writes batch_mean / batch_var / saved's inv_s and returns
 // the group's sample count (n_all).
 template <typename acc_t>
@@ -767,8 +758,8 @@ double channel_coefs(int64_t N, int64_t C, int64_t S, const StatsSource& src, do
     bvar[c] = static_cast<acc_t>(var);
     inv_s[c] = static_cast<acc_t>(cc[c].inv_s);
   }
-  if (src.rows_all != nullptr && C > 0 && S > 0)
-    return group_row(src.rows_all, src.P, C, 0).n / static_cast<double>(S);
+  if (src.rows_all != nullptr && C > 0)
+    return group_samples(group_row(src.rows_all, src.P, C, 0), static_cast<double>(S));
   return static_cast<double>(N);
 }
 

@@ -656,13 +656,7 @@ __device__ void fwd_phase1(const FwdFinalize<acc_t>& f) {
           mean = load_channel(f.mean, c, 0.0);
           var = load_channel(f.var, c, 1.0);
         } else {
-          if (f.rows_all != nullptr) {
-            row = ChanRow{0.0, 0.0, 0.0};
-            for (int64_t p = 0; p < f.P; ++p) {
-              const double* rp = f.rows_all + p * kRowFields * f.C;
-              chan_merge(row, ChanRow{rp[c], rp[f.C + c], rp[2 * f.C + c]});
-            }
-          }
+          if (f.rows_all != nullptr) row = group_row(f.rows_all, f.P, f.C, c);
           mean = row.mean;
           var = row_variance(row);
         }
@@ -674,7 +668,7 @@ __device__ void fwd_phase1(const FwdFinalize<acc_t>& f) {
         f.saved[L.inv_s() + c] = static_cast<acc_t>(cc.inv_s);
         if (c == 0) {
           double n_all = Nd;
-          if (f.rows_all != nullptr && f.S > 0) n_all = row.n / Sd;
+          if (f.rows_all != nullptr) n_all = group_samples(row, Sd);
           f.saved[L.n_all()] = static_cast<acc_t>(n_all);
         }
       }
