@@ -1,28 +1,29 @@
-// Shared host-side helpers of the L2BN pass ops (definitions in csrc/l2bn.cpp).
+// Host-side checks shared by the CPU and CUDA bodies of the L2BN ops (definitions in
+// csrc/l2bn.cpp; the schemas and the layouts of stats / rows / saved / sums are documented there).
 #pragma once
 #include <ATen/ATen.h>
 
 #include <optional>
 
 #include "common.h"
+#include "l2bn_finalize.h"
 
 namespace normkernels {
 namespace l2bn {
 
-// Checks a per-(n, c) coefficient (shape (N, C), same device) and returns it contiguous in the
-// accumulation dtype.
-at::Tensor coef(const at::Tensor& t, const View3& v, const char* op, const char* name);
+// A (C,) float tensor on x's device (weight, bias, eval mean / var), or ChannelVec{} when absent.
+ChannelVec channel_vec(const std::optional<at::Tensor>& t, const View3& v, const char* op,
+                       const char* name);
+// t with exactly `shape`, dtype and x's device, made contiguous.
+at::Tensor checked(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype,
+                   const View3& v, const char* op, const char* name);
+// saved (1-d, SavedLayout{N, C}.numel(), accumulation dtype), made contiguous.
+at::Tensor checked_saved(const at::Tensor& saved, const View3& v, const char* op);
+// rows_all (P, fields, C) float64 (P >= 1), made contiguous.
+at::Tensor checked_rows_all(const at::Tensor& rows_all, int64_t fields, const View3& v,
+                            const char* op);
 
-// The checked, layout-matched operands of l2bn_apply (shared by the CPU and CUDA bodies).
-struct ApplyArgs {
-  View3 v;
-  at::Tensor center, x_coef, offset;  // (N, C), accumulation dtype, contiguous
-  at::Tensor dy, dy_coef;             // undefined unless has_dy
-  bool has_dy;
-};
-ApplyArgs apply_args(const at::Tensor& x, const at::Tensor& center, const at::Tensor& x_coef,
-                     const at::Tensor& offset, const std::optional<at::Tensor>& dy,
-                     const std::optional<at::Tensor>& dy_coef);
+inline SavedLayout layout_of(const View3& v) { return SavedLayout{v.N, v.C}; }
 
 }  // namespace l2bn
 }  // namespace normkernels

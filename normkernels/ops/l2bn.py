@@ -1,19 +1,23 @@
-"""L2BN op: l2-normalize each sample (the whole flattened (C, *spatial) vector), then batch norm.
+"""L2BN op: l2-normalize each sample (the whole flattened (C, *spatial) vector), then batch norm,
+then an optional activation (DESIGN.md section 3, issue #13).
 
-Layout of the work (DESIGN.md section 3, written in centered / Chan form):
+One dispatcher op per direction, everything in compiled code (csrc/l2bn.cpp documents the
+schemas and the layouts of ``stats``, ``rows``, ``saved`` and ``sums``; csrc/l2bn_finalize.h the
+math):
 
-  passes (heavy, one read of the tensor each), viewing x as (N, C, S):
-    l2bn_sample_stats(x)               -> mean[n,c], m2[n,c]  (centered sum of squares over S)
-    l2bn_backward_sums(dy, x, center)  -> pc[n,c] = sum_s dy*(x-center), q[n,c] = sum_s dy
-    l2bn_apply(x, center, a, b, dy?, d?) -> a*(x-center) + b (+ d*dy)     (per-(n,c) a, b, d)
-  implemented by the C++/CUDA extension (torch.ops.normkernels.*, backend "cpp"/"cuda") or by
-  the torch fallbacks below (backend "torch");
+  normkernels::l2bn_forward(x, weight, bias, mean, var, eps, l2_eps, rescale, act, act_param)
+      -> (y, batch_mean, batch_var, saved)                         (C++ autograd kernel)
+  normkernels::l2bn_backward(dy, x, weight, saved, training, act, act_param) -> (dx, dw, db)
+  pieces of the synchronized path: l2bn_stats, l2bn_finish, l2bn_grad_stats, l2bn_grad_finish.
 
-  finalize (O(N*C) torch ops, shared by every backend): _finalize, _channel_stats,
-  _forward_coefs, _backward_coefs.
-
-Top-level custom ops normkernels::l2bn_forward / normkernels::l2bn_backward carry fake kernels
-and autograd; forward saves only x and (N, C) statistics.
+This module holds
+  * the fake kernels of those C++ ops (registered only when normkernels._C is built);
+  * the torch ORACLE: python functions with exactly the contracts of the C++ pieces
+    (stats_torch, finish_torch, grad_stats_torch, grad_finish_torch) and the custom ops
+    normkernels::torch_l2bn_forward / torch_l2bn_backward built from them (backend "torch",
+    also the fallback where no kernel can run);
+  * the entry ``l2_batch_norm`` called by normkernels/functional.py and ``l2bn_sync`` called by
+    normkernels/distributed.py.
 """
 from __future__ import annotations
 
@@ -23,19 +27,26 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["l2_batch_norm"]
+from ._act import act_backward, act_forward, check_act
 
-try:  # registers torch.ops.normkernels.l2bn_{sample_stats,backward_sums,apply}
+__all__ = ["l2_batch_norm", "l2bn_sync", "saved_numel", "split_saved"]
+
+try:  # registers torch.ops.normkernels.l2bn_*
     import normkernels._C  # noqa: F401
 
-    _EXT = hasattr(torch.ops.normkernels, "l2bn_sample_stats")
+    _EXT = hasattr(torch.ops.normkernels, "l2bn_forward")
 except ImportError:  # pure-PyTorch install: only backend "torch" works
     _EXT = False
 
 
-# --------------------------------------------------------------------------- layout helpers
+# --------------------------------------------------------------------------- layouts
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fin_dtype(device: torch.device, acc: torch.dtype) -> torch.dtype:
+    """The finalize computes in float64 (where the device has it)."""
+    return torch.float64 if device.type in ("cpu", "cuda") else acc
 
 
 def _is_nsc_3d(x: Tensor) -> bool:
@@ -50,7 +61,7 @@ def _is_nsc_3d(x: Tensor) -> bool:
 
 
 def _kernel_layout(x: Tensor) -> Optional[str]:
-    """Mirror of make_view() in csrc/l2bn.cpp: "ncs", "nsc", or None (kernel copies to NCS)."""
+    """Mirror of make_view() in csrc/common.cpp: "ncs", "nsc", or None (kernel copies to NCS)."""
     if x.is_contiguous():
         return "ncs"
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
@@ -67,331 +78,360 @@ def _out_like(x: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
-def _nc(x: Tensor) -> tuple[int, int, int]:
+def saved_numel(n, c):
+    """Length of ``saved`` (csrc/l2bn_finalize.h SavedLayout)."""
+    return 5 * n * c + 2 * n + c + 1
+
+
+def split_saved(saved: Tensor, n: int, c: int) -> dict:
+    """Views of the parts of ``saved``: center, m2, x_coef, offset, cen (N, C); r, nrm (N,);
+    inv_s (C,); n_all (1,)."""
+    nc = n * c
+    planes = saved[: 5 * nc].view(5, n, c)
+    return dict(center=planes[0], m2=planes[1], x_coef=planes[2], offset=planes[3], cen=planes[4],
+                r=saved[5 * nc: 5 * nc + n], nrm=saved[5 * nc + n: 5 * nc + 2 * n],
+                inv_s=saved[5 * nc + 2 * n: 5 * nc + 2 * n + c], n_all=saved[5 * nc + 2 * n + c:])
+
+
+def _ncs(x: Tensor) -> Tensor:
     n, c = x.shape[0], x.shape[1]
-    s = math.prod(x.shape[2:])
-    return n, c, s
+    return x.reshape(n, c, math.prod(x.shape[2:]))
 
 
-def _bcast(t: Tensor, x: Tensor) -> Tensor:
-    """(N, C) -> (N, C, 1, ...) to broadcast against x."""
-    return t.view(t.shape + (1,) * (x.dim() - 2))
-
-
-# --------------------------------------------------------------------------- torch fallbacks
-def _torch_sample_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    n, c, s = _nc(x)
-    xa = x.reshape(n, c, s).to(_acc_dtype(x.dtype))
-    mean = xa.mean(dim=2)
-    m2 = (xa - mean.unsqueeze(2)).square().sum(dim=2)
-    return mean, m2
-
-
-def _torch_backward_sums(dy: Tensor, x: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
-    n, c, s = _nc(x)
-    acc = _acc_dtype(x.dtype)
-    xa = x.reshape(n, c, s).to(acc)
-    da = dy.reshape(n, c, s).to(acc)
-    pc = (da * (xa - center.to(acc).unsqueeze(2))).sum(dim=2)
-    q = da.sum(dim=2)
-    return pc, q
-
-
-def _torch_apply(x: Tensor, center: Tensor, x_coef: Tensor, offset: Tensor,
-                 dy: Optional[Tensor] = None, dy_coef: Optional[Tensor] = None) -> Tensor:
-    acc = _acc_dtype(x.dtype)
-    val = _bcast(x_coef.to(acc), x) * (x.to(acc) - _bcast(center.to(acc), x)) + _bcast(offset.to(acc), x)
-    if dy is not None:
-        val = val + _bcast(dy_coef.to(acc), x) * dy.to(acc)
-    out = _out_like(x)
-    out.copy_(val)
-    return out
-
-
-def _passes(backend: str):
-    if backend in ("cpp", "cuda"):
-        if not _EXT:
-            raise RuntimeError(
-                f"l2_batch_norm backend {backend!r} needs the C++ extension normkernels._C, which is "
-                "not built (pip install --no-build-isolation -e .); use backend='torch'")
-        ops = torch.ops.normkernels
-        return ops.l2bn_sample_stats, ops.l2bn_backward_sums, ops.l2bn_apply
-    if backend == "torch":
-        return _torch_sample_stats, _torch_backward_sums, _torch_apply
-    raise ValueError(f"l2_batch_norm: backend must be 'cpp', 'cuda' or 'torch', got {backend!r}")
-
-
-# --------------------------------------------------------------------------- fake kernels of the C++ passes
+# --------------------------------------------------------------------------- fake kernels (C++ ops)
 if _EXT:
+    def _fake_forward_outputs(x):
+        n, c = x.shape[0], x.shape[1]
+        acc = _acc_dtype(x.dtype)
+        return (_out_like(x), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc),
+                x.new_empty((saved_numel(n, c),), dtype=acc))
+
+    def _fake_backward_outputs(x):
+        c = x.shape[1]
+        acc = _acc_dtype(x.dtype)
+        return _out_like(x), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+    @torch.library.register_fake("normkernels::l2bn_forward")
+    def _(x, weight, bias, mean, var, eps, l2_eps, rescale, act, act_param):
+        return _fake_forward_outputs(x)
+
+    @torch.library.register_fake("normkernels::l2bn_backward")
+    def _(dy, x, weight, saved, training, act, act_param):
+        return _fake_backward_outputs(x)
+
+    @torch.library.register_fake("normkernels::l2bn_stats")
+    def _(x, l2_eps, rescale):
+        n, c = x.shape[0], x.shape[1]
+        return (x.new_empty((2, n, c), dtype=_acc_dtype(x.dtype)),
+                x.new_empty((3, c), dtype=torch.float64))
+
+    @torch.library.register_fake("normkernels::l2bn_finish")
+    def _(x, stats, rows_all, weight, bias, mean, var, eps, l2_eps, rescale, act, act_param):
+        return _fake_forward_outputs(x)
+
+    @torch.library.register_fake("normkernels::l2bn_grad_stats")
+    def _(dy, x, saved, act, act_param):
+        n, c = x.shape[0], x.shape[1]
+        return (x.new_empty((2, n, c), dtype=_acc_dtype(x.dtype)),
+                x.new_empty((2, c), dtype=torch.float64))
+
+    @torch.library.register_fake("normkernels::l2bn_grad_finish")
+    def _(dy, x, weight, saved, sums, rows, rows_all, act, act_param):
+        return _fake_backward_outputs(x)
+
     @torch.library.register_fake("normkernels::l2bn_sample_stats")
     def _(x):
         n, c = x.shape[0], x.shape[1]
         acc = _acc_dtype(x.dtype)
         return x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc)
 
-    @torch.library.register_fake("normkernels::l2bn_backward_sums")
-    def _(dy, x, center):
-        n, c = x.shape[0], x.shape[1]
-        acc = _acc_dtype(x.dtype)
-        return x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc)
 
-    @torch.library.register_fake("normkernels::l2bn_apply")
-    def _(x, center, x_coef, offset, dy=None, dy_coef=None):
-        return _out_like(x)
-
-
-# --------------------------------------------------------------------------- finalize (shared)
-# Written for few ops (each is a Python dispatch on CPU and a kernel launch on GPU): the (N, C)
-# pass outputs are converted to the finalize dtype once, at the top of _finalize /
-# _backward_coefs; weight, bias and eval mean are only ever used together with a finalize-dtype
-# operand, so type promotion computes in float64 without a separate conversion; the (N, C)
-# coefficients handed to the apply pass are written straight into accumulation-dtype buffers
-# (out=); eval mode (alpha = beta' = 0) skips the batch-statistic terms instead of adding zeros;
-# sync=None skips the (identity) Chan combination of the single local row.
-def _fin_dtype(acc: torch.dtype, device: torch.device) -> torch.dtype:
-    # O(N*C) math: float64 where the device has it (cheap, removes finalize rounding).
-    return torch.float64 if device.type in ("cpu", "cuda") else acc
+# --------------------------------------------------------------------------- torch oracle: passes
+def stats_pass_torch(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The statistics pass (oracle of l2bn_sample_stats): per-row mean and centered sum of squares
+    of x seen as (N, C, S), in the accumulation dtype."""
+    xa = _ncs(x).to(_acc_dtype(x.dtype))
+    if xa.shape[2] == 0:
+        z = xa.new_zeros(xa.shape[:2])
+        return z, z.clone()
+    mean = xa.mean(dim=2)
+    return mean, (xa - mean.unsqueeze(2)).square().sum(dim=2)
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
+def _pre(xa: Tensor, p: dict) -> Tensor:
+    """pre = x_coef (x - center) + offset in acc (x as (N, C, S)): what the apply writes before
+    the activation and what every backward pass recomputes."""
+    return (xa - p["center"].unsqueeze(2)) * p["x_coef"].unsqueeze(2) + p["offset"].unsqueeze(2)
 
 
-def _channel_stats(um: Tensor, sm2: Tensor, r: Tensor, s: int, sync=None):
-    """Channel mean / biased variance of u from per-(n,c) means um = mean/r (N, C), M2 sm2 (N, C) and
-    r (N, 1) (Chan), the number of samples they cover, and cen = um - mean (N, C).
-
-    The local batch gives one row (count, mean, M2) per channel; the rows of all processes
-    (``sync.gather``, normkernels.distributed) are combined with Chan's formula; with sync=None the
-    single local row is the result (Chan's combination of one row is that row). An empty local
-    batch contributes count 0.
-    """
-    n = um.shape[0]
-    mu = um.sum(dim=0) / max(n, 1)
-    cen = um - mu
-    m2 = torch.addcmul(sm2 / r.square(), cen, cen, value=s).sum(dim=0)  # sum_n M2/r^2 + s*(um - mu)^2
-    if sync is None:
-        return mu, m2 / (n * s), n, cen
-    rows = torch.stack([torch.full_like(mu, float(n * s)), mu, m2])  # (3, C)
-    counts, means, m2s = sync.gather(rows).to(rows.dtype).unbind(1)  # each (P, C)
-    total = counts.sum(dim=0)
-    mu = (counts * means).sum(dim=0) / total
-    m2 = m2s.sum(dim=0) + (counts * (means - mu).square()).sum(dim=0)
-    n_all = int(round(total[0].item() / s))
-    return mu, m2 / total, n_all, um - mu
+def _write_like(x: Tensor, val: Tensor) -> Tensor:
+    out = _out_like(x)
+    out.copy_(val.view(x.shape))
+    return out
 
 
-def _finalize(x: Tensor, smean: Tensor, sm2: Tensor, weight, mean, var, eps, l2_eps, rescale, sync=None):
-    """Sample norms, channel statistics (batch ones when mean is None, over every process of
-    ``sync``) and the per-channel scale. f["n"] is the (global) number of samples.
+# --------------------------------------------------------------------------- torch oracle: finalize
+def _sample_scale(m: Tensor, m2: Tensor, s: int, l2_eps: float, rescale: bool):
+    """(r, inv_r, nrm): sample scale, its inverse and the norm (+inf where clamped), (N,) each."""
+    c = m.shape[1]
+    nrm = (m2 + s * m * m).sum(dim=1).sqrt()
+    clamped = ~(nrm >= l2_eps)
+    sqrt_d = math.sqrt(c * s) if rescale else 1.0
+    r = torch.where(clamped, torch.full_like(nrm, l2_eps), nrm) / sqrt_d
+    return r, 1.0 / r, torch.where(clamped, torch.full_like(nrm, math.inf), nrm)
 
-    Shapes: per-sample nrm2, nrm, r (N, 1); smean, sm2, um, cen (N, C) and inv_s, k (C,) in the
-    finalize dtype fd; mu, var (C,): fd batch statistics, or the given mean/var unconverted (eval).
-    nrm needs no clamp_min(0): nrm2 is a sum of M2 >= 0 and squares."""
-    n, c, s = _nc(x)
-    fd = _fin_dtype(smean.dtype, smean.device)
-    smean, sm2 = _as(smean, fd), _as(sm2, fd)
-    nrm2 = torch.addcmul(sm2, smean, smean, value=s).sum(dim=1, keepdim=True)  # ||x_n||^2
-    nrm = nrm2.sqrt()
-    r = nrm.clamp_min(l2_eps)  # u = x / r
-    if rescale:
-        r = r / math.sqrt(c * s)
-    um = smean / r
-    if mean is None:
-        mu, v, n, cen = _channel_stats(um, sm2, r, s, sync)
-        vf = v
+
+def _local_rows(m: Tensor, m2: Tensor, inv_r: Tensor, s: int) -> Tensor:
+    """(3, C) [count, mean, M2] of u over this batch (two passes over n)."""
+    n = m.shape[0]
+    um = m * inv_r[:, None]
+    mean = um.sum(dim=0) / n if n > 0 else um.new_zeros(um.shape[1])
+    m2u = (m2 * inv_r[:, None].square() + s * (um - mean).square()).sum(dim=0)
+    return torch.stack([torch.full_like(mean, float(n * s)), mean, m2u])
+
+
+def _chan_combine(rows_all: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan's combination of the (P, 3, C) rows in order -> (count, mean, M2)."""
+    n, mean, m2 = torch.zeros_like(rows_all[0])  # (C,) each
+    for nb, mb, m2b in rows_all.unbind(0):
+        tot = n + nb
+        w = torch.where(nb > 0, nb / tot.clamp_min(1e-300), torch.zeros_like(nb))
+        delta = mb - mean
+        mean = mean + delta * w
+        m2 = m2 + torch.where(nb > 0, m2b + delta * delta * n * w, torch.zeros_like(m2b))
+        n = tot
+    return n, mean, m2
+
+
+def stats_torch(x: Tensor, l2_eps: float, rescale: bool) -> tuple[Tensor, Tensor]:
+    """Oracle of l2bn_stats: (stats (2, N, C) acc, rows (3, C) float64)."""
+    m, m2 = stats_pass_torch(x)
+    fd = _fin_dtype(x.device, m.dtype)
+    s = _ncs(x).shape[2]
+    _, inv_r, _ = _sample_scale(m.to(fd), m2.to(fd), s, l2_eps, rescale)
+    return torch.stack([m, m2]), _local_rows(m.to(fd), m2.to(fd), inv_r, s)
+
+
+def finish_torch(x: Tensor, stats: Tensor, rows_all: Optional[Tensor], weight: Optional[Tensor],
+                 bias: Optional[Tensor], mean: Optional[Tensor], var: Optional[Tensor], eps: float,
+                 l2_eps: float, rescale: bool, act: str, act_param: float):
+    """Oracle of l2bn_finish: (y, batch_mean, batch_var, saved)."""
+    check_act(act, "l2bn_finish")
+    if (mean is None) != (var is None) or (mean is not None and rows_all is not None):
+        raise ValueError("l2bn_finish: give rows_all, or mean and var, or neither")
+    xa = _ncs(x).to(_acc_dtype(x.dtype))
+    n, c, s = xa.shape
+    acc = xa.dtype
+    fd = _fin_dtype(x.device, acc)
+    m, m2 = stats[0], stats[1]
+    md, m2d = m.to(fd), m2.to(fd)
+    r, inv_r, nrm = _sample_scale(md, m2d, s, l2_eps, rescale)
+    if mean is not None:
+        mu, v, n_all = mean.to(fd), var.to(fd), float(n)
     else:
-        mu, v = mean, var
-        cen = um - mean
-        vf = _as(var, fd)
-    inv_s = (vf + eps).rsqrt()
-    k = inv_s if weight is None else inv_s * weight
-    return dict(n=n, c=c, s=s, fd=fd, smean=smean, sm2=sm2, nrm2=nrm2, nrm=nrm, r=r, l2_eps=l2_eps,
-                um=um, cen=cen, mu=mu, var=v, inv_s=inv_s, k=k)
+        if rows_all is None:
+            rows_all = _local_rows(md, m2d, inv_r, s)[None]
+        cnt, mu, m2u = _chan_combine(rows_all.to(fd))
+        v = m2u / cnt
+        n_all = cnt[:1] / s if s > 0 else cnt[:1]
+    inv_s = (v + eps).rsqrt()
+    k = inv_s if weight is None else inv_s * weight.to(fd)
+    beta = 0.0 if bias is None else bias.to(fd)
+    cen = md * inv_r[:, None] - mu
+    x_coef = k * inv_r[:, None]
+    offset = k * cen + beta
+    n_all_t = torch.as_tensor(n_all, dtype=fd, device=x.device).reshape(1)
+    saved = torch.cat([m.reshape(-1), m2.reshape(-1), x_coef.to(acc).reshape(-1),
+                       offset.to(acc).reshape(-1), cen.to(acc).reshape(-1), r.to(acc), nrm.to(acc),
+                       inv_s.to(acc), n_all_t.to(acc)])
+    p = split_saved(saved, n, c)
+    y = _write_like(x, act_forward(_pre(xa, p), act, act_param))
+    return y, mu.to(acc, copy=True), v.to(acc, copy=True), saved
 
 
-def _nc_out(f, acc: torch.dtype) -> Tensor:
-    """Empty (N, C) buffer in the accumulation dtype for an out= coefficient."""
-    return torch.empty((f["smean"].shape[0], f["c"]), dtype=acc, device=f["smean"].device)
+def grad_stats_torch(dy: Tensor, x: Tensor, saved: Tensor, act: str, act_param: float):
+    """Oracle of l2bn_grad_stats: (sums (2, N, C) acc = [Q, P], rows (2, C) float64)."""
+    xa = _ncs(x).to(_acc_dtype(x.dtype))
+    n, c, _ = xa.shape
+    p = split_saved(saved, n, c)
+    g = act_backward(_pre(xa, p), _ncs(dy).to(xa.dtype), act, act_param)
+    q = g.sum(dim=2)
+    pp = (g * (xa - p["center"].unsqueeze(2))).sum(dim=2)
+    fd = _fin_dtype(x.device, xa.dtype)
+    inv_r = 1.0 / p["r"].to(fd)
+    gsum = pp.to(fd) * inv_r[:, None] + p["cen"].to(fd) * q.to(fd)
+    return torch.stack([q, pp]), torch.stack([q.to(fd).sum(dim=0), gsum.sum(dim=0)])
 
 
-def _forward_coefs(f, bias, acc: torch.dtype):
-    """y = x_coef*(x - mean_nc) + offset  with  x_coef = k/r,  offset = k*(mean_nc/r - mu) + beta.
-    Returned in the accumulation dtype ``acc``."""
-    x_coef = torch.div(f["k"], f["r"], out=_nc_out(f, acc))
-    if bias is None:
-        offset = torch.mul(f["k"], f["cen"], out=_nc_out(f, acc))
+def grad_finish_torch(dy: Tensor, x: Tensor, weight: Optional[Tensor], saved: Tensor, sums: Tensor,
+                      rows: Tensor, rows_all: Optional[Tensor], act: str, act_param: float):
+    """Oracle of l2bn_grad_finish: (dx, dweight, dbias); rows_all None: eval (no batch terms)."""
+    xa = _ncs(x).to(_acc_dtype(x.dtype))
+    n, c, s = xa.shape
+    acc = xa.dtype
+    fd = _fin_dtype(x.device, acc)
+    p = split_saved(saved, n, c)
+    inv_s = p["inv_s"].to(fd)
+    inv_r = (1.0 / p["r"].to(fd))[:, None]
+    k = inv_s if weight is None else inv_s * weight.to(fd)
+    dbias = rows[0].to(acc, copy=True)
+    dweight = (rows[1] * inv_s).to(acc)
+    if rows_all is not None:
+        km = -k / (p["n_all"].to(fd) * s)
+        alpha, beta0 = km * inv_s * inv_s * rows_all[1], km * rows_all[0]
     else:
-        offset = torch.addcmul(bias, f["k"], f["cen"], out=_nc_out(f, acc))
-    return x_coef, offset
+        alpha = beta0 = torch.zeros_like(k)
+    q, pp = sums[0].to(fd), sums[1].to(fd)
+    m, m2, cen = p["center"].to(fd), p["m2"].to(fd), p["cen"].to(fd)
+    dot = (k * (pp + m * q) + alpha * m2 * inv_r + (alpha * cen + beta0) * s * m).sum(dim=1)
+    t = (dot / p["nrm"].to(fd).square())[:, None]
+    dxc = ((alpha * inv_r - t) * inv_r).to(acc)
+    dxo = ((alpha * cen + beta0 - t * m) * inv_r).to(acc)
+    g = act_backward(_pre(xa, p), _ncs(dy).to(acc), act, act_param)
+    xcen = xa - p["center"].unsqueeze(2)
+    dx = g * p["x_coef"].unsqueeze(2) + xcen * dxc.unsqueeze(2) + dxo.unsqueeze(2)
+    return _write_like(x, dx), dweight, dbias
 
 
-def _backward_coefs(f, pc: Tensor, q: Tensor, training: bool, acc: torch.dtype, sync=None):
-    """dx = dy_coef*dy + x_coef*(x - mean_nc) + offset (coefficients in ``acc``), plus dweight,
-    dbias (per channel, finalize dtype).
-
-    G[n,c] = sum_s dy*(u - mu) = pc/r + (mean_nc/r - mu)*q;  dgamma = sum_n G / s;  dbeta = sum_n q.
-    du = k*dy + alpha*(x - mean_nc) + beta'   (training: alpha, beta' from BN's batch-stat terms)
-    dx = (du - t*x)/r,  t = (x_n . du_n)/||x_n||^2 (0 where the norm was clamped).
-    With ``sync`` the batch-statistic terms A, B use the sums over every process (one packed
-    all_reduce of [sum_n q, sum_n G]; f["n"] is then the global sample count) while the returned
-    dweight, dbias stay this process's contribution.
-    """
-    fd, r, k, inv_s, cen, s = f["fd"], f["r"], f["k"], f["inv_s"], f["cen"], f["s"]
-    smean, sm2 = f["smean"], f["sm2"]
-    pc, q = _as(pc, fd), _as(q, fd)
-    G = torch.addcmul(pc / r, cen, q)
-    dbias = q.sum(dim=0)
-    sg = G.sum(dim=0)
-    dxhat = sg * inv_s  # sum dy * xhat = dgamma
-    kq = k * q
-    kpc = k * pc
-    if training:
-        if sync is None:
-            sq, sgi = dbias, dxhat
-        else:
-            sq, sg = sync.all_reduce(torch.stack([dbias, sg])).to(fd).unbind(0)
-            sgi = sg * inv_s
-        km = k * (-1.0 / (f["n"] * s))
-        a = km * inv_s * sgi  # -k*B*inv_s, B = sum G * inv_s / m
-        alpha = a / r  # (N, C)
-        beta = torch.addcmul(km * sq, a, cen)  # -k*A - k*B*inv_s*cen
-        sdu = torch.add(kq, beta, alpha=s)  # sum_s du
-        dot = torch.addcmul(torch.addcmul(kpc, alpha, sm2), smean, sdu)
-    else:  # alpha = beta' = 0
-        dot = torch.addcmul(kpc, smean, kq)
-    dot = dot.sum(dim=1, keepdim=True)  # sum x*du per sample
-    # t = dot/||x_n||^2 where the norm was not clamped (F.normalize's clamp_min passes the gradient
-    # where norm >= eps), 0 elsewhere (dot / inf).
-    t = dot / torch.where(f["nrm"] >= f["l2_eps"], f["nrm2"], math.inf)
-    dy_coef = torch.div(k, r, out=_nc_out(f, acc))
-    if training:
-        x_coef = torch.div(alpha - t, r, out=_nc_out(f, acc))
-        offset = torch.div(torch.addcmul(beta, t, smean, value=-1), r, out=_nc_out(f, acc))
-    else:
-        tr = t.neg() / r  # (N, 1): x_coef = -t/r, offset = -t*mean_nc/r
-        x_coef = _nc_out(f, acc).copy_(tr)
-        offset = torch.mul(tr, smean, out=_nc_out(f, acc))
-    return dy_coef, x_coef, offset, dxhat, dbias
+# --------------------------------------------------------------------------- torch oracle: custom ops
+@torch.library.custom_op("normkernels::torch_l2bn_forward", mutates_args=())
+def torch_l2bn_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                       mean: Optional[Tensor], var: Optional[Tensor], eps: float, l2_eps: float,
+                       rescale: bool, act: str, act_param: float
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The oracle of normkernels::l2bn_forward (same contract): l2bn_finish(l2bn_stats(x))."""
+    stats, rows = stats_torch(x, l2_eps, rescale)
+    return finish_torch(x, stats, rows[None] if mean is None else None, weight, bias, mean, var,
+                        eps, l2_eps, rescale, act, act_param)
 
 
-# --------------------------------------------------------------------------- implementations
-def _forward_impl(x, weight, bias, mean, var, eps, l2_eps, rescale, backend, sync=None):
-    """Passes + finalize of the forward. Returns (y, f) where f is _finalize's dict plus the
-    accumulation dtype "acc" and the pass outputs "smean_acc", "sm2_acc" (what the backward needs).
-    ``sync`` (normkernels.distributed) makes the batch statistics global over its processes."""
-    stats, _, apply = _passes(backend)
-    smean, sm2 = stats(x)
-    f = _finalize(x, smean, sm2, weight, mean, var, eps, l2_eps, rescale, sync)
-    acc = smean.dtype
-    x_coef, offset = _forward_coefs(f, bias, acc)
-    y = apply(x, smean, x_coef, offset)
-    f.update(acc=acc, smean_acc=smean, sm2_acc=sm2)
-    return y, f
-
-
-def _backward_impl(dy, x, weight, mean, var, sample_mean, sample_m2, eps, l2_eps, rescale, backend,
-                   training: bool, count=None, sync=None):
-    """(dx, dweight, dbias). mean/var None: recompute the batch statistics from the saved sample
-    statistics; given with training=True (the synchronized path): they are the global batch
-    statistics over ``count`` samples, and ``sync`` all-reduces the backward sums."""
-    _, sums, apply = _passes(backend)
-    acc = sample_mean.dtype
-    f = _finalize(x, sample_mean, sample_m2, weight, mean, var, eps, l2_eps, rescale)
-    if count is not None:
-        f["n"] = count
-    pc, q = sums(dy, x, sample_mean)
-    dy_coef, x_coef, offset, dweight, dbias = _backward_coefs(f, pc, q, training, acc, sync)
-    dx = apply(x, sample_mean, x_coef, offset, dy, dy_coef)
-    wdt = weight.dtype if weight is not None else torch.float32
-    return dx, _as(dweight, wdt), _as(dbias, wdt)
-
-
-# --------------------------------------------------------------------------- top-level custom ops
-def _check_backend(backend: str) -> None:
-    if backend not in ("cpp", "cuda", "torch"):
-        raise ValueError(f"l2_batch_norm: backend must be 'cpp', 'cuda' or 'torch', got {backend!r}")
-
-
-@torch.library.custom_op("normkernels::l2bn_forward", mutates_args=())
-def l2bn_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
-                 var: Optional[Tensor], eps: float, l2_eps: float, rescale: bool,
-                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, batch_mean (C,), batch_var (C,), sample_mean (N,C), sample_m2 (N,C)), statistics in
-    the accumulation dtype (float64 for float64 x, else float32)."""
-    _check_backend(backend)
-    y, f = _forward_impl(x, weight, bias, mean, var, eps, l2_eps, rescale, backend)
-    acc = f["acc"]
-    return y, f["mu"].to(acc, copy=True), f["var"].to(acc, copy=True), f["smean_acc"], f["sm2_acc"]
-
-
-@l2bn_forward.register_fake
-def _(x, weight, bias, mean, var, eps, l2_eps, rescale, backend):
+@torch_l2bn_forward.register_fake
+def _(x, weight, bias, mean, var, eps, l2_eps, rescale, act, act_param):
     n, c = x.shape[0], x.shape[1]
     acc = _acc_dtype(x.dtype)
     return (_out_like(x), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc),
-            x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc))
+            x.new_empty((saved_numel(n, c),), dtype=acc))
 
 
-@torch.library.custom_op("normkernels::l2bn_backward", mutates_args=())
-def l2bn_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Optional[Tensor],
-                  var: Optional[Tensor], sample_mean: Tensor, sample_m2: Tensor, eps: float,
-                  l2_eps: float, rescale: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx, dweight (C,), dbias (C,)); mean/var None means training (batch statistics)."""
-    _check_backend(backend)
-    return _backward_impl(dy, x, weight, mean, var, sample_mean, sample_m2, eps, l2_eps, rescale, backend,
-                          training=mean is None)
+@torch.library.custom_op("normkernels::torch_l2bn_backward", mutates_args=())
+def torch_l2bn_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], saved: Tensor,
+                        training: bool, act: str, act_param: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The oracle of normkernels::l2bn_backward (same contract)."""
+    sums, rows = grad_stats_torch(dy, x, saved, act, act_param)
+    return grad_finish_torch(dy, x, weight, saved, sums, rows, rows if training else None, act,
+                             act_param)
 
 
-@l2bn_backward.register_fake
-def _(dy, x, weight, mean, var, sample_mean, sample_m2, eps, l2_eps, rescale, backend):
+@torch_l2bn_backward.register_fake
+def _(dy, x, weight, saved, training, act, act_param):
     c = x.shape[1]
-    wdt = weight.dtype if weight is not None else torch.float32
-    return _out_like(x), x.new_empty((c,), dtype=wdt), x.new_empty((c,), dtype=wdt)
+    acc = _acc_dtype(x.dtype)
+    return _out_like(x), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, mean, var, eps, l2_eps, rescale, backend = inputs
-    _, _, _, smean, sm2 = output
-    ctx.save_for_backward(x, weight, mean, var, smean, sm2)
-    ctx.has_bias = bias is not None
-    ctx.args = (eps, l2_eps, rescale, backend)
+    x, weight, bias, mean, var, eps, l2_eps, rescale, act, act_param = inputs
+    ctx.save_for_backward(x, weight, output[3])
+    ctx.args = (mean is None, bias is not None, act, act_param)
     ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, gy, *_unused):
-    x, weight, mean, var, smean, sm2 = ctx.saved_tensors
-    eps, l2_eps, rescale, backend = ctx.args
-    if gy is None:
-        gy = torch.zeros_like(x)
-    dx, dw, db = l2bn_backward(gy, x, weight, mean, var, smean, sm2, eps, l2_eps, rescale, backend)
+def _backward(ctx, dy, *_unused):
+    x, weight, saved = ctx.saved_tensors
+    training, has_bias, act, act_param = ctx.args
+    if dy is None:
+        return (None,) * 10
+    dx, dw, db = torch_l2bn_backward(dy, x, weight, saved, training, act, act_param)
     return (dx if ctx.needs_input_grad[0] else None,
             dw if weight is not None and ctx.needs_input_grad[1] else None,
-            db if ctx.has_bias and ctx.needs_input_grad[2] else None,
-            None, None, None, None, None, None)
+            db if has_bias and ctx.needs_input_grad[2] else None) + (None,) * 7
 
 
-l2bn_forward.register_autograd(_backward, setup_context=_setup_context)
+torch_l2bn_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-# --------------------------------------------------------------------------- entry point
+# --------------------------------------------------------------------------- entry points
+def _no_extension(backend: str):
+    raise RuntimeError(
+        f"l2_batch_norm backend {backend!r} needs the C++ extension normkernels._C, which is not "
+        "built (pip install --no-build-isolation -e .); use backend='torch'")
+
+
+_FORWARD_OPS = {"torch": torch.ops.normkernels.torch_l2bn_forward.default}
+if _EXT:
+    _FORWARD_OPS["cpp"] = _FORWARD_OPS["cuda"] = torch.ops.normkernels.l2bn_forward.default
+
+
 def l2_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
-                  var: Optional[Tensor], eps: float, l2_eps: float, rescale: bool,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """L2BN forward (pure: no running buffers). Returns (y, batch_mean, batch_var).
+                  var: Optional[Tensor], eps: float, l2_eps: float, rescale: bool, act: str,
+                  act_param: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """L2BN (+ activation) forward, pure (no running buffers): (y, batch_mean, batch_var).
 
-    mean/var None: normalize with the batch statistics of u = x_n / max(||x_n||, l2_eps)
-    (* sqrt(D) if rescale); given: normalize with them. Statistics are float32 (float64 for
-    float64 x).
-    backend: "cpp" or "cuda" (C++ extension passes) or "torch" (torch-op passes).
+    mean/var None: batch statistics of u = x_n / max(||x_n||, l2_eps) (* sqrt(D) if rescale);
+    given: eval with them. Statistics in the accumulation dtype (float64 for float64 x, else
+    float32). act in ("identity", "relu", "leaky_relu", "silu"), act_param = negative slope.
+    backend (already resolved): "cpp" / "cuda" -> normkernels::l2bn_forward, "torch" -> the
+    oracle op. The caller (functional.py) has validated the arguments.
     """
-    _check_backend(backend)
-    if not isinstance(x, Tensor) or x.dim() < 2:
-        raise ValueError("l2_batch_norm: x must be a tensor of shape (N, C, *spatial)")
-    if not x.is_floating_point():
-        raise TypeError(f"l2_batch_norm: x must be floating point, got {x.dtype}")
-    if (mean is None) != (var is None):
-        raise ValueError("l2_batch_norm: mean and var must both be given or both be None")
-    y, bmean, bvar, _, _ = l2bn_forward(x, weight, bias, mean, var, float(eps), float(l2_eps),
-                                        bool(rescale), backend)
-    return y, bmean, bvar
+    op = _FORWARD_OPS.get(backend)
+    if op is None:
+        if backend in ("cpp", "cuda"):
+            _no_extension(backend)
+        raise ValueError(f"l2_batch_norm: backend must be 'cpp', 'cuda' or 'torch', got {backend!r}")
+    y, batch_mean, batch_var, _ = op(x, weight, bias, mean, var, eps, l2_eps, rescale, act, act_param)
+    return y, batch_mean, batch_var
+
+
+def _pieces(backend: str):
+    """(stats, finish, grad_stats, grad_finish) of a backend."""
+    if backend in ("cpp", "cuda"):
+        if not _EXT:
+            _no_extension(backend)
+        o = torch.ops.normkernels
+        return o.l2bn_stats, o.l2bn_finish, o.l2bn_grad_stats, o.l2bn_grad_finish
+    if backend == "torch":
+        return stats_torch, finish_torch, grad_stats_torch, grad_finish_torch
+    raise ValueError(f"l2bn_sync: backend must be 'cpp', 'cuda' or 'torch', got {backend!r}")
+
+
+class _L2BNSync(torch.autograd.Function):
+    """Training over a process group: one gather of the (3, C) rows in the forward, one
+    all_reduce of the (2, C) grad rows in the backward; every process joins both, an empty one
+    (N = 0) too."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, l2_eps, rescale, act, act_param, backend, reducer, info):
+        stats, finish, _, _ = _pieces(backend)
+        st, rows = stats(x, l2_eps, rescale)
+        rows_all = reducer.gather(rows)
+        y, bmean, bvar, saved = finish(x, st, rows_all, weight, bias, None, None, eps, l2_eps,
+                                       rescale, act, act_param)
+        info["count"] = int(round(float(rows_all[:, 0, 0].sum())))
+        ctx.save_for_backward(x, weight, saved)
+        ctx.args = (bias is not None, act, act_param, backend, reducer)
+        ctx.mark_non_differentiable(bmean, bvar)
+        return y, bmean, bvar
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, saved = ctx.saved_tensors
+        has_bias, act, act_param, backend, reducer = ctx.args
+        _, _, grad_stats, grad_finish = _pieces(backend)
+        if dy is None:  # the collective must still run on every process
+            dy = torch.zeros_like(x)
+        sums, rows = grad_stats(dy, x, saved, act, act_param)
+        rows_all = reducer.all_reduce(rows)
+        dx, dw, db = grad_finish(dy, x, weight, saved, sums, rows, rows_all, act, act_param)
+        return (dx, dw if weight is not None else None, db if has_bias else None) + (None,) * 8
+
+
+def l2bn_sync(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, l2_eps: float,
+              rescale: bool, act: str, act_param: float, backend: str, reducer
+              ) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Synchronized training forward: (y, batch_mean, batch_var, count), count = values per
+    channel over the group (for the unbiased running variance). reducer: .gather(t) -> (P, *t.shape),
+    .all_reduce(t) -> sum over processes (normkernels.distributed.Reducer)."""
+    info = {}
+    y, bmean, bvar = _L2BNSync.apply(x, weight, bias, eps, l2_eps, rescale, act, act_param, backend,
+                                     reducer, info)
+    return y, bmean, bvar, info["count"]
