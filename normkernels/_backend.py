@@ -25,7 +25,7 @@ def _probe_extension() -> tuple[bool, bool]:
         import normkernels._C  # noqa: F401  (registers the C++ ops)
     except ImportError:
         return False, False
-    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("normkernels::l2bn_sample_stats", "CUDA")
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("normkernels::l2bn_forward", "CUDA")
     return True, has_cuda
 
 

@@ -97,30 +97,6 @@ def _check_global_count(count: int, x, layer: str) -> None:
 
 
 # --------------------------------------------------------------------------- autograd functions
-class _L2BNSync(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, l2_eps, rescale, backend, sync, info):
-        y, f = _l2bn._forward_impl(x, weight, bias, None, None, eps, l2_eps, rescale, backend, sync=sync)
-        ctx.save_for_backward(x, weight, f["smean_acc"], f["sm2_acc"], f["mu"], f["var"])
-        ctx.args = (eps, l2_eps, rescale, backend, sync, f["n"], bias is not None)
-        acc = f["acc"]
-        info["count"] = f["n"] * f["s"]
-        mean, var = f["mu"].to(acc, copy=True), f["var"].to(acc, copy=True)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
-        x, weight, smean, sm2, mu, var = ctx.saved_tensors
-        eps, l2_eps, rescale, backend, sync, n_all, has_bias = ctx.args
-        if dy is None:
-            dy = torch.zeros_like(x)
-        dx, dw, db = _l2bn._backward_impl(dy, x, weight, mu, var, smean, sm2, eps, l2_eps, rescale, backend,
-                                          training=True, count=n_all, sync=sync)
-        return (dx, dw if weight is not None else None, db if has_bias else None,
-                None, None, None, None, None, None)
-
-
 class _SBNSync(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, backend, sync, info):
@@ -226,11 +202,7 @@ def _fft_scale(fft_norm: str, h: int, w: int) -> float:
     return {"backward": 1.0, "ortho": (h * w) ** -0.5, "forward": 1.0 / (h * w)}[fft_norm]
 
 
-def l2bn_sync(x, weight, bias, eps, l2_eps, rescale, act, act_param, backend, reducer):
-    """-> (y, batch_mean, batch_var (biased), count = values per channel over the group)."""
-    info = {}
-    y, mean, var = _L2BNSync.apply(x, weight, bias, eps, l2_eps, rescale, backend, reducer, info)
-    return _act.act_forward(y, act, act_param), mean, var, info["count"]
+l2bn_sync = _l2bn.l2bn_sync
 
 
 def sbn_sync(x, weight, bias, eps, fft_norm, act, act_param, backend, reducer):
@@ -270,9 +242,6 @@ def _tracked(layer, prefix=""):
     return mean is not None and layer.track_running_stats
 
 
-def _complex(mean_ri):
-    return torch.view_as_complex(mean_ri.detach().contiguous())
-
 
 def _l2bn_forward(layer, input, reducer):
     name = type(layer).__name__
@@ -305,7 +274,7 @@ def _sbn_forward(layer, input, reducer):
                                    F_nk.check_activation(layer._activation), float(layer._negative_slope), be, reducer)
     _check_global_count(count, input, name)
     if tracked:
-        F_nk.update_running_stats(layer.running_mean, layer.running_var, _complex(mean), var.detach(), layer.momentum,
+        F_nk.update_running_stats(layer.running_mean, layer.running_var, mean.detach(), var.detach(), layer.momentum,
                                   count, layer.num_batches_tracked)
     return y
 
@@ -327,7 +296,7 @@ def _bnsbn_forward(layer, input, reducer):
     if tracked:
         F_nk.update_running_stats(layer.running_mean, layer.running_var, bm.detach(), bv.detach(), layer.momentum,
                                   bn_count, layer.num_batches_tracked)
-        F_nk.update_running_stats(layer.sbn_running_mean, layer.sbn_running_var, _complex(sm), sv.detach(),
+        F_nk.update_running_stats(layer.sbn_running_mean, layer.sbn_running_var, sm.detach(), sv.detach(),
                                   layer.sbn_momentum, sbn_count, layer.sbn_num_batches_tracked)
     return y
 

@@ -8,6 +8,7 @@ import torch
 
 from . import _backend
 from .ops import l2bn as _l2bn
+from .ops import running_stats as _rs
 from .ops import sbn as _sbn
 
 __all__ = ["l2_batch_norm", "spectral_batch_norm", "batch_norm_sbn"]
@@ -85,18 +86,14 @@ def _activate(y, act: str, negative_slope: float):
 
 def update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count: int,
                          num_batches_tracked=None) -> None:
-    """running <- (1 - f) * running + f * batch, with the unbiased batch variance; f = momentum, or
-    1 / num_batches_tracked (after its increment) for momentum=None (cumulative average)."""
-    with torch.no_grad():
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        if momentum is None:
-            if num_batches_tracked is None:
-                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-            momentum = 1.0 / float(num_batches_tracked.item())
-        unbiased = batch_var * (count / (count - 1))
-        running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
-        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    """running <- (1 - f) * running + f * batch, with the unbiased batch variance (count values per
+    channel); f = momentum, or 1 / num_batches_tracked after its increment for momentum=None (the
+    cumulative average). One op (normkernels::running_stats_update_); a complex running mean takes
+    its batch mean as (C, 2) [re, im]."""
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    _rs.running_stats_update(running_mean, running_var, num_batches_tracked, batch_mean, batch_var,
+                             -1.0 if momentum is None else float(momentum), count / (count - 1))
 
 
 def _stats_dtype(x, complex_: bool = False) -> torch.dtype:
@@ -139,15 +136,19 @@ def l2_batch_norm(
     count = input.numel() // input.shape[1]
     if training:
         check_batch_stats(count, input, layer)
-    be = _backend.resolve("l2bn", backend, input)
-    mean = None if training else _stats_arg(running_mean, input)
-    var = None if training else _stats_arg(running_var, input)
     act = check_activation(activation)
-    y, batch_mean, batch_var = _l2bn.l2_batch_norm(input, weight, bias, mean, var, eps, l2_eps, rescale, be)
-    if training and running_mean is not None:
+    update = training and running_mean is not None
+    if update and momentum is None and num_batches_tracked is None:
+        raise ValueError(f"{layer}: momentum=None (cumulative average) needs num_batches_tracked")
+    be = _backend.resolve("l2bn", backend, input)
+    # eval statistics go in as they are: the op reads any float dtype (no conversion op)
+    y, batch_mean, batch_var = _l2bn.l2_batch_norm(
+        input, weight, bias, None if training else running_mean, None if training else running_var,
+        float(eps), float(l2_eps), bool(rescale), act, float(negative_slope), be)
+    if update:
         update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count,
                              num_batches_tracked)
-    return _activate(y, act, negative_slope)
+    return y
 
 
 def resolve_algorithm(algorithm: str) -> str:
@@ -202,7 +203,7 @@ def spectral_batch_norm(
         raise NotImplementedError("fft_norm other than 'backward' lands with the fused ops")
     y, batch_mean, batch_var = _sbn.spectral_batch_norm(input, weight, bias, mean, var, eps, algo, be)
     if training and running_mean is not None:
-        update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count,
+        update_running_stats(running_mean, running_var, torch.view_as_real(batch_mean), batch_var, momentum, count,
                              num_batches_tracked)
     return _activate(y, act, negative_slope)
 
@@ -268,6 +269,6 @@ def batch_norm_sbn(
     if training and bn_running_mean is not None:
         update_running_stats(bn_running_mean, bn_running_var, bn_mean, bn_var, bn_momentum, bn_count,
                              bn_num_batches_tracked)
-        update_running_stats(sbn_running_mean, sbn_running_var, sbn_mean, sbn_var, sbn_momentum, sbn_count,
+        update_running_stats(sbn_running_mean, sbn_running_var, torch.view_as_real(sbn_mean), sbn_var, sbn_momentum, sbn_count,
                              sbn_num_batches_tracked)
     return _activate(y, act, negative_slope)
