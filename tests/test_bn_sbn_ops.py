@@ -92,6 +92,9 @@ CASES = {
     "strided_view": dict(shape=(3, 3, 5, 6), layout="strided"),
     "H_W_1_eval": dict(shape=(6, 3, 1, 1), train=False),
     "C_1": dict(shape=(4, 1, 3, 5)),
+    "C_10": dict(shape=(3, 10, 5, 6)),     # a full block of 8 channels (the transposed kernels)
+    "large_map": dict(shape=(2, 3, 64, 70), layout="channels_last"),
+    "large_map_nchw": dict(shape=(2, 3, 65, 67)),   # maps above kTMax: the row kernels
     "W_2": dict(shape=(3, 2, 4, 2)),
     "float64": dict(shape=(3, 3, 5, 6), dtype=F64),
     "float16": dict(shape=(4, 3, 4, 6), dtype=torch.float16),

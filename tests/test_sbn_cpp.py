@@ -440,3 +440,46 @@ def test_deterministic_across_thread_counts(layout):
     for other in res[1:]:
         for a, r in zip(other, res[0]):
             assert torch.equal(a, r)
+
+
+_ISA_SCRIPT = r"""
+import sys, torch
+import normkernels.ops.sbn as S
+torch.manual_seed(0)
+o, out = torch.ops.normkernels, []
+for shape, fmt, dtype, act in [((3, 10, 7, 7), torch.contiguous_format, torch.float32, "relu"),
+                               ((2, 9, 8, 6), torch.contiguous_format, torch.float64, "silu"),
+                               ((2, 12, 30, 33), torch.contiguous_format, torch.float32, "identity"),
+                               ((2, 9, 5, 6), torch.channels_last, torch.float32, "leaky_relu"),
+                               ((2, 16, 4, 4), torch.contiguous_format, torch.bfloat16, "relu")]:
+    x = (torch.randn(shape) * 3 + 2).to(dtype).contiguous(memory_format=fmt)
+    dy = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
+    w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+    f = o.sbn_forward(x, w, b, None, None, 1e-5, "ortho", act, 0.1)
+    g = o.bnsbn_forward(x, w, b, None, None, b, w, None, None, 1e-5, 1e-5, "backward", act, 0.1)
+    out += [*f, *o.sbn_backward(dy, x, f[3], True, "ortho", act, 0.1), *g,
+            *o.bnsbn_backward(dy, x, g[5], True, "backward", act, 0.1),
+            *o.sbn_backward(dy, x, f[3], False, "ortho", act, 0.1)]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_baseline_and_avx2_builds_agree_bitwise(tmp_path):
+    """The pass kernels are compiled twice (baseline ISA and AVX2, chosen at run time); their lanes
+    do the same IEEE operations in the same order, so the two builds agree bit for bit."""
+    import os
+    import subprocess
+    import sys
+    require_native(torch.device("cpu"))
+    script = tmp_path / "isa.py"
+    script.write_text(_ISA_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(S.__file__)))  # this normkernels
+    results = []
+    for isa in ("baseline", "native"):
+        env = dict(os.environ, NORMKERNELS_CPU_ISA=isa, OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        out = tmp_path / f"{isa}.pt"
+        subprocess.run([sys.executable, str(script), str(out)], check=True, env=env)
+        results.append(torch.load(out))
+    for a, r in zip(*results):
+        assert torch.equal(a, r)

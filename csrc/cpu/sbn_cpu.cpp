@@ -2,18 +2,9 @@
 // its heavy passes over the tensor plus the finalize of csrc/sbn_finalize.h, with no aten compute
 // op inside (allocations with at::empty, everything else in the loops below).
 //
-// Passes. x (N, C, H, W) is processed in one of two layouts:
-//   NCHW (contiguous): work items are the N*C planes; rows of W values are reduced straight from
-//                      x in kL lane accumulators.
-//   NHWC (channels_last): reductions run over tasks (n, kCB channels); each row (n, h) is reduced
-//                      in compile-time blocks of 8 channels (tail 4/2/1) whose accumulators stay in
-//                      registers; the apply passes run over rows (n, h).
-// Other layouts are made contiguous; dy is brought to x's layout when it differs.
-// Accumulation: acc (float, double for double) within a row / chunk, double across rows. Every
-// reduction writes per-(n, c) partial sums that are combined over n in a fixed order, so results
-// do not depend on the number of threads (deterministic, no atomics).
-// pre = cx (x - K) + add is formed by the same expression (same operands, same order, acc type) in
-// the forward apply and in both backward passes, so the activation's masks agree exactly.
+// The pass kernels (layouts, lanes, accumulation, determinism) are in sbn_cpu_kernels.h; this file
+// has the ops: argument checks, the coefficient tables of the passes, the finalize calls.
+// Layouts other than contiguous / channels_last are made contiguous; dy is brought to x's layout.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,12 +12,25 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define NK_SBN_HAVE_AVX2 1
+#include <immintrin.h>
+#else
+#define NK_SBN_HAVE_AVX2 0
+#endif
+
+#if defined(__GNUC__)
+// the kernels' 8-lane vector types cross internal (inlined) function boundaries only
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 #include "../activation.h"
 #include "../common.h"
@@ -248,234 +252,44 @@ BwdTab<acc_t> bwd_tab(const std::vector<BackCoef>& bc, int64_t C, int64_t W, con
   return t;
 }
 
-// ============================================================================== row reductions
+// ============================================================================== pass kernels
+// The same kernel source (sbn_cpu_kernels.h) compiled for the baseline ISA and, on x86-64 GCC, for
+// AVX2 (8-wide float vectors and register transposes); the AVX2 build runs when the CPU has it.
+namespace k_default {
+#define NK_AVX2 0
+#include "sbn_cpu_kernels.h"
+#undef NK_AVX2
+}  // namespace k_default
+#if NK_SBN_HAVE_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace k_avx2 {
+#define NK_AVX2 1
+#include "sbn_cpu_kernels.h"
+#undef NK_AVX2
+}  // namespace k_avx2
+#pragma GCC pop_options
+#endif
 
-// Lane-accumulated reductions: kL independent accumulators (lane j takes the elements with index
-// = j mod kL) that the compiler keeps in vector registers (it does not reassociate float sums by
-// itself); lanes are combined in a fixed tree. kL is even, so a lane's parity is w's parity.
-constexpr int kL = 8;
-constexpr int64_t kCB = 64;       // NHWC reductions: channels per task
-constexpr int64_t kChunk = 1024;  // NCHW: elements per chunk summed in acc
-
-template <typename acc_t>
-inline acc_t lane_sum(const acc_t* a) {
-  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+// NORMKERNELS_CPU_ISA=baseline forces the baseline build (tests compare the two builds).
+bool use_avx2() {
+#if NK_SBN_HAVE_AVX2
+  static const bool ok = [] {
+    const char* isa = std::getenv("NORMKERNELS_CPU_ISA");
+    return __builtin_cpu_supports("avx2") && !(isa && std::string(isa) == "baseline");
+  }();
+  return ok;
+#else
+  return false;
+#endif
 }
 
-// Row of W values t = p[w] - k:  R = sum t, A = sum (-1)^w t, Q = sum t^2 (if kQ).
-template <bool kQ, typename scalar_t, typename acc_t>
-inline void row_raq(const scalar_t* p, int64_t W, acc_t k, acc_t& R, acc_t& A, acc_t& Q) {
-  acc_t e = 0, o = 0, q = 0;
-  int64_t w = 0;
-  if (W >= kL) {
-    acc_t r[kL], s[kL];
-    for (int j = 0; j < kL; ++j) r[j] = s[j] = acc_t(0);
-    for (; w + kL <= W; w += kL) {
-      for (int j = 0; j < kL; ++j) {
-        const acc_t t = static_cast<acc_t>(p[w + j]) - k;
-        r[j] += t;
-        if (kQ) s[j] += t * t;
-      }
-    }
-    e = (r[0] + r[4]) + (r[2] + r[6]);
-    o = (r[1] + r[5]) + (r[3] + r[7]);
-    if (kQ) q = lane_sum(s);
-  }
-  for (; w + 1 < W; w += 2) {  // w is even here
-    const acc_t t0 = static_cast<acc_t>(p[w]) - k, t1 = static_cast<acc_t>(p[w + 1]) - k;
-    e += t0;
-    o += t1;
-    if (kQ) q += t0 * t0 + t1 * t1;
-  }
-  if (w < W) {
-    const acc_t t = static_cast<acc_t>(p[w]) - k;
-    e += t;
-    if (kQ) q += t * t;
-  }
-  R = e + o;
-  A = e - o;
-  Q = q;
-}
-
-// Row-0 projections d0 = sum (p[w] - k) P0[w], d1 = sum (p[w] - k) P1[w].
-template <typename scalar_t, typename acc_t>
-inline void row_dots(const scalar_t* p, int64_t W, acc_t k, const acc_t* P0, const acc_t* P1,
-                     acc_t& d0, acc_t& d1) {
-  acc_t a[kL], b[kL];
-  for (int j = 0; j < kL; ++j) a[j] = b[j] = acc_t(0);
-  int64_t w = 0;
-  for (; w + kL <= W; w += kL) {
-    for (int j = 0; j < kL; ++j) {
-      const acc_t t = static_cast<acc_t>(p[w + j]) - k;
-      a[j] += t * P0[w + j];
-      b[j] += t * P1[w + j];
-    }
-  }
-  acc_t ta = 0, tb = 0;
-  for (; w < W; ++w) {
-    const acc_t t = static_cast<acc_t>(p[w]) - k;
-    ta += t * P0[w];
-    tb += t * P1[w];
-  }
-  d0 = lane_sum(a) + ta;
-  d1 = lane_sum(b) + tb;
-}
-
-// ============================================================================== statistics pass
-// part[(n*C + c)*6 + k] = this sample's [S1, S2, SR, SA, SD0, SD1] of channel c.
-
-template <typename scalar_t, typename acc_t>
-void stats_nchw(const scalar_t* x, const acc_t* K, const acc_t* ReD, const acc_t* ImD,
-                double* part, int64_t N, int64_t C, int64_t H, int64_t W) {
-  const int64_t HW = H * W;
-  const bool even = W % 2 == 0;
-  at::parallel_for(0, N * C, grain_for(HW), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const acc_t k = K[r % C];
-      const scalar_t* base = x + r * HW;
-      double s1 = 0, s2 = 0, sr = 0, sa = 0;
-      for (int64_t h = 0; h < H; ++h) {
-        acc_t R, A, Q;
-        row_raq<true>(base + h * W, W, k, R, A, Q);
-        s1 += R;
-        s2 += Q;
-        sr += double(R) * double(R);
-        sa += double(A) * double(A);
-      }
-      acc_t d0, d1;
-      row_dots(base, W, k, ReD, ImD, d0, d1);
-      double* o = part + r * 6;
-      o[0] = s1;
-      o[1] = s2;
-      o[2] = sr;
-      o[3] = even ? sa : 0.0;
-      o[4] = d0;
-      o[5] = d1;
-    }
-  });
-}
-
-// NHWC row kernel over a compile-time block of CB channels (p = x + row offset + c0, pixel stride
-// C): fixed-size local accumulators that stay in registers, loops over j vectorized. Even / odd
-// pixels go to separate accumulators (R = E + O, A = E - O). kD (row 0): also the D projections.
-template <int CB, bool kD, typename scalar_t, typename acc_t>
-inline void nhwc_row_stats(const scalar_t* p, int64_t W, int64_t C, const acc_t* kk,
-                           const acc_t* ReD, const acc_t* ImD, acc_t* R, acc_t* A, acc_t* Q,
-                           acc_t* D0, acc_t* D1) {
-  acc_t k[CB], e[CB], o[CB], q[CB], a0[CB], a1[CB];
-  for (int j = 0; j < CB; ++j) {
-    k[j] = kk[j];
-    e[j] = o[j] = q[j] = a0[j] = a1[j] = acc_t(0);
-  }
-  int64_t w = 0;
-  for (; w + 1 < W; w += 2) {
-    const scalar_t* p0 = p + w * C;
-    const scalar_t* p1 = p0 + C;
-    if (kD) {
-      const acc_t u0 = ReD[w], u1 = ReD[w + 1], v0 = ImD[w], v1 = ImD[w + 1];
-      for (int j = 0; j < CB; ++j) {
-        const acc_t t0 = static_cast<acc_t>(p0[j]) - k[j];
-        const acc_t t1 = static_cast<acc_t>(p1[j]) - k[j];
-        e[j] += t0;
-        o[j] += t1;
-        q[j] += t0 * t0;
-        q[j] += t1 * t1;
-        a0[j] += t0 * u0;
-        a0[j] += t1 * u1;
-        a1[j] += t0 * v0;
-        a1[j] += t1 * v1;
-      }
-    } else {
-      for (int j = 0; j < CB; ++j) {
-        const acc_t t0 = static_cast<acc_t>(p0[j]) - k[j];
-        const acc_t t1 = static_cast<acc_t>(p1[j]) - k[j];
-        e[j] += t0;
-        o[j] += t1;
-        q[j] += t0 * t0;
-        q[j] += t1 * t1;
-      }
-    }
-  }
-  if (w < W) {  // w is even
-    const scalar_t* p0 = p + w * C;
-    for (int j = 0; j < CB; ++j) {
-      const acc_t t0 = static_cast<acc_t>(p0[j]) - k[j];
-      e[j] += t0;
-      q[j] += t0 * t0;
-      if (kD) {
-        a0[j] += t0 * ReD[w];
-        a1[j] += t0 * ImD[w];
-      }
-    }
-  }
-  for (int j = 0; j < CB; ++j) {
-    R[j] = e[j] + o[j];
-    A[j] = e[j] - o[j];
-    Q[j] = q[j];
-    if (kD) {
-      D0[j] = a0[j];
-      D1[j] = a1[j];
-    }
-  }
-}
-
-// One row (n, h) of channels [c0, c0 + cw): blocks of 8 channels, then 4 / 2 / 1 for the tail.
-template <bool kD, typename scalar_t, typename acc_t>
-inline void nhwc_row_stats_all(const scalar_t* p, int64_t W, int64_t C, int64_t cw,
-                               const acc_t* kk, const acc_t* ReD, const acc_t* ImD, acc_t* R,
-                               acc_t* A, acc_t* Q, acc_t* D0, acc_t* D1) {
-  int64_t c = 0;
-  for (; c + 8 <= cw; c += 8)
-    nhwc_row_stats<8, kD>(p + c, W, C, kk + c, ReD, ImD, R + c, A + c, Q + c, D0 + c, D1 + c);
-  if (c + 4 <= cw) {
-    nhwc_row_stats<4, kD>(p + c, W, C, kk + c, ReD, ImD, R + c, A + c, Q + c, D0 + c, D1 + c);
-    c += 4;
-  }
-  if (c + 2 <= cw) {
-    nhwc_row_stats<2, kD>(p + c, W, C, kk + c, ReD, ImD, R + c, A + c, Q + c, D0 + c, D1 + c);
-    c += 2;
-  }
-  if (c < cw)
-    nhwc_row_stats<1, kD>(p + c, W, C, kk + c, ReD, ImD, R + c, A + c, Q + c, D0 + c, D1 + c);
-}
-
-template <typename scalar_t, typename acc_t>
-void stats_nhwc(const scalar_t* x, const acc_t* K, const acc_t* ReD, const acc_t* ImD,
-                double* part, int64_t N, int64_t C, int64_t H, int64_t W) {
-  const int64_t nblk = (C + kCB - 1) / kCB;
-  const bool even = W % 2 == 0;
-  at::parallel_for(0, N * nblk, grain_for(H * W * std::min(C, kCB)), [&](int64_t b, int64_t e) {
-    acc_t rR[kCB], rA[kCB], rQ[kCB], d0[kCB], d1[kCB];
-    double s1[kCB], s2[kCB], sr[kCB], sa[kCB];
-    for (int64_t task = b; task < e; ++task) {
-      const int64_t n = task / nblk, c0 = (task % nblk) * kCB;
-      const int64_t cw = std::min(kCB, C - c0);
-      for (int64_t c = 0; c < cw; ++c) s1[c] = s2[c] = sr[c] = sa[c] = 0.0;
-      for (int64_t h = 0; h < H; ++h) {
-        const scalar_t* p = x + (n * H + h) * W * C + c0;
-        if (h == 0)
-          nhwc_row_stats_all<true>(p, W, C, cw, K + c0, ReD, ImD, rR, rA, rQ, d0, d1);
-        else
-          nhwc_row_stats_all<false>(p, W, C, cw, K + c0, ReD, ImD, rR, rA, rQ, d0, d1);
-        for (int64_t c = 0; c < cw; ++c) {
-          s1[c] += rR[c];
-          s2[c] += rQ[c];
-          sr[c] += double(rR[c]) * double(rR[c]);
-          sa[c] += double(rA[c]) * double(rA[c]);
-        }
-      }
-      for (int64_t c = 0; c < cw; ++c) {
-        double* o = part + (n * C + c0 + c) * 6;
-        o[0] = s1[c];
-        o[1] = s2[c];
-        o[2] = sr[c];
-        o[3] = even ? sa[c] : 0.0;
-        o[4] = d0[c];
-        o[5] = d1[c];
-      }
-    }
-  });
-}
+// NK_CALL(f, args...): f of the AVX2 build when the CPU has AVX2, else of the baseline build.
+#if NK_SBN_HAVE_AVX2
+#define NK_CALL(fn, ...) (use_avx2() ? k_avx2::fn(__VA_ARGS__) : k_default::fn(__VA_ARGS__))
+#else
+#define NK_CALL(fn, ...) k_default::fn(__VA_ARGS__)
+#endif
 
 // The statistics pass: rows (C, 8) = [N, K, S1, S2, SR, SA, SD0, SD1] of this batch.
 void stats_rows(const X4& v, const RowConsts& rc, double* rows) {
@@ -488,7 +302,7 @@ void stats_rows(const X4& v, const RowConsts& rc, double* rows) {
     }
     return;
   }
-  std::unique_ptr<double[]> part(new double[N * C * 6]);  // written in full by the pass
+  std::unique_ptr<double[]> part(new double[N * C * 6]);  // the blocks used are written in full
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = v.x.const_data_ptr<scalar_t>();
@@ -496,70 +310,24 @@ void stats_rows(const X4& v, const RowConsts& rc, double* rows) {
     std::vector<acc_t> K(C);
     for (int64_t c = 0; c < C; ++c) K[c] = static_cast<acc_t>(xp[c * kstride]);
     const std::vector<acc_t> re = cast_vec<acc_t>(rc.re_d), im = cast_vec<acc_t>(rc.im_d);
-    if (v.layout == Layout::NCS)
-      stats_nchw(xp, K.data(), re.data(), im.data(), part.get(), N, C, v.H, v.W);
-    else
-      stats_nhwc(xp, K.data(), re.data(), im.data(), part.get(), N, C, v.H, v.W);
+    const int64_t nblk = NK_CALL(stats, xp, K.data(), re.data(), im.data(), part.get(), N, C, v.H,
+                                 v.W, v.layout);
     for (int64_t c = 0; c < C; ++c) {
       double* o = rows + c * RowCol::Width;
       o[RowCol::N] = double(N);
       o[RowCol::K] = static_cast<double>(K[c]);
       for (int k = 0; k < 6; ++k) o[RowCol::S1 + k] = 0.0;
     }
-    for (int64_t n = 0; n < N; ++n)  // fixed order: deterministic
+    for (int64_t blk = 0; blk < nblk; ++blk)  // fixed order: deterministic
       for (int64_t c = 0; c < C; ++c) {
-        const double* p = part.get() + (n * C + c) * 6;
+        const double* p = part.get() + (blk * C + c) * 6;
         double* o = rows + c * RowCol::Width + RowCol::S1;
         for (int k = 0; k < 6; ++k) o[k] += p[k];
       }
   });
 }
 
-// ============================================================================== forward apply
-// y = act(pre), pre = cx (x - K) + add (FwdTab).
-
-template <Act A, typename scalar_t, typename acc_t>
-void fwd_apply(const scalar_t* x, scalar_t* y, const FwdTab<acc_t>& ft, acc_t slope, int64_t N,
-               int64_t C, int64_t H, int64_t W, Layout lay) {
-  const int64_t HW = H * W;
-  if (lay == Layout::NCS) {
-    at::parallel_for(0, N * C, grain_for(HW), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const int64_t c = r % C;
-        const acc_t k = ft.K[c], a = ft.cx[c], bc = ft.b[c];
-        const acc_t* t0 = ft.T0.data() + c * W;
-        const scalar_t* px = x + r * HW;
-        scalar_t* py = y + r * HW;
-        for (int64_t w = 0; w < W; ++w) {
-          const acc_t pre = a * (static_cast<acc_t>(px[w]) - k) + t0[w];
-          py[w] = static_cast<scalar_t>(act_forward(A, pre, slope));
-        }
-        for (int64_t i = W; i < HW; ++i) {
-          const acc_t pre = a * (static_cast<acc_t>(px[i]) - k) + bc;
-          py[i] = static_cast<scalar_t>(act_forward(A, pre, slope));
-        }
-      }
-    });
-  } else {
-    const acc_t* kp = ft.K.data();
-    const acc_t* ap = ft.cx.data();
-    const acc_t* bp = ft.b.data();
-    at::parallel_for(0, N * H, grain_for(W * C), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const bool row0 = (r % H) == 0;
-        for (int64_t w = 0; w < W; ++w) {
-          const scalar_t* px = x + (r * W + w) * C;
-          scalar_t* py = y + (r * W + w) * C;
-          const acc_t* add = row0 ? ft.T0.data() + w * C : bp;
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t pre = ap[c] * (static_cast<acc_t>(px[c]) - kp[c]) + add[c];
-            py[c] = static_cast<scalar_t>(act_forward(A, pre, slope));
-          }
-        }
-      }
-    });
-  }
-}
+// ============================================================================== pass drivers
 
 // y for the saved coefficients (saved[:, :5], `stride` doubles per channel).
 Tensor apply_forward(const X4& v, const double* coef, int64_t stride, const RowConsts& rc,
@@ -570,185 +338,12 @@ Tensor apply_forward(const X4& v, const double* coef, int64_t stride, const RowC
     using acc_t = at::opmath_type<scalar_t>;
     const FwdTab<acc_t> ft = fwd_tab<acc_t>(coef, stride, v.C, v.W, rc, v.layout);
     with_act(act, [&](auto tag) {
-      fwd_apply<decltype(tag)::value>(v.x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), ft,
-                                      static_cast<acc_t>(slope), v.N, v.C, v.H, v.W, v.layout);
+      constexpr Act A = decltype(tag)::value;
+      NK_CALL(fwd_apply<A>, v.x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), ft,
+              static_cast<acc_t>(slope), v.N, v.C, v.H, v.W, v.layout);
     });
   });
   return y;
-}
-
-// ============================================================================== gradient sums
-// part[(n*C + c)*4 + k] = this sample's [sum g, sum g t, g[0, 0], sum_w g[0, w] Pi[w]],
-// g = act'(pre) dy.
-
-template <Act A, typename acc_t>
-inline acc_t grad_of(acc_t pre, acc_t slope, acc_t dy) {
-  return act_backward(A, pre, slope, dy);
-}
-
-template <Act A, typename scalar_t, typename acc_t>
-void grad_nchw(const scalar_t* dy, const scalar_t* x, const FwdTab<acc_t>& ft, const acc_t* Pi,
-               acc_t slope, double* part, int64_t N, int64_t C, int64_t H, int64_t W) {
-  const int64_t HW = H * W;
-  at::parallel_for(0, N * C, grain_for(2 * HW), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const int64_t c = r % C;
-      const acc_t k = ft.K[c], a = ft.cx[c], bc = ft.b[c];
-      const acc_t* t0 = ft.T0.data() + c * W;
-      const scalar_t* px = x + r * HW;
-      const scalar_t* pd = dy + r * HW;
-      // row 0 (its own offsets; the Pr / Pi projections)
-      acc_t s0 = 0, q0 = 0, g1 = 0, g0 = 0;
-      for (int64_t w = 0; w < W; ++w) {
-        const acc_t t = static_cast<acc_t>(px[w]) - k;
-        const acc_t g = grad_of<A>(a * t + t0[w], slope, static_cast<acc_t>(pd[w]));
-        if (w == 0) g0 = g;
-        s0 += g;
-        q0 += g * t;
-        g1 += g * Pi[w];
-      }
-      // rows h > 0: one contiguous span, float lanes within a chunk, double across chunks
-      double sd = s0, sdt = q0;
-      for (int64_t s = W; s < HW; s += kChunk) {
-        const int64_t L = std::min(kChunk, HW - s);
-        const scalar_t* cx = px + s;
-        const scalar_t* cd = pd + s;
-        acc_t u[kL], vv[kL];
-        for (int j = 0; j < kL; ++j) u[j] = vv[j] = acc_t(0);
-        int64_t i = 0;
-        for (; i + kL <= L; i += kL) {
-          for (int j = 0; j < kL; ++j) {
-            const acc_t t = static_cast<acc_t>(cx[i + j]) - k;
-            const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(cd[i + j]));
-            u[j] += g;
-            vv[j] += g * t;
-          }
-        }
-        acc_t tu = 0, tv = 0;
-        for (; i < L; ++i) {
-          const acc_t t = static_cast<acc_t>(cx[i]) - k;
-          const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(cd[i]));
-          tu += g;
-          tv += g * t;
-        }
-        sd += lane_sum(u) + tu;
-        sdt += lane_sum(vv) + tv;
-      }
-      double* o = part + r * 4;
-      o[0] = sd;
-      o[1] = sdt;
-      o[2] = g0;
-      o[3] = g1;
-    }
-  });
-}
-
-// NHWC gradient row kernel over a compile-time block of CB channels: S = sum g, T = sum g t over
-// the row; kD (row 0): G0 = g at w = 0, G1 = sum_w g Pi[w]. add = T0 (row 0, [w*C + c]) or b.
-template <int CB, bool kD, Act A, typename scalar_t, typename acc_t>
-inline void nhwc_row_grad(const scalar_t* pd, const scalar_t* px, int64_t W, int64_t C,
-                          const acc_t* kk, const acc_t* cxx, const acc_t* bb, const acc_t* T0,
-                          const acc_t* Pi, acc_t slope, acc_t* S, acc_t* T, acc_t* G0,
-                          acc_t* G1) {
-  acc_t k[CB], a[CB], add[CB], se[CB], te[CB], g1[CB];
-  for (int j = 0; j < CB; ++j) {
-    k[j] = kk[j];
-    a[j] = cxx[j];
-    add[j] = bb[j];
-    se[j] = te[j] = g1[j] = acc_t(0);
-  }
-  for (int64_t w = 0; w < W; ++w) {
-    const scalar_t* d0 = pd + w * C;
-    const scalar_t* x0 = px + w * C;
-    if (kD) {
-      const acc_t pw = Pi[w];
-      const acc_t* t0 = T0 + w * C;
-      for (int j = 0; j < CB; ++j) {
-        const acc_t t = static_cast<acc_t>(x0[j]) - k[j];
-        const acc_t g = grad_of<A>(a[j] * t + t0[j], slope, static_cast<acc_t>(d0[j]));
-        if (w == 0) G0[j] = g;
-        se[j] += g;
-        te[j] += g * t;
-        g1[j] += g * pw;
-      }
-    } else {
-      for (int j = 0; j < CB; ++j) {
-        const acc_t t = static_cast<acc_t>(x0[j]) - k[j];
-        const acc_t g = grad_of<A>(a[j] * t + add[j], slope, static_cast<acc_t>(d0[j]));
-        se[j] += g;
-        te[j] += g * t;
-      }
-    }
-  }
-  for (int j = 0; j < CB; ++j) {
-    S[j] = se[j];
-    T[j] = te[j];
-    if (kD) G1[j] = g1[j];
-  }
-}
-
-template <bool kD, Act A, typename scalar_t, typename acc_t>
-inline void nhwc_row_grad_all(const scalar_t* pd, const scalar_t* px, int64_t W, int64_t C,
-                              int64_t cw, const acc_t* kk, const acc_t* cxx, const acc_t* bb,
-                              const acc_t* T0, const acc_t* Pi, acc_t slope, acc_t* S, acc_t* T,
-                              acc_t* G0, acc_t* G1) {
-  int64_t c = 0;
-  for (; c + 8 <= cw; c += 8)
-    nhwc_row_grad<8, kD, A>(pd + c, px + c, W, C, kk + c, cxx + c, bb + c, T0 + c, Pi, slope,
-                            S + c, T + c, G0 + c, G1 + c);
-  if (c + 4 <= cw) {
-    nhwc_row_grad<4, kD, A>(pd + c, px + c, W, C, kk + c, cxx + c, bb + c, T0 + c, Pi, slope,
-                            S + c, T + c, G0 + c, G1 + c);
-    c += 4;
-  }
-  if (c + 2 <= cw) {
-    nhwc_row_grad<2, kD, A>(pd + c, px + c, W, C, kk + c, cxx + c, bb + c, T0 + c, Pi, slope,
-                            S + c, T + c, G0 + c, G1 + c);
-    c += 2;
-  }
-  if (c < cw)
-    nhwc_row_grad<1, kD, A>(pd + c, px + c, W, C, kk + c, cxx + c, bb + c, T0 + c, Pi, slope,
-                            S + c, T + c, G0 + c, G1 + c);
-}
-
-template <Act A, typename scalar_t, typename acc_t>
-void grad_nhwc(const scalar_t* dy, const scalar_t* x, const FwdTab<acc_t>& ft, const acc_t* Pi,
-               acc_t slope, double* part, int64_t N, int64_t C, int64_t H, int64_t W) {
-  const int64_t nblk = (C + kCB - 1) / kCB;
-  at::parallel_for(0, N * nblk, grain_for(2 * H * W * std::min(C, kCB)),
-                   [&](int64_t b, int64_t e) {
-    acc_t rS[kCB], rT[kCB], g0[kCB], g1[kCB];
-    double sS[kCB], sT[kCB];
-    for (int64_t task = b; task < e; ++task) {
-      const int64_t n = task / nblk, c0 = (task % nblk) * kCB;
-      const int64_t cw = std::min(kCB, C - c0);
-      for (int64_t c = 0; c < cw; ++c) sS[c] = sT[c] = 0.0;
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t off = (n * H + h) * W * C + c0;
-        const acc_t* kk = ft.K.data() + c0;
-        const acc_t* cxx = ft.cx.data() + c0;
-        const acc_t* bb = ft.b.data() + c0;
-        const acc_t* t0 = ft.T0.data() + c0;
-        if (h == 0)
-          nhwc_row_grad_all<true, A>(dy + off, x + off, W, C, cw, kk, cxx, bb, t0, Pi, slope, rS,
-                                     rT, g0, g1);
-        else
-          nhwc_row_grad_all<false, A>(dy + off, x + off, W, C, cw, kk, cxx, bb, t0, Pi, slope,
-                                      rS, rT, g0, g1);
-        for (int64_t c = 0; c < cw; ++c) {
-          sS[c] += rS[c];
-          sT[c] += rT[c];
-        }
-      }
-      for (int64_t c = 0; c < cw; ++c) {
-        double* o = part + (n * C + c0 + c) * 4;
-        o[0] = sS[c];
-        o[1] = sT[c];
-        o[2] = g0[c];
-        o[3] = g1[c];
-      }
-    }
-  });
 }
 
 // The gradient-sums pass: gsums (C, 4) into `out` (double), for the coefficients saved[:, :5].
@@ -757,7 +352,8 @@ void grad_sums(const X4& v, const Tensor& dy, const double* coef, int64_t stride
   const int64_t N = v.N, C = v.C;
   for (int64_t i = 0; i < C * GradCol::Width; ++i) out[i] = 0.0;
   if (v.x.numel() == 0) return;
-  std::unique_ptr<double[]> part(new double[N * C * 4]);  // written in full by the pass
+  std::unique_ptr<double[]> part(new double[N * C * 4]);  // the blocks used are written in full
+  int64_t nblk = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const FwdTab<acc_t> ft = fwd_tab<acc_t>(coef, stride, C, v.W, rc, v.layout);
@@ -766,131 +362,13 @@ void grad_sums(const X4& v, const Tensor& dy, const double* coef, int64_t stride
     const scalar_t* dp = dy.const_data_ptr<scalar_t>();
     with_act(act, [&](auto tag) {
       constexpr Act A = decltype(tag)::value;
-      if (v.layout == Layout::NCS)
-        grad_nchw<A>(dp, xp, ft, pi.data(), static_cast<acc_t>(slope), part.get(), N, C, v.H,
-                     v.W);
-      else
-        grad_nhwc<A>(dp, xp, ft, pi.data(), static_cast<acc_t>(slope), part.get(), N, C, v.H,
-                     v.W);
+      nblk = NK_CALL(grad<A>, dp, xp, ft, pi.data(), static_cast<acc_t>(slope), part.get(), N, C,
+                     v.H, v.W, v.layout);
     });
   });
-  for (int64_t n = 0; n < N; ++n)  // fixed order: deterministic
+  for (int64_t blk = 0; blk < nblk; ++blk)  // fixed order: deterministic
     for (int64_t c = 0; c < C; ++c)
-      for (int k = 0; k < 4; ++k) out[c * 4 + k] += part[(n * C + c) * 4 + k];
-}
-
-// ============================================================================== backward apply
-// dx = c_dy g + c_t t + cst [+ c_R R + c_A A (-1)^w] + [h == 0] T1[c, w], g = act'(pre) dy.
-
-template <Act A, typename scalar_t, typename acc_t>
-void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab<acc_t>& ft,
-               const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H, int64_t W,
-               Layout lay, bool need_row) {
-  const int64_t HW = H * W;
-  if (lay == Layout::NCS) {
-    at::parallel_for(0, N * C, grain_for(2 * HW), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const int64_t c = r % C;
-        const acc_t k = ft.K[c], a = ft.cx[c], bc = ft.b[c];
-        const acc_t cdy = bt.cdy[c], ct = bt.ct[c], cs = bt.cst[c], cr = bt.cR[c],
-                    ca = bt.cA[c];
-        const acc_t* t0 = ft.T0.data() + c * W;
-        const acc_t* t1 = bt.T1.data() + c * W;
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t base = r * HW + h * W;
-          const scalar_t* px = x + base;
-          const scalar_t* pd = dy + base;
-          scalar_t* pdx = dx + base;
-          acc_t ev = cs, od = cs;
-          if (need_row) {
-            acc_t R, Aa, Q;
-            row_raq<false>(px, W, k, R, Aa, Q);
-            const acc_t base_r = cs + cr * R, alt = ca * Aa;
-            ev = base_r + alt;
-            od = base_r - alt;
-          }
-          if (h == 0) {
-            for (int64_t w = 0; w < W; ++w) {
-              const acc_t t = static_cast<acc_t>(px[w]) - k;
-              const acc_t g = grad_of<A>(a * t + t0[w], slope, static_cast<acc_t>(pd[w]));
-              pdx[w] = static_cast<scalar_t>(cdy * g + ct * t + (((w & 1) ? od : ev) + t1[w]));
-            }
-            continue;
-          }
-          acc_t ofs[kL];
-          for (int j = 0; j < kL; ++j) ofs[j] = (j & 1) ? od : ev;
-          int64_t w = 0;
-          for (; w + kL <= W; w += kL)
-            for (int j = 0; j < kL; ++j) {
-              const acc_t t = static_cast<acc_t>(px[w + j]) - k;
-              const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(pd[w + j]));
-              pdx[w + j] = static_cast<scalar_t>(cdy * g + ct * t + ofs[j]);
-            }
-          for (; w < W; ++w) {
-            const acc_t t = static_cast<acc_t>(px[w]) - k;
-            const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(pd[w]));
-            pdx[w] = static_cast<scalar_t>(cdy * g + ct * t + ((w & 1) ? od : ev));
-          }
-        }
-      }
-    });
-  } else {
-    const acc_t* kp = ft.K.data();
-    const acc_t* ap = ft.cx.data();
-    const acc_t* bp = ft.b.data();
-    const acc_t* cdy = bt.cdy.data();
-    const acc_t* ctp = bt.ct.data();
-    at::parallel_for(0, N * H, grain_for(2 * W * C), [&](int64_t b, int64_t e) {
-      std::vector<acc_t> R(C), Aa(C), ev(bt.cst), od(bt.cst), ofs(C);
-      for (int64_t r = b; r < e; ++r) {
-        const bool row0 = (r % H) == 0;
-        const scalar_t* xr = x + r * W * C;
-        if (need_row) {
-          for (int64_t c = 0; c < C; ++c) R[c] = Aa[c] = acc_t(0);
-          for (int64_t w = 0; w < W; ++w) {
-            const scalar_t* px = xr + w * C;
-            if (w & 1) {
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t t = static_cast<acc_t>(px[c]) - kp[c];
-                R[c] += t;
-                Aa[c] -= t;
-              }
-            } else {
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t t = static_cast<acc_t>(px[c]) - kp[c];
-                R[c] += t;
-                Aa[c] += t;
-              }
-            }
-          }
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t base_r = bt.cst[c] + bt.cR[c] * R[c], alt = bt.cA[c] * Aa[c];
-            ev[c] = base_r + alt;
-            od[c] = base_r - alt;
-          }
-        }
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t o = (r * W + w) * C;
-          const scalar_t* px = x + o;
-          const scalar_t* pd = dy + o;
-          scalar_t* pdx = dx + o;
-          const acc_t* of = (w & 1) ? od.data() : ev.data();
-          const acc_t* add = bp;
-          if (row0) {
-            const acc_t* t1 = bt.T1.data() + w * C;
-            for (int64_t c = 0; c < C; ++c) ofs[c] = of[c] + t1[c];
-            of = ofs.data();
-            add = ft.T0.data() + w * C;
-          }
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t t = static_cast<acc_t>(px[c]) - kp[c];
-            const acc_t g = grad_of<A>(ap[c] * t + add[c], slope, static_cast<acc_t>(pd[c]));
-            pdx[c] = static_cast<scalar_t>(cdy[c] * g + ctp[c] * t + of[c]);
-          }
-        }
-      }
-    });
-  }
+      for (int k = 0; k < 4; ++k) out[c * 4 + k] += part[(blk * C + c) * 4 + k];
 }
 
 Tensor apply_backward(const X4& v, const Tensor& dy, const double* coef, int64_t stride,
@@ -903,10 +381,10 @@ Tensor apply_backward(const X4& v, const Tensor& dy, const double* coef, int64_t
     const FwdTab<acc_t> ft = fwd_tab<acc_t>(coef, stride, v.C, v.W, rc, v.layout);
     const BwdTab<acc_t> bt = bwd_tab<acc_t>(bc, v.C, v.W, rc, v.layout);
     with_act(act, [&](auto tag) {
-      bwd_apply<decltype(tag)::value>(dy.const_data_ptr<scalar_t>(),
-                                      v.x.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), ft,
-                                      bt, static_cast<acc_t>(slope), v.N, v.C, v.H, v.W, v.layout,
-                                      need_row);
+      constexpr Act A = decltype(tag)::value;
+      NK_CALL(bwd_apply<A>, dy.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(),
+              dx.data_ptr<scalar_t>(), ft, bt, static_cast<acc_t>(slope), v.N, v.C, v.H, v.W,
+              v.layout, need_row);
     });
   });
   return dx;
