@@ -1,24 +1,135 @@
-// SBN / BN+SBN pass ops (Parseval path): schemas only.
+// SBN (Parseval) and BN+SBN: the op schemas and their contracts, written once here.
+// Kernels: CPU in csrc/cpu/sbn_cpu.cpp (C++), CUDA in normkernels/triton (Triton, registered from
+// Python onto these schemas); autograd in csrc/autograd/sbn_autograd.cpp; fake kernels and the
+// torch oracle (python functions with exactly these contracts) in normkernels/ops/sbn.py. The
+// finalize math is csrc/sbn_finalize.h (float64, host + device).
 //
-// The kernels do only the four heavy passes over the tensor; every formula that turns their
-// sums into statistics and per-channel coefficients lives once in normkernels/ops/sbn.py
-// (these ops have the semantics of its _torch_stats, _torch_grad_stats, _torch_forward_apply
-// and _torch_backward_apply). x is (N, C, H, W); t = x - K[c]; per row (n, c, h):
-// R = sum_w t, A = sum_w (-1)^w t. K, P, coef are in the accumulation dtype (float32, float64 for
-// float64 x); P is (2, W) (the caller picks Re D / Im D or Pr[0, :] / Pi[0, :]).
-// CPU kernels: csrc/cpu/sbn_cpu.cpp; fake kernels: normkernels/ops/sbn.py.
+// Common
+// ------
+// x is (N, C, H, W), float16 / bfloat16 / float32 / float64; acc = float64 for float64 x, else
+// float32: the passes accumulate in acc within a row / chunk and in float64 across them; every
+// finalize computes in float64. Outputs y / dx have x's dtype and memory format (contiguous for
+// layouts other than contiguous and channels_last); (C,)-shaped outputs are in acc; weights, biases
+// and eval statistics may be any floating dtype. Optional parameters may be None (weight = 1,
+// bias = 0). act in {"identity", "relu", "leaky_relu", "silu"}, act_param = leaky_relu's negative
+// slope (csrc/activation.h): y = act(pre), pre = the normalized output; the backward recomputes
+// pre from x and saved[:, :5] with the forward's arithmetic and uses g = act'(pre) dy.
+// fft_norm in {"backward", "ortho", "forward"} (torch.fft's meaning). With f = 1, 1/sqrt(HW),
+// 1/(HW) (the forward transform's scale) and h = 1/f the literal
+//     irfft2(gamma (rfft2_m(x) - mu_m) / sqrt(var_m + eps) + beta, norm=m)
+// is computed by the "backward" formulas with gamma_eff = h gamma, beta_eff = h beta,
+// eps_eff = eps / f^2; the statistics reported (and given in eval) are those of the m-normalized
+// spectrum, mu_m = f mu, var_m = f^2 var; dgamma = h dgamma_eff, dbeta = h dbeta_eff.
+//
+// Notation per channel: t = x - K (K a per-channel shift), rows (n, h) with R = sum_w t,
+// A = sum_w (-1)^w t; D(w) = sum_{l < W/2+1} exp(-2 pi i l w / W); Pr[w] = delta_{w0} and Pi[w] =
+// irfft(1j*ones(W/2+1), n=W)[w] (the row-0 patterns of irfft2 of a constant spectrum; zero on rows
+// h > 0). M = N_all * H * (W/2+1).
+//
+// Statistics rows (sbn_stats; shared by SBN and BN+SBN): (C, 8) float64
+//     [N, K, S1, S2, SR, SA, SD0, SD1]
+//   K = x[0, c, 0, 0] (0 when N == 0); over this process's batch S1 = sum t, S2 = sum t^2,
+//   SR = sum over rows of R^2, SA = sum of A^2 (0 for odd W), SD0 / SD1 = sum_{n,w} t[n, c, 0, w]
+//   Re D(w) / Im D(w).  rows_all (P, C, 8): the rows of every process of a group (P = 1: this
+//   one); the finish ops combine them exactly by re-centering to the shift K of the first process
+//   with N > 0 (sbn_finalize.h combine_rows).
+//
+// Forward-apply coefficients saved[:, :5] = [K, cx, b, u, v] (both layers):
+//   pre = cx (x - K) + b                                          rows h > 0
+//   pre = cx (x - K) + b (1 - Pr[w]) + u Pr[w] + v Pi[w]           row h = 0
+//
+// SBN saved: (C, 10) float64 [K, cx, b, u, v, mr, mi, s, a, N_all]
+//   mr, mi: the spectral mean in the "backward" scale; s = sqrt(var + eps_eff) ("backward"-scale
+//   var); a = gamma_eff / s = h gamma / s (the coefficient of x in pre; = gamma / s for "backward");
+//   N_all: the group's sample count. (SBN: cx = a, b = a K, u = beta_eff + a (K - mr), v = -a mi.)
+//
+// BN+SBN saved: (C, 26) float64
+//   [K, cx, b, u, v, p, sd, Kz, mr, mi, s, a, mbn, N_all,
+//    S1, S2, SR, SA, SD0, SD1,    the group's sums of t at K
+//    L1, L2, LR, LA, LD0, LD1]    this process's sums of t at K (= the group's when P == 1)
+//   BN: mbn, sd = sqrt(var_bn + bn_eps), p = bn_gamma / sd; z = BN(x) = p (x - K) + Kz; the SBN
+//   part as for SBN on z with shift Kz (mr, mi, s, a of z). cx = a p. In eval the sums are 0.
+//
+// Gradient sums (sbn_grad_stats; both layers): (C, 4) float64 [Sdy, Gt, G0, G1]
+//   = [sum g, sum g t, sum_{n,w} g[n, c, 0, w] Pr[w], sum_{n,w} g[n, c, 0, w] Pi[w]],
+//   g = act'(pre) dy, t = x - K, K and pre from saved[:, :5].
+//
+// Ops
+// ---
+// sbn_stats(x) -> rows (C, 8)
+// sbn_finish(x, rows_all, weight?, bias?, eps, fft_norm, act, act_param)
+//     -> (y, batch_mean (C, 2) acc [re, im], batch_var (C,) acc, saved (C, 10))
+//   training statistics of the group (biased: over M coefficients), m-scale.
+// sbn_forward(x, weight?, bias?, mean?, var?, eps, fft_norm, act, act_param) -> as sbn_finish
+//   mean (C, 2) [re, im] and var (C,) None: training = sbn_finish(x, sbn_stats(x)[None]);
+//   given (m-scale): eval with them (K = 0, no statistics pass); batch_mean / batch_var are
+//   then the given statistics.
+// sbn_grad_stats(dy, x, saved, act, act_param) -> gsums (C, 4)
+//   reads saved[:, :5] only, so BN+SBN uses it as is.
+// sbn_grad_finish(dy, x, saved, gsums_local, gsums_all, training, fft_norm, act, act_param)
+//     -> (dx, dweight (C,) acc, dbias (C,) acc)
+//   dx from gsums_all (the group's: summed over processes) and N_all; dweight / dbias are this
+//   process's share (from gsums_local).
+// sbn_backward(dy, x, saved, training, fft_norm, act, act_param) -> (dx, dweight, dbias)
+//   = sbn_grad_finish(dy, x, saved, g, g, ...) with g = sbn_grad_stats(dy, x, saved, ...).
+// bnsbn_finish(x, rows_all, rank, bn_weight?, bn_bias?, sbn_weight?, sbn_bias?, bn_eps, sbn_eps,
+//              fft_norm, act, act_param)
+//     -> (y, bn_mean (C,), bn_var (C,) biased, sbn_mean (C, 2), sbn_var (C,), saved (C, 26))
+//   rank: this process's row of rows_all (for the L columns).
+// bnsbn_forward(x, bn_weight?, bn_bias?, bn_mean?, bn_var?, sbn_weight?, sbn_bias?, sbn_mean?,
+//               sbn_var?, bn_eps, sbn_eps, fft_norm, act, act_param) -> as bnsbn_finish
+//   statistics all None (training) or all given (eval).
+// bnsbn_grad_finish(dy, x, saved, gsums_local, gsums_all, training, fft_norm, act, act_param)
+//     -> (dx, dbn_weight, dbn_bias, dsbn_weight, dsbn_bias)   (C,) acc each
+// bnsbn_backward(dy, x, saved, training, fft_norm, act, act_param) -> (the same five)
+//
+// Every top-level CPU op is one leaf op (its passes and finalize in one C++ call). An empty batch
+// (N = 0) is valid for sbn_stats / the grad ops (a process of a group with no samples); the finish
+// ops need N_all > 0.
+//
+// H3's interpreted Triton entries (normkernels/triton/sbn.py, CPU tensors under TRITON_INTERPRET=1)
+// take and return exactly what the forward ops do and are differentiable (autograd.Function):
+//   interpreted_sbn(x, weight, bias, mean, var, eps, fft_norm, act, act_param)
+//       -> (y, batch_mean, batch_var, saved)
+//   interpreted_bnsbn(x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias, sbn_mean,
+//                     sbn_var, bn_eps, sbn_eps, fft_norm, act, act_param)
+//       -> (y, bn_mean, bn_var, sbn_mean, sbn_var, saved)
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(normkernels, m) {
-  // (C, 6): [sum t, sum t^2, sum R^2, sum A^2, sum_{n,w} t[n,c,0,w]*P[0,w], ... *P[1,w]]
-  m.def("sbn_stats(Tensor x, Tensor K, Tensor P) -> Tensor");
-  // (C, 4): [sum dy, sum dy*t, sum_{n,w} dy[n,c,0,w]*P[0,w], ... *P[1,w]]
-  m.def("sbn_grad_stats(Tensor dy, Tensor x, Tensor K, Tensor P) -> Tensor");
-  // coef (C, 5) = [K, cx, b, u, v]: y = cx*(x-K) + b off row 0,
-  // y = cx*(x-K) + b*(1-P[0,w]) + u*P[0,w] + v*P[1,w] on row 0. x's dtype and memory format.
-  m.def("sbn_forward_apply(Tensor x, Tensor coef, Tensor P) -> Tensor");
-  // coef (C, 8) = [K, c_dy, c_t, c_R, c_A, cst, u, v]:
-  // dx = c_dy*dy + c_t*t + cst (+ c_R*R + c_A*A*(-1)^w if need_row) + [h==0](u*P[0,w] + v*P[1,w])
+  m.def("sbn_stats(Tensor x) -> Tensor rows");
   m.def(
-      "sbn_backward_apply(Tensor dy, Tensor x, Tensor coef, Tensor P, bool need_row) -> Tensor");
+      "sbn_finish(Tensor x, Tensor rows_all, Tensor? weight, Tensor? bias, float eps, "
+      "str fft_norm, str act, float act_param) "
+      "-> (Tensor y, Tensor batch_mean, Tensor batch_var, Tensor saved)");
+  m.def(
+      "sbn_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? var, float eps, "
+      "str fft_norm, str act, float act_param) "
+      "-> (Tensor y, Tensor batch_mean, Tensor batch_var, Tensor saved)");
+  m.def("sbn_grad_stats(Tensor dy, Tensor x, Tensor saved, str act, float act_param) -> Tensor");
+  m.def(
+      "sbn_grad_finish(Tensor dy, Tensor x, Tensor saved, Tensor gsums_local, Tensor gsums_all, "
+      "bool training, str fft_norm, str act, float act_param) "
+      "-> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def(
+      "sbn_backward(Tensor dy, Tensor x, Tensor saved, bool training, str fft_norm, str act, "
+      "float act_param) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def(
+      "bnsbn_finish(Tensor x, Tensor rows_all, int rank, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor? sbn_weight, Tensor? sbn_bias, float bn_eps, float sbn_eps, str fft_norm, str act, "
+      "float act_param) -> (Tensor y, Tensor bn_mean, Tensor bn_var, Tensor sbn_mean, "
+      "Tensor sbn_var, Tensor saved)");
+  m.def(
+      "bnsbn_forward(Tensor x, Tensor? bn_weight, Tensor? bn_bias, Tensor? bn_mean, "
+      "Tensor? bn_var, Tensor? sbn_weight, Tensor? sbn_bias, Tensor? sbn_mean, Tensor? sbn_var, "
+      "float bn_eps, float sbn_eps, str fft_norm, str act, float act_param) -> (Tensor y, "
+      "Tensor bn_mean, Tensor bn_var, Tensor sbn_mean, Tensor sbn_var, Tensor saved)");
+  m.def(
+      "bnsbn_grad_finish(Tensor dy, Tensor x, Tensor saved, Tensor gsums_local, "
+      "Tensor gsums_all, bool training, str fft_norm, str act, float act_param) -> (Tensor dx, "
+      "Tensor dbn_weight, Tensor dbn_bias, Tensor dsbn_weight, Tensor dsbn_bias)");
+  m.def(
+      "bnsbn_backward(Tensor dy, Tensor x, Tensor saved, bool training, str fft_norm, str act, "
+      "float act_param) -> (Tensor dx, Tensor dbn_weight, Tensor dbn_bias, Tensor dsbn_weight, "
+      "Tensor dsbn_bias)");
 }

@@ -1,201 +1,201 @@
-"""BN followed by SBN, fused (normkernels.ops.sbn.batch_norm_sbn), against float64
-F.batch_norm followed by the literal SBN (rfft2 -> complex mean -> modulus variance ->
-normalize/affine -> irfft2). Backends "torch" and "triton" (interpreter on CPU)."""
-
-import os
-
+"""BN then SBN, fused (normkernels.ops.sbn.batch_norm_sbn), on every backend of the test's device
+against the float64 literal (tests/references.py bn_sbn_reference: F.batch_norm, then rfft2 ->
+complex mean, modulus variance -> normalize, affine -> irfft2 with torch.fft's norm), followed by
+the activation. Backends: "native" (the C++ kernels on CPU, Triton on CUDA) and the torch oracle."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from references import bn_sbn_reference
-from references import max_rel_error as rel
+from normkernels.ops import _act
 from normkernels.ops import sbn as S
+from references import bn_sbn_reference
+from sbn_cases import F64, TOL, check, expected_format, gen, grads, leaf, make_params, make_x, resolve
 
-EPS_BN, EPS_SBN = 1e-5, 1e-5
-
-
-def _triton_ok():
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
+BN_EPS, SBN_EPS = 1e-5, 2e-5
 
 
-BACKENDS = ["torch",
-            pytest.param("cpp", marks=pytest.mark.skipif(not S._CPP_SBN and not os.environ.get("CI"), reason="extension not built")),
-            pytest.param("triton", marks=pytest.mark.skipif(
-                not _triton_ok(), reason="triton needs a GPU or TRITON_INTERPRET=1"))]
+def run(x, bw, bb, sw, sb, stats, backend, fft_norm="backward", act="identity", slope=0.1):
+    bm, bv, sm, sv = stats if stats is not None else (None,) * 4
+    return S.batch_norm_sbn(x, bw, bb, bm, bv, sw, sb, sm, sv, BN_EPS, SBN_EPS, fft_norm, act, slope,
+                            backend)
 
 
-def reference(x, gb, bb, gs, bs, stats=None):
-    return bn_sbn_reference(x, gb, bb, gs, bs, stats, EPS_BN, EPS_SBN)
+def eval_stats(C, device, g, fft_norm, HW):
+    """Plausible running statistics: BN's (C,), SBN's in fft_norm's scale ((C, 2) mean)."""
+    f2 = {"backward": 1.0, "ortho": 1.0 / HW, "forward": 1.0 / HW ** 2}[fft_norm]
+    bm = torch.randn(C, generator=g, device=device, dtype=F64)
+    bv = torch.rand(C, generator=g, device=device, dtype=F64) + 0.5
+    sm = torch.randn(C, 2, generator=g, device=device, dtype=F64) * (2 * f2 ** 0.5)
+    sv = (torch.rand(C, generator=g, device=device, dtype=F64) + 0.5) * HW * f2
+    return tuple(t.float() for t in (bm, bv, sm, sv))
 
 
+def compare(device, backend, shape, dtype=torch.float32, fft_norm="backward", act="identity",
+            slope=0.1, shift=0.0, affine=(True, True), train=True, layout="contiguous", seed=0,
+            tol=None):
+    """The op against the literal on the same (rounded) values: y, both layers' batch statistics,
+    dx and the four parameter gradients."""
+    backend = resolve(backend, device)
+    g = gen(device, seed)
+    N, C, H, W = shape
+    x = make_x(shape, dtype, device, g, shift, layout)
+    pdt = F64 if dtype == F64 else torch.float32
+    bw, bb = make_params(C, device, g, pdt) if affine[0] else (None, None)
+    sw, sb = make_params(C, device, g, pdt) if affine[1] else (None, None)
+    stats = None if train else eval_stats(C, device, g, fft_norm, H * W)
+    dy = torch.randn(shape, generator=g, device=device, dtype=F64).to(dtype)
+    tol = tol or TOL[dtype]
+
+    ins = [leaf(t) for t in (x, bw, bb, sw, sb)]
+    y, bm, bv, sm, sv = run(*ins, stats, backend, fft_norm, act, slope)
+    got = grads(y, ins, dy)
+
+    acc = F64 if dtype == F64 else torch.float32
+    assert y.dtype == dtype and y.shape == x.shape
+    assert y.is_contiguous(memory_format=expected_format(x))
+    assert sm.shape == (C, 2) and bm.shape == bv.shape == sv.shape == (C,)
+    assert all(t.dtype == acc and not t.requires_grad for t in (bm, bv, sm, sv))
+
+    refs = [leaf(None if t is None else t.to(F64)) for t in (x, bw, bb, sw, sb)]
+    rstats = None
+    if stats is not None:
+        rstats = (stats[0].double(), stats[1].double(),
+                  torch.view_as_complex(stats[2].double().contiguous()), stats[3].double())
+    yr, *stat_ref = bn_sbn_reference(*refs, rstats, BN_EPS, SBN_EPS, fft_norm)
+    yr = _act.act_forward(yr, act, slope)
+    ref = grads(yr, refs, dy.to(F64))
+
+    check("y", y, yr, tol)
+    for name, a, r in zip(("bn_mean", "bn_var", "sbn_mean", "sbn_var"), (bm, bv, sm, sv), stat_ref):
+        if r.is_complex():
+            a = torch.view_as_complex(a.to(F64).contiguous())
+        check(name, a, r.detach(), tol)
+    names = ("dx", "dbn_weight", "dbn_bias", "dsbn_weight", "dsbn_bias")
+    for i, name in enumerate(names):
+        if ins[i] is None:
+            continue
+        assert got[i].dtype == ins[i].dtype
+        check(name, got[i], ref[i], tol, floor=0.0 if i == 0 else 1.0)
+    if stats is not None:
+        for a, s in zip((bm, bv, sm, sv), stats):
+            assert torch.equal(a.to(s.dtype), s)
 
 
-def run(shape, backend, dtype=torch.float32, shift=0.0, scale=1.0, affine=True,
-        eval_stats=False, tol=2e-5, seed=0, channels_last=False):
-    gen = torch.Generator().manual_seed(seed)
-    C = shape[1]
-    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + shift).to(dtype)
-    params = [torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen),
-              torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)]
-    if not affine:
-        params = [None] * 4
-    stats = None
-    if eval_stats:
-        stats = (torch.randn(C, generator=gen) + shift, torch.rand(C, generator=gen) * scale ** 2 + 0.5,
-                 torch.randn(C, generator=gen, dtype=torch.complex64) * 3,
-                 torch.rand(C, generator=gen) * 5 + 0.5)
-    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
-    xx = x.clone()
-    if channels_last:
-        xx = xx.contiguous(memory_format=torch.channels_last)
-    xx.requires_grad_()
-    pp = [None if p is None else p.clone().requires_grad_() for p in params]
-    st = (None,) * 4 if stats is None else stats
-    y, bm, bv, sm, sv = S.batch_norm_sbn(xx, pp[0], pp[1], st[0], st[1], pp[2], pp[3], st[2],
-                                         st[3], EPS_BN, EPS_SBN, backend)
-    assert y.dtype == x.dtype and y.shape == x.shape
-    stat_real = torch.float64 if x.dtype == torch.float64 else torch.float32
-    assert bm.dtype == stat_real and bv.dtype == stat_real
-    assert sm.dtype == stat_real.to_complex() and sv.dtype == stat_real
-    if channels_last:
-        assert y.is_contiguous(memory_format=torch.channels_last)
-    (y.double() * dy).sum().backward()
-
-    xr = x.double().requires_grad_()
-    pr = [None if p is None else p.double().requires_grad_() for p in params]
-    sr = None if stats is None else (stats[0].double(), stats[1].double(),
-                                     stats[2].to(torch.complex128), stats[3].double())
-    yr, bmr, bvr, smr, svr = reference(xr, *pr, stats=sr)
-    (yr * dy).sum().backward()
-    checks = [("y", y, yr), ("bn_mean", bm, bmr.detach()), ("bn_var", bv, bvr.detach()),
-              ("sbn_mean", sm, smr.detach()), ("sbn_var", sv, svr.detach()),
-              ("dx", xx.grad, xr.grad)]
-    if affine:
-        checks += [(f"d{n}", p.grad, q.grad) for n, p, q in
-                   zip(("bn_w", "bn_b", "sbn_w", "sbn_b"), pp, pr)]
-    for name, a, r in checks:
-        assert rel(a, r) < tol, (name, rel(a, r))
+CASES = {
+    "even_W": dict(shape=(4, 3, 6, 8)),
+    "odd_W": dict(shape=(3, 4, 5, 7)),
+    "no_bn_affine": dict(shape=(3, 3, 4, 6), affine=(False, True)),
+    "no_sbn_affine": dict(shape=(3, 3, 5, 5), affine=(True, False)),
+    "eval": dict(shape=(4, 3, 6, 8), train=False),
+    "large_mean": dict(shape=(3, 2, 5, 6), shift=1000.0),
+    "channels_last": dict(shape=(3, 5, 4, 6), layout="channels_last"),
+    "strided_view": dict(shape=(3, 3, 5, 6), layout="strided"),
+    "H_W_1_eval": dict(shape=(6, 3, 1, 1), train=False),
+    "C_1": dict(shape=(4, 1, 3, 5)),
+    "C_10": dict(shape=(3, 10, 5, 6)),     # a full block of 8 channels (the transposed kernels)
+    "large_map": dict(shape=(2, 3, 64, 70), layout="channels_last"),
+    "large_map_nchw": dict(shape=(2, 3, 65, 67)),   # maps above kTMax: the row kernels
+    "W_2": dict(shape=(3, 2, 4, 2)),
+    "float64": dict(shape=(3, 3, 5, 6), dtype=F64),
+    "float16": dict(shape=(4, 3, 4, 6), dtype=torch.float16),
+    "bfloat16_eval": dict(shape=(4, 3, 4, 6), dtype=torch.bfloat16, train=False),
+}
 
 
-SHAPES = [(3, 2, 4, 6), (2, 3, 5, 7), (2, 1, 6, 5), (2, 2, 1, 5), (3, 2, 4, 1), (3, 2, 3, 2)]
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_literal(device, backend, case):
+    compare(device, backend, **CASES[case])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_train_matches_reference(shape, backend):
-    run(shape, backend, scale=2.0, shift=0.5)
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_H_W_1_training(device, backend):
+    """1x1 maps: SBN then normalizes the same N values BN just normalized (its input gradient is
+    ~eps-sized); outputs and statistics still match, and gradients to an absolute bound."""
+    compare(device, backend, (6, 3, 1, 1), dtype=F64, tol=1e-7)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(3, 2, 4, 6), (2, 2, 5, 7), (3, 2, 3, 2)])
-def test_large_mean_float32(shape, backend):
-    run(shape, backend, shift=1000.0, seed=1)
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("fft_norm", ["backward", "ortho", "forward"])
+@pytest.mark.parametrize("train", [True, False])
+def test_fft_norm_modes(device, backend, fft_norm, train):
+    compare(device, backend, (3, 3, 5, 6), fft_norm=fft_norm, train=train)
+    compare(device, backend, (2, 2, 4, 4), fft_norm=fft_norm, train=train, layout="channels_last",
+            seed=1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shift", [0.0, 1000.0])
-def test_eval_given_stats(backend, shift):
-    run((3, 2, 4, 5), backend, eval_stats=True, shift=shift, seed=2)
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu"])
+@pytest.mark.parametrize("train", [True, False])
+def test_activation_matches_layer_then_act(device, backend, act, train):
+    compare(device, backend, (3, 3, 5, 6), dtype=F64, act=act, slope=0.2, train=train,
+            fft_norm="ortho")
+    compare(device, backend, (3, 4, 4, 7), act=act, train=train, seed=2, layout="channels_last")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("eval_stats", [False, True])
-def test_affine_none(backend, eval_stats):
-    run((3, 2, 4, 5), backend, affine=False, eval_stats=eval_stats, seed=3)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
-def test_half_dtypes(backend, dtype, tol):
-    run((3, 2, 4, 6), backend, dtype=dtype, tol=tol, seed=4)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_channels_last(backend):
-    run((2, 3, 4, 5), backend, channels_last=True, seed=5)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("eval_stats", [False, True])
-def test_gradcheck_float64(backend, eval_stats):
-    gen = torch.Generator().manual_seed(6)
-    shape = (2, 2, 3, 4) if backend == "torch" else (2, 2, 2, 3)
-    C = shape[1]
-    x = torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_()
-    ps = [(torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
-          for _ in range(4)]
-    st = (None,) * 4
-    if eval_stats:
-        st = (torch.randn(C, generator=gen), torch.rand(C, generator=gen) + 0.5,
-              torch.randn(C, generator=gen, dtype=torch.complex64), torch.rand(C, generator=gen) + 0.5)
-
-    def f(x, gb, bb, gs, bs):
-        return S.batch_norm_sbn(x, gb, bb, st[0], st[1], gs, bs, st[2], st[3], EPS_BN, EPS_SBN,
-                                backend)[0]
-
-    assert torch.autograd.gradcheck(f, (x, *ps))
-
-
-def test_matches_separate_bn_then_sbn_ops():
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(2, 3, 4, 6, generator=gen, dtype=torch.float64) * 3 + 2
-    gb, bb, gs, bs = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.5 for _ in range(4))
-    y, *_ = S.batch_norm_sbn(x, gb, bb, None, None, gs, bs, None, None, EPS_BN, EPS_SBN, "torch")
-    z = F.batch_norm(x, None, None, gb, bb, True, 0.0, EPS_BN)
-    y2, *_ = S.spectral_batch_norm(z, gs, bs, None, None, EPS_SBN, "parseval", "torch")
-    assert rel(y, y2) < 1e-12
-
-
-def test_invalid_arguments():
-    x = torch.randn(2, 2, 3, 3)
-    with pytest.raises(ValueError):
-        S.batch_norm_sbn(x, None, None, torch.zeros(2), None, None, None, None, None,
-                         EPS_BN, EPS_SBN, "torch")
-
-
-@pytest.mark.parametrize("eval_stats", [False, True])
-def test_opcheck(eval_stats):
-    gen = torch.Generator().manual_seed(8)
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("act,fn", [("relu", F.relu), ("leaky_relu", lambda t: F.leaky_relu(t, 0.3))])
+def test_kink_gets_the_unfused_gradient(device, backend, act, fn):
+    """pre exactly 0 (eval; BN's mean 0, var 1 - eps, no biases, SBN mean 0; zero inputs): the
+    fused layer's gradients equal those of the same layer followed by torch's activation."""
+    backend = resolve(backend, device)
+    g = gen(device)
     C = 3
-    x = torch.randn(2, C, 4, 5, generator=gen)
-    ps = [torch.rand(C, generator=gen) + 0.5 for _ in range(4)]
-    st = (None,) * 4
-    if eval_stats:
-        st = (torch.randn(C, generator=gen), torch.rand(C, generator=gen) + 0.5,
-              torch.randn(C, 2, generator=gen), torch.rand(C, generator=gen) + 0.5)
-    args = (x.requires_grad_(), ps[0].requires_grad_(), ps[1], st[0], st[1],
-            ps[2].requires_grad_(), ps[3], st[2], st[3], EPS_BN, EPS_SBN, "torch")
-    torch.library.opcheck(S.bnsbn_forward, args)
-    torch.library.opcheck(S.bnsbn_forward, (x, None, None, st[0], st[1], None, None, st[2],
-                                            st[3], EPS_BN, EPS_SBN, "torch"))
-    out = S.bnsbn_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
-    dy = torch.randn(x.shape, generator=gen)
-    torch.library.opcheck(S.bnsbn_backward, (dy, x.detach(), ps[0].detach(), ps[2].detach(),
-                                             out[5], not eval_stats, "torch"))
-
-
-def test_torch_compile_fullgraph():
-    gen = torch.Generator().manual_seed(9)
-    C = 3
-    x = torch.randn(2, C, 4, 5, generator=gen) + 10
-    ps = [torch.rand(C, generator=gen) + 0.5 for _ in range(4)]
-
-    def fn(x, gb, bb, gs, bs):
-        y, bm, bv, sm, sv = S.batch_norm_sbn(x, gb, bb, None, None, gs, bs, None, None,
-                                             EPS_BN, EPS_SBN, "torch")
-        return (y * y.flip(-1)).sum(), bm, bv, sm, sv
-
-    cf = torch.compile(fn, fullgraph=True)
+    x = make_x((2, C, 4, 5), torch.float32, device, g)
+    x[:, :, 1:3, ::2] = 0.0
+    x[:, :, 0, 0] = 0.0
+    bw, _ = make_params(C, device, g)
+    sw, _ = make_params(C, device, g)
+    stats = (torch.zeros(C, device=device), torch.rand(C, generator=g, device=device) + 0.5,
+             torch.zeros(C, 2, device=device), torch.rand(C, generator=g, device=device) + 1.0)
+    dy = torch.randn(x.shape, generator=g, device=device)
     outs = []
-    for f in (cf, fn):
-        args = [t.clone().requires_grad_() for t in (x, *ps)]
-        loss, *stats = f(*args)
-        loss.backward()
-        outs.append([loss.detach(), *stats, *(a.grad for a in args)])
-    for a, r in zip(*outs):
-        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    for fused in (True, False):
+        ins = [leaf(x), leaf(bw), None, leaf(sw), None]
+        y = run(*ins, stats, backend, act=act if fused else "identity", slope=0.3)[0]
+        if not fused:
+            assert bool((y[x == 0] == 0).all())
+            y = fn(y)
+        outs.append([y] + [t for t in grads(y, ins, dy) if t is not None])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("train", [True, False])
+def test_gradcheck(device, backend, train):
+    backend = resolve(backend, device)
+    g = gen(device, 3)
+    x = make_x((2, 3, 4, 5), F64, device, g).requires_grad_()
+    params = [t.double().requires_grad_() for t in make_params(3, device, g) + make_params(3, device, g)]
+    stats = None if train else tuple(t.double() for t in eval_stats(3, device, g, "ortho", 20))
+
+    def f(x, bw, bb, sw, sb):
+        return run(x, bw, bb, sw, sb, stats, backend, "ortho", "silu")[0]
+
+    assert torch.autograd.gradcheck(f, (x, *params), fast_mode=True)
+
+
+def test_eval_accepts_the_complex_running_mean(device):
+    backend = resolve("native", device)
+    g = gen(device, 5)
+    x = make_x((2, 3, 4, 5), torch.float32, device, g)
+    bm, bv, sm, sv = eval_stats(3, device, g, "backward", 20)
+    a = run(x, None, None, None, None, (bm, bv, sm, sv), backend)[0]
+    b = run(x, None, None, None, None, (bm, bv, torch.view_as_complex(sm.contiguous()), sv), backend)[0]
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_bad_arguments_raise_clear_errors(device, backend):
+    backend = resolve(backend, device)
+    x = make_x((2, 3, 4, 5), torch.float32, device, gen(device))
+    with pytest.raises(ValueError, match="fft_norm"):
+        run(x, None, None, None, None, None, backend, fft_norm="unitary")
+    with pytest.raises(ValueError, match="act"):
+        run(x, None, None, None, None, None, backend, act="gelu")
+    z = torch.zeros(3, device=device)
+    with pytest.raises(ValueError, match="all be given"):
+        run(x, None, None, None, None, (z, z + 1, None, z + 1), backend)
+    with pytest.raises((ValueError, RuntimeError), match="shape"):
+        run(x, None, None, torch.ones(2, device=device), None, None, backend)

@@ -1,265 +1,242 @@
-"""SBN op (normkernels/ops/sbn.py), pure-PyTorch backend: both algorithms against the literal
-float64 definition (rfft2 -> complex mean -> modulus variance -> normalize/affine -> irfft2)."""
+"""SBN (normkernels.ops.sbn.spectral_batch_norm) on every path of the test's device against the
+float64 torch.fft literal (tests/references.py sbn_reference: rfft2 -> complex mean, modulus
+variance -> normalize, affine -> irfft2, with torch.fft's norm), followed by the activation.
 
-import os
-
+Paths: "parseval" on the device's dispatcher ops ("native": the C++ kernels on CPU, Triton on
+CUDA) and on the torch oracle, and the literal "fft" path."""
 import pytest
 import torch
+import torch.nn.functional as F
 
-from references import max_rel_error as rel
-from references import sbn_reference as literal_sbn
+from normkernels.ops import _act
 from normkernels.ops import sbn as S
+from references import sbn_reference
+from sbn_cases import (F64, TOL, check, expected_format, gen, grads, leaf, make_params, make_x,
+                       resolve)
 
 EPS = 1e-5
+PATHS = [("parseval", "native"), ("parseval", "torch"), ("fft", "native")]
 
 
+def run(x, w, b, mean, var, algorithm, backend, fft_norm="backward", act="identity", slope=0.1):
+    return S.spectral_batch_norm(x, w, b, mean, var, EPS, algorithm, fft_norm, act, slope,
+                                 backend)
 
 
+def literal(x, w, b, mean, var, fft_norm="backward", act="identity", slope=0.1):
+    """The float64 reference: the literal layer, then the activation (stats: complex mean)."""
+    y, m, v = sbn_reference(x, w, b, mean, var, EPS, fft_norm)
+    return _act.act_forward(y, act, slope), m, v
 
 
-def make(shape, dtype, gen, shift=0.0, affine=True, scale=1.0):
-    C = shape[1]
-    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + shift).to(dtype)
-    if not affine:
-        return x, None, None
-    w = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(torch.float32)
-    b = torch.randn(C, generator=gen, dtype=torch.float64).to(torch.float32)
-    return x, w, b
+def eval_stats(C, device, g, fft_norm, HW):
+    """Plausible running statistics in fft_norm's scale: (mean (C, 2) float32, var (C,))."""
+    f2 = {"backward": 1.0, "ortho": 1.0 / HW, "forward": 1.0 / HW ** 2}[fft_norm]
+    mean = torch.randn(C, 2, generator=g, device=device, dtype=F64) * (3 * f2 ** 0.5)
+    var = (torch.rand(C, generator=g, device=device, dtype=F64) * 5 + 0.5) * HW * f2
+    return mean.float(), var.float()
 
 
-def run_and_compare(shape, algorithm, backend, dtype=torch.float32, shift=0.0, affine=True,
-                    eval_stats=False, tol=2e-5, seed=0, channels_last=False, device="cpu"):
-    """The op on `device` against the float64 literal definition on the same (rounded) values."""
-    gen = torch.Generator().manual_seed(seed)
-    x, w, b = make(shape, dtype, gen, shift, affine)
-    C = shape[1]
+def compare(device, algorithm, backend, shape, dtype=torch.float32, fft_norm="backward",
+            act="identity", slope=0.1, shift=0.0, affine=True, train=True, layout="contiguous",
+            seed=0, tol=None):
+    """The op against the literal on the same (rounded) values: y, batch statistics, dx, dw, db."""
+    backend = resolve(backend, device)
+    g = gen(device, seed)
+    N, C, H, W = shape
+    x = make_x(shape, dtype, device, g, shift, layout)
+    pdt = F64 if dtype == F64 else torch.float32
+    w, b = make_params(C, device, g, pdt) if affine else (None, None)
     mean = var = None
-    if eval_stats:
-        mean = torch.randn(C, generator=gen, dtype=torch.complex64) * 3
-        var = torch.rand(C, generator=gen) * 5 + 0.5
-    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
-    xd = x.to(device)
-    if channels_last:
-        xd = xd.contiguous(memory_format=torch.channels_last)
-    xx = xd.clone().requires_grad_()
-    ww = w.to(device, copy=True).requires_grad_() if affine else None
-    bb = b.to(device, copy=True).requires_grad_() if affine else None
-    md = None if mean is None else mean.to(device)
-    vd = None if var is None else var.to(device)
-    y, bm, bv = S.spectral_batch_norm(xx, ww, bb, md, vd, EPS, algorithm, backend)
-    assert y.dtype == x.dtype and y.shape == x.shape
-    if channels_last:
-        assert y.is_contiguous(memory_format=torch.channels_last)
-    stat_real = torch.float64 if x.dtype == torch.float64 else torch.float32
-    assert bm.dtype == stat_real.to_complex() and bv.dtype == stat_real and bm.shape == (C,)
-    (y.double() * dy.to(device)).sum().backward()
+    if not train:
+        mean, var = eval_stats(C, device, g, fft_norm, H * W)
+    dy = torch.randn(shape, generator=g, device=device, dtype=F64).to(dtype)
+    tol = tol or TOL[dtype]
 
-    # reference on exactly the same (rounded) input values, in float64
-    xr = x.double().contiguous().requires_grad_()
-    wr = w.double().requires_grad_() if affine else None
-    br = b.double().requires_grad_() if affine else None
-    yr, mr, vr = literal_sbn(xr, wr, br,
-                             None if mean is None else mean.to(torch.complex128),
-                             None if var is None else var.double())
-    (yr * dy).sum().backward()
+    xx, ww, bb = leaf(x), leaf(w), leaf(b)
+    y, bm, bv = run(xx, ww, bb, mean, var, algorithm, backend, fft_norm, act, slope)
+    got = grads(y, (xx, ww, bb), dy)
 
-    assert rel(y, yr) < tol, ("y", rel(y, yr))
-    assert rel(bm, mr.detach()) < tol, ("mean", rel(bm, mr.detach()))
-    assert rel(bv, vr.detach()) < tol, ("var", rel(bv, vr.detach()))
-    assert rel(xx.grad, xr.grad) < tol, ("dx", rel(xx.grad, xr.grad))
+    acc = F64 if dtype == F64 else torch.float32
+    assert y.dtype == dtype and y.shape == x.shape
+    assert y.is_contiguous(memory_format=expected_format(x))
+    assert bm.shape == (C, 2) and bm.dtype == acc and bv.shape == (C,) and bv.dtype == acc
+    assert not bm.requires_grad and not bv.requires_grad
+
+    xr, wr, br = leaf(x.to(F64)), leaf(None if w is None else w.to(F64)), leaf(None if b is None else b.to(F64))
+    mr = None if mean is None else torch.view_as_complex(mean.to(F64).contiguous())
+    yr, m_ref, v_ref = literal(xr, wr, br, mr, None if var is None else var.to(F64), fft_norm, act,
+                               slope)
+    ref = grads(yr, (xr, wr, br), dy.to(F64))
+
+    check("y", y, yr, tol)
+    check("mean", torch.view_as_complex(bm.to(F64).contiguous()), m_ref.detach(), tol)
+    check("var", bv, v_ref.detach(), tol)
+    check("dx", got[0], ref[0], tol)
     if affine:
-        assert ww.grad.dtype == ww.dtype and bb.grad.dtype == bb.dtype
-        assert rel(ww.grad, wr.grad) < tol, ("dw", rel(ww.grad, wr.grad))
-        assert rel(bb.grad, br.grad) < tol, ("db", rel(bb.grad, br.grad))
-    if eval_stats:
-        assert torch.equal(bm.cpu(), mean) and torch.equal(bv.cpu(), var)
+        assert got[1].dtype == w.dtype and got[2].dtype == b.dtype
+        check("dweight", got[1], ref[1], tol, floor=1.0)
+        check("dbias", got[2], ref[2], tol, floor=1.0)
+    if not train:  # eval returns the statistics it used
+        assert torch.equal(bm.to(mean.dtype), mean) and torch.equal(bv.to(var.dtype), var)
 
 
-# (algorithm, backend): the Parseval path with the torch and C++ passes, the literal FFT path.
-PATHS = [("parseval", "torch"),
-         pytest.param("parseval", "cpp", marks=pytest.mark.skipif(not S._CPP_SBN and not os.environ.get("CI"), reason="extension not built")),
-         ("fft", "torch")]
-
-SHAPES = [
-    (3, 2, 4, 6),    # H, W even
-    (2, 3, 5, 7),    # H, W odd
-    (2, 2, 6, 5),    # non-square, W odd
-    (2, 2, 3, 8),    # non-square, W even
-    (3, 1, 4, 4),    # C = 1
-    (2, 2, 1, 5),    # H = 1
-    (3, 2, 4, 1),    # W = 1
-    (3, 2, 3, 2),    # W = 2 (Pr and the mean's constant cancel at (0, 0))
-    (4, 2, 1, 1),    # H = W = 1
-]
-
-
-@pytest.mark.parametrize("algorithm,backend", PATHS)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_train_matches_literal(shape, algorithm, backend):
-    run_and_compare(shape, algorithm, backend)
+CASES = {
+    "even_W": dict(shape=(4, 3, 6, 8)),
+    "odd_W_no_affine": dict(shape=(3, 4, 5, 7), affine=False),
+    "eval": dict(shape=(4, 3, 6, 8), train=False),
+    "large_mean": dict(shape=(3, 2, 5, 6), shift=1000.0),
+    "channels_last": dict(shape=(3, 5, 4, 6), layout="channels_last"),
+    "strided_view": dict(shape=(3, 3, 5, 6), layout="strided"),
+    "H_W_1": dict(shape=(6, 3, 1, 1)),
+    "C_1": dict(shape=(4, 1, 3, 5)),
+    "C_10": dict(shape=(3, 10, 5, 6)),     # a full block of 8 channels (the transposed kernels)
+    "large_map": dict(shape=(2, 3, 64, 70), layout="channels_last"),
+    "large_map_nchw": dict(shape=(2, 3, 65, 67)),   # maps above kTMax: the row kernels
+    "W_2": dict(shape=(3, 2, 4, 2)),
+    "float64": dict(shape=(3, 3, 5, 6), dtype=F64),
+    "float16": dict(shape=(4, 3, 4, 6), dtype=torch.float16),
+    "bfloat16_eval": dict(shape=(4, 3, 4, 6), dtype=torch.bfloat16, train=False),
+}
 
 
 @pytest.mark.parametrize("algorithm,backend", PATHS)
-@pytest.mark.parametrize("shape", [(3, 2, 4, 6), (2, 3, 5, 7), (3, 2, 4, 1), (2, 2, 1, 5),
-                                   (3, 2, 3, 2)])
-def test_large_mean_float32(shape, algorithm, backend):
-    # x = 1000 + randn in float32 must match the float64 reference on the same values
-    run_and_compare(shape, algorithm, backend, shift=1000.0, tol=2e-5, seed=1)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_literal(device, algorithm, backend, case):
+    compare(device, algorithm, backend, **CASES[case])
 
 
 @pytest.mark.parametrize("algorithm,backend", PATHS)
-@pytest.mark.parametrize("shape", [(3, 2, 4, 6), (2, 3, 5, 7)])
-def test_eval_given_stats(shape, algorithm, backend):
-    run_and_compare(shape, algorithm, backend, eval_stats=True, seed=2)
+@pytest.mark.parametrize("fft_norm", ["backward", "ortho", "forward"])
+@pytest.mark.parametrize("train", [True, False])
+def test_fft_norm_modes(device, algorithm, backend, fft_norm, train):
+    compare(device, algorithm, backend, (3, 3, 5, 6), fft_norm=fft_norm, train=train)
+    compare(device, algorithm, backend, (2, 2, 4, 4), fft_norm=fft_norm, train=train,
+            layout="channels_last", seed=1)
 
 
 @pytest.mark.parametrize("algorithm,backend", PATHS)
-@pytest.mark.parametrize("eval_stats", [False, True])
-def test_affine_none(algorithm, backend, eval_stats):
-    run_and_compare((3, 2, 4, 5), algorithm, backend, affine=False, eval_stats=eval_stats, seed=3)
+def test_ortho_has_batchnorm_scale(device, algorithm, backend):
+    """'ortho' gives zero-mean data BatchNorm's unit spread; the paper's 'backward' 1/sqrt(HW) of it."""
+    x = make_x((8, 4, 8, 8), torch.float32, device, gen(device)) * 3  # zero-mean: the DC bin is not special
+    y_o = run(x, None, None, None, None, algorithm, resolve(backend, device), "ortho")[0]
+    y_b = run(x, None, None, None, None, algorithm, resolve(backend, device), "backward")[0]
+    assert 0.9 < y_o.std().item() < 1.1
+    torch.testing.assert_close(y_b * 8.0, y_o, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("algorithm,backend", PATHS)
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
-def test_half_dtypes(algorithm, backend, dtype, tol):
-    run_and_compare((3, 2, 4, 6), algorithm, backend, dtype=dtype, tol=tol, seed=4)
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu"])
+@pytest.mark.parametrize("train", [True, False])
+def test_activation_matches_layer_then_act(device, algorithm, backend, act, train):
+    compare(device, algorithm, backend, (3, 3, 5, 6), dtype=F64, act=act, slope=0.2, train=train,
+            fft_norm="ortho")
+    compare(device, algorithm, backend, (3, 4, 4, 7), act=act, train=train, seed=2,
+            layout="channels_last")
 
 
-@pytest.mark.parametrize("algorithm,backend", PATHS)
-def test_channels_last(algorithm, backend):
-    run_and_compare((2, 3, 4, 5), algorithm, backend, channels_last=True, seed=5)
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("act,fn", [("relu", F.relu), ("leaky_relu", lambda t: F.leaky_relu(t, 0.3))])
+def test_kink_gets_the_unfused_gradient(device, backend, act, fn):
+    """pre exactly 0 (eval, zero mean, no bias, zero inputs): the fused layer's gradients equal
+    those of the same layer followed by torch's activation (relu'(0) = 0, leaky_relu'(0) = slope)."""
+    backend = resolve(backend, device)
+    g = gen(device)
+    C = 3
+    x = make_x((2, C, 4, 5), torch.float32, device, g)
+    x[:, :, 1:3, ::2] = 0.0
+    x[:, :, 0, 0] = 0.0
+    w = make_params(C, device, g)[0]
+    mean = torch.zeros(C, 2, device=device)
+    var = torch.rand(C, generator=g, device=device) + 1.0
+    dy = torch.randn(x.shape, generator=g, device=device)
+    outs = []
+    for fused in (True, False):
+        xx, ww = leaf(x), leaf(w)
+        y = run(xx, ww, None, mean, var, "parseval", backend, act=act if fused else "identity",
+                slope=0.3)[0]
+        if not fused:
+            assert bool((y == 0).any()) and bool((y[x == 0] == 0).all())
+            y = fn(y)
+        outs.append([y] + grads(y, (xx, ww), dy))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("algorithm", ["parseval", "fft"])
-def test_strided_view_and_expanded_grad(algorithm):
-    gen = torch.Generator().manual_seed(6)
-    base = torch.randn(3, 4, 5, 12, generator=gen, dtype=torch.float64).requires_grad_()
-    x = base[:, 1:3, :, ::2]             # non-contiguous view goes into the op
-    assert not x.is_contiguous()
-    w = torch.rand(2, generator=gen, dtype=torch.float64) + 0.5
-    b = torch.randn(2, generator=gen, dtype=torch.float64)
-    y, _, _ = S.spectral_batch_norm(x, w, b, None, None, EPS, algorithm, "torch")
-    y.sum().backward()                   # expanded (stride 0) dy
-    xr = x.detach().clone().requires_grad_()
-    yr, _, _ = literal_sbn(xr, w, b)
-    yr.sum().backward()
-    assert rel(y, yr) < 1e-12
-    assert (base.grad[:, 1:3, :, ::2] - xr.grad).abs().max() < 1e-10
-    assert base.grad[:, 0].abs().max() == 0 and base.grad[:, :, :, 1::2].abs().max() == 0
-
-
-def test_parseval_equals_fft_float64():
-    gen = torch.Generator().manual_seed(7)
-    x, w, b = make((2, 3, 6, 7), torch.float64, gen)
-    y1 = S.spectral_batch_norm(x, w.double(), b.double(), None, None, EPS, "parseval", "torch")
-    y2 = S.spectral_batch_norm(x, w.double(), b.double(), None, None, EPS, "fft", "torch")
-    for a, r in zip(y1, y2):
-        assert rel(a, r.to(a.dtype)) < 1e-6
-    assert rel(y1[0], y2[0]) < 1e-12
-
-
-@pytest.mark.parametrize("algorithm,backend", PATHS)
-@pytest.mark.parametrize("shape", [(2, 2, 3, 4), (2, 1, 3, 3), (3, 1, 1, 2)])
-@pytest.mark.parametrize("eval_stats", [False, True])
-def test_gradcheck_float64(algorithm, backend, shape, eval_stats):
-    gen = torch.Generator().manual_seed(8)
-    C = shape[1]
-    x = torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_()
-    w = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
-    b = torch.randn(C, generator=gen, dtype=torch.float64).requires_grad_()
-    mean = torch.randn(C, generator=gen, dtype=torch.complex64) if eval_stats else None
-    var = torch.rand(C, generator=gen) + 0.5 if eval_stats else None
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("train", [True, False])
+def test_gradcheck(device, backend, train):
+    backend = resolve(backend, device)
+    g = gen(device, 3)
+    x = make_x((2, 3, 4, 5), F64, device, g).requires_grad_()
+    w, b = (t.double().requires_grad_() for t in make_params(3, device, g))
+    stats = (None, None) if train else tuple(t.double() for t in eval_stats(3, device, g, "ortho", 20))
 
     def f(x, w, b):
-        return S.spectral_batch_norm(x, w, b, mean, var, EPS, algorithm, backend)[0]
+        return run(x, w, b, *stats, "parseval", backend, "ortho", "silu")[0]
 
-    assert torch.autograd.gradcheck(f, (x, w, b))
-
-
-def test_row_constants_match_definitions():
-    for W in [1, 2, 5, 6, 9]:
-        H = 3
-        Wr = W // 2 + 1
-        PD, PP = S._row_consts(W, torch.device("cpu"), torch.float64)
-        ones = torch.ones(H, Wr, dtype=torch.complex128)
-        Pr = torch.fft.irfft2(ones, s=(H, W))
-        Pi = torch.fft.irfft2(1j * ones, s=(H, W))
-        assert torch.allclose(PP[0], Pr[0], atol=1e-14) and torch.allclose(PP[1], Pi[0], atol=1e-14)
-        assert Pr[1:].abs().max() < 1e-14 and Pi[1:].abs().max() < 1e-14
-        w = torch.arange(W, dtype=torch.float64)
-        l = torch.arange(Wr, dtype=torch.float64)
-        D = torch.exp(-2j * torch.pi * l[:, None] * w[None, :] / W).sum(0)
-        assert torch.allclose(PD[0], D.real, atol=1e-12) and torch.allclose(PD[1], D.imag, atol=1e-12)
+    assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=True)
 
 
-def test_stats_from_sums_is_exact_for_shift():
-    # the shifted finalize gives the same statistics whatever K is
-    gen = torch.Generator().manual_seed(9)
-    x = torch.randn(2, 3, 4, 6, generator=gen, dtype=torch.float64) + 50
-    PD, _ = S._row_consts(6, x.device, torch.float64)
-    outs = []
-    for K in [torch.zeros(3, dtype=torch.float64), x[0, :, 0, 0], torch.full((3,), -7.5, dtype=torch.float64)]:
-        sums = S._torch_stats(x, K, PD)
-        outs.append(torch.stack(S.spectral_stats_from_sums(sums, K, 2, 4, 6)))
-    _, m, v = literal_sbn(x, None, None)
-    ref = torch.stack([m.real, m.imag, v])
-    for o in outs:
-        assert rel(o, ref) < 1e-12
+@pytest.mark.parametrize("fft_norm", ["backward", "ortho"])
+@pytest.mark.parametrize("train", [True, False])
+def test_parseval_equals_fft_in_float64(device, fft_norm, train):
+    backend = resolve("native", device)
+    g = gen(device, 4)
+    x = make_x((3, 4, 6, 7), F64, device, g) * 2 + 5
+    w, b = (t.double() for t in make_params(4, device, g))
+    stats = (None, None) if train else tuple(t.double() for t in eval_stats(4, device, g, fft_norm, 42))
+    dy = torch.randn(x.shape, generator=g, device=device, dtype=F64)
+    res = []
+    for algorithm in ("parseval", "fft"):
+        xx, ww, bb = leaf(x), leaf(w), leaf(b)
+        y, m, v = run(xx, ww, bb, *stats, algorithm, backend, fft_norm, "leaky_relu")
+        res.append([y, m, v] + grads(y, (xx, ww, bb), dy))
+    for a, r in zip(*res):
+        torch.testing.assert_close(a, r, rtol=1e-11, atol=1e-11)
 
 
-def test_invalid_arguments():
-    x = torch.randn(2, 2, 3, 3)
-    with pytest.raises(ValueError):
-        S.spectral_batch_norm(x, None, None, None, None, EPS, "dct", "torch")
-    with pytest.raises(ValueError):
-        S.spectral_batch_norm(x, None, None, torch.zeros(2, dtype=torch.complex64), None, EPS,
-                              "parseval", "torch")
-    with pytest.raises(ValueError):
-        S.spectral_batch_norm(x[0], None, None, None, None, EPS, "parseval", "torch")
-    with pytest.raises(ValueError):
-        S.spectral_batch_norm(x, None, None, None, None, EPS, "parseval", "gpu")
-    with pytest.raises(TypeError):
-        S.spectral_batch_norm(x.to(torch.int32), None, None, None, None, EPS, "parseval", "torch")
+def test_eval_accepts_the_complex_running_mean(device):
+    backend = resolve("native", device)
+    g = gen(device, 5)
+    x = make_x((2, 3, 4, 5), torch.float32, device, g)
+    mean, var = eval_stats(3, device, g, "backward", 20)
+    a = run(x, None, None, mean, var, "parseval", backend)[0]
+    b = run(x, None, None, torch.view_as_complex(mean.contiguous()), var, "parseval", backend)[0]
+    assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("eval_stats", [False, True])
-def test_opcheck(eval_stats):
-    gen = torch.Generator().manual_seed(10)
-    x, w, b = make((2, 3, 4, 5), torch.float32, gen)
-    mean = torch.randn(3, 2, generator=gen) if eval_stats else None
-    var = torch.rand(3, generator=gen) + 0.5 if eval_stats else None
-    x.requires_grad_()
-    w.requires_grad_()
-    b.requires_grad_()
-    torch.library.opcheck(S.sbn_forward, (x, w, b, mean, var, EPS, "torch"))
-    torch.library.opcheck(S.sbn_forward, (x, None, None, mean, var, EPS, "torch"))
-    torch.library.opcheck(S.sbn_fft_forward, (x, w, b, mean, var, EPS, "torch"))
-    xd = x.detach()
-    _, m, v, saved = S.sbn_forward(xd, w.detach(), b.detach(), mean, var, EPS, "torch")
-    dy = torch.randn(xd.shape, generator=gen)
-    torch.library.opcheck(S.sbn_backward, (dy, xd, w.detach(), saved, not eval_stats, "torch"))
-    torch.library.opcheck(S.sbn_fft_backward,
-                          (dy, xd, w.detach(), m, v, EPS, not eval_stats, "torch"))
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_bad_arguments_raise_clear_errors(device, backend):
+    backend = resolve(backend, device)
+    x = make_x((2, 3, 4, 5), torch.float32, device, gen(device))
+    with pytest.raises(ValueError, match="fft_norm"):
+        run(x, None, None, None, None, "parseval", backend, fft_norm="unitary")
+    with pytest.raises(ValueError, match="act"):
+        run(x, None, None, None, None, "parseval", backend, act="gelu")
+    with pytest.raises(ValueError, match="mean and var"):
+        run(x, None, None, torch.zeros(3, 2, device=device), None, "parseval", backend)
+    with pytest.raises((ValueError, RuntimeError), match="shape"):
+        run(x, torch.ones(4, device=device), None, None, None, "parseval", backend)
+    with pytest.raises(ValueError, match="algorithm"):
+        run(x, None, None, None, None, "dft", backend)
 
 
-def test_torch_compile_fullgraph():
-    gen = torch.Generator().manual_seed(11)
-    x, w, b = make((2, 3, 4, 5), torch.float32, gen)
-    mean = torch.randn(3, generator=gen, dtype=torch.complex64)
-    var = torch.rand(3, generator=gen) + 0.5
+def test_triton_on_cpu_routes_to_the_interpreted_entry(monkeypatch):
+    """backend 'triton' on a CPU tensor calls normkernels.triton's interpreted_sbn with the
+    forward op's arguments and returns its first three outputs."""
+    calls = []
 
-    def fn(x, w, b):
-        y1, m1, v1 = S.spectral_batch_norm(x, w, b, None, None, EPS, "parseval", "torch")
-        y2, m2, v2 = S.spectral_batch_norm(x, w, b, None, None, EPS, "fft", "torch")
-        y3, _, _ = S.spectral_batch_norm(x, w, b, mean, var, EPS, "parseval", "torch")
-        return (y1 * y2).sum() + (y3 * y3).sum(), m1, v1
+    class Stub:
+        @staticmethod
+        def interpreted_sbn(*args):
+            calls.append(args)
+            x = args[0]
+            return x * 2, x.new_zeros(x.shape[1], 2), x.new_ones(x.shape[1]), None
 
-    cf = torch.compile(fn, fullgraph=True, backend="inductor")
-    outs = []
-    for f in (cf, fn):
-        xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
-        loss, m, v = f(xx, ww, bb)
-        loss.backward()
-        outs.append((loss.detach(), m, v, xx.grad, ww.grad, bb.grad))
-    for a, r in zip(*outs):
-        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(S, "_triton_sbn", lambda: Stub)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(2, 3, 4, 5)
+    y, m, v = run(x, None, None, None, None, "parseval", "triton", "ortho", "relu", 0.5)
+    assert torch.equal(y, x * 2) and m.shape == (3, 2) and v.shape == (3,)
+    assert calls[0][1:] == (None, None, None, None, EPS, "ortho", "relu", 0.5)

@@ -1,42 +1,72 @@
-// SBN / BN+SBN pass kernels, CPU (schemas and semantics: csrc/sbn.cpp).
+// SBN / BN+SBN on CPU: every op of csrc/sbn.cpp (schemas and contracts there) as one C++ call:
+// its heavy passes over the tensor plus the finalize of csrc/sbn_finalize.h, with no aten compute
+// op inside (allocations with at::empty, everything else in the loops below).
 //
-// x (N, C, H, W) is processed in one of two layouts:
-//   NCHW (contiguous): work items are the N*C planes; each row of W values is reduced straight
-//                      from x in kL lane accumulators (R, A, sum t^2; t = x - K).
-//   NHWC (channels_last): the reductions run over tasks (n, kCB channels); each row (n, h) is
-//                      reduced in compile-time blocks of 8 channels (tail 4/2/1) whose
-//                      accumulators stay in registers (loops over c vectorized by the
-//                      compiler); the apply passes over rows (n, h).
-// Other layouts are made contiguous; dy is copied to x's layout when it differs.
-// Accumulation: float (double for double) within a row / chunk, double across rows; every
-// reduction writes per-(n, c) partial sums that are combined over n in a fixed order, so the
-// result does not depend on the number of threads (deterministic, no atomics).
+// The pass kernels (layouts, lanes, accumulation, determinism) are in sbn_cpu_kernels.h; this file
+// has the ops: argument checks, the coefficient tables of the passes, the finalize calls.
+// Layouts other than contiguous / channels_last are made contiguous; dy is brought to x's layout.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define NK_SBN_HAVE_AVX2 1
+#include <immintrin.h>
+#else
+#define NK_SBN_HAVE_AVX2 0
+#endif
+
+#if defined(__GNUC__)
+// the kernels' 8-lane vector types cross internal (inlined) function boundaries only
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#include "../activation.h"
 #include "../common.h"
+#include "../sbn_finalize.h"
 
 namespace normkernels {
 namespace sbn {
 namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// ============================================================================== host helpers
+
+FftNorm parse_fft_norm(c10::string_view name, const char* op) {
+  const std::string_view s(name.data(), name.size());
+  if (s == "backward") return FftNorm::Backward;
+  if (s == "ortho") return FftNorm::Ortho;
+  if (s == "forward") return FftNorm::Forward;
+  TORCH_CHECK_VALUE(false, op, ": fft_norm must be 'backward', 'ortho' or 'forward', got '",
+                    std::string(s), "'");
+}
+
+Act act_of(c10::string_view name, const char* op) {
+  return parse_act(std::string_view(name.data(), name.size()), op);
+}
 
 // x as (N, C, S = H*W) in layout NCS (NCHW) or NSC (channels_last), plus its H and W.
 struct X4 : View3 {
   int64_t H, W;
 };
 
-constexpr int64_t kCB = 64;       // NHWC reductions: channels per task
-constexpr int64_t kChunk = 1024;  // NCHW grad stats: elements per L1 chunk
-
-X4 view4(const at::Tensor& x, const char* op) {
+X4 view4(const Tensor& x, const char* op) {
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": expected x of shape (N, C, H, W), got rank ", x.dim());
+  TORCH_CHECK_VALUE(x.size(2) > 0 && x.size(3) > 0, op,
+                    ": expected H > 0 and W > 0, got shape ", x.sizes());
   X4 v;
   static_cast<View3&>(v) = make_view(x, op);
   v.H = x.size(2);
@@ -44,731 +74,725 @@ X4 view4(const at::Tensor& x, const char* op) {
   return v;
 }
 
-// dy in x's dtype and in the layout of v.x (copy only when needed).
-at::Tensor like_x(const at::Tensor& t, const X4& v, const char* op, const char* name) {
+// dy in x's dtype and in the layout of v.x (a copy only when needed).
+Tensor like_x(const Tensor& t, const X4& v, const char* op, const char* name) {
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
-                   " must be floating point");
-  const at::Tensor r = t.scalar_type() == v.x.scalar_type() ? t : t.to(v.x.scalar_type());
+                   " must be floating point, got ", t.scalar_type());
+  const Tensor r = t.scalar_type() == v.x.scalar_type() ? t : t.to(v.x.scalar_type());
   return match_layout(r, v, op, name);
 }
 
-at::Tensor small(const at::Tensor& t, const X4& v, int64_t d0, int64_t d1, const char* op,
-                 const char* name) {
-  const bool ok = d1 < 0 ? (t.dim() == 1 && t.size(0) == d0)
-                         : (t.dim() == 2 && t.size(0) == d0 && t.size(1) == d1);
-  TORCH_CHECK_VALUE(ok, op, ": ", name, " must have shape (", d0, d1 < 0 ? "" : ", ",
-                    d1 < 0 ? std::string() : std::to_string(d1), "), got ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == v.x.device(), op, ": ", name, " must be on ", v.x.device());
+// y / dx: x's dtype, v's layout (what the fake kernels return).
+Tensor new_like(const X4& v) {
+  return at::empty(v.x.sizes(), v.x.options(),
+                   v.layout == Layout::NSC ? at::MemoryFormat::ChannelsLast
+                                           : at::MemoryFormat::Contiguous);
+}
+
+void check_cpu(const Tensor& t, const X4& v, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == v.x.device(), op, ": ", name, " must be on ", v.x.device(),
+                    ", got ", t.device());
+}
+
+// A (C,) parameter or statistic of any floating dtype / stride -> double; absent -> dflt.
+std::vector<double> read_channels(const OptTensor& t, const X4& v, double dflt, const char* op,
+                                  const char* name) {
+  std::vector<double> out(v.C, dflt);
+  if (!t.has_value() || !t->defined()) return out;
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == v.C, op, ": ", name, " must have shape (",
+                    v.C, ",), got ", t->sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": ", name,
+                   " must be floating point, got ", t->scalar_type());
+  check_cpu(*t, v, op, name);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "sbn_read", [&] {
+    const scalar_t* p = t->const_data_ptr<scalar_t>();
+    const int64_t st = t->stride(0);
+    for (int64_t c = 0; c < v.C; ++c) out[c] = static_cast<double>(p[c * st]);
+  });
+  return out;
+}
+
+// A spectral mean (C, 2) [re, im] of any floating dtype / strides -> double (re, im interleaved).
+std::vector<double> read_mean2(const Tensor& t, const X4& v, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(!t.is_complex(), op, ": ", name,
+                   " must be real (C, 2) [re, im] (torch.view_as_real of the complex mean)");
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == v.C && t.size(1) == 2, op, ": ", name,
+                    " must have shape (", v.C, ", 2), got ", t.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
-                   " must be floating point");
-  return t.to(acc_type(v.x.scalar_type())).contiguous();
-}
-
-// Output like torch.empty_like(x) (the fake kernels' answer); `work` is where the kernel writes
-// (the output itself when it already has v.x's layout, else a temporary copied back).
-at::Tensor make_out(const at::Tensor& x_orig, const X4& v, at::Tensor& work) {
-  at::Tensor out = at::empty_like(x_orig);
-  const bool ok = v.layout == Layout::NCS ? out.is_contiguous()
-                                     : out.is_contiguous(at::MemoryFormat::ChannelsLast);
-  work = ok ? out : at::empty_like(v.x);
+                   " must be floating point, got ", t.scalar_type());
+  check_cpu(t, v, op, name);
+  std::vector<double> out(2 * v.C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "sbn_read", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    const int64_t s0 = t.stride(0), s1 = t.stride(1);
+    for (int64_t c = 0; c < v.C; ++c) {
+      out[2 * c] = static_cast<double>(p[c * s0]);
+      out[2 * c + 1] = static_cast<double>(p[c * s0 + s1]);
+    }
+  });
   return out;
 }
 
-void finish_out(at::Tensor& out, const at::Tensor& work) {
-  if (!work.is_same(out)) out.copy_(work);
+// A float64 tensor of an exact shape (rows, saved, gradient sums), contiguous.
+Tensor f64_arg(const Tensor& t, at::IntArrayRef shape, const X4& v, const char* op,
+               const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble, op, ": ", name, " must be float64, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ",
+                    t.sizes());
+  check_cpu(t, v, op, name);
+  return t.contiguous();
 }
 
-// Sum of per-(n, c) partials (N, C, k) over n in order -> (C, k) in `dt`.
-at::Tensor combine(const std::vector<double>& part, int64_t N, int64_t C, int64_t k,
-                   const at::TensorOptions& opt) {
-  at::Tensor out = at::empty({C, k}, opt.dtype(at::kDouble));
-  double* o = out.data_ptr<double>();
-  for (int64_t i = 0; i < C * k; ++i) o[i] = 0.0;
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t i = 0; i < C * k; ++i) o[i] += part[n * C * k + i];
-  return out;
+// (C, k) / (C,) outputs in acc, written through double values.
+struct AccOut {
+  Tensor t;
+  float* f = nullptr;
+  double* d = nullptr;
+  AccOut(at::IntArrayRef shape, const X4& v) {
+    t = at::empty(shape, v.x.options().dtype(acc_type(v.x.scalar_type())));
+    if (t.scalar_type() == at::kDouble)
+      d = t.data_ptr<double>();
+    else
+      f = t.data_ptr<float>();
+  }
+  void set(int64_t i, double val) {
+    if (d)
+      d[i] = val;
+    else
+      f[i] = static_cast<float>(val);
+  }
+};
+
+Tensor new_f64(at::IntArrayRef shape, const X4& v) {
+  return at::empty(shape, v.x.options().dtype(at::kDouble));
 }
 
-// Lane-accumulated reductions: kL independent accumulators (lane j takes the elements with
-// index = j mod kL) that the compiler keeps in vector registers (float reductions are not
-// reassociated by the compiler itself); lanes are combined in a fixed tree.  kL is even, so a
-// lane's parity is the parity of w for a row starting at w = 0.
-constexpr int kL = 8;
+// Row constants of this W (closed form, double).
+struct RowConsts {
+  std::vector<double> re_d, im_d, pi;
+  explicit RowConsts(int64_t W) : re_d(W), im_d(W), pi(W) {
+    for (int64_t w = 0; w < W; ++w) row_consts_at(w, W, re_d[w], im_d[w], pi[w]);
+  }
+};
 
-// Row of W values t = p[w] - k:  R = sum t, A = sum (-1)^w t, Q = sum t^2 (float for float).
-template <bool kQ, typename scalar_t, typename acc_t>
-inline void row_raq(const scalar_t* p, int64_t W, acc_t k, acc_t& R, acc_t& A, acc_t& Q) {
-  acc_t e = 0, o = 0, q = 0;
-  int64_t w = 0;
-  if (W >= kL) {
-    acc_t r[kL], s[kL];
-    for (int j = 0; j < kL; ++j) r[j] = s[j] = acc_t(0);
-    for (; w + kL <= W; w += kL) {
-      for (int j = 0; j < kL; ++j) {
-        const acc_t t = static_cast<acc_t>(p[w + j]) - k;
-        r[j] += t;
-        if (kQ) s[j] += t * t;
-      }
-    }
-    acc_t r4[4], s4[4];
-    for (int j = 0; j < 4; ++j) {
-      r4[j] = r[j] + r[j + 4];
-      s4[j] = s[j] + s[j + 4];
-    }
-    e = r4[0] + r4[2];
-    o = r4[1] + r4[3];
-    if (kQ) q = (s4[0] + s4[2]) + (s4[1] + s4[3]);
-  }
-  for (; w + 1 < W; w += 2) {  // w is even here
-    const acc_t t0 = static_cast<acc_t>(p[w]) - k, t1 = static_cast<acc_t>(p[w + 1]) - k;
-    e += t0;
-    o += t1;
-    if (kQ) q += t0 * t0 + t1 * t1;
-  }
-  if (w < W) {
-    const acc_t t = static_cast<acc_t>(p[w]) - k;
-    e += t;
-    if (kQ) q += t * t;
-  }
-  R = e + o;
-  A = e - o;
-  Q = q;
+template <typename acc_t>
+std::vector<acc_t> cast_vec(const std::vector<double>& v) {
+  return std::vector<acc_t>(v.begin(), v.end());
 }
 
-// Row 0 projections: d0 = sum (p[w] - k) P0[w], d1 = sum (p[w] - k) P1[w] (k = 0 for dy).
-template <typename scalar_t, typename acc_t>
-inline void row_dots(const scalar_t* p, int64_t W, acc_t k, const acc_t* P0, const acc_t* P1,
-                     acc_t& d0, acc_t& d1) {
-  acc_t a[kL], b[kL];
-  for (int j = 0; j < kL; ++j) a[j] = b[j] = acc_t(0);
-  int64_t w = 0;
-  for (; w + kL <= W; w += kL) {
-    for (int j = 0; j < kL; ++j) {
-      const acc_t t = static_cast<acc_t>(p[w + j]) - k;
-      a[j] += t * P0[w + j];
-      b[j] += t * P1[w + j];
-    }
+template <typename F>
+void with_act(Act a, F&& f) {
+  switch (a) {
+    case Act::ReLU:
+      f(std::integral_constant<Act, Act::ReLU>());
+      break;
+    case Act::LeakyReLU:
+      f(std::integral_constant<Act, Act::LeakyReLU>());
+      break;
+    case Act::SiLU:
+      f(std::integral_constant<Act, Act::SiLU>());
+      break;
+    default:
+      f(std::integral_constant<Act, Act::Identity>());
   }
-  acc_t ta = 0, tb = 0;
-  for (; w < W; ++w) {
-    const acc_t t = static_cast<acc_t>(p[w]) - k;
-    ta += t * P0[w];
-    tb += t * P1[w];
-  }
-  d0 = (((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))) + ta;
-  d1 = (((b[0] + b[4]) + (b[2] + b[6])) + ((b[1] + b[5]) + (b[3] + b[7]))) + tb;
 }
 
-// Gradient sums on small maps (NCHW): groups of kL consecutive planes, one plane per lane; the
-// planes are transposed into an L1 buffer [i][lane] so every reduction runs across lanes with no
-// per-plane horizontal sums (float over the whole plane: HW < kSmallHW <= kChunk).
-constexpr int64_t kSmallHW = 256;
+// ============================================================================== coefficient tables
 
-template <typename scalar_t>
-void grad_nchw_grp(const scalar_t* dy, const scalar_t* x, const at::opmath_type<scalar_t>* K,
-                   const at::opmath_type<scalar_t>* P, double* part, int64_t N, int64_t C,
-                   int64_t H, int64_t W) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t HW = H * W, NR = N * C, ng = (NR + kL - 1) / kL;
-  at::parallel_for(0, ng, grain_for(2 * HW * kL), [&](int64_t b, int64_t e) {
-    std::vector<acc_t> bd(HW * kL), bt(HW * kL);
-    for (int64_t g = b; g < e; ++g) {
-      const int64_t r0 = g * kL, nl = std::min<int64_t>(kL, NR - r0);
-      if (nl < kL) {
-        std::fill(bd.begin(), bd.end(), acc_t(0));
-        std::fill(bt.begin(), bt.end(), acc_t(0));
-      }
-      for (int64_t j = 0; j < nl; ++j) {
-        const scalar_t* px = x + (r0 + j) * HW;
-        const scalar_t* pd = dy + (r0 + j) * HW;
-        const acc_t k = K[(r0 + j) % C];
-        for (int64_t i = 0; i < HW; ++i) {
-          bd[i * kL + j] = static_cast<acc_t>(pd[i]);
-          bt[i * kL + j] = static_cast<acc_t>(px[i]) - k;
-        }
-      }
-      const acc_t* dp = bd.data();
-      const acc_t* tp = bt.data();
-      acc_t u[kL], v[kL], g0[kL], g1[kL];
-      for (int j = 0; j < kL; ++j) u[j] = v[j] = g0[j] = g1[j] = acc_t(0);
-      for (int64_t w = 0; w < W; ++w) {
-        const acc_t p0 = P[w], p1 = P[W + w];
-        for (int j = 0; j < kL; ++j) {
-          g0[j] += dp[w * kL + j] * p0;
-          g1[j] += dp[w * kL + j] * p1;
-        }
-      }
-      for (int64_t i = 0; i < HW; ++i) {
-        for (int j = 0; j < kL; ++j) {
-          u[j] += dp[i * kL + j];
-          v[j] += dp[i * kL + j] * tp[i * kL + j];
-        }
-      }
-      for (int64_t j = 0; j < nl; ++j) {
-        double* o = part + (r0 + j) * 4;
-        o[0] = u[j]; o[1] = v[j]; o[2] = g0[j]; o[3] = g1[j];
-      }
+// Forward-apply coefficients in acc (saved[:, :5] of either layer, `stride` doubles per channel):
+// pre = cx (x - K) + add, add = b off row 0 and T0[c, w] = b (1 - Pr[w]) + u Pr[w] + v Pi[w] on
+// row 0 (Pr = delta_w0, Pi[0] = 0). T0 is [c*W + w] for NCHW, [w*C + c] for NHWC.
+template <typename acc_t>
+struct FwdTab {
+  std::vector<acc_t> K, cx, b, T0;
+};
+
+template <typename acc_t>
+FwdTab<acc_t> fwd_tab(const double* coef, int64_t stride, int64_t C, int64_t W,
+                      const RowConsts& rc, Layout lay) {
+  FwdTab<acc_t> t{std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<acc_t>(C),
+                  std::vector<acc_t>(C * W)};
+  for (int64_t c = 0; c < C; ++c) {
+    const double* r = coef + c * stride;
+    t.K[c] = static_cast<acc_t>(r[SavedCol::K]);
+    t.cx[c] = static_cast<acc_t>(r[SavedCol::cx]);
+    t.b[c] = static_cast<acc_t>(r[SavedCol::b]);
+    for (int64_t w = 0; w < W; ++w) {
+      const double t0 = (w == 0 ? r[SavedCol::u] : r[SavedCol::b]) + r[SavedCol::v] * rc.pi[w];
+      t.T0[lay == Layout::NCS ? c * W + w : w * C + c] = static_cast<acc_t>(t0);
     }
+  }
+  return t;
+}
+
+// Backward-apply coefficients: dx = c_dy g + c_t t + cst + c_R R + c_A A (-1)^w + [h == 0] T1[c, w],
+// T1 = u Re D(w) + v Im D(w) (layout as T0).
+template <typename acc_t>
+struct BwdTab {
+  std::vector<acc_t> cdy, ct, cR, cA, cst, T1;
+};
+
+template <typename acc_t>
+BwdTab<acc_t> bwd_tab(const std::vector<BackCoef>& bc, int64_t C, int64_t W, const RowConsts& rc,
+                      Layout lay) {
+  BwdTab<acc_t> t{std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<acc_t>(C),
+                  std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<acc_t>(C * W)};
+  for (int64_t c = 0; c < C; ++c) {
+    const BackCoef& k = bc[c];
+    t.cdy[c] = static_cast<acc_t>(k.c_dy);
+    t.ct[c] = static_cast<acc_t>(k.c_t);
+    t.cR[c] = static_cast<acc_t>(k.c_R);
+    t.cA[c] = static_cast<acc_t>(k.c_A);
+    t.cst[c] = static_cast<acc_t>(k.cst);
+    for (int64_t w = 0; w < W; ++w)
+      t.T1[lay == Layout::NCS ? c * W + w : w * C + c] =
+          static_cast<acc_t>(k.u * rc.re_d[w] + k.v * rc.im_d[w]);
+  }
+  return t;
+}
+
+// ============================================================================== pass kernels
+// The same kernel source (sbn_cpu_kernels.h) compiled for the baseline ISA and, on x86-64 GCC, for
+// AVX2 (8-wide float vectors and register transposes); the AVX2 build runs when the CPU has it.
+namespace k_default {
+#define NK_AVX2 0
+#include "sbn_cpu_kernels.h"
+#undef NK_AVX2
+}  // namespace k_default
+#if NK_SBN_HAVE_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace k_avx2 {
+#define NK_AVX2 1
+#include "sbn_cpu_kernels.h"
+#undef NK_AVX2
+}  // namespace k_avx2
+#pragma GCC pop_options
+#endif
+
+// NORMKERNELS_CPU_ISA=baseline forces the baseline build (tests compare the two builds).
+bool use_avx2() {
+#if NK_SBN_HAVE_AVX2
+  static const bool ok = [] {
+    const char* isa = std::getenv("NORMKERNELS_CPU_ISA");
+    return __builtin_cpu_supports("avx2") && !(isa && std::string(isa) == "baseline");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// NK_CALL(f, args...): f of the AVX2 build when the CPU has AVX2, else of the baseline build.
+#if NK_SBN_HAVE_AVX2
+#define NK_CALL(fn, ...) (use_avx2() ? k_avx2::fn(__VA_ARGS__) : k_default::fn(__VA_ARGS__))
+#else
+#define NK_CALL(fn, ...) k_default::fn(__VA_ARGS__)
+#endif
+
+// The statistics pass: rows (C, 8) = [N, K, S1, S2, SR, SA, SD0, SD1] of this batch.
+void stats_rows(const X4& v, const RowConsts& rc, double* rows) {
+  const int64_t N = v.N, C = v.C;
+  if (v.x.numel() == 0) {
+    for (int64_t c = 0; c < C; ++c) {
+      double* o = rows + c * RowCol::Width;
+      for (int k = 0; k < RowCol::Width; ++k) o[k] = 0.0;
+      o[RowCol::N] = double(N);
+    }
+    return;
+  }
+  std::unique_ptr<double[]> part(new double[N * C * 6]);  // the blocks used are written in full
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = v.x.const_data_ptr<scalar_t>();
+    const int64_t kstride = v.layout == Layout::NCS ? v.H * v.W : 1;  // x[0, c, 0, 0]
+    std::vector<acc_t> K(C);
+    for (int64_t c = 0; c < C; ++c) K[c] = static_cast<acc_t>(xp[c * kstride]);
+    const std::vector<acc_t> re = cast_vec<acc_t>(rc.re_d), im = cast_vec<acc_t>(rc.im_d);
+    const int64_t nblk = NK_CALL(stats, xp, K.data(), re.data(), im.data(), part.get(), N, C, v.H,
+                                 v.W, v.layout);
+    for (int64_t c = 0; c < C; ++c) {
+      double* o = rows + c * RowCol::Width;
+      o[RowCol::N] = double(N);
+      o[RowCol::K] = static_cast<double>(K[c]);
+      for (int k = 0; k < 6; ++k) o[RowCol::S1 + k] = 0.0;
+    }
+    for (int64_t blk = 0; blk < nblk; ++blk)  // fixed order: deterministic
+      for (int64_t c = 0; c < C; ++c) {
+        const double* p = part.get() + (blk * C + c) * 6;
+        double* o = rows + c * RowCol::Width + RowCol::S1;
+        for (int k = 0; k < 6; ++k) o[k] += p[k];
+      }
   });
 }
 
-// ------------------------------------------------------------------------------ statistics
-template <typename scalar_t>
-void stats_nchw(const scalar_t* x, const at::opmath_type<scalar_t>* K,
-                const at::opmath_type<scalar_t>* P, double* part, int64_t N, int64_t C,
-                int64_t H, int64_t W) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t HW = H * W;
-  at::parallel_for(0, N * C, grain_for(HW), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const acc_t k = K[r % C];
-      const scalar_t* base = x + r * HW;
-      double s1 = 0, s2 = 0, sr = 0, sa = 0;
-      for (int64_t h = 0; h < H; ++h) {
-        acc_t R, A, Q;
-        row_raq<true>(base + h * W, W, k, R, A, Q);
-        s1 += R;
-        s2 += Q;
-        sr += double(R) * double(R);
-        sa += double(A) * double(A);
-      }
-      acc_t d0, d1;
-      row_dots(base, W, k, P, P + W, d0, d1);
-      double* o = part + r * 6;
-      o[0] = s1; o[1] = s2; o[2] = sr; o[3] = sa; o[4] = d0; o[5] = d1;
-    }
+// ============================================================================== pass drivers
+
+// y for the saved coefficients (saved[:, :5], `stride` doubles per channel).
+Tensor apply_forward(const X4& v, const double* coef, int64_t stride, const RowConsts& rc,
+                     Act act, double slope) {
+  Tensor y = new_like(v);
+  if (v.x.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_apply", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const FwdTab<acc_t> ft = fwd_tab<acc_t>(coef, stride, v.C, v.W, rc, v.layout);
+    with_act(act, [&](auto tag) {
+      constexpr Act A = decltype(tag)::value;
+      NK_CALL(fwd_apply<A>, v.x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), ft,
+              static_cast<acc_t>(slope), v.N, v.C, v.H, v.W, v.layout);
+    });
   });
+  return y;
 }
 
-// NHWC row kernels over a compile-time block of CB channels (p = x + row offset + c0, pixel
-// stride C): the per-channel accumulators are fixed-size local arrays that stay in registers and
-// the loops over j vectorize.  Even / odd pixels go to separate accumulators (R = E + O,
-// A = E - O, as in row_raq); float within the row.  kD (row 0): also the P projections.
-template <int CB, bool kD, typename scalar_t, typename acc_t>
-inline void nhwc_row_stats(const scalar_t* p, int64_t W, int64_t C, const acc_t* kk,
-                           const acc_t* P, acc_t* R, acc_t* A, acc_t* Q, acc_t* D0, acc_t* D1) {
-  acc_t k[CB], e[CB], o[CB], q[CB], a0[CB], a1[CB];
-  for (int j = 0; j < CB; ++j) {
-    k[j] = kk[j];
-    e[j] = o[j] = q[j] = a0[j] = a1[j] = acc_t(0);
-  }
-  int64_t w = 0;
-  for (; w + 1 < W; w += 2) {
-    const scalar_t* p0 = p + w * C;
-    const scalar_t* p1 = p0 + C;
-    if (kD) {
-      const acc_t u0 = P[w], u1 = P[w + 1], v0 = P[W + w], v1 = P[W + w + 1];
-      for (int j = 0; j < CB; ++j) {
-        const acc_t t0 = static_cast<acc_t>(p0[j]) - k[j];
-        const acc_t t1 = static_cast<acc_t>(p1[j]) - k[j];
-        e[j] += t0;
-        o[j] += t1;
-        q[j] += t0 * t0;
-        q[j] += t1 * t1;
-        a0[j] += t0 * u0;
-        a0[j] += t1 * u1;
-        a1[j] += t0 * v0;
-        a1[j] += t1 * v1;
-      }
-    } else {
-      for (int j = 0; j < CB; ++j) {
-        const acc_t t0 = static_cast<acc_t>(p0[j]) - k[j];
-        const acc_t t1 = static_cast<acc_t>(p1[j]) - k[j];
-        e[j] += t0;
-        o[j] += t1;
-        q[j] += t0 * t0;
-        q[j] += t1 * t1;
-      }
-    }
-  }
-  if (w < W) {  // w is even
-    const scalar_t* p0 = p + w * C;
-    for (int j = 0; j < CB; ++j) {
-      const acc_t t0 = static_cast<acc_t>(p0[j]) - k[j];
-      e[j] += t0;
-      q[j] += t0 * t0;
-      if (kD) {
-        a0[j] += t0 * P[w];
-        a1[j] += t0 * P[W + w];
-      }
-    }
-  }
-  for (int j = 0; j < CB; ++j) {
-    R[j] = e[j] + o[j];
-    A[j] = e[j] - o[j];
-    Q[j] = q[j];
-    if (kD) {
-      D0[j] = a0[j];
-      D1[j] = a1[j];
-    }
-  }
-}
-
-// One row (n, h) of channels [c0, c0 + cw): blocks of 8 channels, then 4 / 2 / 1 for the tail.
-template <bool kD, typename scalar_t, typename acc_t>
-inline void nhwc_row_stats_all(const scalar_t* p, int64_t W, int64_t C, int64_t cw,
-                               const acc_t* kk, const acc_t* P, acc_t* R, acc_t* A, acc_t* Q,
-                               acc_t* D0, acc_t* D1) {
-  int64_t c = 0;
-  for (; c + 8 <= cw; c += 8)
-    nhwc_row_stats<8, kD>(p + c, W, C, kk + c, P, R + c, A + c, Q + c, D0 + c, D1 + c);
-  if (c + 4 <= cw) {
-    nhwc_row_stats<4, kD>(p + c, W, C, kk + c, P, R + c, A + c, Q + c, D0 + c, D1 + c);
-    c += 4;
-  }
-  if (c + 2 <= cw) {
-    nhwc_row_stats<2, kD>(p + c, W, C, kk + c, P, R + c, A + c, Q + c, D0 + c, D1 + c);
-    c += 2;
-  }
-  if (c < cw)
-    nhwc_row_stats<1, kD>(p + c, W, C, kk + c, P, R + c, A + c, Q + c, D0 + c, D1 + c);
-}
-
-template <typename scalar_t>
-void stats_nhwc(const scalar_t* x, const at::opmath_type<scalar_t>* K,
-                const at::opmath_type<scalar_t>* P, double* part, int64_t N, int64_t C,
-                int64_t H, int64_t W) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t nblk = (C + kCB - 1) / kCB;
-  at::parallel_for(0, N * nblk, grain_for(H * W * std::min(C, kCB)), [&](int64_t b, int64_t e) {
-    acc_t rR[kCB], rA[kCB], rQ[kCB], d0[kCB], d1[kCB];
-    double s1[kCB], s2[kCB], sr[kCB], sa[kCB];
-    for (int64_t task = b; task < e; ++task) {
-      const int64_t n = task / nblk, c0 = (task % nblk) * kCB;
-      const int64_t cw = std::min(kCB, C - c0);
-      for (int64_t c = 0; c < cw; ++c) s1[c] = s2[c] = sr[c] = sa[c] = 0.0;
-      for (int64_t h = 0; h < H; ++h) {
-        const scalar_t* p = x + (n * H + h) * W * C + c0;
-        if (h == 0)
-          nhwc_row_stats_all<true>(p, W, C, cw, K + c0, P, rR, rA, rQ, d0, d1);
-        else
-          nhwc_row_stats_all<false>(p, W, C, cw, K + c0, P, rR, rA, rQ, d0, d1);
-        for (int64_t c = 0; c < cw; ++c) {
-          s1[c] += rR[c];
-          s2[c] += rQ[c];
-          sr[c] += double(rR[c]) * double(rR[c]);
-          sa[c] += double(rA[c]) * double(rA[c]);
-        }
-      }
-      for (int64_t c = 0; c < cw; ++c) {
-        double* o = part + (n * C + c0 + c) * 6;
-        o[0] = s1[c]; o[1] = s2[c]; o[2] = sr[c]; o[3] = sa[c]; o[4] = d0[c]; o[5] = d1[c];
-      }
-    }
+// The gradient-sums pass: gsums (C, 4) into `out` (double), for the coefficients saved[:, :5].
+void grad_sums(const X4& v, const Tensor& dy, const double* coef, int64_t stride,
+               const RowConsts& rc, Act act, double slope, double* out) {
+  const int64_t N = v.N, C = v.C;
+  for (int64_t i = 0; i < C * GradCol::Width; ++i) out[i] = 0.0;
+  if (v.x.numel() == 0) return;
+  std::unique_ptr<double[]> part(new double[N * C * 4]);  // the blocks used are written in full
+  int64_t nblk = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const FwdTab<acc_t> ft = fwd_tab<acc_t>(coef, stride, C, v.W, rc, v.layout);
+    const std::vector<acc_t> pi = cast_vec<acc_t>(rc.pi);
+    const scalar_t* xp = v.x.const_data_ptr<scalar_t>();
+    const scalar_t* dp = dy.const_data_ptr<scalar_t>();
+    with_act(act, [&](auto tag) {
+      constexpr Act A = decltype(tag)::value;
+      nblk = NK_CALL(grad<A>, dp, xp, ft, pi.data(), static_cast<acc_t>(slope), part.get(), N, C,
+                     v.H, v.W, v.layout);
+    });
   });
+  for (int64_t blk = 0; blk < nblk; ++blk)  // fixed order: deterministic
+    for (int64_t c = 0; c < C; ++c)
+      for (int k = 0; k < 4; ++k) out[c * 4 + k] += part[(blk * C + c) * 4 + k];
 }
 
-at::Tensor stats_cpu(const at::Tensor& x_in, const at::Tensor& K_in, const at::Tensor& P_in) {
+Tensor apply_backward(const X4& v, const Tensor& dy, const double* coef, int64_t stride,
+                      const std::vector<BackCoef>& bc, const RowConsts& rc, Act act, double slope,
+                      bool need_row) {
+  Tensor dx = new_like(v);
+  if (v.x.numel() == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const FwdTab<acc_t> ft = fwd_tab<acc_t>(coef, stride, v.C, v.W, rc, v.layout);
+    const BwdTab<acc_t> bt = bwd_tab<acc_t>(bc, v.C, v.W, rc, v.layout);
+    with_act(act, [&](auto tag) {
+      constexpr Act A = decltype(tag)::value;
+      NK_CALL(bwd_apply<A>, dy.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(),
+              dx.data_ptr<scalar_t>(), ft, bt, static_cast<acc_t>(slope), v.N, v.C, v.H, v.W,
+              v.layout, need_row);
+    });
+  });
+  return dx;
+}
+
+// ============================================================================== SBN ops
+
+using Fwd4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using Bwd3 = std::tuple<Tensor, Tensor, Tensor>;
+
+// SBN finalize of a group's rows (P, C, 8) + the apply pass.
+Fwd4 sbn_finish_rows(const X4& v, const RowConsts& rc, const double* rows, int64_t P,
+                     const OptTensor& weight, const OptTensor& bias, double eps, FftNorm fn,
+                     Act act, double slope, const char* op) {
+  const int64_t C = v.C, H = v.H, W = v.W;
+  const std::vector<double> gamma = read_channels(weight, v, 1.0, op, "weight");
+  const std::vector<double> beta = read_channels(bias, v, 0.0, op, "bias");
+  const double f = fft_scale(fn, H, W);
+  Tensor saved = new_f64({C, SavedCol::Width}, v);
+  double* sv = saved.data_ptr<double>();
+  AccOut mean({C, 2}, v), var({C}, v);
+  for (int64_t c = 0; c < C; ++c) {
+    const Group g = combine_rows(rows, P, C, c, 0, H, W);
+    TORCH_CHECK_VALUE(g.N > 0, op, ": the batch (over every process) has no samples");
+    const Spectral st = spectral_stats(g.sums, g.K, g.N, H, W);
+    const SbnCoef k = sbn_coef(g.K, st, gamma[c], beta[c], eps, f);
+    double* o = sv + c * SavedCol::Width;
+    o[SavedCol::K] = g.K;
+    o[SavedCol::cx] = k.cx;
+    o[SavedCol::b] = k.b;
+    o[SavedCol::u] = k.u;
+    o[SavedCol::v] = k.v;
+    o[SavedCol::mr] = st.mr;
+    o[SavedCol::mi] = st.mi;
+    o[SavedCol::s] = k.s;
+    o[SavedCol::a] = k.a;
+    o[SavedCol::N_all] = g.N;
+    mean.set(2 * c, f * st.mr);
+    mean.set(2 * c + 1, f * st.mi);
+    var.set(c, f * f * st.var);
+  }
+  Tensor y = apply_forward(v, sv, SavedCol::Width, rc, act, slope);
+  return {y, mean.t, var.t, saved};
+}
+
+Tensor sbn_stats_cpu(const Tensor& x) {
   const char* op = "sbn_stats";
-  X4 v = view4(x_in, op);
-  const at::Tensor K = small(K_in, v, v.C, -1, op, "K");
-  const at::Tensor P = small(P_in, v, 2, v.W, op, "P");
-  std::vector<double> part(v.N * v.C * 6, 0.0);
-  if (v.x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* xp = v.x.const_data_ptr<scalar_t>();
-      const acc_t* kp = K.const_data_ptr<acc_t>();
-      const acc_t* pp = P.const_data_ptr<acc_t>();
-      if (v.layout == Layout::NCS)
-        stats_nchw<scalar_t>(xp, kp, pp, part.data(), v.N, v.C, v.H, v.W);
-      else
-        stats_nhwc<scalar_t>(xp, kp, pp, part.data(), v.N, v.C, v.H, v.W);
-    });
-  }
-  return combine(part, v.N, v.C, 6, v.x.options()).to(acc_type(v.x.scalar_type()));
+  const X4 v = view4(x, op);
+  Tensor rows = new_f64({v.C, RowCol::Width}, v);
+  stats_rows(v, RowConsts(v.W), rows.data_ptr<double>());
+  return rows;
 }
 
-// ------------------------------------------------------------------------------ gradient sums
-template <typename scalar_t>
-void grad_nchw(const scalar_t* dy, const scalar_t* x, const at::opmath_type<scalar_t>* K,
-               const at::opmath_type<scalar_t>* P, double* part, int64_t N, int64_t C,
-               int64_t H, int64_t W) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t HW = H * W;
-  at::parallel_for(0, N * C, grain_for(2 * HW), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const acc_t k = K[r % C];
-      const scalar_t* px = x + r * HW;
-      const scalar_t* pd = dy + r * HW;
-      acc_t g0, g1;
-      row_dots(pd, W, acc_t(0), P, P + W, g0, g1);
-      double sd = 0, sdt = 0;
-      for (int64_t s0 = 0; s0 < HW; s0 += kChunk) {  // float within a chunk, double across
-        const int64_t L = std::min(kChunk, HW - s0);
-        const scalar_t* cx = px + s0;
-        const scalar_t* cd = pd + s0;
-        acc_t u[kL], v[kL];
-        for (int j = 0; j < kL; ++j) u[j] = v[j] = acc_t(0);
-        int64_t i = 0;
-        for (; i + kL <= L; i += kL) {
-          for (int j = 0; j < kL; ++j) {
-            const acc_t d = static_cast<acc_t>(cd[i + j]);
-            u[j] += d;
-            v[j] += d * (static_cast<acc_t>(cx[i + j]) - k);
-          }
-        }
-        acc_t tu = 0, tv = 0;
-        for (; i < L; ++i) {
-          const acc_t d = static_cast<acc_t>(cd[i]);
-          tu += d;
-          tv += d * (static_cast<acc_t>(cx[i]) - k);
-        }
-        sd += (((u[0] + u[4]) + (u[2] + u[6])) + ((u[1] + u[5]) + (u[3] + u[7]))) + tu;
-        sdt += (((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))) + tv;
-      }
-      double* o = part + r * 4;
-      o[0] = sd; o[1] = sdt; o[2] = g0; o[3] = g1;
-    }
-  });
+Fwd4 sbn_finish_cpu(const Tensor& x, const Tensor& rows_all, const OptTensor& weight,
+                    const OptTensor& bias, double eps, c10::string_view fft_norm,
+                    c10::string_view act, double act_param) {
+  const char* op = "sbn_finish";
+  const X4 v = view4(x, op);
+  const FftNorm fn = parse_fft_norm(fft_norm, op);
+  const Act a = act_of(act, op);
+  TORCH_CHECK_VALUE(rows_all.dim() == 3, op, ": rows_all must have shape (P, ", v.C, ", ",
+                    int(RowCol::Width), "), got ", rows_all.sizes());
+  const int64_t P = rows_all.size(0);
+  const Tensor rows = f64_arg(rows_all, {P, v.C, RowCol::Width}, v, op, "rows_all");
+  return sbn_finish_rows(v, RowConsts(v.W), rows.const_data_ptr<double>(), P, weight, bias, eps,
+                         fn, a, act_param, op);
 }
 
-// NHWC gradient row kernel over a compile-time block of CB channels (see nhwc_row_stats):
-// S = sum dy, T = sum dy*t in float over the row; kD (row 0): G0/G1 = sum dy*P[0/1, w].
-template <int CB, bool kD, typename scalar_t, typename acc_t>
-inline void nhwc_row_grad(const scalar_t* pd, const scalar_t* px, int64_t W, int64_t C,
-                          const acc_t* kk, const acc_t* P, acc_t* S, acc_t* T, acc_t* G0,
-                          acc_t* G1) {
-  // even / odd pixels in separate accumulators (two independent add chains), summed at the end
-  acc_t k[CB], se[CB], so[CB], te[CB], to[CB], g0[CB], g1[CB];
-  for (int j = 0; j < CB; ++j) {
-    k[j] = kk[j];
-    se[j] = so[j] = te[j] = to[j] = g0[j] = g1[j] = acc_t(0);
+Fwd4 sbn_forward_cpu(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                     const OptTensor& mean, const OptTensor& var, double eps,
+                     c10::string_view fft_norm, c10::string_view act, double act_param) {
+  const char* op = "sbn_forward";
+  const X4 v = view4(x, op);
+  const FftNorm fn = parse_fft_norm(fft_norm, op);
+  const Act a = act_of(act, op);
+  const RowConsts rc(v.W);
+  const bool has_m = mean.has_value() && mean->defined(), has_v = var.has_value() && var->defined();
+  TORCH_CHECK_VALUE(has_m == has_v, op, ": mean and var must both be given (eval) or both be None");
+  if (!has_m) {
+    std::vector<double> rows(v.C * RowCol::Width);
+    stats_rows(v, rc, rows.data());
+    return sbn_finish_rows(v, rc, rows.data(), 1, weight, bias, eps, fn, a, act_param, op);
   }
-  int64_t w = 0;
-  for (; w + 1 < W; w += 2) {
-    const scalar_t* d0 = pd + w * C;
-    const scalar_t* d1 = d0 + C;
-    const scalar_t* x0 = px + w * C;
-    const scalar_t* x1 = x0 + C;
-    if (kD) {
-      const acc_t u0 = P[w], u1 = P[w + 1], v0 = P[W + w], v1 = P[W + w + 1];
-      for (int j = 0; j < CB; ++j) {
-        const acc_t a = static_cast<acc_t>(d0[j]), b = static_cast<acc_t>(d1[j]);
-        se[j] += a;
-        so[j] += b;
-        te[j] += a * (static_cast<acc_t>(x0[j]) - k[j]);
-        to[j] += b * (static_cast<acc_t>(x1[j]) - k[j]);
-        g0[j] += a * u0;
-        g0[j] += b * u1;
-        g1[j] += a * v0;
-        g1[j] += b * v1;
-      }
-    } else {
-      for (int j = 0; j < CB; ++j) {
-        const acc_t a = static_cast<acc_t>(d0[j]), b = static_cast<acc_t>(d1[j]);
-        se[j] += a;
-        so[j] += b;
-        te[j] += a * (static_cast<acc_t>(x0[j]) - k[j]);
-        to[j] += b * (static_cast<acc_t>(x1[j]) - k[j]);
-      }
-    }
+  // eval: coefficients from the given (m-scale) statistics, K = 0; no statistics pass
+  const int64_t C = v.C, H = v.H, W = v.W;
+  const std::vector<double> m2 = read_mean2(*mean, v, op, "mean");
+  const std::vector<double> vr = read_channels(var, v, 0.0, op, "var");
+  const std::vector<double> gamma = read_channels(weight, v, 1.0, op, "weight");
+  const std::vector<double> beta = read_channels(bias, v, 0.0, op, "bias");
+  const double f = fft_scale(fn, H, W);
+  Tensor saved = new_f64({C, SavedCol::Width}, v);
+  double* sv = saved.data_ptr<double>();
+  AccOut mo({C, 2}, v), vo({C}, v);
+  for (int64_t c = 0; c < C; ++c) {
+    const Spectral st{m2[2 * c] / f, m2[2 * c + 1] / f, vr[c] / (f * f)};
+    const SbnCoef k = sbn_coef(0.0, st, gamma[c], beta[c], eps, f);
+    double* o = sv + c * SavedCol::Width;
+    o[SavedCol::K] = 0.0;
+    o[SavedCol::cx] = k.cx;
+    o[SavedCol::b] = k.b;
+    o[SavedCol::u] = k.u;
+    o[SavedCol::v] = k.v;
+    o[SavedCol::mr] = st.mr;
+    o[SavedCol::mi] = st.mi;
+    o[SavedCol::s] = k.s;
+    o[SavedCol::a] = k.a;
+    o[SavedCol::N_all] = double(v.N);
+    mo.set(2 * c, m2[2 * c]);
+    mo.set(2 * c + 1, m2[2 * c + 1]);
+    vo.set(c, vr[c]);
   }
-  if (w < W) {
-    const scalar_t* d0 = pd + w * C;
-    const scalar_t* x0 = px + w * C;
-    for (int j = 0; j < CB; ++j) {
-      const acc_t a = static_cast<acc_t>(d0[j]);
-      se[j] += a;
-      te[j] += a * (static_cast<acc_t>(x0[j]) - k[j]);
-      if (kD) {
-        g0[j] += a * P[w];
-        g1[j] += a * P[W + w];
-      }
-    }
-  }
-  for (int j = 0; j < CB; ++j) {
-    S[j] = se[j] + so[j];
-    T[j] = te[j] + to[j];
-    if (kD) {
-      G0[j] = g0[j];
-      G1[j] = g1[j];
-    }
-  }
+  Tensor y = apply_forward(v, sv, SavedCol::Width, rc, a, act_param);
+  return {y, mo.t, vo.t, saved};
 }
 
-template <bool kD, typename scalar_t, typename acc_t>
-inline void nhwc_row_grad_all(const scalar_t* pd, const scalar_t* px, int64_t W, int64_t C,
-                              int64_t cw, const acc_t* kk, const acc_t* P, acc_t* S, acc_t* T,
-                              acc_t* G0, acc_t* G1) {
-  int64_t c = 0;
-  for (; c + 8 <= cw; c += 8)
-    nhwc_row_grad<8, kD>(pd + c, px + c, W, C, kk + c, P, S + c, T + c, G0 + c, G1 + c);
-  if (c + 4 <= cw) {
-    nhwc_row_grad<4, kD>(pd + c, px + c, W, C, kk + c, P, S + c, T + c, G0 + c, G1 + c);
-    c += 4;
-  }
-  if (c + 2 <= cw) {
-    nhwc_row_grad<2, kD>(pd + c, px + c, W, C, kk + c, P, S + c, T + c, G0 + c, G1 + c);
-    c += 2;
-  }
-  if (c < cw)
-    nhwc_row_grad<1, kD>(pd + c, px + c, W, C, kk + c, P, S + c, T + c, G0 + c, G1 + c);
-}
-
-template <typename scalar_t>
-void grad_nhwc(const scalar_t* dy, const scalar_t* x, const at::opmath_type<scalar_t>* K,
-               const at::opmath_type<scalar_t>* P, double* part, int64_t N, int64_t C,
-               int64_t H, int64_t W) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t nblk = (C + kCB - 1) / kCB;
-  at::parallel_for(0, N * nblk, grain_for(2 * H * W * std::min(C, kCB)),
-                   [&](int64_t b, int64_t e) {
-    acc_t rS[kCB], rT[kCB], g0[kCB], g1[kCB];
-    double sS[kCB], sT[kCB];
-    for (int64_t task = b; task < e; ++task) {
-      const int64_t n = task / nblk, c0 = (task % nblk) * kCB;
-      const int64_t cw = std::min(kCB, C - c0);
-      for (int64_t c = 0; c < cw; ++c) sS[c] = sT[c] = 0.0;
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t off = (n * H + h) * W * C + c0;
-        if (h == 0)
-          nhwc_row_grad_all<true>(dy + off, x + off, W, C, cw, K + c0, P, rS, rT, g0, g1);
-        else
-          nhwc_row_grad_all<false>(dy + off, x + off, W, C, cw, K + c0, P, rS, rT, g0, g1);
-        for (int64_t c = 0; c < cw; ++c) {
-          sS[c] += rS[c];
-          sT[c] += rT[c];
-        }
-      }
-      for (int64_t c = 0; c < cw; ++c) {
-        double* o = part + (n * C + c0 + c) * 4;
-        o[0] = sS[c]; o[1] = sT[c]; o[2] = g0[c]; o[3] = g1[c];
-      }
-    }
-  });
-}
-
-at::Tensor grad_stats_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& K_in,
-                          const at::Tensor& P_in) {
+Tensor sbn_grad_stats_cpu(const Tensor& dy_in, const Tensor& x, const Tensor& saved_in,
+                          c10::string_view act, double act_param) {
   const char* op = "sbn_grad_stats";
-  X4 v = view4(x_in, op);
-  const at::Tensor dy = like_x(dy_in, v, op, "dy");
-  const at::Tensor K = small(K_in, v, v.C, -1, op, "K");
-  const at::Tensor P = small(P_in, v, 2, v.W, op, "P");
-  std::vector<double> part(v.N * v.C * 4, 0.0);
-  if (v.x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* xp = v.x.const_data_ptr<scalar_t>();
-      const scalar_t* dp = dy.const_data_ptr<scalar_t>();
-      const acc_t* kp = K.const_data_ptr<acc_t>();
-      const acc_t* pp = P.const_data_ptr<acc_t>();
-      if (v.layout == Layout::NCS && v.H * v.W < kSmallHW && v.N * v.C >= kL)
-        grad_nchw_grp<scalar_t>(dp, xp, kp, pp, part.data(), v.N, v.C, v.H, v.W);
-      else if (v.layout == Layout::NCS)
-        grad_nchw<scalar_t>(dp, xp, kp, pp, part.data(), v.N, v.C, v.H, v.W);
-      else
-        grad_nhwc<scalar_t>(dp, xp, kp, pp, part.data(), v.N, v.C, v.H, v.W);
-    });
-  }
-  return combine(part, v.N, v.C, 4, v.x.options()).to(acc_type(v.x.scalar_type()));
-}
-
-// ------------------------------------------------------------------------------ forward apply
-// y = cx*(x - K) + (h > 0 ? b : T0[c, w]),  T0 = b*(1 - P0) + u*P0 + v*P1.
-template <typename scalar_t>
-void fwd_apply(const scalar_t* x, scalar_t* y, const at::opmath_type<scalar_t>* cf,
-               const at::opmath_type<scalar_t>* P, int64_t N, int64_t C, int64_t H, int64_t W,
-               Layout lay) {
-  using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> K(C), cx(C), bb(C), T0(C * W);
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t* r = cf + c * 5;
-    K[c] = r[0];
-    cx[c] = r[1];
-    bb[c] = r[2];
-    for (int64_t w = 0; w < W; ++w) {
-      const acc_t t0 = r[2] * (acc_t(1) - P[w]) + r[3] * P[w] + r[4] * P[W + w];
-      if (lay == Layout::NCS)
-        T0[c * W + w] = t0;
-      else
-        T0[w * C + c] = t0;
-    }
-  }
-  const int64_t HW = H * W;
-  if (lay == Layout::NCS) {
-    at::parallel_for(0, N * C, grain_for(HW), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const int64_t c = r % C;
-        const acc_t k = K[c], a = cx[c], bc = bb[c];
-        const acc_t* t0 = T0.data() + c * W;
-        const scalar_t* px = x + r * HW;
-        scalar_t* py = y + r * HW;
-        for (int64_t w = 0; w < W; ++w)
-          py[w] = static_cast<scalar_t>(a * (static_cast<acc_t>(px[w]) - k) + t0[w]);
-        for (int64_t i = W; i < HW; ++i)
-          py[i] = static_cast<scalar_t>(a * (static_cast<acc_t>(px[i]) - k) + bc);
-      }
-    });
-  } else {
-    const acc_t* kp = K.data();
-    const acc_t* ap = cx.data();
-    const acc_t* bp = bb.data();
-    at::parallel_for(0, N * H, grain_for(W * C), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const bool row0 = (r % H) == 0;
-        for (int64_t w = 0; w < W; ++w) {
-          const scalar_t* px = x + (r * W + w) * C;
-          scalar_t* py = y + (r * W + w) * C;
-          const acc_t* add = row0 ? T0.data() + w * C : bp;
-          for (int64_t c = 0; c < C; ++c)
-            py[c] = static_cast<scalar_t>(ap[c] * (static_cast<acc_t>(px[c]) - kp[c]) + add[c]);
-        }
-      }
-    });
-  }
-}
-
-at::Tensor forward_apply_cpu(const at::Tensor& x_in, const at::Tensor& coef_in,
-                             const at::Tensor& P_in) {
-  const char* op = "sbn_forward_apply";
-  X4 v = view4(x_in, op);
-  const at::Tensor cf = small(coef_in, v, v.C, 5, op, "coef");
-  const at::Tensor P = small(P_in, v, 2, v.W, op, "P");
-  at::Tensor work;
-  at::Tensor out = make_out(x_in, v, work);
-  if (v.x.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    fwd_apply<scalar_t>(v.x.const_data_ptr<scalar_t>(), work.data_ptr<scalar_t>(),
-                        cf.const_data_ptr<acc_t>(), P.const_data_ptr<acc_t>(), v.N, v.C, v.H,
-                        v.W, v.layout);
-  });
-  finish_out(out, work);
+  const X4 v = view4(x, op);
+  const Act a = act_of(act, op);
+  const Tensor dy = like_x(dy_in, v, op, "dy");
+  TORCH_CHECK_VALUE(saved_in.dim() == 2 && saved_in.size(0) == v.C && saved_in.size(1) >= 5, op,
+                    ": saved must have shape (", v.C, ", k >= 5), got ", saved_in.sizes());
+  const Tensor saved = f64_arg(saved_in, saved_in.sizes(), v, op, "saved");
+  Tensor out = new_f64({v.C, GradCol::Width}, v);
+  grad_sums(v, dy, saved.const_data_ptr<double>(), saved.size(1), RowConsts(v.W), a, act_param,
+            out.data_ptr<double>());
   return out;
 }
 
-// ------------------------------------------------------------------------------ backward apply
-// dx = c_dy*dy + c_t*t + cst [+ c_R*R + c_A*A*(-1)^w] + [h==0] T0[c, w],  T0 = u*P0 + v*P1.
-template <typename scalar_t>
-void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
-               const at::opmath_type<scalar_t>* cf, const at::opmath_type<scalar_t>* P,
-               int64_t N, int64_t C, int64_t H, int64_t W, Layout lay, bool need_row) {
-  using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> K(C), cdy(C), ct(C), cR(C), cA(C), cst(C), T0(C * W);
+// SBN backward finalize from the gradient sums + the backward apply.
+Bwd3 sbn_grad_finish_sums(const X4& v, const Tensor& dy, const RowConsts& rc, const double* sv,
+                          const double* gl, const double* ga, bool training, FftNorm fn, Act act,
+                          double slope) {
+  const int64_t C = v.C, H = v.H, W = v.W;
+  const double h = 1.0 / fft_scale(fn, H, W);
+  AccOut dw({C}, v), db({C}, v);
+  std::vector<BackCoef> bc(C);
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t* r = cf + c * 8;
-    K[c] = r[0];
-    cdy[c] = r[1];
-    ct[c] = r[2];
-    cR[c] = r[3];
-    cA[c] = r[4];
-    cst[c] = r[5];
-    for (int64_t w = 0; w < W; ++w) {
-      const acc_t t0 = r[6] * P[w] + r[7] * P[W + w];
-      if (lay == Layout::NCS)
-        T0[c * W + w] = t0;
-      else
-        T0[w * C + c] = t0;
+    const double* s = sv + c * SavedCol::Width;
+    const double* A = ga + c * GradCol::Width;
+    const double K = s[SavedCol::K], a = s[SavedCol::a], sd = s[SavedCol::s];
+    const double mr = s[SavedCol::mr], mi = s[SavedCol::mi];
+    const SbnGrad g = sbn_grad_core(A[GradCol::Sdy], A[GradCol::Gt], A[GradCol::G0],
+                                    A[GradCol::G1], K, mr, mi, sd, a, s[SavedCol::N_all], H, W,
+                                    training);
+    bc[c] = sbn_back_coef(a, g, H, W);
+    SbnGrad mine = g;
+    if (gl != ga) {
+      const double* L = gl + c * GradCol::Width;
+      mine = sbn_grad_core(L[GradCol::Sdy], L[GradCol::Gt], L[GradCol::G0], L[GradCol::G1], K, mr,
+                           mi, sd, a, s[SavedCol::N_all], H, W, false);
     }
+    dw.set(c, h * mine.dgamma);
+    db.set(c, h * mine.dbeta);
   }
-  const int64_t HW = H * W;
-  if (lay == Layout::NCS) {
-    at::parallel_for(0, N * C, grain_for(2 * HW), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const int64_t c = r % C;
-        const acc_t k = K[c], a = cdy[c], bt = ct[c], cs = cst[c], cr = cR[c], ca = cA[c];
-        const acc_t* t0 = T0.data() + c * W;
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t base = r * HW + h * W;
-          const scalar_t* px = x + base;
-          const scalar_t* pd = dy + base;
-          scalar_t* pdx = dx + base;
-          acc_t ev = cs, od = cs;
-          if (need_row) {
-            acc_t R, A, Q;
-            row_raq<false>(px, W, k, R, A, Q);
-            const acc_t base_r = cs + cr * R, alt = ca * A;
-            ev = base_r + alt;
-            od = base_r - alt;
-          }
-          if (h == 0) {
-            for (int64_t w = 0; w < W; ++w)
-              pdx[w] = static_cast<scalar_t>(a * static_cast<acc_t>(pd[w]) +
-                                             bt * (static_cast<acc_t>(px[w]) - k) +
-                                             (((w & 1) ? od : ev) + t0[w]));
-            continue;
-          }
-          acc_t ofs[kL];
-          for (int j = 0; j < kL; ++j) ofs[j] = (j & 1) ? od : ev;
-          int64_t w = 0;
-          for (; w + kL <= W; w += kL)
-            for (int j = 0; j < kL; ++j)
-              pdx[w + j] = static_cast<scalar_t>(a * static_cast<acc_t>(pd[w + j]) +
-                                                 bt * (static_cast<acc_t>(px[w + j]) - k) +
-                                                 ofs[j]);
-          for (; w < W; ++w)
-            pdx[w] = static_cast<scalar_t>(a * static_cast<acc_t>(pd[w]) +
-                                           bt * (static_cast<acc_t>(px[w]) - k) +
-                                           ((w & 1) ? od : ev));
-        }
-      }
-    });
-  } else {
-    const acc_t* kp = K.data();
-    const acc_t* ap = cdy.data();
-    const acc_t* tp = ct.data();
-    at::parallel_for(0, N * H, grain_for(2 * W * C), [&](int64_t b, int64_t e) {
-      std::vector<acc_t> R(C), A(C), ev(cst), od(cst), add(C);
-      for (int64_t r = b; r < e; ++r) {
-        const bool row0 = (r % H) == 0;
-        const scalar_t* xr = x + r * W * C;
-        if (need_row) {
-          for (int64_t c = 0; c < C; ++c) R[c] = A[c] = acc_t(0);
-          for (int64_t w = 0; w < W; ++w) {
-            const scalar_t* px = xr + w * C;
-            const acc_t sg = (w & 1) ? acc_t(-1) : acc_t(1);
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t t = static_cast<acc_t>(px[c]) - kp[c];
-              R[c] += t;
-              A[c] += sg * t;
-            }
-          }
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t base_r = cst[c] + cR[c] * R[c], alt = cA[c] * A[c];
-            ev[c] = base_r + alt;
-            od[c] = base_r - alt;
-          }
-        }
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t o = (r * W + w) * C;
-          const scalar_t* px = x + o;
-          const scalar_t* pd = dy + o;
-          scalar_t* pdx = dx + o;
-          const acc_t* ofs = (w & 1) ? od.data() : ev.data();
-          if (row0) {
-            const acc_t* t0 = T0.data() + w * C;
-            for (int64_t c = 0; c < C; ++c) add[c] = ofs[c] + t0[c];
-            ofs = add.data();
-          }
-          for (int64_t c = 0; c < C; ++c)
-            pdx[c] = static_cast<scalar_t>(ap[c] * static_cast<acc_t>(pd[c]) +
-                                           tp[c] * (static_cast<acc_t>(px[c]) - kp[c]) + ofs[c]);
-        }
-      }
-    });
-  }
+  Tensor dx = apply_backward(v, dy, sv, SavedCol::Width, bc, rc, act, slope, training);
+  return {dx, dw.t, db.t};
 }
 
-at::Tensor backward_apply_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
-                              const at::Tensor& coef_in, const at::Tensor& P_in, bool need_row) {
-  const char* op = "sbn_backward_apply";
-  X4 v = view4(x_in, op);
-  const at::Tensor dy = like_x(dy_in, v, op, "dy");
-  const at::Tensor cf = small(coef_in, v, v.C, 8, op, "coef");
-  const at::Tensor P = small(P_in, v, 2, v.W, op, "P");
-  at::Tensor work;
-  at::Tensor out = make_out(x_in, v, work);
-  if (v.x.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    bwd_apply<scalar_t>(dy.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(),
-                        work.data_ptr<scalar_t>(), cf.const_data_ptr<acc_t>(),
-                        P.const_data_ptr<acc_t>(), v.N, v.C, v.H, v.W, v.layout, need_row);
-  });
-  finish_out(out, work);
-  return out;
+Tensor sbn_saved_arg(const Tensor& saved, const X4& v, const char* op) {
+  return f64_arg(saved, {v.C, SavedCol::Width}, v, op, "saved");
+}
+
+Bwd3 sbn_grad_finish_cpu(const Tensor& dy_in, const Tensor& x, const Tensor& saved_in,
+                         const Tensor& gsums_local, const Tensor& gsums_all, bool training,
+                         c10::string_view fft_norm, c10::string_view act, double act_param) {
+  const char* op = "sbn_grad_finish";
+  const X4 v = view4(x, op);
+  const FftNorm fn = parse_fft_norm(fft_norm, op);
+  const Act a = act_of(act, op);
+  const Tensor dy = like_x(dy_in, v, op, "dy");
+  const Tensor saved = sbn_saved_arg(saved_in, v, op);
+  const Tensor gl = f64_arg(gsums_local, {v.C, GradCol::Width}, v, op, "gsums_local");
+  const Tensor ga = f64_arg(gsums_all, {v.C, GradCol::Width}, v, op, "gsums_all");
+  return sbn_grad_finish_sums(v, dy, RowConsts(v.W), saved.const_data_ptr<double>(),
+                              gl.const_data_ptr<double>(), ga.const_data_ptr<double>(), training,
+                              fn, a, act_param);
+}
+
+Bwd3 sbn_backward_cpu(const Tensor& dy_in, const Tensor& x, const Tensor& saved_in, bool training,
+                      c10::string_view fft_norm, c10::string_view act, double act_param) {
+  const char* op = "sbn_backward";
+  const X4 v = view4(x, op);
+  const FftNorm fn = parse_fft_norm(fft_norm, op);
+  const Act a = act_of(act, op);
+  const Tensor dy = like_x(dy_in, v, op, "dy");
+  const Tensor saved = sbn_saved_arg(saved_in, v, op);
+  const RowConsts rc(v.W);
+  const double* sv = saved.const_data_ptr<double>();
+  std::vector<double> gs(v.C * GradCol::Width);
+  grad_sums(v, dy, sv, SavedCol::Width, rc, a, act_param, gs.data());
+  return sbn_grad_finish_sums(v, dy, rc, sv, gs.data(), gs.data(), training, fn, a, act_param);
+}
+
+// ============================================================================== BN+SBN ops
+
+using Fwd6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Bwd5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+struct BnSbnParams {
+  std::vector<double> bn_g, bn_b, sbn_g, sbn_b;
+};
+
+BnSbnParams read_bnsbn_params(const X4& v, const OptTensor& bn_w, const OptTensor& bn_b,
+                              const OptTensor& sbn_w, const OptTensor& sbn_b, const char* op) {
+  return {read_channels(bn_w, v, 1.0, op, "bn_weight"), read_channels(bn_b, v, 0.0, op, "bn_bias"),
+          read_channels(sbn_w, v, 1.0, op, "sbn_weight"),
+          read_channels(sbn_b, v, 0.0, op, "sbn_bias")};
+}
+
+// One channel's BN+SBN forward coefficients and statistics into saved row `o` and the outputs.
+struct BnSbnOut {
+  AccOut bn_mean, bn_var, sbn_mean, sbn_var;
+  explicit BnSbnOut(const X4& v)
+      : bn_mean({v.C}, v), bn_var({v.C}, v), sbn_mean({v.C, 2}, v), sbn_var({v.C}, v) {}
+};
+
+void bnsbn_channel(const BnPart& bp, double K, double N, const Sums& sums, const Sums& local,
+                   const Spectral& st, double sbn_g, double sbn_b, double sbn_eps, double f,
+                   double* o) {
+  const SbnCoef k = sbn_coef(bp.Kz, st, sbn_g, sbn_b, sbn_eps, f);
+  o[BnSavedCol::K] = K;
+  o[BnSavedCol::cx] = k.a * bp.p;
+  o[BnSavedCol::b] = k.b;
+  o[BnSavedCol::u] = k.u;
+  o[BnSavedCol::v] = k.v;
+  o[BnSavedCol::p] = bp.p;
+  o[BnSavedCol::sd] = bp.sd;
+  o[BnSavedCol::Kz] = bp.Kz;
+  o[BnSavedCol::mr] = st.mr;
+  o[BnSavedCol::mi] = st.mi;
+  o[BnSavedCol::s] = k.s;
+  o[BnSavedCol::a] = k.a;
+  o[BnSavedCol::mbn] = bp.mbn;
+  o[BnSavedCol::N_all] = N;
+  store_sums(sums, o + BnSavedCol::S1);
+  store_sums(local, o + BnSavedCol::L1);
+}
+
+Fwd6 bnsbn_finish_rows(const X4& v, const RowConsts& rc, const double* rows, int64_t P,
+                       int64_t rank, const BnSbnParams& prm, double bn_eps, double sbn_eps,
+                       FftNorm fn, Act act, double slope, const char* op) {
+  const int64_t C = v.C, H = v.H, W = v.W;
+  const double f = fft_scale(fn, H, W);
+  Tensor saved = new_f64({C, BnSavedCol::Width}, v);
+  double* sv = saved.data_ptr<double>();
+  BnSbnOut out(v);
+  for (int64_t c = 0; c < C; ++c) {
+    const Group g = combine_rows(rows, P, C, c, rank, H, W);
+    TORCH_CHECK_VALUE(g.N > 0, op, ": the batch (over every process) has no samples");
+    const BnPart bp = bn_from_sums(g.sums, g.K, g.N, H, W, prm.bn_g[c], prm.bn_b[c], bn_eps);
+    const Spectral st = spectral_stats(scale_sums(g.sums, bp.p), bp.Kz, g.N, H, W);
+    bnsbn_channel(bp, g.K, g.N, g.sums, g.local, st, prm.sbn_g[c], prm.sbn_b[c], sbn_eps, f,
+                  sv + c * BnSavedCol::Width);
+    out.bn_mean.set(c, bp.mbn);
+    out.bn_var.set(c, bp.vbn);
+    out.sbn_mean.set(2 * c, f * st.mr);
+    out.sbn_mean.set(2 * c + 1, f * st.mi);
+    out.sbn_var.set(c, f * f * st.var);
+  }
+  Tensor y = apply_forward(v, sv, BnSavedCol::Width, rc, act, slope);
+  return {y, out.bn_mean.t, out.bn_var.t, out.sbn_mean.t, out.sbn_var.t, saved};
+}
+
+Fwd6 bnsbn_finish_cpu(const Tensor& x, const Tensor& rows_all, int64_t rank,
+                      const OptTensor& bn_w, const OptTensor& bn_b, const OptTensor& sbn_w,
+                      const OptTensor& sbn_b, double bn_eps, double sbn_eps,
+                      c10::string_view fft_norm, c10::string_view act, double act_param) {
+  const char* op = "bnsbn_finish";
+  const X4 v = view4(x, op);
+  const FftNorm fn = parse_fft_norm(fft_norm, op);
+  const Act a = act_of(act, op);
+  TORCH_CHECK_VALUE(rows_all.dim() == 3, op, ": rows_all must have shape (P, ", v.C, ", ",
+                    int(RowCol::Width), "), got ", rows_all.sizes());
+  const int64_t P = rows_all.size(0);
+  TORCH_CHECK_VALUE(rank >= 0 && rank < P, op, ": rank must be in [0, ", P, "), got ", rank);
+  const Tensor rows = f64_arg(rows_all, {P, v.C, RowCol::Width}, v, op, "rows_all");
+  const BnSbnParams prm = read_bnsbn_params(v, bn_w, bn_b, sbn_w, sbn_b, op);
+  return bnsbn_finish_rows(v, RowConsts(v.W), rows.const_data_ptr<double>(), P, rank, prm,
+                           bn_eps, sbn_eps, fn, a, act_param, op);
+}
+
+Fwd6 bnsbn_forward_cpu(const Tensor& x, const OptTensor& bn_w, const OptTensor& bn_b,
+                       const OptTensor& bn_mean, const OptTensor& bn_var, const OptTensor& sbn_w,
+                       const OptTensor& sbn_b, const OptTensor& sbn_mean,
+                       const OptTensor& sbn_var, double bn_eps, double sbn_eps,
+                       c10::string_view fft_norm, c10::string_view act, double act_param) {
+  const char* op = "bnsbn_forward";
+  const X4 v = view4(x, op);
+  const FftNorm fn = parse_fft_norm(fft_norm, op);
+  const Act a = act_of(act, op);
+  const RowConsts rc(v.W);
+  const BnSbnParams prm = read_bnsbn_params(v, bn_w, bn_b, sbn_w, sbn_b, op);
+  const auto given = [](const OptTensor& t) { return t.has_value() && t->defined(); };
+  const int n_given = given(bn_mean) + given(bn_var) + given(sbn_mean) + given(sbn_var);
+  TORCH_CHECK_VALUE(n_given == 0 || n_given == 4, op,
+                    ": bn_mean, bn_var, sbn_mean, sbn_var must all be given (eval) or all be None");
+  if (n_given == 0) {
+    std::vector<double> rows(v.C * RowCol::Width);
+    stats_rows(v, rc, rows.data());
+    return bnsbn_finish_rows(v, rc, rows.data(), 1, 0, prm, bn_eps, sbn_eps, fn, a, act_param,
+                             op);
+  }
+  // eval: K = 0, no statistics pass
+  const int64_t C = v.C, H = v.H, W = v.W;
+  const std::vector<double> bm = read_channels(bn_mean, v, 0.0, op, "bn_mean");
+  const std::vector<double> bv = read_channels(bn_var, v, 0.0, op, "bn_var");
+  const std::vector<double> sm = read_mean2(*sbn_mean, v, op, "sbn_mean");
+  const std::vector<double> svr = read_channels(sbn_var, v, 0.0, op, "sbn_var");
+  const double f = fft_scale(fn, H, W);
+  Tensor saved = new_f64({C, BnSavedCol::Width}, v);
+  double* sv = saved.data_ptr<double>();
+  BnSbnOut out(v);
+  const Sums zero{0, 0, 0, 0, 0, 0};
+  for (int64_t c = 0; c < C; ++c) {
+    const BnPart bp = bn_from_stats(bm[c], bv[c], 0.0, prm.bn_g[c], prm.bn_b[c], bn_eps);
+    const Spectral st{sm[2 * c] / f, sm[2 * c + 1] / f, svr[c] / (f * f)};
+    bnsbn_channel(bp, 0.0, double(v.N), zero, zero, st, prm.sbn_g[c], prm.sbn_b[c], sbn_eps, f,
+                  sv + c * BnSavedCol::Width);
+    out.bn_mean.set(c, bm[c]);
+    out.bn_var.set(c, bv[c]);
+    out.sbn_mean.set(2 * c, sm[2 * c]);
+    out.sbn_mean.set(2 * c + 1, sm[2 * c + 1]);
+    out.sbn_var.set(c, svr[c]);
+  }
+  Tensor y = apply_forward(v, sv, BnSavedCol::Width, rc, a, act_param);
+  return {y, out.bn_mean.t, out.bn_var.t, out.sbn_mean.t, out.sbn_var.t, saved};
+}
+
+Bwd5 bnsbn_grad_finish_sums(const X4& v, const Tensor& dy, const RowConsts& rc, const double* sv,
+                            const double* gl, const double* ga, bool training, FftNorm fn, Act act,
+                            double slope) {
+  const int64_t C = v.C, H = v.H, W = v.W;
+  const double h = 1.0 / fft_scale(fn, H, W);
+  const double N_local = double(v.N);
+  AccOut dgb_o({C}, v), dbb_o({C}, v), dgs_o({C}, v), dbs_o({C}, v);
+  std::vector<BackCoef> bc(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double* s = sv + c * BnSavedCol::Width;
+    const double* A = ga + c * GradCol::Width;
+    const double* L = gl + c * GradCol::Width;
+    const double K = s[BnSavedCol::K], p = s[BnSavedCol::p], sd = s[BnSavedCol::sd];
+    const double Kz = s[BnSavedCol::Kz], mr = s[BnSavedCol::mr], mi = s[BnSavedCol::mi];
+    const double ss = s[BnSavedCol::s], a = s[BnSavedCol::a], N = s[BnSavedCol::N_all];
+    const SbnGrad g = sbn_grad_core(A[GradCol::Sdy], p * A[GradCol::Gt], A[GradCol::G0],
+                                    A[GradCol::G1], Kz, mr, mi, ss, a, N, H, W, training);
+    const SbnGrad mine =
+        gl == ga ? g
+                 : sbn_grad_core(L[GradCol::Sdy], p * L[GradCol::Gt], L[GradCol::G0],
+                                 L[GradCol::G1], Kz, mr, mi, ss, a, N, H, W, false);
+    dgs_o.set(c, h * mine.dgamma);
+    dbs_o.set(c, h * mine.dbeta);
+    if (training) {
+      const Sums S = load_sums(s + BnSavedCol::S1);
+      double sdz, sdzt;
+      bn_grad_sums(S, A[GradCol::Sdy], A[GradCol::Gt], a, p, g, N, H, W, sdz, sdzt);
+      const double m_t = S.S1 / (N * double(H) * double(W));
+      bc[c] = bnsbn_back_coef(p, a, sd, m_t, sdz, (sdzt - m_t * sdz) / sd, g, N, H, W);
+      if (gl != ga)  // this process's share: its own sums, its own samples
+        bn_grad_sums(load_sums(s + BnSavedCol::L1), L[GradCol::Sdy], L[GradCol::Gt], a, p, g,
+                     N_local, H, W, sdz, sdzt);
+      dbb_o.set(c, sdz);
+      dgb_o.set(c, (sdzt - m_t * sdz) / sd);
+    } else {
+      bc[c] = BackCoef{p * a, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+      dbb_o.set(c, a * L[GradCol::Sdy]);
+      dgb_o.set(c, a * (L[GradCol::Gt] + (K - s[BnSavedCol::mbn]) * L[GradCol::Sdy]) / sd);
+    }
+  }
+  Tensor dx = apply_backward(v, dy, sv, BnSavedCol::Width, bc, rc, act, slope, training);
+  return {dx, dgb_o.t, dbb_o.t, dgs_o.t, dbs_o.t};
+}
+
+Tensor bnsbn_saved_arg(const Tensor& saved, const X4& v, const char* op) {
+  return f64_arg(saved, {v.C, BnSavedCol::Width}, v, op, "saved");
+}
+
+Bwd5 bnsbn_grad_finish_cpu(const Tensor& dy_in, const Tensor& x, const Tensor& saved_in,
+                           const Tensor& gsums_local, const Tensor& gsums_all, bool training,
+                           c10::string_view fft_norm, c10::string_view act, double act_param) {
+  const char* op = "bnsbn_grad_finish";
+  const X4 v = view4(x, op);
+  const FftNorm fn = parse_fft_norm(fft_norm, op);
+  const Act a = act_of(act, op);
+  const Tensor dy = like_x(dy_in, v, op, "dy");
+  const Tensor saved = bnsbn_saved_arg(saved_in, v, op);
+  const Tensor gl = f64_arg(gsums_local, {v.C, GradCol::Width}, v, op, "gsums_local");
+  const Tensor ga = f64_arg(gsums_all, {v.C, GradCol::Width}, v, op, "gsums_all");
+  return bnsbn_grad_finish_sums(v, dy, RowConsts(v.W), saved.const_data_ptr<double>(),
+                                gl.const_data_ptr<double>(), ga.const_data_ptr<double>(),
+                                training, fn, a, act_param);
+}
+
+Bwd5 bnsbn_backward_cpu(const Tensor& dy_in, const Tensor& x, const Tensor& saved_in,
+                        bool training, c10::string_view fft_norm, c10::string_view act,
+                        double act_param) {
+  const char* op = "bnsbn_backward";
+  const X4 v = view4(x, op);
+  const FftNorm fn = parse_fft_norm(fft_norm, op);
+  const Act a = act_of(act, op);
+  const Tensor dy = like_x(dy_in, v, op, "dy");
+  const Tensor saved = bnsbn_saved_arg(saved_in, v, op);
+  const RowConsts rc(v.W);
+  const double* sv = saved.const_data_ptr<double>();
+  std::vector<double> gs(v.C * GradCol::Width);
+  grad_sums(v, dy, sv, BnSavedCol::Width, rc, a, act_param, gs.data());
+  return bnsbn_grad_finish_sums(v, dy, rc, sv, gs.data(), gs.data(), training, fn, a, act_param);
 }
 
 }  // namespace
@@ -776,8 +800,15 @@ at::Tensor backward_apply_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
 }  // namespace normkernels
 
 TORCH_LIBRARY_IMPL(normkernels, CPU, m) {
-  m.impl("sbn_stats", &normkernels::sbn::stats_cpu);
-  m.impl("sbn_grad_stats", &normkernels::sbn::grad_stats_cpu);
-  m.impl("sbn_forward_apply", &normkernels::sbn::forward_apply_cpu);
-  m.impl("sbn_backward_apply", &normkernels::sbn::backward_apply_cpu);
+  namespace s = normkernels::sbn;
+  m.impl("sbn_stats", &s::sbn_stats_cpu);
+  m.impl("sbn_finish", &s::sbn_finish_cpu);
+  m.impl("sbn_forward", &s::sbn_forward_cpu);
+  m.impl("sbn_grad_stats", &s::sbn_grad_stats_cpu);
+  m.impl("sbn_grad_finish", &s::sbn_grad_finish_cpu);
+  m.impl("sbn_backward", &s::sbn_backward_cpu);
+  m.impl("bnsbn_finish", &s::bnsbn_finish_cpu);
+  m.impl("bnsbn_forward", &s::bnsbn_forward_cpu);
+  m.impl("bnsbn_grad_finish", &s::bnsbn_grad_finish_cpu);
+  m.impl("bnsbn_backward", &s::bnsbn_backward_cpu);
 }

@@ -1,49 +1,78 @@
-"""Spectral Batch Norm (SBN) and BN+SBN ops (DESIGN.md section 2).
+"""Spectral Batch Norm (SBN, Parseval identity) and BN+SBN: the Python side of csrc/sbn.cpp.
 
-Layout of this module
----------------------
-* constants: D(w) = sum_{l<Wr} exp(-2 pi i l w / W) and the row-0 patterns Pr[0,:], Pi[0,:]
-  (Pr = irfft2(ones), Pi = irfft2(1j*ones) are zero off row 0), cached per (W, device, dtype).
-* passes:    ``_passes_torch`` / ``_passes_triton`` -- the four heavy passes over the tensor
-             (statistics, forward apply, gradient statistics, backward apply); same interface.
-* finalize:  partial sums -> statistics -> per-channel coefficients, forward and backward, in
-             float64 torch ops.  The ONLY place these formulas exist; every backend uses them.
-* ops:       normkernels::sbn_forward / sbn_backward (Parseval), sbn_fft_forward /
-             sbn_fft_backward (literal rfft2 path), bnsbn_forward / bnsbn_backward (BN then SBN).
-             CPU kernel = torch passes; the Triton passes run when backend == "triton" on CUDA
-             tensors (or on CPU tensors under TRITON_INTERPRET=1, for tests).
-* entry points: ``spectral_batch_norm`` and ``batch_norm_sbn`` (signatures fixed by the contract).
+The ops and their contracts (argument lists, the column layouts of ``rows``, ``saved`` and the
+gradient sums, fft_norm, the activation) are documented once, in csrc/sbn.cpp. This module has:
 
-Shifted sums (stability for x = 1000 + randn)
----------------------------------------------
-The statistics pass works on t = x - K with a per-channel constant K = x[0, c, 0, 0]:
-    S1 = sum t, S2 = sum t^2, SR = sum R_t^2, SA = sum A_t^2, SD = sum_{n,w} t[n,0,w] D(w).
-With M = N*H*Wr, d = K*H*W (DC coefficient of the constant K) and cK = K*W/Wr (= d*N/M):
-    mu_t  = (H/M) * SD
-    var_t = (H*W*S2 + H*SR + [W even]*H*SA) / (2M) - |mu_t|^2
-    mu    = mu_t + cK                                    (the constant only moves the DC bin)
-    var   = var_t + ( N*d*(d - cK) + 2*d*(S1 - N*Re mu_t) ) / M
-The forward output is y = a*(x - K) + a*K + [h==0]*((beta - a Re mu) Pr[w] - a Im mu Pi[w]);
-Pr[0, :] = delta_w0, so at (0, 0) the constant is a*(K - Re mu) + beta, formed in float64.
-Backward, with Sdy = sum dy, Gt = sum dy*t, G0 = sum_row0 dy*Pr, G1 = sum_row0 dy*Pi:
-    Ga = Gt + K*Sdy - Re mu*G0 - Im mu*G1,  dgamma = Ga/s,  dbeta = G0
-    dvar = -Ga*a/(2 s^2),  kE = dvar/M,  kr = -a*G0 - 2 Re mu dvar,  ki = -a*G1 - 2 Im mu dvar
-    dx = a*dy + kE*(H*W*t + H*R_t + [W even]*H*A_t*(-1)^w) + 2*K*H*W*kE
-         + [h==0]*(H/M)*(kr Re D(w) + ki Im D(w))
-(x = t + K: H*W*x + H*R_x + H*A_x*(-1)^w = same in t + 2*K*H*W, since sum_w (-1)^w = 0.)
+* the fake kernels of the C++ ops (when normkernels._C is loaded);
+* the torch oracle: python functions with exactly the contracts of the C++ pieces
+  (``torch_sbn_stats``, ``torch_sbn_finish``, ``torch_sbn_grad_stats``, ``torch_sbn_grad_finish``,
+  ``torch_bnsbn_finish``, ``torch_bnsbn_grad_finish``) and the custom ops built from them,
+  ``normkernels::torch_sbn_forward`` / ``torch_sbn_backward`` / ``torch_bnsbn_forward`` /
+  ``torch_bnsbn_backward`` (register_autograd): backend "torch", the fallback, and what the tests
+  compare the compiled finalize against, piece by piece;
+* the literal FFT path, ``normkernels::sbn_fft_forward`` / ``sbn_fft_backward`` (rfft2 ->
+  normalize -> irfft2 with torch.fft's ``norm``; Triton spectral kernels on CUDA);
+* the entries ``spectral_batch_norm`` and ``batch_norm_sbn`` (normkernels/functional.py calls
+  them) and the synchronized training functions ``sbn_sync`` / ``bnsbn_sync``
+  (normkernels/distributed.py).
+
+The math (DESIGN.md section 2; the C++ of csrc/sbn_finalize.h is the same formulas)
+----------------------------------------------------------------------------------
+Per channel, X = rfft2(x) (N, H, Wr), Wr = W//2 + 1, M = N H Wr; D(w) = sum_{l<Wr} exp(-2 pi i l w/W);
+Pr = irfft2(ones), Pi = irfft2(1j ones) are zero off row 0 and Pr[0, :] = delta_w0. Parseval:
+    mu  = (H/M) sum_{n,w} x[n, 0, w] D(w),    var = (H W sum x^2 + H sum R^2 + [W even] H sum A^2)/(2M) - |mu|^2
+    y   = a x + (beta - a Re mu) Pr - a Im mu Pi,   a = gamma / sqrt(var + eps)
+with row sums R = sum_w x and alternating sums A = sum_w (-1)^w x. The statistics pass works on
+t = x - K (K = x[0, c, 0, 0]) so that x = 1000 + randn in float32 keeps its digits:
+    mu_t = (H/M) SD,  var_t = (H W S2 + H SR + [W even] H SA)/(2M) - |mu_t|^2,
+    mu = mu_t + K W/Wr,  var = var_t + (N d (d - cK) + 2 d (S1 - N Re mu_t))/M,  d = K H W, cK = K W/Wr.
+Several processes' sums are combined exactly by moving each to a common shift (t' = t + delta):
+    S1' = S1 + n delta, S2' = S2 + 2 delta S1 + n delta^2, SR' = SR + 2 W delta S1 + N H W^2 delta^2,
+    SA' = SA, SD0' = SD0 + delta N W, SD1' = SD1 (n = N H W).
+Backward (g = act'(pre) dy; Sdy = sum g, Gt = sum g t, G0 / G1 = row-0 sums against Pr / Pi):
+    Ga = Gt + K Sdy - Re mu G0 - Im mu G1,  dgamma = Ga/s,  dbeta = G0,
+    kE = -dgamma (a/s)/(2M),  u = -(H/M) a G0 - 2 H Re mu kE,  v = -(H/M) a G1 - 2 H Im mu kE,
+    dx = a g + kE (H W t + H R_t + [W even] H A_t (-1)^w) + 2 K H W kE + [h == 0](u Re D + v Im D).
+BN then SBN: z = p (x - K) + Kz per channel, so the SBN sums of z are those of x scaled
+(S1 p, S2 p^2, SR p^2, SA p^2, SD p); one statistics pass and one apply pass serve both layers.
+fft_norm m (f = 1, 1/sqrt(HW), 1/(HW), h = 1/f): the m-normalized layer is the formulas above
+with gamma_eff = h gamma, beta_eff = h beta, eps_eff = eps/f^2; statistics are reported in the m
+scale (f mu, f^2 var) and the parameter gradients are h times the formulas'.
 """
+from __future__ import annotations
 
-
+import importlib.util
+import math
 import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["spectral_batch_norm", "batch_norm_sbn"]
+from . import _act
+
+__all__ = ["spectral_batch_norm", "batch_norm_sbn", "sbn_sync", "bnsbn_sync",
+           "torch_sbn_stats", "torch_sbn_finish", "torch_sbn_grad_stats", "torch_sbn_grad_finish",
+           "torch_bnsbn_finish", "torch_bnsbn_grad_finish", "FFT_NORMS", "SBN_SAVED",
+           "BNSBN_SAVED"]
 
 _F64 = torch.float64
-_BACKENDS = ("cuda", "cpp", "triton", "torch")
+_OPT = Optional[Tensor]
+FFT_NORMS = ("backward", "ortho", "forward")
+# column layouts (csrc/sbn.cpp)
+ROWS = ("N", "K", "S1", "S2", "SR", "SA", "SD0", "SD1")
+SBN_SAVED = ("K", "cx", "b", "u", "v", "mr", "mi", "s", "a", "N_all")
+BNSBN_SAVED = ("K", "cx", "b", "u", "v", "p", "sd", "Kz", "mr", "mi", "s", "a", "mbn", "N_all",
+               "S1", "S2", "SR", "SA", "SD0", "SD1", "L1", "L2", "LR", "LA", "LD0", "LD1")
+GSUMS = ("Sdy", "Gt", "G0", "G1")
+
+try:  # registers torch.ops.normkernels.sbn_* (csrc/sbn.cpp)
+    import normkernels._C  # noqa: F401
+
+    _HAS_C = hasattr(torch.ops.normkernels, "sbn_forward")
+except ImportError:  # pure-PyTorch install: backend "torch" only
+    _HAS_C = False
+
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -51,362 +80,630 @@ _BACKENDS = ("cuda", "cpp", "triton", "torch")
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return _F64 if dtype == _F64 else torch.float32
 
+
+def _out_format(x: Tensor) -> torch.memory_format:
+    """The memory format of y / dx: x's when contiguous or channels_last, else contiguous (the
+    C++ kernels' rule, csrc/common.cpp make_view)."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _like(x: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+
+
+def _stat(x: Tensor, *shape: int) -> Tensor:
+    return x.new_empty(shape, dtype=_acc(x.dtype))
+
+
+def _check_x(x: Tensor, op: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: expected x of shape (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: expected a floating point x, got {x.dtype}")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{op}: expected H > 0 and W > 0, got shape {tuple(x.shape)}")
+
+
+def _check_channels(x: Tensor, op: str, **params) -> None:
+    """(C,) parameters / statistics ((C, 2) for a spectral mean) of x's C, on x's device."""
+    C = x.shape[1]
+    for name, t in params.items():
+        if t is None:
+            continue
+        shape = (C, 2) if name.endswith("mean") and name != "bn_mean" else (C,)
+        if tuple(t.shape) != shape or t.device != x.device:
+            raise ValueError(f"{op}: {name} must have shape {shape} on {x.device}, got "
+                             f"{tuple(t.shape)} on {t.device}")
+
+
+def _check_modes(fft_norm: str, act: str, op: str) -> None:
+    if fft_norm not in FFT_NORMS:
+        raise ValueError(f"{op}: fft_norm must be one of {FFT_NORMS}, got {fft_norm!r}")
+    _act.check_act(act, op)
+
+
+def fft_scale(fft_norm: str, H: int, W: int) -> float:
+    """f: the scale of torch.fft's forward transform under ``norm=fft_norm``."""
+    if fft_norm == "backward":
+        return 1.0
+    if fft_norm == "ortho":
+        return 1.0 / math.sqrt(H * W)
+    if fft_norm == "forward":
+        return 1.0 / (H * W)
+    raise ValueError(f"fft_norm must be one of {FFT_NORMS}, got {fft_norm!r}")
+
+
+_CONSTS: dict = {}
+
+
+def row_consts(W: int, device) -> Tensor:
+    """(3, W) float64 [Re D, Im D, Pi[0, :]] computed with torch.fft (the oracle's independent
+    derivation of the C++ closed forms): D(w) = sum_{l<Wr} exp(-2 pi i l w / W) = fft of the
+    indicator of l < Wr, Pi[0, :] = irfft(1j * ones(Wr), n=W). Cached per (W, device)."""
+    key = (W, str(device))
+    hit = _CONSTS.get(key)
+    if hit is None:
+        Wr = W // 2 + 1
+        ind = torch.zeros(W, dtype=torch.complex128)
+        ind[:Wr] = 1.0
+        D = torch.fft.fft(ind)
+        pi = torch.fft.irfft(1j * torch.ones(Wr, dtype=torch.complex128), n=W)
+        hit = _CONSTS[key] = torch.stack([D.real, D.imag, pi]).to(device).contiguous()
+    return hit
+
+
+def _alternating(W: int, device, dtype) -> Tensor:
+    return 1.0 - 2.0 * (torch.arange(W, device=device) % 2).to(dtype)
+
+
+def _col(t: Optional[Tensor], default: float, like: Tensor) -> Tensor:
+    """A (C,) parameter as float64 (default where absent)."""
+    return torch.full_like(like, default) if t is None else t.to(_F64)
+
+
+def _to_complex(m: Tensor) -> Tensor:
+    """(C, 2) [re, im] -> complex (complex64 for float32, complex128 for float64)."""
+    return torch.view_as_complex(m.contiguous())
+
+
+# ----------------------------------------------------------------------------------------------
+# the torch oracle: the finalize formulas (float64, vectorized over channels)
+# ----------------------------------------------------------------------------------------------
+
+
+def _combine(rows_all: Tensor, H: int, W: int, rank: int):
+    """rows_all (P, C, 8) -> (the group's sums (C, 6) and process ``rank``'s, both at the shift of
+    the first process with N > 0, that shift K (C,), the group's N (C,))."""
+    rows_all = rows_all.to(_F64)
+    Nr, Kr = rows_all[..., 0], rows_all[..., 1]
+    first = (Nr > 0).to(torch.int64).argmax(0)        # first process with samples (0 if none)
+    K = Kr.gather(0, first.view(1, -1)).view(-1)
+    d = Kr - K
+    S1, S2, SR, SA, SD0, SD1 = rows_all[..., 2:].unbind(-1)
+    n = Nr * (H * W)
+    moved = torch.stack([S1 + n * d, S2 + 2.0 * d * S1 + n * d * d,
+                         SR + 2.0 * W * d * S1 + n * W * d * d, SA, SD0 + d * Nr * W, SD1], -1)
+    return moved.sum(0), moved[rank], K, Nr.sum(0)
+
+
+def _spectral(sums: Tensor, K: Tensor, N: Tensor, H: int, W: int):
+    """Shifted sums of t = z - K (C, 6) -> (Re mu, Im mu, var) of SBN on z ("backward" scale)."""
+    S1, S2, SR, SA, SD0, SD1 = sums.unbind(1)
+    Wr = W // 2 + 1
+    M = N * (H * Wr)
+    mr_t, mi_t = SD0 * H / M, SD1 * H / M
+    E = H * W * S2 + H * SR
+    if W % 2 == 0:
+        E = E + H * SA
+    var_t = E / (2.0 * M) - (mr_t * mr_t + mi_t * mi_t)
+    d, cK = K * (H * W), K * (W / Wr)
+    var = var_t + (N * d * (d - cK) + 2.0 * d * (S1 - N * mr_t)) / M
+    return mr_t + cK, mi_t, var.clamp_min(0.0)
+
+
+def _sbn_coefs(Kz, mr, mi, var, gamma, beta, eps, f):
+    """-> (cx, b, u, v, s, a) of SBN on z with shift Kz (csrc/sbn_finalize.h sbn_coef)."""
+    h = 1.0 / f
+    s = torch.sqrt(var + eps / (f * f))
+    a = h * _col(gamma, 1.0, s) / s
+    return a, a * Kz, h * _col(beta, 0.0, s) + a * (Kz - mr), -a * mi, s, a
+
+
+def _grad_core(gs: Tensor, p, Kz, mr, mi, s, a, N, H: int, W: int, training: bool):
+    """Gradient sums (C, 4) -> (dgamma_eff, dbeta_eff, kE, u, v, cst) (sbn_grad_core); the sums
+    of g t are scaled by p (BN+SBN: z - Kz = p t; p = 1 for SBN)."""
+    Sdy, Gt, G0, G1 = gs.to(_F64).unbind(1)
+    Ga = p * Gt + Kz * Sdy - mr * G0 - mi * G1
+    dgamma = Ga / s
+    if not training:
+        z = torch.zeros_like(dgamma)
+        return dgamma, G0, z, z, z, z
+    M = N * (H * (W // 2 + 1))
+    kE = -0.5 * dgamma * (a / s) / M
+    u = -(H / M) * a * G0 - 2.0 * H * mr * kE
+    v = -(H / M) * a * G1 - 2.0 * H * mi * kE
+    return dgamma, G0, kE, u, v, 2.0 * H * W * Kz * kE
+
+
+def _sbn_back_coef(a, kE, cst, u, v, H: int, W: int):
+    kEH = kE * H
+    return torch.stack([a, kEH * W, kEH, kEH if W % 2 == 0 else torch.zeros_like(kEH), cst, u, v],
+                       1)
+
+
+def _bn_grad_sums(S: Tensor, Sdy, Gt, a, p, kE, cst, u, v, N, H: int, W: int):
+    """sum dz and sum dz t of BN+SBN over a batch with sums S (C, 6) (bn_grad_sums)."""
+    S1, S2, SR, SA, SD0, SD1 = S.unbind(1)
+    kEp = kE * p
+    sdz = a * Sdy + 2.0 * H * W * kEp * S1 + N * (H * W) * cst + N * W * u
+    E = H * W * S2 + H * SR
+    if W % 2 == 0:
+        E = E + H * SA
+    return sdz, a * Gt + kEp * E + cst * S1 + u * SD0 + v * SD1
+
+
+# ----------------------------------------------------------------------------------------------
+# the torch oracle: the passes (in acc, like the kernels; sums in float64)
+# ----------------------------------------------------------------------------------------------
+
+
+def _pre(x: Tensor, coef: Tensor):
+    """(pre, t) in acc for the forward-apply coefficients coef (C, >= 5) = [K, cx, b, u, v]."""
+    N, C, H, W = x.shape
+    acc = _acc(x.dtype)
+    cf = coef[:, :5].to(_F64)
+    K, cx, b, u, v = cf.unbind(1)
+    pi = row_consts(W, x.device)[2]
+    T0 = b[:, None] + v[:, None] * pi[None, :]                  # (C, W) row-0 offsets
+    T0[:, 0] = u + v * pi[0]
+    add = b.to(acc).view(1, C, 1, 1).expand(1, C, H, W).clone()
+    add[:, :, 0, :] = T0.to(acc)
+    t = x.to(acc) - K.to(acc).view(1, C, 1, 1)
+    return cx.to(acc).view(1, C, 1, 1) * t + add, t
+
+
+def _fill(x: Tensor, val: Tensor) -> Tensor:
+    return _like(x).copy_(val)
+
+
+def _apply(x: Tensor, coef: Tensor, act: str, act_param: float) -> Tensor:
+    if x.numel() == 0:
+        return _like(x)
+    pre, _ = _pre(x, coef)
+    return _fill(x, _act.act_forward(pre, act, act_param))
+
+
+def _apply_backward(dy, x, coef, bcoef: Tensor, act, act_param, need_row: bool) -> Tensor:
+    """dx = c_dy g + c_t t + cst [+ c_R R + c_A A (-1)^w] + [h == 0](u Re D + v Im D)."""
+    if x.numel() == 0:
+        return _like(x)
+    N, C, H, W = x.shape
+    acc = _acc(x.dtype)
+    pre, t = _pre(x, coef)
+    g = _act.act_backward(pre, dy.to(acc), act, act_param)
+    c_dy, c_t, c_R, c_A, cst = (bcoef[:, i].to(acc).view(1, C, 1, 1) for i in range(5))
+    out = c_dy * g + c_t * t + cst
+    if need_row:
+        sgn = _alternating(W, x.device, acc)
+        out = out + c_R * t.sum(3, keepdim=True) + c_A * (t * sgn).sum(3, keepdim=True) * sgn
+    cs = row_consts(W, x.device)
+    T1 = bcoef[:, 5:6].to(_F64) * cs[0] + bcoef[:, 6:7].to(_F64) * cs[1]    # (C, W)
+    out[:, :, 0, :] += T1.to(acc)
+    return _fill(x, out)
+
+
+def torch_sbn_stats(x: Tensor) -> Tensor:
+    """sbn_stats (csrc/sbn.cpp): rows (C, 8) float64 [N, K, S1, S2, SR, SA, SD0, SD1]."""
+    _check_x(x, "torch_sbn_stats")
+    N, C, H, W = x.shape
+    rows = torch.zeros((C, 8), dtype=_F64, device=x.device)
+    rows[:, 0] = N
+    if x.numel() == 0:
+        return rows
+    acc = _acc(x.dtype)
+    K = x[0, :, 0, 0].to(acc)
+    t = (x.to(acc) - K.view(1, C, 1, 1)).to(_F64)
+    cs = row_consts(W, x.device)
+    rows[:, 1] = K.to(_F64)
+    rows[:, 2] = t.sum((0, 2, 3))
+    rows[:, 3] = t.square().sum((0, 2, 3))
+    rows[:, 4] = t.sum(3).square().sum((0, 2))
+    if W % 2 == 0:
+        rows[:, 5] = (t * _alternating(W, x.device, _F64)).sum(3).square().sum((0, 2))
+    t0 = t[:, :, 0, :]
+    rows[:, 6] = (t0 * cs[0]).sum((0, 2))
+    rows[:, 7] = (t0 * cs[1]).sum((0, 2))
+    return rows
+
+
+def _check_rows(rows_all: Tensor, C: int, op: str) -> None:
+    if rows_all.dim() != 3 or rows_all.shape[1:] != (C, 8) or rows_all.dtype != _F64:
+        raise ValueError(f"{op}: rows_all must be float64 of shape (P, {C}, 8), got "
+                         f"{rows_all.dtype} {tuple(rows_all.shape)}")
+
+
+def _group(rows_all: Tensor, H: int, W: int, rank: int, op: str):
+    sums, local, K, N = _combine(rows_all, H, W, rank)
+    if not bool((N > 0).all()):
+        raise ValueError(f"{op}: the batch (over every process) has no samples")
+    return sums, local, K, N
+
+
+def torch_sbn_finish(x: Tensor, rows_all: Tensor, weight: _OPT, bias: _OPT, eps: float,
+                     fft_norm: str, act: str, act_param: float):
+    """sbn_finish (csrc/sbn.cpp) -> (y, batch_mean (C, 2), batch_var (C,), saved (C, 10))."""
+    op = "torch_sbn_finish"
+    _check_x(x, op)
+    _check_modes(fft_norm, act, op)
+    _check_channels(x, op, weight=weight, bias=bias)
+    N, C, H, W = x.shape
+    _check_rows(rows_all, C, op)
+    sums, _, K, Nall = _group(rows_all, H, W, 0, op)
+    mr, mi, var = _spectral(sums, K, Nall, H, W)
+    f = fft_scale(fft_norm, H, W)
+    cx, b, u, v, s, a = _sbn_coefs(K, mr, mi, var, weight, bias, eps, f)
+    saved = torch.stack([K, cx, b, u, v, mr, mi, s, a, Nall], 1)
+    acc = _acc(x.dtype)
+    return (_apply(x, saved, act, act_param), torch.stack([f * mr, f * mi], 1).to(acc),
+            (f * f * var).to(acc), saved)
+
+
+def _torch_sbn_eval(x, weight, bias, mean, var, eps, fft_norm, act, act_param):
+    N, C, H, W = x.shape
+    f = fft_scale(fft_norm, H, W)
+    m = mean.to(_F64)
+    mr, mi, vb = m[:, 0] / f, m[:, 1] / f, var.to(_F64) / (f * f)
+    K = torch.zeros_like(vb)
+    cx, b, u, v, s, a = _sbn_coefs(K, mr, mi, vb, weight, bias, eps, f)
+    saved = torch.stack([K, cx, b, u, v, mr, mi, s, a, torch.full_like(K, float(N))], 1)
+    acc = _acc(x.dtype)
+    return (_apply(x, saved, act, act_param), mean.to(acc, copy=True), var.to(acc, copy=True),
+            saved)
+
+
+def torch_sbn_grad_stats(dy: Tensor, x: Tensor, saved: Tensor, act: str, act_param: float
+                         ) -> Tensor:
+    """sbn_grad_stats (csrc/sbn.cpp): (C, 4) float64 [sum g, sum g t, G0, G1]."""
+    _check_x(x, "torch_sbn_grad_stats")
+    N, C, H, W = x.shape
+    gs = torch.zeros((C, 4), dtype=_F64, device=x.device)
+    if x.numel() == 0:
+        return gs
+    pre, t = _pre(x, saved)
+    g = _act.act_backward(pre, dy.to(_acc(x.dtype)), act, act_param).to(_F64)
+    t = t.to(_F64)
+    gs[:, 0] = g.sum((0, 2, 3))
+    gs[:, 1] = (g * t).sum((0, 2, 3))
+    gs[:, 2] = g[:, :, 0, 0].sum(0)
+    gs[:, 3] = (g[:, :, 0, :] * row_consts(W, x.device)[2]).sum((0, 2))
+    return gs
+
+
+def torch_sbn_grad_finish(dy: Tensor, x: Tensor, saved: Tensor, gsums_local: Tensor,
+                          gsums_all: Tensor, training: bool, fft_norm: str, act: str,
+                          act_param: float):
+    """sbn_grad_finish (csrc/sbn.cpp) -> (dx, dweight, dbias)."""
+    op = "torch_sbn_grad_finish"
+    _check_x(x, op)
+    _check_modes(fft_norm, act, op)
+    N, C, H, W = x.shape
+    K, cx, b, u, v, mr, mi, s, a, Nall = saved.to(_F64).unbind(1)
+    one = torch.ones_like(K)
+    dg, db, kE, uu, vv, cst = _grad_core(gsums_all, one, K, mr, mi, s, a, Nall, H, W, training)
+    dg_l, db_l = _grad_core(gsums_local, one, K, mr, mi, s, a, Nall, H, W, False)[:2]
+    h = 1.0 / fft_scale(fft_norm, H, W)
+    dx = _apply_backward(dy, x, saved, _sbn_back_coef(a, kE, cst, uu, vv, H, W), act, act_param,
+                         training)
+    acc = _acc(x.dtype)
+    return dx, (h * dg_l).to(acc), (h * db_l).to(acc)
+
+
+def torch_bnsbn_finish(x: Tensor, rows_all: Tensor, rank: int, bn_weight: _OPT, bn_bias: _OPT,
+                       sbn_weight: _OPT, sbn_bias: _OPT, bn_eps: float, sbn_eps: float,
+                       fft_norm: str, act: str, act_param: float):
+    """bnsbn_finish (csrc/sbn.cpp) -> (y, bn_mean, bn_var, sbn_mean (C, 2), sbn_var, saved)."""
+    op = "torch_bnsbn_finish"
+    _check_x(x, op)
+    _check_modes(fft_norm, act, op)
+    _check_channels(x, op, bn_weight=bn_weight, bn_bias=bn_bias, sbn_weight=sbn_weight,
+                    sbn_bias=sbn_bias)
+    N, C, H, W = x.shape
+    _check_rows(rows_all, C, op)
+    if not 0 <= rank < rows_all.shape[0]:
+        raise ValueError(f"{op}: rank must be in [0, {rows_all.shape[0]}), got {rank}")
+    sums, local, K, Nall = _group(rows_all, H, W, rank, op)
+    nb = Nall * (H * W)
+    m_t = sums[:, 0] / nb
+    vbn = (sums[:, 1] / nb - m_t * m_t).clamp_min(0.0)
+    sd = torch.sqrt(vbn + bn_eps)
+    p = _col(bn_weight, 1.0, sd) / sd
+    Kz = _col(bn_bias, 0.0, sd) - p * m_t
+    scale = torch.stack([p, p * p, p * p, p * p, p, p], 1)
+    mr, mi, svar = _spectral(sums * scale, Kz, Nall, H, W)
+    f = fft_scale(fft_norm, H, W)
+    saved = _bnsbn_saved(K, p, sd, Kz, mr, mi, svar, K + m_t, Nall, sums, local, sbn_weight,
+                         sbn_bias, sbn_eps, f)
+    acc = _acc(x.dtype)
+    return (_apply(x, saved, act, act_param), (K + m_t).to(acc), vbn.to(acc),
+            torch.stack([f * mr, f * mi], 1).to(acc), (f * f * svar).to(acc), saved)
+
+
+def _bnsbn_saved(K, p, sd, Kz, mr, mi, svar, mbn, Nall, sums, local, sbn_w, sbn_b, sbn_eps, f):
+    cx, b, u, v, s, a = _sbn_coefs(Kz, mr, mi, svar, sbn_w, sbn_b, sbn_eps, f)
+    return torch.cat([torch.stack([K, cx * p, b, u, v, p, sd, Kz, mr, mi, s, a, mbn, Nall], 1),
+                      sums, local], 1)
+
+
+def _torch_bnsbn_eval(x, bn_w, bn_b, bn_mean, bn_var, sbn_w, sbn_b, sbn_mean, sbn_var, bn_eps,
+                      sbn_eps, fft_norm, act, act_param):
+    N, C, H, W = x.shape
+    f = fft_scale(fft_norm, H, W)
+    mbn, vbn = bn_mean.to(_F64), bn_var.to(_F64)
+    sd = torch.sqrt(vbn + bn_eps)
+    p = _col(bn_w, 1.0, sd) / sd
+    Kz = _col(bn_b, 0.0, sd) - p * mbn          # K = 0
+    sm = sbn_mean.to(_F64)
+    zero = torch.zeros((C, 6), dtype=_F64, device=x.device)
+    saved = _bnsbn_saved(torch.zeros_like(sd), p, sd, Kz, sm[:, 0] / f, sm[:, 1] / f,
+                         sbn_var.to(_F64) / (f * f), mbn, torch.full_like(sd, float(N)), zero,
+                         zero, sbn_w, sbn_b, sbn_eps, f)
+    acc = _acc(x.dtype)
+    return (_apply(x, saved, act, act_param), bn_mean.to(acc, copy=True),
+            bn_var.to(acc, copy=True), sbn_mean.to(acc, copy=True), sbn_var.to(acc, copy=True),
+            saved)
+
+
+def torch_bnsbn_grad_finish(dy: Tensor, x: Tensor, saved: Tensor, gsums_local: Tensor,
+                            gsums_all: Tensor, training: bool, fft_norm: str, act: str,
+                            act_param: float):
+    """bnsbn_grad_finish (csrc/sbn.cpp) -> (dx, dbn_weight, dbn_bias, dsbn_weight, dsbn_bias)."""
+    op = "torch_bnsbn_grad_finish"
+    _check_x(x, op)
+    _check_modes(fft_norm, act, op)
+    N, C, H, W = x.shape
+    sv = saved.to(_F64)
+    K, _, _, _, _, p, sd, Kz, mr, mi, s, a, mbn, Nall = sv[:, :14].unbind(1)
+    S, L = sv[:, 14:20], sv[:, 20:26]
+    dgs, dbs, kE, u, v, cst = _grad_core(gsums_all, p, Kz, mr, mi, s, a, Nall, H, W, training)
+    dgs_l, dbs_l = _grad_core(gsums_local, p, Kz, mr, mi, s, a, Nall, H, W, False)[:2]
+    ga, gl = gsums_all.to(_F64), gsums_local.to(_F64)
+    if training:
+        sdz, sdzt = _bn_grad_sums(S, ga[:, 0], ga[:, 1], a, p, kE, cst, u, v, Nall, H, W)
+        nb = Nall * (H * W)
+        m_t = S[:, 0] / nb
+        dgb_all = (sdzt - m_t * sdz) / sd
+        kb = p * dgb_all / (sd * nb)
+        pkEH = p * p * kE * H
+        bcoef = torch.stack([p * a, pkEH * W - kb, pkEH,
+                             pkEH if W % 2 == 0 else torch.zeros_like(pkEH),
+                             p * cst - p * sdz / nb + kb * m_t, p * u, p * v], 1)
+        sdz_l, sdzt_l = _bn_grad_sums(L, gl[:, 0], gl[:, 1], a, p, kE, cst, u, v, float(N), H, W)
+        dbb, dgb = sdz_l, (sdzt_l - m_t * sdz_l) / sd
+    else:
+        z = torch.zeros_like(p)
+        bcoef = torch.stack([p * a, z, z, z, z, z, z], 1)
+        dbb = a * gl[:, 0]
+        dgb = a * (gl[:, 1] + (K - mbn) * gl[:, 0]) / sd
+    dx = _apply_backward(dy, x, saved, bcoef, act, act_param, training)
+    h = 1.0 / fft_scale(fft_norm, H, W)
+    acc = _acc(x.dtype)
+    return dx, dgb.to(acc), dbb.to(acc), (h * dgs_l).to(acc), (h * dbs_l).to(acc)
+
+
+# ----------------------------------------------------------------------------------------------
+# fake kernels of the C++ ops
+# ----------------------------------------------------------------------------------------------
+
+
+def _fake_sbn_fwd(x, *_):
+    C = x.shape[1]
+    return _like(x), _stat(x, C, 2), _stat(x, C), x.new_empty((C, 10), dtype=_F64)
+
+
+def _fake_bnsbn_fwd(x, *_):
+    C = x.shape[1]
+    return (_like(x), _stat(x, C), _stat(x, C), _stat(x, C, 2), _stat(x, C),
+            x.new_empty((C, 26), dtype=_F64))
+
+
+def _fake_sbn_bwd(dy, x, *_):
+    C = x.shape[1]
+    return _like(x), _stat(x, C), _stat(x, C)
+
+
+def _fake_bnsbn_bwd(dy, x, *_):
+    C = x.shape[1]
+    return (_like(x),) + tuple(_stat(x, C) for _ in range(4))
+
+
+def _fake_stats(x):
+    return x.new_empty((x.shape[1], 8), dtype=_F64)
+
+
+def _fake_grad_stats(dy, x, saved, act, act_param):
+    return x.new_empty((x.shape[1], 4), dtype=_F64)
+
+
+if _HAS_C:
+    for _name, _fake in (("sbn_stats", _fake_stats), ("sbn_finish", _fake_sbn_fwd),
+                         ("sbn_forward", _fake_sbn_fwd), ("sbn_grad_stats", _fake_grad_stats),
+                         ("sbn_grad_finish", _fake_sbn_bwd), ("sbn_backward", _fake_sbn_bwd),
+                         ("bnsbn_finish", _fake_bnsbn_fwd), ("bnsbn_forward", _fake_bnsbn_fwd),
+                         ("bnsbn_grad_finish", _fake_bnsbn_bwd),
+                         ("bnsbn_backward", _fake_bnsbn_bwd)):
+        torch.library.register_fake(f"normkernels::{_name}", _fake)
+
+
+# ----------------------------------------------------------------------------------------------
+# the torch oracle as custom ops (backend "torch")
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("normkernels::torch_sbn_forward", mutates_args=())
+def torch_sbn_forward(x: Tensor, weight: _OPT, bias: _OPT, mean: _OPT, var: _OPT, eps: float,
+                      fft_norm: str, act: str, act_param: float
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """sbn_forward (csrc/sbn.cpp) in torch ops."""
+    op = "torch_sbn_forward"
+    _check_x(x, op)
+    _check_modes(fft_norm, act, op)
+    if (mean is None) != (var is None):
+        raise ValueError(f"{op}: mean and var must both be given (eval) or both be None")
+    _check_channels(x, op, weight=weight, bias=bias, mean=mean, var=var)
+    if mean is None:
+        return torch_sbn_finish(x, torch_sbn_stats(x)[None], weight, bias, eps, fft_norm, act,
+                                act_param)
+    return _torch_sbn_eval(x, weight, bias, mean, var, eps, fft_norm, act, act_param)
+
+
+torch_sbn_forward.register_fake(_fake_sbn_fwd)
+
+
+@torch.library.custom_op("normkernels::torch_sbn_backward", mutates_args=())
+def torch_sbn_backward(dy: Tensor, x: Tensor, saved: Tensor, training: bool, fft_norm: str,
+                       act: str, act_param: float) -> tuple[Tensor, Tensor, Tensor]:
+    """sbn_backward (csrc/sbn.cpp) in torch ops."""
+    gs = torch_sbn_grad_stats(dy, x, saved, act, act_param)
+    return torch_sbn_grad_finish(dy, x, saved, gs, gs, training, fft_norm, act, act_param)
+
+
+torch_sbn_backward.register_fake(_fake_sbn_bwd)
+
+
+def _grad_to(g: Tensor, p: _OPT, needed: bool):
+    if not needed or p is None:
+        return None
+    return g if g.dtype == p.dtype else g.to(p.dtype)
+
+
+def _sbn_setup(ctx, inputs, output):
+    x, weight, bias, mean, var, eps, fft_norm, act, act_param = inputs
+    ctx.save_for_backward(x, output[3])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.cfg = (mean is None, fft_norm, act, act_param)
+    ctx.params = (weight, bias)
+
+
+def _sbn_bwd(ctx, dy, *_):
+    x, saved = ctx.saved_tensors
+    dx, dw, db = torch_sbn_backward(dy, x, saved, *ctx.cfg)
+    need = ctx.needs_input_grad
+    w, b = ctx.params
+    return ((dx if need[0] else None), _grad_to(dw, w, need[1]), _grad_to(db, b, need[2])
+            ) + (None,) * 6
+
+
+torch.library.register_autograd("normkernels::torch_sbn_forward", _sbn_bwd,
+                                setup_context=_sbn_setup)
+
+
+@torch.library.custom_op("normkernels::torch_bnsbn_forward", mutates_args=())
+def torch_bnsbn_forward(x: Tensor, bn_weight: _OPT, bn_bias: _OPT, bn_mean: _OPT, bn_var: _OPT,
+                        sbn_weight: _OPT, sbn_bias: _OPT, sbn_mean: _OPT, sbn_var: _OPT,
+                        bn_eps: float, sbn_eps: float, fft_norm: str, act: str, act_param: float
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """bnsbn_forward (csrc/sbn.cpp) in torch ops."""
+    op = "torch_bnsbn_forward"
+    _check_x(x, op)
+    _check_modes(fft_norm, act, op)
+    stats = (bn_mean, bn_var, sbn_mean, sbn_var)
+    if any(t is None for t in stats) and not all(t is None for t in stats):
+        raise ValueError(f"{op}: bn_mean, bn_var, sbn_mean, sbn_var must all be given (eval) or "
+                         "all be None")
+    _check_channels(x, op, bn_weight=bn_weight, bn_bias=bn_bias, bn_mean=bn_mean, bn_var=bn_var,
+                    sbn_weight=sbn_weight, sbn_bias=sbn_bias, sbn_mean=sbn_mean, sbn_var=sbn_var)
+    if bn_mean is None:
+        return torch_bnsbn_finish(x, torch_sbn_stats(x)[None], 0, bn_weight, bn_bias, sbn_weight,
+                                  sbn_bias, bn_eps, sbn_eps, fft_norm, act, act_param)
+    return _torch_bnsbn_eval(x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias,
+                             sbn_mean, sbn_var, bn_eps, sbn_eps, fft_norm, act, act_param)
+
+
+torch_bnsbn_forward.register_fake(_fake_bnsbn_fwd)
+
+
+@torch.library.custom_op("normkernels::torch_bnsbn_backward", mutates_args=())
+def torch_bnsbn_backward(dy: Tensor, x: Tensor, saved: Tensor, training: bool, fft_norm: str,
+                         act: str, act_param: float
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """bnsbn_backward (csrc/sbn.cpp) in torch ops."""
+    gs = torch_sbn_grad_stats(dy, x, saved, act, act_param)
+    return torch_bnsbn_grad_finish(dy, x, saved, gs, gs, training, fft_norm, act, act_param)
+
+
+torch_bnsbn_backward.register_fake(_fake_bnsbn_bwd)
+
+
+def _bnsbn_setup(ctx, inputs, output):
+    (x, bn_w, bn_b, bn_mean, _bv, sbn_w, sbn_b, _sm, _sv, _be, _se, fft_norm, act,
+     act_param) = inputs
+    ctx.save_for_backward(x, output[5])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.cfg = (bn_mean is None, fft_norm, act, act_param)
+    ctx.params = (bn_w, bn_b, sbn_w, sbn_b)
+
+
+def _bnsbn_bwd(ctx, dy, *_):
+    x, saved = ctx.saved_tensors
+    dx, dgb, dbb, dgs, dbs = torch_bnsbn_backward(dy, x, saved, *ctx.cfg)
+    need = ctx.needs_input_grad
+    bw, bb, sw, sb = ctx.params
+    return ((dx if need[0] else None), _grad_to(dgb, bw, need[1]), _grad_to(dbb, bb, need[2]),
+            None, None, _grad_to(dgs, sw, need[5]), _grad_to(dbs, sb, need[6])) + (None,) * 7
+
+
+torch.library.register_autograd("normkernels::torch_bnsbn_forward", _bnsbn_bwd,
+                                setup_context=_bnsbn_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton (H3: normkernels/triton): interpreted entries on CPU, CUDA kernels, fft spectral kernels
+# ----------------------------------------------------------------------------------------------
 
 _TRITON_MOD = None
 
 
-def _triton_kernels():
+def _triton_sbn():
+    """H3's Triton module (normkernels.triton.sbn, or its earlier name sbn_kernels), or None when
+    triton or the module is missing."""
     global _TRITON_MOD
     if _TRITON_MOD is None:
-        try:
-            from normkernels.triton import sbn_kernels
-            _TRITON_MOD = sbn_kernels
-        except Exception:  # triton missing or broken: torch passes are used
-            _TRITON_MOD = False
+        _TRITON_MOD = False
+        if importlib.util.find_spec("triton") is not None:
+            for name in ("normkernels.triton.sbn", "normkernels.triton.sbn_kernels"):
+                try:
+                    _TRITON_MOD = importlib.import_module(name)
+                    break
+                except ImportError:
+                    continue
     return _TRITON_MOD or None
 
 
-def _use_triton(x: Tensor, backend: str) -> bool:
-    if backend != "triton" or x.numel() == 0:  # an empty (synchronized) batch: torch passes
-        return False
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
-        return False
-    return _triton_kernels() is not None
-
-
-_CONST_CACHE: dict = {}
-
-
-def _row_consts(W: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(PD, PP), each (2, W): PD = [Re D, Im D], PP = [Pr[0, :], Pi[0, :]] with
-    D(w) = sum_{l<Wr} exp(-2 pi i l w/W) (= fft of the indicator of l < Wr),
-    Pr[0, :] = irfft(ones(Wr), n=W), Pi[0, :] = irfft(1j*ones(Wr), n=W); rows h > 0 are 0."""
-    key = (W, str(device), dtype)
-    hit = _CONST_CACHE.get(key)
-    if hit is None:
-        Wr = W // 2 + 1
-        ind = torch.zeros(W, dtype=_F64)
-        ind[:Wr] = 1.0
-        D = torch.fft.fft(ind.to(torch.complex128))
-        ones = torch.ones(Wr, dtype=torch.complex128)
-        pr = torch.fft.irfft(ones, n=W)
-        pi = torch.fft.irfft(1j * ones, n=W)
-        PD = torch.stack([D.real, D.imag]).to(device=device, dtype=dtype).contiguous()
-        PP = torch.stack([pr, pi]).to(device=device, dtype=dtype).contiguous()
-        hit = (PD, PP)
-        _CONST_CACHE[key] = hit
-    return hit
-
-
-def _shift(x: Tensor, dtype: torch.dtype = _F64) -> Tensor:
-    """Per-channel shift K_c = x[0, c, 0, 0] as a (C,) tensor in ``dtype`` (any value works; one
-    sample of the channel keeps t = x - K small for data with a large mean). An empty batch (a
-    process of a synchronized group with no samples) gets K = 0; it contributes nothing."""
-    if x.numel() == 0:
-        return torch.zeros(x.shape[1], dtype=dtype, device=x.device)
-    # x[0, :, 0, 0] as one strided view (one op instead of three selects)
-    # (a contiguous copy: the passes and the finalize's cat want contiguous operands)
-    return x.as_strided((x.shape[1],), (x.stride(1),), x.storage_offset()).to(dtype, copy=True)
-
-
-def _cols(t: Tensor) -> tuple[Tensor, ...]:
-    """(C, k) -> k (C, 1) column views (one split: the finalize works on (C, 1) columns so that
-    (C,) parameters broadcast after one .view(-1, 1) and results concatenate with one cat)."""
-    return t.split([1] * t.shape[1], 1)    # split_with_sizes: one view op per column
-
-
-def _col(t: Optional[Tensor]):
-    """A (C,) parameter as a (C, 1) column, used as is in float64 arithmetic (type promotion
-    computes in float64 exactly); None stays None (the caller uses a python scalar)."""
-    return None if t is None else t.view(-1, 1)
-
-
-def _index_cols(t: Tensor, *cols: int) -> Tensor:
-    """Columns of a (C, k) tensor as a contiguous (C, len(cols)) copy: one index_select with a
-    cached index (a cat of column views would take the per-input slow path)."""
-    key = ("index", cols, str(t.device))
-    idx = _CONST_CACHE.get(key)
-    if idx is None:
-        idx = _CONST_CACHE[key] = torch.tensor(cols, dtype=torch.long, device=t.device)
-    return t.index_select(1, idx)
-
-
-def _out(col: Tensor, dtype: torch.dtype) -> Tensor:
-    """A (C, 1) float64 column -> a fresh contiguous (C,) output in ``dtype``."""
-    return col.view(-1).to(dtype, copy=True)
-
+def _interpreted(name: str):
+    mod = _triton_sbn()
+    fn = getattr(mod, name, None) if mod is not None else None
+    if fn is None or os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError(f"backend 'triton' on a CPU tensor needs triton, TRITON_INTERPRET=1 and "
+                           f"normkernels.triton's {name}")
+    return fn
 
 
 # ----------------------------------------------------------------------------------------------
-# the heavy passes: torch fallback (same interface as normkernels.triton.sbn_kernels)
-# ----------------------------------------------------------------------------------------------
-
-
-def _sgn(W: int, device, dtype) -> Tensor:
-    return 1.0 - 2.0 * (torch.arange(W, device=device) % 2).to(dtype)
-
-
-def _torch_stats(x: Tensor, K: Tensor, P: Tensor) -> Tensor:
-    acc = _acc(x.dtype)
-    t = x.to(acc) - K.to(acc).view(1, -1, 1, 1)
-    R = t.sum(3)
-    A = (t * _sgn(x.shape[3], x.device, acc)).sum(3)
-    t0 = t[:, :, 0, :]
-    return torch.stack([
-        t.sum((0, 2, 3)), (t * t).sum((0, 2, 3)), (R * R).sum((0, 2)), (A * A).sum((0, 2)),
-        (t0 * P[0]).sum((0, 2)), (t0 * P[1]).sum((0, 2))], dim=1)
-
-
-def _torch_grad_stats(dy: Tensor, x: Tensor, K: Tensor, P: Tensor) -> Tensor:
-    acc = _acc(x.dtype)
-    t = x.to(acc) - K.to(acc).view(1, -1, 1, 1)
-    g = dy.to(acc)
-    g0 = g[:, :, 0, :]
-    return torch.stack([g.sum((0, 2, 3)), (g * t).sum((0, 2, 3)),
-                        (g0 * P[0]).sum((0, 2)), (g0 * P[1]).sum((0, 2))], dim=1)
-
-
-def _torch_forward_apply(x: Tensor, coef: Tensor, P: Tensor) -> Tensor:
-    acc = _acc(x.dtype)
-    cf = coef.to(acc)
-    K, cx, b, u, v = (cf[:, i].view(1, -1, 1, 1) for i in range(5))
-    y = cx * (x.to(acc) - K)
-    # row 0: b is replaced by u where P[0] = 1 (P[0] = Pr[0, :] = delta_w0)
-    row = b[..., 0] * (1.0 - P[0]) + u[..., 0] * P[0] + v[..., 0] * P[1]   # (1, C, W)
-    y = torch.cat([y[:, :, :1, :] + row.unsqueeze(2), y[:, :, 1:, :] + b], dim=2)
-    return torch.empty_like(x).copy_(y)
-
-
-def _torch_backward_apply(dy: Tensor, x: Tensor, coef: Tensor, P: Tensor,
-                          need_row: bool) -> Tensor:
-    acc = _acc(x.dtype)
-    cf = coef.to(acc)
-    K, c_dy, c_t, c_R, c_A, cst, u, v = (cf[:, i].view(1, -1, 1, 1) for i in range(8))
-    t = x.to(acc) - K
-    out = c_dy * dy.to(acc) + c_t * t + cst
-    if need_row:
-        sgn = _sgn(x.shape[3], x.device, acc)
-        R = t.sum(3, keepdim=True)
-        A = (t * sgn).sum(3, keepdim=True)
-        out = out + c_R * R + c_A * A * sgn
-    row = u[..., 0] * P[0] + v[..., 0] * P[1]
-    out = torch.cat([out[:, :, :1, :] + row.unsqueeze(2), out[:, :, 1:, :]], dim=2)
-    return torch.empty_like(x).copy_(out)
-
-
-# C++ CPU passes (csrc/cpu/sbn_cpu.cpp): present when the extension is built; fake kernels
-# so that opcheck / torch.compile see through them.
-try:
-    import normkernels._C  # noqa: F401  (registers torch.ops.normkernels.*)
-
-    _CPP_SBN = hasattr(torch.ops.normkernels, "sbn_stats")
-except ImportError:
-    _CPP_SBN = False
-
-
-if _CPP_SBN:
-    @torch.library.register_fake("normkernels::sbn_stats")
-    def _(x: Tensor, K: Tensor, P: Tensor) -> Tensor:
-        return x.new_empty((x.shape[1], 6), dtype=_acc(x.dtype))
-
-    @torch.library.register_fake("normkernels::sbn_grad_stats")
-    def _(dy: Tensor, x: Tensor, K: Tensor, P: Tensor) -> Tensor:
-        return x.new_empty((x.shape[1], 4), dtype=_acc(x.dtype))
-
-    @torch.library.register_fake("normkernels::sbn_forward_apply")
-    def _(x: Tensor, coef: Tensor, P: Tensor) -> Tensor:
-        return torch.empty_like(x)
-
-    @torch.library.register_fake("normkernels::sbn_backward_apply")
-    def _(dy: Tensor, x: Tensor, coef: Tensor, P: Tensor, need_row: bool) -> Tensor:
-        return torch.empty_like(x)
-
-
-class _Passes:
-    """The four heavy passes of one backend: Triton kernels, C++ CPU kernels, or torch ops."""
-
-    def __init__(self, x: Tensor, backend: str):
-        if _use_triton(x, backend):
-            k = _triton_kernels()
-            self.stats, self.grad_stats = k.sbn_stats, k.sbn_grad_stats
-            self.forward_apply, self.backward_apply = k.sbn_forward_apply, k.sbn_backward_apply
-        elif backend == "cpp" and _CPP_SBN and x.device.type == "cpu":
-            o = torch.ops.normkernels
-            self.stats, self.grad_stats = o.sbn_stats, o.sbn_grad_stats
-            self.forward_apply, self.backward_apply = o.sbn_forward_apply, o.sbn_backward_apply
-        else:
-            self.stats, self.grad_stats = _torch_stats, _torch_grad_stats
-            self.forward_apply, self.backward_apply = _torch_forward_apply, _torch_backward_apply
-
-
-# ----------------------------------------------------------------------------------------------
-# finalize (float64 torch ops; shared by every backend)
-# ----------------------------------------------------------------------------------------------
-
-
-def _spectral_stats(S1, S2, SR, SA, SDr, SDi, K, N: int, H: int, W: int):
-    """The shifted-sums -> (Re mu, Im mu, var) formula of the module docstring, elementwise on
-    columns of any (matching) shape, float64."""
-    Wr = W // 2 + 1
-    M = N * H * Wr
-    mr_t = SDr * (H / M)
-    mi_t = SDi * (H / M)
-    E = torch.add(S2 * (H * W / (2 * M)), SR, alpha=H / (2 * M))
-    if W % 2 == 0:
-        E = torch.add(E, SA, alpha=H / (2 * M))
-    var_t = E - torch.addcmul(mr_t * mr_t, mi_t, mi_t)
-    d = K * float(H * W)                                 # DC coefficient of the constant K
-    mr = torch.add(mr_t, K, alpha=W / Wr)             # mu = mu_t + cK, cK = K*W/Wr
-    # var = var_t + (N d (d - cK) + 2 d (S1 - N Re mu_t)) / M
-    inner = torch.add(torch.add(d, K, alpha=-W / Wr) * float(N), torch.add(S1, mr_t, alpha=-N),
-                      alpha=2.0)
-    var = torch.addcmul(var_t, d, inner, value=1.0 / M)
-    return mr, mi_t, var.clamp_min(0.0)
-
-
-def spectral_stats_from_sums(sums: Tensor, K: Tensor, N: int, H: int, W: int
-                             ) -> tuple[Tensor, Tensor, Tensor]:
-    """Shifted sums of t = z - K (columns S1, S2, SR, SA, SD_re, SD_im) -> (Re mu, Im mu, var)
-    of SBN on z, exactly (see module docstring); (C,) outputs for a (C,) K."""
-    return _spectral_stats(*sums.to(_F64).unbind(1), K.to(_F64), N, H, W)
-
-
-def combine_shifted_sums(sums: Tensor, K: Tensor, N: int, H: int, W: int, sync=None
-                         ) -> tuple[Tensor, Tensor, int, Tensor]:
-    """Statistics-pass sums of every process of ``sync`` (normkernels.distributed; None: this
-    process only) -> (sums of the whole batch, their common shift K*, the whole batch's N, this
-    process's sums re-centered to K*).
-
-    One all_gather of the packed rows [N_r, K_r, sums_r]. Each process's shift K_r differs, so
-    its sums are moved to K* (that of the first process with N_r > 0) exactly: with
-    t' = t + delta, delta = K_r - K*, n = N_r*H*W,
-        S1' = S1 + n delta,   S2' = S2 + 2 delta S1 + n delta^2,
-        SR' = SR + 2 W delta S1 + N_r H W^2 delta^2,   SA' = SA  (W even; unused for odd W),
-        SD' = SD + delta N_r sum_w D(w) = SD + delta N_r [W, 0].
-    """
-    sums = sums.to(_F64)
-    C = sums.shape[0]
-    row = torch.cat([torch.full((C, 1), float(N), dtype=_F64, device=sums.device),
-                     K.to(_F64)[:, None], sums], dim=1)                      # (C, 8)
-    rows = row.unsqueeze(0) if sync is None else sync.gather(row).to(_F64)  # (P, C, 8)
-    Nr = rows[:, :, 0]
-    first = int(torch.nonzero(Nr[:, 0] > 0)[0, 0]) if bool((Nr[:, 0] > 0).any()) else 0
-    Ks = rows[first, :, 1]
-    delta = rows[:, :, 1] - Ks                                              # (P, C)
-    S1, S2, SR, SA, SDr, SDi = rows[:, :, 2:].unbind(2)
-    n = Nr * (H * W)
-    moved = torch.stack([S1 + n * delta,
-                         S2 + 2.0 * delta * S1 + n * delta * delta,
-                         SR + 2.0 * W * delta * S1 + Nr * (H * W * W) * delta * delta,
-                         SA,
-                         SDr + delta * Nr * W,
-                         SDi], dim=2)                                       # (P, C, 6)
-    local = moved[0] if sync is None else moved[sync.rank]
-    return moved.sum(0), Ks, int(round(Nr[:, 0].sum().item())), local
-
-
-def _sbn_grad_core(Sdy, G0, G1, gz, Kz, mr, mi, s, a, N: int, H: int, W: int, training: bool):
-    """SBN backward on z given the gradient sums Sdy = sum dy, G0, G1 (row-0 sums against Pr,
-    Pi) and gz = sum dy*(z - Kz) (float64 columns). Returns dgamma, dbeta and, when training,
-    kE, u, v, cst (else None) with
-    dz = a*dy + kE*(HW*(z-Kz) + H*R + [even] H*A*(-1)^w) + cst + [h==0]*(u ReD + v ImD)."""
-    Ga = torch.addcmul(torch.addcmul(torch.addcmul(gz, Kz, Sdy), mr, G0, value=-1.0),
-                       mi, G1, value=-1.0)
-    dgamma = Ga / s
-    if not training:
-        return dgamma, G0, None, None, None, None
-    M = N * H * (W // 2 + 1)
-    # dvar = -Ga*a/(2 s^2) = -dgamma*(a/s)/2,  kE = dvar/M
-    kE = torch.mul(dgamma, a / s) * (-0.5 / M)
-    # u = (H/M) kr = (H/M)(-a G0 - 2 Re mu dvar) = -(H/M) a G0 - 2 H Re mu kE;  v likewise
-    u = torch.addcmul(mr * kE * (-2.0 * H), a, G0, value=-H / M)
-    v = torch.addcmul(mi * kE * (-2.0 * H), a, G1, value=-H / M)
-    cst = Kz * kE * (2.0 * H * W)
-    return dgamma, G0, kE, u, v, cst
-
-
-# ----------------------------------------------------------------------------------------------
-# Parseval SBN: implementations
-# ----------------------------------------------------------------------------------------------
-
-
-def _batch_sums(x, passes, K, PD, sync):
-    """The statistics pass on t = x - K, combined over the process group when ``sync`` is given.
-    Returns (sums float64 (C, 6), the shift as a float64 column (C, 1) — the common one under
-    sync —, N over the group, this process's sums at that shift or None)."""
-    N, _, H, W = x.shape
-    sums, local, N_all = passes.stats(x, K, PD), None, N
-    if sync is not None:
-        sums, K, N_all, local = combine_shifted_sums(sums, K, N, H, W, sync)
-    return sums.to(_F64), K.view(-1, 1).to(_F64), N_all, local   # K: a contiguous column
-
-
-def _sbn_forward_impl(x, weight, bias, mean, var, eps, backend, sync=None):
-    """``sync`` (normkernels.distributed, training only): statistics over every process; the
-    saved tensor then gets a 6th column, the whole batch's N."""
-    N, C, H, W = x.shape
-    acc = _acc(x.dtype)
-    passes = _Passes(x, backend)
-    PD, PP = _row_consts(W, x.device, acc)
-    K = _shift(x, acc)
-    N_all = N
-    if mean is None:
-        sums, K, N_all, _ = _batch_sums(x, passes, K, PD, sync)
-        mr, mi, bvar = _spectral_stats(*_cols(sums), K, N_all, H, W)
-    else:
-        mr, mi, bvar, K = _cols(torch.cat([mean, var.view(-1, 1),
-                                           K.view(-1, 1)], 1).to(_F64))
-    s = torch.sqrt(bvar + eps)
-    a = s.reciprocal() if weight is None else _col(weight) / s
-    # y = a*(x-K) + a*K + [h==0]*((beta - a Re mu) Pr + (-a Im mu) Pi); the pass takes
-    # u = b + (beta - a Re mu) for the Pr = 1 position (cancellation done here in float64)
-    u = a * (K - mr) if bias is None else torch.addcmul(_col(bias), a, K - mr)
-    coef = torch.cat([K, a, a * K, u, torch.mul(a, mi).neg_()], 1)
-    y = passes.forward_apply(x, coef, PP)
-    cols = [K, mr, mi, s, a] + ([] if sync is None else [torch.full_like(K, float(N_all))])
-    saved = torch.cat(cols, 1)
-    return y, torch.cat([mr, mi], 1).to(acc), _out(bvar, acc), saved
-
-
-def _sbn_backward_impl(dy, x, weight, saved, training, backend, sync=None):
-    """``sync``: the dx coefficients use the gradient sums of every process (one all_reduce)
-    and the whole batch's N (saved's 6th column); dgamma, dbeta stay this process's share."""
-    N, C, H, W = x.shape
-    acc = _acc(x.dtype)
-    passes = _Passes(x, backend)
-    PD, PP = _row_consts(W, x.device, acc)
-    K, mr, mi, s, a = _cols(saved.to(_F64))[:5]
-    gs = passes.grad_stats(dy, x, K.view(-1).to(acc), PP).to(_F64)
-    gs_all, N_all = gs, N
-    if sync is not None:
-        gs_all, N_all = sync.all_reduce(gs).to(_F64), int(round(saved[0, 5].item()))
-    Sdy, Gt, G0, G1 = _cols(gs_all)
-    dgamma, dbeta, kE, u, v, cst = _sbn_grad_core(Sdy, G0, G1, Gt, K, mr, mi, s, a,
-                                                  N_all, H, W, training)
-    if sync is not None:
-        Sdy, Gt, G0, G1 = _cols(gs)
-        dgamma, dbeta = _sbn_grad_core(Sdy, G0, G1, Gt, K, mr, mi, s, a, N, H, W, False)[:2]
-    if training:
-        kEH = kE * float(H)
-        coef = torch.cat([_index_cols(saved, 0, 4), kEH * float(W), kEH, kEH if W % 2 == 0 else kEH * 0.0, cst, u, v], 1)
-    else:
-        coef = torch.cat([_index_cols(saved, 0, 4), a.new_zeros((C, 6))], 1)
-    dx = passes.backward_apply(dy, x, coef, PD, training)
-    pdt = weight.dtype if weight is not None else acc
-    return dx, _out(dgamma, pdt), _out(dbeta, pdt)
-
-
-
-# ----------------------------------------------------------------------------------------------
-# FFT (literal) SBN: implementations
+# the literal FFT path (algorithm="fft"): rfft2 -> normalize the spectrum -> irfft2
 # ----------------------------------------------------------------------------------------------
 
 
 def _col_factor(H: int, W: int, device, dtype) -> Tensor:
-    """c_l = 1 for the self-conjugate columns (l = 0, l = W/2), else 2: the adjoint of
-    irfft2 is rfft2 * c_l/(H*W), the adjoint of rfft2 is H*W*irfft2(. / c_l)."""
+    """c_l = 1 for the self-conjugate columns (l = 0, l = W/2), else 2: with r = 1/(H W f^2) the
+    adjoint of irfft2_m is r c_l rfft2_m and the adjoint of rfft2_m is irfft2_m(. / (r c_l))."""
     Wr = W // 2 + 1
     c = torch.full((Wr,), 2.0, dtype=dtype, device=device)
     c[0] = 1.0
@@ -415,18 +712,30 @@ def _col_factor(H: int, W: int, device, dtype) -> Tensor:
     return c
 
 
-def _fft_forward_impl(x, weight, bias, mean, var, eps, backend):
+def _use_triton_fft(x: Tensor, backend: str) -> bool:
+    return (backend == "triton" and x.numel() > 0 and
+            (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1") and
+            getattr(_triton_sbn(), "sbn_fft_spectral_forward", None) is not None)
+
+
+@torch.library.custom_op("normkernels::sbn_fft_forward", mutates_args=())
+def sbn_fft_forward(x: Tensor, weight: _OPT, bias: _OPT, mean: _OPT, var: _OPT, eps: float,
+                    fft_norm: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Literal SBN: X = rfft2(x, norm=fft_norm), per-channel complex mean and modulus variance of
+    X (or the given ones), Y = gamma (X - mu)/sqrt(var + eps) + beta, y = irfft2(Y, norm=fft_norm).
+    Returns (y, mean (C, 2) acc, var (C,) acc), statistics in the fft_norm scale."""
+    op = "sbn_fft_forward"
+    _check_x(x, op)
+    _check_modes(fft_norm, "identity", op)
     N, C, H, W = x.shape
     acc = _acc(x.dtype)
-    X = torch.fft.rfft2(x.to(acc))
-    if _use_triton(x, backend):
-        k = _triton_kernels()
+    X = torch.fft.rfft2(x.to(acc), norm=fft_norm)
+    if _use_triton_fft(x, backend):
         stats = None if mean is None else torch.cat([mean.to(acc), var.to(acc)[:, None]], 1)
-        Yr, st = k.sbn_fft_spectral_forward(torch.view_as_real(X).contiguous(), weight, bias,
-                                            stats, eps)
+        Yr, st = _triton_sbn().sbn_fft_spectral_forward(torch.view_as_real(X).contiguous(),
+                                                        weight, bias, stats, eps)
         Y = torch.view_as_complex(Yr)
-        mr, mi, bvar = st[:, 0], st[:, 1], st[:, 2]
-        mu = torch.complex(mr, mi)
+        m, bvar = st[:, :2].contiguous(), st[:, 2].contiguous()
     else:
         if mean is None:
             mu = X.mean((0, 2, 3))
@@ -438,32 +747,42 @@ def _fft_forward_impl(x, weight, bias, mean, var, eps, backend):
         Y = a.view(1, -1, 1, 1) * (X - mu.view(1, -1, 1, 1))
         if bias is not None:
             Y = Y + bias.to(acc).view(1, -1, 1, 1)
-    y = torch.fft.irfft2(Y, s=(H, W))
-    out = torch.empty_like(x).copy_(y)
-    return out, torch.view_as_real(mu).clone().to(acc), bvar.to(acc).clone()
+        m = torch.view_as_real(mu).to(acc, copy=True)
+        bvar = bvar.to(acc, copy=True)
+    y = torch.fft.irfft2(Y, s=(H, W), norm=fft_norm)
+    return _fill(x, y), m, bvar
 
 
-def _fft_backward_impl(dy, x, weight, mean, var, eps, training, backend):
+@sbn_fft_forward.register_fake
+def _(x, weight, bias, mean, var, eps, fft_norm, backend):
+    C = x.shape[1]
+    return _like(x), _stat(x, C, 2), _stat(x, C)
+
+
+@torch.library.custom_op("normkernels::sbn_fft_backward", mutates_args=())
+def sbn_fft_backward(dy: Tensor, x: Tensor, weight: _OPT, mean: Tensor, var: Tensor, eps: float,
+                     fft_norm: str, training: bool, backend: str
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of sbn_fft_forward given its statistics: (dx, dweight (C,) acc, dbias (C,) acc)."""
     N, C, H, W = x.shape
     acc = _acc(x.dtype)
-    Wr = W // 2 + 1
-    M = N * H * Wr
-    X = torch.fft.rfft2(x.to(acc))
-    G = torch.fft.rfft2(dy.to(acc))
-    if _use_triton(x, backend):
-        k = _triton_kernels()
+    X = torch.fft.rfft2(x.to(acc), norm=fft_norm)
+    G = torch.fft.rfft2(dy.to(acc), norm=fft_norm)
+    if _use_triton_fft(x, backend):
         stats = torch.cat([mean.to(acc), var.to(acc)[:, None]], 1)
-        Or, grads = k.sbn_fft_spectral_backward(
+        Or, grads = _triton_sbn().sbn_fft_spectral_backward(
             torch.view_as_real(G).contiguous(), torch.view_as_real(X).contiguous(), weight,
-            stats, eps, W, training)
+            stats, eps, W, training, fft_norm)
         O = torch.view_as_complex(Or)
         dgamma, dbeta = grads[:, 0], grads[:, 1]
     else:
-        cl = _col_factor(H, W, x.device, acc)
+        M = N * H * (W // 2 + 1)
+        f = fft_scale(fft_norm, H, W)
+        rcl = _col_factor(H, W, x.device, acc) / (H * W * f * f)
         mu = torch.complex(mean[:, 0].to(acc), mean[:, 1].to(acc)).view(1, -1, 1, 1)
         s = torch.sqrt(var.to(acc) + eps).view(1, -1, 1, 1)
         a = (weight.to(acc).view(1, -1, 1, 1) if weight is not None else 1.0) / s
-        dY = G * (cl / (H * W))
+        dY = G * rcl
         Xh = (X - mu) / s
         dbeta = dY.real.sum((0, 2, 3))
         dgamma = (dY.real * Xh.real + dY.imag * Xh.imag).sum((0, 2, 3))
@@ -471,357 +790,228 @@ def _fft_backward_impl(dy, x, weight, mean, var, eps, training, backend):
             dX = a * (dY - dY.mean((0, 2, 3), keepdim=True) - Xh * (dgamma.view(1, -1, 1, 1) / M))
         else:
             dX = a * dY
-        O = dX * ((H * W) / cl)
-    dx = torch.empty_like(x).copy_(torch.fft.irfft2(O, s=(H, W)))
-    pdt = weight.dtype if weight is not None else acc
-    return dx, dgamma.to(pdt).clone(), dbeta.to(pdt).clone()
-
-
-# ----------------------------------------------------------------------------------------------
-# BN + SBN fused: implementations
-# ----------------------------------------------------------------------------------------------
-# saved columns
-_BS = dict(K=0, p=1, sd=2, Kz=3, mr=4, mi=5, s=6, a=7, S1=8, S2=9, SR=10, SA=11, SD0=12,
-           SD1=13, mbn=14)
-# synchronized training appends this process's own sums (re-centered to K) and the whole N
-_BS_SYNC = dict(L1=15, L2=16, LR=17, LA=18, LD0=19, LD1=20, Nall=21)
-
-
-def _bnsbn_forward_impl(x, bn_w, bn_b, bn_mean, bn_var, sbn_w, sbn_b, sbn_mean, sbn_var,
-                        bn_eps, sbn_eps, backend, sync=None):
-    """``sync`` (training only): BN and SBN statistics over every process; saved gets the
-    columns of _BS_SYNC (this process's sums, for its share of the BN parameter gradients)."""
-    N, C, H, W = x.shape
-    acc = _acc(x.dtype)
-    dev = x.device
-    passes = _Passes(x, backend)
-    PD, PP = _row_consts(W, dev, acc)
-    K = _shift(x, acc)
-    N_all = N
-    local = None
-    if bn_mean is None:
-        sums, K, N_all, local = _batch_sums(x, passes, K, PD, sync)
-        S1, S2, SR, SA, SD0, SD1 = _cols(sums)
-        nb = float(N_all * H * W)
-        m_t = S1 / nb
-        vbn = torch.addcmul(S2 / nb, m_t, m_t, value=-1.0).clamp_min(0.0)
-        mbn = K + m_t
-        sd = torch.sqrt(vbn + bn_eps)
-        p = sd.reciprocal() if bn_w is None else _col(bn_w) / sd
-        # z = p*t + Kz, t = x - K
-        Kz = (p * m_t).neg_() if bn_b is None else torch.addcmul(_col(bn_b), p, m_t, value=-1.0)
-        p2 = p * p
-        mr, mi, svar = _spectral_stats(p * S1, p2 * S2, p2 * SR, p2 * SA, p * SD0, p * SD1, Kz,
-                                       N_all, H, W)
-    else:
-        mbn, vbn, mr, mi, svar, K = _cols(torch.cat(
-            [bn_mean.view(-1, 1), bn_var.view(-1, 1), sbn_mean, sbn_var.view(-1, 1),
-             K.view(-1, 1)], 1).to(_F64))
-        sums = x.new_zeros((C, 6), dtype=_F64)
-        sd = torch.sqrt(vbn + bn_eps)
-        p = sd.reciprocal() if bn_w is None else _col(bn_w) / sd
-        Kz = p * (K - mbn) if bn_b is None else torch.addcmul(_col(bn_b), p, K - mbn)
-    s = torch.sqrt(svar + sbn_eps)
-    a = s.reciprocal() if sbn_w is None else _col(sbn_w) / s
-    u = a * (Kz - mr) if sbn_b is None else torch.addcmul(_col(sbn_b), a, Kz - mr)
-    coef = torch.cat([K, a * p, a * Kz, u, torch.mul(a, mi).neg_()], 1)
-    y = passes.forward_apply(x, coef, PP)
-    cols = [K, p, sd, Kz, mr, mi, s, a, sums, mbn]
-    if local is not None:
-        cols += [local, torch.full_like(K, float(N_all))]
-    saved = torch.cat(cols, 1)
-    return (y, _out(mbn, acc), _out(vbn, acc), torch.cat([mr, mi], 1).to(acc), _out(svar, acc),
-            saved)
-
-
-def _bn_grad_sums(S1, S2, SR, SA, SD0, SD1, Sdy, Gt, a, p, kE, cst_z, u_z, v_z, N, H, W):
-    """Sums of dz and of dz*t over a batch of N samples with statistics-pass sums S1..SD1 and
-    gradient sums Sdy, Gt, where
-    dz = a dy + kE p (HW t + H R_t + [even] H A_t (-1)^w) + cst_z + [h==0] (u_z Re D + v_z Im D)
-    (sum_w D(w) = W: the row-0 term sums to N*W*u_z)."""
-    kEp = kE * p
-    sdz = torch.add(torch.addcmul(a * Sdy, kEp, S1, value=2.0 * H * W), cst_z,
-                    alpha=float(N * H * W))
-    sdz = torch.add(sdz, u_z, alpha=float(N * W))
-    E = torch.add(S2 * float(H * W), SR, alpha=float(H))
-    if W % 2 == 0:
-        E = torch.add(E, SA, alpha=float(H))
-    sdzt = torch.addcmul(torch.addcmul(torch.addcmul(torch.addcmul(
-        a * Gt, kEp, E), cst_z, S1), u_z, SD0), v_z, SD1)
-    return sdz, sdzt
-
-
-def _bnsbn_backward_impl(dy, x, bn_w, sbn_w, saved, training, backend, sync=None):
-    """``sync``: dx uses the gradient sums of every process (one all_reduce) and the whole
-    batch's sums saved by the forward; the parameter gradients are this process's share."""
-    N, C, H, W = x.shape
-    acc = _acc(x.dtype)
-    passes = _Passes(x, backend)
-    PD, PP = _row_consts(W, x.device, acc)
-    sv = _cols(saved.to(_F64))
-    K, p, sd, Kz, mr, mi, s, a = sv[:8]
-    S = sv[_BS["S1"]:_BS["SD1"] + 1]
-    gs = passes.grad_stats(dy, x, K.view(-1).to(acc), PP).to(_F64)
-    gs_all, N_all = gs, N
-    if sync is not None:
-        gs_all, N_all = sync.all_reduce(gs).to(_F64), int(round(saved[0, _BS_SYNC["Nall"]].item()))
-    Sdy, Gt, G0, G1 = _cols(gs_all)
-    dgs, dbs, kE, u_z, v_z, cst_z = _sbn_grad_core(Sdy, G0, G1, p * Gt, Kz, mr, mi, s, a,
-                                                   N_all, H, W, training)
-    if sync is not None:
-        lSdy, lGt, lG0, lG1 = _cols(gs)
-        dgs, dbs = _sbn_grad_core(lSdy, lG0, lG1, p * lGt, Kz, mr, mi, s, a, N, H, W, False)[:2]
-    nb = float(N_all * H * W)
-    if training:
-        sdz, sdzt = _bn_grad_sums(*S, Sdy, Gt, a, p, kE, cst_z, u_z, v_z, N_all, H, W)
-        m_t = S[0] / nb
-        dbb = sdz
-        dgb = torch.addcmul(sdzt, m_t, sdz, value=-1.0) / sd
-        kb = p * dgb / (sd * nb)
-        pkEH = p * p * kE * float(H)
-        c_cst = torch.addcmul(torch.add(p * cst_z, p * sdz, alpha=-1.0 / nb), kb, m_t)
-        coef = torch.cat([_index_cols(saved, 0), p * a, pkEH * float(W) - kb, pkEH,
-                          pkEH if W % 2 == 0 else pkEH * 0.0, c_cst, p * u_z, p * v_z], 1)
-        if sync is not None:  # this process's share of the BN parameter gradients
-            L = sv[_BS_SYNC["L1"]:_BS_SYNC["LD1"] + 1]
-            sdz, sdzt = _bn_grad_sums(*L, lSdy, lGt, a, p, kE, cst_z, u_z, v_z, N, H, W)
-            dbb = sdz
-            dgb = torch.addcmul(sdzt, m_t, sdz, value=-1.0) / sd
-    else:
-        dbb = a * Sdy
-        dgb = a * torch.addcmul(Gt, K - sv[_BS["mbn"]], Sdy) / sd
-        coef = torch.cat([_index_cols(saved, 0), p * a, a.new_zeros((C, 6))], 1)
-    dx = passes.backward_apply(dy, x, coef, PD, training)
-    bdt = bn_w.dtype if bn_w is not None else acc
-    sdt = sbn_w.dtype if sbn_w is not None else acc
-    return dx, _out(dgb, bdt), _out(dbb, bdt), _out(dgs, sdt), _out(dbs, sdt)
-
-
-
-# ----------------------------------------------------------------------------------------------
-# torch.library registration
-# ----------------------------------------------------------------------------------------------
-
-_OPT = Optional[Tensor]
-
-
-def _stat_fake(x: Tensor, C: int, *shape):
-    return x.new_empty((C, *shape), dtype=_acc(x.dtype))
-
-
-@torch.library.custom_op("normkernels::sbn_forward", mutates_args=())
-def sbn_forward(x: Tensor, weight: _OPT, bias: _OPT, mean: _OPT, var: _OPT, eps: float,
-                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Parseval SBN forward. mean: (C, 2) [re, im] or None. Returns (y, mean (C,2), var (C,),
-    saved (C, 5) float64 for the backward)."""
-    return _sbn_forward_impl(x, weight, bias, mean, var, eps, backend)
-
-
-@sbn_forward.register_fake
-def _(x, weight, bias, mean, var, eps, backend):
-    C = x.shape[1]
-    return (torch.empty_like(x), _stat_fake(x, C, 2), _stat_fake(x, C),
-            x.new_empty((C, 5), dtype=_F64))
-
-
-@torch.library.custom_op("normkernels::sbn_backward", mutates_args=())
-def sbn_backward(dy: Tensor, x: Tensor, weight: _OPT, saved: Tensor, training: bool,
-                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _sbn_backward_impl(dy, x, weight, saved, training, backend)
-
-
-def _pgrad_fake(x, w, C):
-    dt = w.dtype if w is not None else _acc(x.dtype)
-    return x.new_empty((C,), dtype=dt)
-
-
-@sbn_backward.register_fake
-def _(dy, x, weight, saved, training, backend):
-    C = x.shape[1]
-    return torch.empty_like(x), _pgrad_fake(x, weight, C), _pgrad_fake(x, weight, C)
-
-
-def _sbn_setup(ctx, inputs, output):
-    x, weight, bias, mean, var, eps, backend = inputs
-    ctx.save_for_backward(x, weight, output[3])
-    ctx.training = mean is None
-    ctx.backend = backend
-    ctx.has = (weight is not None, bias is not None)
-    ctx.bdt = bias.dtype if bias is not None else None
-
-
-def _sbn_bwd(ctx, dy, dmean, dvar, dsaved):
-    x, weight, saved = ctx.saved_tensors
-    dx, dw, db = sbn_backward(dy, x, weight, saved, ctx.training, ctx.backend)
-    return (dx, dw if ctx.has[0] else None, db.to(ctx.bdt) if ctx.has[1] else None,
-            None, None, None, None)
-
-
-torch.library.register_autograd("normkernels::sbn_forward", _sbn_bwd, setup_context=_sbn_setup)
-
-
-@torch.library.custom_op("normkernels::sbn_fft_forward", mutates_args=())
-def sbn_fft_forward(x: Tensor, weight: _OPT, bias: _OPT, mean: _OPT, var: _OPT, eps: float,
-                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Literal SBN: rfft2 -> per-channel complex mean / modulus variance + affine -> irfft2."""
-    return _fft_forward_impl(x, weight, bias, mean, var, eps, backend)
-
-
-@sbn_fft_forward.register_fake
-def _(x, weight, bias, mean, var, eps, backend):
-    C = x.shape[1]
-    return torch.empty_like(x), _stat_fake(x, C, 2), _stat_fake(x, C)
-
-
-@torch.library.custom_op("normkernels::sbn_fft_backward", mutates_args=())
-def sbn_fft_backward(dy: Tensor, x: Tensor, weight: _OPT, mean: Tensor, var: Tensor,
-                     eps: float, training: bool, backend: str
-                     ) -> tuple[Tensor, Tensor, Tensor]:
-    return _fft_backward_impl(dy, x, weight, mean, var, eps, training, backend)
+        O = dX / rcl
+    dx = _fill(x, torch.fft.irfft2(O, s=(H, W), norm=fft_norm))
+    return dx, dgamma.to(acc, copy=True), dbeta.to(acc, copy=True)
 
 
 @sbn_fft_backward.register_fake
-def _(dy, x, weight, mean, var, eps, training, backend):
+def _(dy, x, weight, mean, var, eps, fft_norm, training, backend):
     C = x.shape[1]
-    return torch.empty_like(x), _pgrad_fake(x, weight, C), _pgrad_fake(x, weight, C)
+    return _like(x), _stat(x, C), _stat(x, C)
 
 
 def _fft_setup(ctx, inputs, output):
-    x, weight, bias, mean, var, eps, backend = inputs
-    ctx.save_for_backward(x, weight, output[1], output[2])
-    ctx.training = mean is None
-    ctx.eps = eps
-    ctx.backend = backend
-    ctx.has = (weight is not None, bias is not None)
-    ctx.bdt = bias.dtype if bias is not None else None
+    x, weight, bias, mean, var, eps, fft_norm, backend = inputs
+    ctx.save_for_backward(x, output[1], output[2])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.cfg = (eps, fft_norm, mean is None, backend)
+    ctx.params = (weight, bias)
 
 
-def _fft_bwd(ctx, dy, dmean, dvar):
-    x, weight, m, v = ctx.saved_tensors
-    dx, dw, db = sbn_fft_backward(dy, x, weight, m, v, ctx.eps, ctx.training, ctx.backend)
-    return (dx, dw if ctx.has[0] else None, db.to(ctx.bdt) if ctx.has[1] else None,
-            None, None, None, None)
+def _fft_bwd(ctx, dy, *_):
+    x, m, v = ctx.saved_tensors
+    w, b = ctx.params
+    eps, fft_norm, training, backend = ctx.cfg
+    dx, dw, db = sbn_fft_backward(dy, x, w, m, v, eps, fft_norm, training, backend)
+    need = ctx.needs_input_grad
+    return ((dx if need[0] else None), _grad_to(dw, w, need[1]), _grad_to(db, b, need[2])
+            ) + (None,) * 5
 
 
-torch.library.register_autograd("normkernels::sbn_fft_forward", _fft_bwd,
-                                setup_context=_fft_setup)
-
-
-@torch.library.custom_op("normkernels::bnsbn_forward", mutates_args=())
-def bnsbn_forward(x: Tensor, bn_weight: _OPT, bn_bias: _OPT, bn_mean: _OPT, bn_var: _OPT,
-                  sbn_weight: _OPT, sbn_bias: _OPT, sbn_mean: _OPT, sbn_var: _OPT,
-                  bn_eps: float, sbn_eps: float, backend: str
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """BN then SBN in one statistics pass + one elementwise pass. Returns (y, bn_mean, bn_var,
-    sbn_mean (C,2), sbn_var, saved (C, 15) float64)."""
-    return _bnsbn_forward_impl(x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias,
-                               sbn_mean, sbn_var, bn_eps, sbn_eps, backend)
-
-
-@bnsbn_forward.register_fake
-def _(x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias, sbn_mean, sbn_var,
-      bn_eps, sbn_eps, backend):
-    C = x.shape[1]
-    return (torch.empty_like(x), _stat_fake(x, C), _stat_fake(x, C), _stat_fake(x, C, 2),
-            _stat_fake(x, C), x.new_empty((C, len(_BS)), dtype=_F64))
-
-
-@torch.library.custom_op("normkernels::bnsbn_backward", mutates_args=())
-def bnsbn_backward(dy: Tensor, x: Tensor, bn_weight: _OPT, sbn_weight: _OPT, saved: Tensor,
-                   training: bool, backend: str
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _bnsbn_backward_impl(dy, x, bn_weight, sbn_weight, saved, training, backend)
-
-
-@bnsbn_backward.register_fake
-def _(dy, x, bn_weight, sbn_weight, saved, training, backend):
-    C = x.shape[1]
-    return (torch.empty_like(x), _pgrad_fake(x, bn_weight, C), _pgrad_fake(x, bn_weight, C),
-            _pgrad_fake(x, sbn_weight, C), _pgrad_fake(x, sbn_weight, C))
-
-
-def _bnsbn_setup(ctx, inputs, output):
-    (x, bn_w, bn_b, bn_mean, bn_var, sbn_w, sbn_b, sbn_mean, sbn_var, bn_eps, sbn_eps,
-     backend) = inputs
-    ctx.save_for_backward(x, bn_w, sbn_w, output[5])
-    ctx.training = bn_mean is None
-    ctx.backend = backend
-    ctx.has = (bn_w is not None, bn_b is not None, sbn_w is not None, sbn_b is not None)
-    ctx.dts = (bn_b.dtype if bn_b is not None else None,
-               sbn_b.dtype if sbn_b is not None else None)
-
-
-def _bnsbn_bwd(ctx, dy, *unused):
-    x, bn_w, sbn_w, saved = ctx.saved_tensors
-    dx, dgb, dbb, dgs, dbs = bnsbn_backward(dy, x, bn_w, sbn_w, saved, ctx.training,
-                                            ctx.backend)
-    h = ctx.has
-    return (dx, dgb if h[0] else None, dbb.to(ctx.dts[0]) if h[1] else None, None, None,
-            dgs if h[2] else None, dbs.to(ctx.dts[1]) if h[3] else None, None, None,
-            None, None, None)
-
-
-torch.library.register_autograd("normkernels::bnsbn_forward", _bnsbn_bwd,
-                                setup_context=_bnsbn_setup)
+torch.library.register_autograd("normkernels::sbn_fft_forward", _fft_bwd, setup_context=_fft_setup)
 
 
 # ----------------------------------------------------------------------------------------------
-# entry points (contract)
+# entries (normkernels/functional.py)
 # ----------------------------------------------------------------------------------------------
 
-
-def _check_common(x: Tensor, backend: str) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError("x must be a Tensor")
-    if x.dim() != 4:
-        raise ValueError(f"expected a 4d input (N, C, H, W), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"expected a floating point input, got {x.dtype}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+if _HAS_C:
+    _SBN_FORWARD = torch.ops.normkernels.sbn_forward.default
+    _BNSBN_FORWARD = torch.ops.normkernels.bnsbn_forward.default
+_TORCH_SBN_FORWARD = torch.ops.normkernels.torch_sbn_forward.default
+_TORCH_BNSBN_FORWARD = torch.ops.normkernels.torch_bnsbn_forward.default
 
 
-def _mean_ri(mean: Optional[Tensor]) -> Optional[Tensor]:
-    if mean is None:
-        return None
-    return torch.view_as_real(mean) if mean.is_complex() else mean
+def _native(x: Tensor, backend: str, op, interpreted: str):
+    """The forward op of a concrete backend ("cpp" / "cuda" / "triton" -> the dispatcher op;
+    "triton" on a CPU tensor -> H3's interpreted Triton entry)."""
+    if backend == "triton" and x.device.type == "cpu":
+        return _interpreted(interpreted)
+    if not _HAS_C:
+        raise RuntimeError(f"backend {backend!r} needs the C++ extension normkernels._C, which is "
+                           "not built (pip install --no-build-isolation -e .); use backend 'torch'")
+    return op
 
 
-def _to_complex(m_ri: Tensor) -> Tensor:
-    """(C, 2) [re, im] in the accumulation dtype -> complex64 (complex128 for float64 inputs)."""
-    return torch.view_as_complex(m_ri.contiguous())
-
-
-def spectral_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                        mean: Optional[Tensor], var: Optional[Tensor], eps: float,
-                        algorithm: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """SBN of x (N, C, H, W). Returns (y, batch_mean complex64 (C,), batch_var float32 (C,));
-    with mean/var given (eval) those are used and returned."""
-    _check_common(x, backend)
-    if (mean is None) != (var is None):
-        raise ValueError("mean and var must both be given or both be None")
+def spectral_batch_norm(x: Tensor, weight: _OPT, bias: _OPT, mean: _OPT, var: _OPT, eps: float,
+                        algorithm: str, fft_norm: str, act: str, act_param: float, backend: str
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """SBN of x (N, C, H, W), then act. mean (C, 2) real (or complex (C,)) and var (C,) given:
+    eval with them; None: training with this batch's statistics. backend is concrete ("cpp",
+    "cuda", "triton", "torch"); algorithm "parseval" or "fft" (the literal path; its activation is
+    applied after it in torch). Returns (y, batch_mean (C, 2) real, batch_var (C,)), statistics in
+    the fft_norm scale."""
+    if mean is not None and mean.is_complex():
+        mean = torch.view_as_real(mean)
     if algorithm == "parseval":
-        y, m, v, _ = sbn_forward(x, weight, bias, _mean_ri(mean), var, float(eps), backend)
-    elif algorithm == "fft":
-        y, m, v = sbn_fft_forward(x, weight, bias, _mean_ri(mean), var, float(eps), backend)
+        if backend == "torch":
+            fwd = _TORCH_SBN_FORWARD
+        else:
+            fwd = _native(x, backend, _SBN_FORWARD if _HAS_C else None, "interpreted_sbn")
+        y, m, v, _ = fwd(x, weight, bias, mean, var, eps, fft_norm, act, act_param)
+        return y, m, v
+    if algorithm == "fft":
+        _act.check_act(act, "spectral_batch_norm")
+        y, m, v = sbn_fft_forward(x, weight, bias, mean, var, eps, fft_norm, backend)
+        return _act.act_forward(y, act, act_param), m, v
+    raise ValueError(f"algorithm must be 'parseval' or 'fft', got {algorithm!r}")
+
+
+def batch_norm_sbn(x: Tensor, bn_weight: _OPT, bn_bias: _OPT, bn_mean: _OPT, bn_var: _OPT,
+                   sbn_weight: _OPT, sbn_bias: _OPT, sbn_mean: _OPT, sbn_var: _OPT,
+                   bn_eps: float, sbn_eps: float, fft_norm: str, act: str, act_param: float,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """BN then SBN, fused, then act. Statistics all given (eval; sbn_mean (C, 2) real or complex
+    (C,)) or all None (training). Returns (y, bn_mean, bn_var (biased), sbn_mean (C, 2) real,
+    sbn_var)."""
+    if sbn_mean is not None and sbn_mean.is_complex():
+        sbn_mean = torch.view_as_real(sbn_mean)
+    if backend == "torch":
+        fwd = _TORCH_BNSBN_FORWARD
     else:
-        raise ValueError(f"algorithm must be 'parseval' or 'fft', got {algorithm!r}")
-    return y, _to_complex(m.detach()), v.detach()
+        fwd = _native(x, backend, _BNSBN_FORWARD if _HAS_C else None, "interpreted_bnsbn")
+    y, bm, bv, sm, sv, _ = fwd(x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias,
+                               sbn_mean, sbn_var, bn_eps, sbn_eps, fft_norm, act, act_param)
+    return y, bm, bv, sm, sv
 
 
-def batch_norm_sbn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                   bn_mean: Optional[Tensor], bn_var: Optional[Tensor],
-                   sbn_weight: Optional[Tensor], sbn_bias: Optional[Tensor],
-                   sbn_mean: Optional[Tensor], sbn_var: Optional[Tensor], bn_eps: float,
-                   sbn_eps: float, backend: str
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """BN then SBN, fused. Returns (y, bn_batch_mean, bn_batch_var (biased, float32),
-    sbn_batch_mean complex64, sbn_batch_var float32)."""
-    _check_common(x, backend)
-    given = [t is not None for t in (bn_mean, bn_var, sbn_mean, sbn_var)]
-    if any(given) and not all(given):
-        raise ValueError("bn_mean, bn_var, sbn_mean, sbn_var must all be given or all be None")
-    y, bm, bv, sm, sv, _ = bnsbn_forward(x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight,
-                                         sbn_bias, _mean_ri(sbn_mean), sbn_var, float(bn_eps),
-                                         float(sbn_eps), backend)
-    return y, bm.detach(), bv.detach(), _to_complex(sm.detach()), sv.detach()
+# ----------------------------------------------------------------------------------------------
+# synchronized training (normkernels/distributed.py): one gather forward, one all_reduce backward
+# ----------------------------------------------------------------------------------------------
+
+
+class _Pieces:
+    """The piece ops of one backend (csrc/sbn.cpp contracts)."""
+
+    def __init__(self, stats, finish, grad_stats, grad_finish, bn_finish, bn_grad_finish):
+        self.stats, self.finish = stats, finish
+        self.grad_stats, self.grad_finish = grad_stats, grad_finish
+        self.bn_finish, self.bn_grad_finish = bn_finish, bn_grad_finish
+
+
+_TORCH_PIECES = _Pieces(torch_sbn_stats, torch_sbn_finish, torch_sbn_grad_stats,
+                        torch_sbn_grad_finish, torch_bnsbn_finish, torch_bnsbn_grad_finish)
+if _HAS_C:
+    _o = torch.ops.normkernels
+    _OP_PIECES = _Pieces(_o.sbn_stats.default, _o.sbn_finish.default, _o.sbn_grad_stats.default,
+                         _o.sbn_grad_finish.default, _o.bnsbn_finish.default,
+                         _o.bnsbn_grad_finish.default)
+
+
+def _pieces(backend: str) -> _Pieces:
+    if backend == "torch":
+        return _TORCH_PIECES
+    if not _HAS_C:
+        raise RuntimeError(f"backend {backend!r} needs the C++ extension normkernels._C")
+    return _OP_PIECES
+
+
+def _count(rows_all: Tensor) -> int:
+    """The group's number of samples (the rows' N column; N is the same for every channel)."""
+    return int(round(float(rows_all[:, 0, 0].sum().item()))) if rows_all.shape[1] else 0
+
+
+class _SbnSync(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, fft_norm, act, act_param, pieces, reducer, info):
+        rows_all = reducer.gather(pieces.stats(x))
+        y, m, v, saved = pieces.finish(x, rows_all, weight, bias, eps, fft_norm, act, act_param)
+        info["n"] = _count(rows_all)
+        ctx.save_for_backward(x, saved)
+        ctx.cfg = (fft_norm, act, act_param, pieces, reducer)
+        ctx.params = (weight, bias)
+        ctx.mark_non_differentiable(m, v)
+        ctx.set_materialize_grads(False)
+        return y, m, v
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        if dy is None:
+            return (None,) * 10
+        x, saved = ctx.saved_tensors
+        fft_norm, act, act_param, pieces, reducer = ctx.cfg
+        gl = pieces.grad_stats(dy, x, saved, act, act_param)
+        ga = reducer.all_reduce(gl)
+        dx, dw, db = pieces.grad_finish(dy, x, saved, gl, ga, True, fft_norm, act, act_param)
+        need = ctx.needs_input_grad
+        w, b = ctx.params
+        return ((dx if need[0] else None), _grad_to(dw, w, need[1]), _grad_to(db, b, need[2])
+                ) + (None,) * 7
+
+
+def sbn_sync(x: Tensor, weight: _OPT, bias: _OPT, eps: float, fft_norm: str, act: str,
+             act_param: float, backend: str, reducer):
+    """Synchronized SBN training forward over reducer's group (normkernels.distributed.Reducer:
+    .gather(t) -> (P, *t.shape), .all_reduce(t) -> sum, .rank, .size). Returns (y, batch_mean
+    (C, 2), batch_var, count): the group's statistics and its number of spectral coefficients per
+    channel (N_all H (W//2 + 1)). An empty local batch joins both collectives."""
+    info: dict = {}
+    y, m, v = _SbnSync.apply(x, weight, bias, float(eps), fft_norm, act, float(act_param),
+                             _pieces(backend), reducer, info)
+    return y, m, v, info["n"] * x.shape[2] * (x.shape[3] // 2 + 1)
+
+
+class _BnSbnSync(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bn_w, bn_b, sbn_w, sbn_b, bn_eps, sbn_eps, fft_norm, act, act_param,
+                pieces, reducer, info):
+        rows_all = reducer.gather(pieces.stats(x))
+        y, bm, bv, sm, sv, saved = pieces.bn_finish(x, rows_all, reducer.rank, bn_w, bn_b, sbn_w,
+                                                    sbn_b, bn_eps, sbn_eps, fft_norm, act,
+                                                    act_param)
+        info["n"] = _count(rows_all)
+        ctx.save_for_backward(x, saved)
+        ctx.cfg = (fft_norm, act, act_param, pieces, reducer)
+        ctx.params = (bn_w, bn_b, sbn_w, sbn_b)
+        ctx.mark_non_differentiable(bm, bv, sm, sv)
+        ctx.set_materialize_grads(False)
+        return y, bm, bv, sm, sv
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        if dy is None:
+            return (None,) * 13
+        x, saved = ctx.saved_tensors
+        fft_norm, act, act_param, pieces, reducer = ctx.cfg
+        gl = pieces.grad_stats(dy, x, saved, act, act_param)
+        ga = reducer.all_reduce(gl)
+        dx, dgb, dbb, dgs, dbs = pieces.bn_grad_finish(dy, x, saved, gl, ga, True, fft_norm, act,
+                                                       act_param)
+        need = ctx.needs_input_grad
+        bw, bb, sw, sb = ctx.params
+        return ((dx if need[0] else None), _grad_to(dgb, bw, need[1]), _grad_to(dbb, bb, need[2]),
+                _grad_to(dgs, sw, need[3]), _grad_to(dbs, sb, need[4])) + (None,) * 8
+
+
+def bnsbn_sync(x: Tensor, bn_w: _OPT, bn_b: _OPT, sbn_w: _OPT, sbn_b: _OPT, bn_eps: float,
+               sbn_eps: float, fft_norm: str, act: str, act_param: float, backend: str, reducer):
+    """Synchronized BN+SBN training forward (see sbn_sync). Returns (y, bn_mean, bn_var,
+    sbn_mean (C, 2), sbn_var, bn_count = N_all H W, sbn_count = N_all H (W//2 + 1))."""
+    info: dict = {}
+    y, bm, bv, sm, sv = _BnSbnSync.apply(x, bn_w, bn_b, sbn_w, sbn_b, float(bn_eps),
+                                         float(sbn_eps), fft_norm, act, float(act_param),
+                                         _pieces(backend), reducer, info)
+    n, H, W = info["n"], x.shape[2], x.shape[3]
+    return y, bm, bv, sm, sv, n * H * W, n * H * (W // 2 + 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# H3's Triton kernels as the CUDA kernels of the C++ schemas
+# ----------------------------------------------------------------------------------------------
+
+if _HAS_C and importlib.util.find_spec("triton") is not None:
+    try:
+        _triton_sbn().register_cuda_kernels()
+    except (ImportError, AttributeError):  # no Triton module (yet), or an older one
+        pass

@@ -1,0 +1,967 @@
+// SBN / BN+SBN CPU pass kernels. Included twice by sbn_cpu.cpp, inside namespace k_default and
+// (x86-64 GCC) inside namespace k_avx2 under `#pragma GCC target("avx2")`, which picks one at run
+// time: the same source compiled for two instruction sets. No include guard, no includes (the
+// includer provides ATen, FwdTab / BwdTab, Act, NK_AVX2 = 0 / 1).
+//
+// Layouts: NCHW (contiguous) and NHWC (channels_last).
+// NCHW, maps up to kTMax values: lanes = 8 consecutive channels of one sample. Their 8 planes are
+//   one contiguous block; it is transposed into an L1 buffer buf[e*8 + j] (e = h*W + w, j =
+//   channel) by 8x8 register transposes (AVX2, float) or scalar copies, so every row reduction
+//   (R, A per row: the cost of SBN over BatchNorm) is a vertical vector add, whatever W.
+// NCHW, larger maps: rows reduced straight from x in kL lane accumulators.
+// NCHW gradient sums: contiguous spans per channel, accumulated across the samples of a task.
+// NHWC: tasks (n, kCB channels); each row (n, h) reduced in compile-time blocks of 8 channels.
+// Accumulation: acc within a plane / row / chunk, double across them. Reductions write partials
+// per (sample block, channel), the blocks a function of (N, C) only: results do not depend on the
+// thread count. pre = cx (x - K) + add is one expression, evaluated the same way in every pass
+// (no FMA: neither target enables it), so the activation's masks agree exactly.
+
+#if defined(__GNUC__)
+#define NK_INLINE inline __attribute__((always_inline))
+#else
+#define NK_INLINE inline
+#endif
+
+constexpr int kL = 8;             // lane accumulators of the row / span loops
+constexpr int64_t kCB = 64;       // NHWC reductions: channels per task
+constexpr int64_t kChunk = 1024;  // elements per lane summed in acc before a flush to double
+constexpr int64_t kTMax = 4096;   // NCHW statistics: largest map processed transposed
+// NCHW backward apply: largest map processed transposed (its two 8-plane buffers stay in L1;
+// wider rows are reduced efficiently by the row kernel anyway)
+constexpr int64_t kTMaxBwd = 256;
+constexpr int64_t kTasks = 64;    // reductions: sample blocks are cut to give about this many tasks
+
+template <typename acc_t>
+inline acc_t lane_sum(const acc_t* a) {
+  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+template <Act A, typename acc_t>
+inline acc_t grad_of(acc_t pre, acc_t slope, acc_t dy) {
+  return act_backward(A, pre, slope, dy);
+}
+
+// 8-lane vectors (GCC vector extensions): one ymm register of floats in the AVX2 build, two xmm
+// in the baseline build; elementwise IEEE arithmetic, so a lane computes exactly what scalar code
+// would (no reassociation, no FMA).
+template <typename T>
+struct V8Of;
+template <>
+struct V8Of<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct V8Of<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using V8 = typename V8Of<T>::type;
+
+template <typename T>
+NK_INLINE V8<T> splat(T s) {
+  return V8<T>{s, s, s, s, s, s, s, s};
+}
+template <typename T, typename S>
+NK_INLINE V8<T> load8(const S* p) {
+  V8<T> v;
+  if constexpr (std::is_same_v<S, T>) {
+    __builtin_memcpy(&v, p, sizeof(v));
+  } else {
+    for (int j = 0; j < 8; ++j) v[j] = static_cast<T>(p[j]);
+  }
+  return v;
+}
+template <typename T, typename S>
+NK_INLINE void store8(S* p, const V8<T>& v) {
+  if constexpr (std::is_same_v<S, T>) {
+    __builtin_memcpy(p, &v, sizeof(v));
+  } else {
+    for (int j = 0; j < 8; ++j) p[j] = static_cast<S>(v[j]);
+  }
+}
+// the fixed tree of lane_sum
+template <typename T>
+NK_INLINE T hsum(const V8<T>& v) {
+  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+// g = act'(pre) dy lane by lane, with csrc/activation.h's scalar formula
+template <Act A, typename T>
+NK_INLINE V8<T> grad_v(const V8<T>& pre, T slope, const V8<T>& dy) {
+  if constexpr (A == Act::Identity) {
+    return dy;
+  } else {
+    V8<T> g;
+    for (int j = 0; j < 8; ++j) g[j] = act_backward(A, T(pre[j]), slope, T(dy[j]));
+    return g;
+  }
+}
+template <Act A, typename T>
+NK_INLINE V8<T> act_v(const V8<T>& pre, T slope) {
+  if constexpr (A == Act::Identity) {
+    return pre;
+  } else {
+    V8<T> y;
+    for (int j = 0; j < 8; ++j) y[j] = act_forward(A, T(pre[j]), slope);
+    return y;
+  }
+}
+// lanes j < cw of src[c0 + j], the others 0
+template <typename T>
+NK_INLINE V8<T> lanes8(const T* src, int64_t c0, int cw) {
+  V8<T> v = {};
+  for (int j = 0; j < cw; ++j) v[j] = src[c0 + j];
+  return v;
+}
+
+// Sample blocks of the reductions: `count` blocks of `size` samples, chosen from N and the number
+// of channel tasks only (so the partials, and their fixed-order sum, ignore the thread count).
+struct NBlocks {
+  int64_t count, size;
+};
+inline NBlocks n_blocks(int64_t N, int64_t channel_tasks) {
+  const int64_t want = std::max<int64_t>(
+      1, std::min<int64_t>(N, (kTasks + channel_tasks - 1) / std::max<int64_t>(1, channel_tasks)));
+  const int64_t size = (N + want - 1) / want;
+  return {(N + size - 1) / size, size};
+}
+
+// ------------------------------------------------------------------------------ 8-plane transposes
+
+// buf[e*8 + j] = p[j*HW + e] for the cw <= 8 planes at p (lanes >= cw: 0).
+template <typename scalar_t, typename acc_t>
+inline void gather_planes(const scalar_t* p, int64_t HW, int cw, acc_t* buf) {
+  int64_t e = 0;
+#if NK_AVX2
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (cw == 8) {
+      for (; e + 8 <= HW; e += 8) {
+        __m256 r0 = _mm256_loadu_ps(p + e), r1 = _mm256_loadu_ps(p + HW + e);
+        __m256 r2 = _mm256_loadu_ps(p + 2 * HW + e), r3 = _mm256_loadu_ps(p + 3 * HW + e);
+        __m256 r4 = _mm256_loadu_ps(p + 4 * HW + e), r5 = _mm256_loadu_ps(p + 5 * HW + e);
+        __m256 r6 = _mm256_loadu_ps(p + 6 * HW + e), r7 = _mm256_loadu_ps(p + 7 * HW + e);
+        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+        const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+        const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+        const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+        const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+        const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+        const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+        const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        float* o = reinterpret_cast<float*>(buf) + e * 8;
+        _mm256_storeu_ps(o, _mm256_permute2f128_ps(s0, s4, 0x20));
+        _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(s1, s5, 0x20));
+        _mm256_storeu_ps(o + 16, _mm256_permute2f128_ps(s2, s6, 0x20));
+        _mm256_storeu_ps(o + 24, _mm256_permute2f128_ps(s3, s7, 0x20));
+        _mm256_storeu_ps(o + 32, _mm256_permute2f128_ps(s0, s4, 0x31));
+        _mm256_storeu_ps(o + 40, _mm256_permute2f128_ps(s1, s5, 0x31));
+        _mm256_storeu_ps(o + 48, _mm256_permute2f128_ps(s2, s6, 0x31));
+        _mm256_storeu_ps(o + 56, _mm256_permute2f128_ps(s3, s7, 0x31));
+      }
+    }
+  }
+#endif
+  for (; e < HW; ++e) {
+    acc_t* o = buf + e * 8;
+    for (int j = 0; j < cw; ++j) o[j] = static_cast<acc_t>(p[j * HW + e]);
+    for (int j = cw; j < 8; ++j) o[j] = acc_t(0);
+  }
+}
+
+// p[j*HW + e] = buf[e*8 + j] for j < cw (the inverse of gather_planes).
+template <typename scalar_t, typename acc_t>
+inline void scatter_planes(const acc_t* buf, int64_t HW, int cw, scalar_t* p) {
+  int64_t e = 0;
+#if NK_AVX2
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (cw == 8) {
+      for (; e + 8 <= HW; e += 8) {
+        const float* q = reinterpret_cast<const float*>(buf) + e * 8;
+        __m256 r0 = _mm256_loadu_ps(q), r1 = _mm256_loadu_ps(q + 8);
+        __m256 r2 = _mm256_loadu_ps(q + 16), r3 = _mm256_loadu_ps(q + 24);
+        __m256 r4 = _mm256_loadu_ps(q + 32), r5 = _mm256_loadu_ps(q + 40);
+        __m256 r6 = _mm256_loadu_ps(q + 48), r7 = _mm256_loadu_ps(q + 56);
+        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+        const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+        const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+        const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+        const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+        const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+        const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+        const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        _mm256_storeu_ps(p + e, _mm256_permute2f128_ps(s0, s4, 0x20));
+        _mm256_storeu_ps(p + HW + e, _mm256_permute2f128_ps(s1, s5, 0x20));
+        _mm256_storeu_ps(p + 2 * HW + e, _mm256_permute2f128_ps(s2, s6, 0x20));
+        _mm256_storeu_ps(p + 3 * HW + e, _mm256_permute2f128_ps(s3, s7, 0x20));
+        _mm256_storeu_ps(p + 4 * HW + e, _mm256_permute2f128_ps(s0, s4, 0x31));
+        _mm256_storeu_ps(p + 5 * HW + e, _mm256_permute2f128_ps(s1, s5, 0x31));
+        _mm256_storeu_ps(p + 6 * HW + e, _mm256_permute2f128_ps(s2, s6, 0x31));
+        _mm256_storeu_ps(p + 7 * HW + e, _mm256_permute2f128_ps(s3, s7, 0x31));
+      }
+    }
+  }
+#endif
+  for (; e < HW; ++e) {
+    const acc_t* q = buf + e * 8;
+    for (int j = 0; j < cw; ++j) p[j * HW + e] = static_cast<scalar_t>(q[j]);
+  }
+}
+
+// Per-lane copies of the coefficients of channels [c0, c0 + cw) (lanes >= cw: 0); T rows [w][8].
+template <typename acc_t>
+struct Lanes {
+  acc_t k[8], cx[8], b[8];
+};
+template <typename acc_t>
+inline void lanes_of(const acc_t* src, int64_t c0, int cw, acc_t* out) {
+  for (int j = 0; j < 8; ++j) out[j] = j < cw ? src[c0 + j] : acc_t(0);
+}
+template <typename acc_t>
+inline void lane_table(const acc_t* T /* [c*W + w] */, int64_t c0, int cw, int64_t W, acc_t* out) {
+  for (int64_t w = 0; w < W; ++w)
+    for (int j = 0; j < 8; ++j) out[w * 8 + j] = j < cw ? T[(c0 + j) * W + w] : acc_t(0);
+}
+
+// ------------------------------------------------------------------------------ row reductions
+
+// Row of W values t = p[w] - k:  R = sum t, A = sum (-1)^w t, Q = sum t^2 (if kQ).
+template <bool kQ, typename scalar_t, typename acc_t>
+inline void row_raq(const scalar_t* p, int64_t W, acc_t k, acc_t& R, acc_t& A, acc_t& Q) {
+  acc_t e = 0, o = 0, q = 0;
+  int64_t w = 0;
+  if (W >= kL) {
+    acc_t r[kL], s[kL];
+    for (int j = 0; j < kL; ++j) r[j] = s[j] = acc_t(0);
+    for (; w + kL <= W; w += kL) {
+      for (int j = 0; j < kL; ++j) {
+        const acc_t t = static_cast<acc_t>(p[w + j]) - k;
+        r[j] += t;
+        if (kQ) s[j] += t * t;
+      }
+    }
+    e = (r[0] + r[4]) + (r[2] + r[6]);
+    o = (r[1] + r[5]) + (r[3] + r[7]);
+    if (kQ) q = lane_sum(s);
+  }
+  for (; w + 1 < W; w += 2) {  // w is even here
+    const acc_t t0 = static_cast<acc_t>(p[w]) - k, t1 = static_cast<acc_t>(p[w + 1]) - k;
+    e += t0;
+    o += t1;
+    if (kQ) q += t0 * t0 + t1 * t1;
+  }
+  if (w < W) {
+    const acc_t t = static_cast<acc_t>(p[w]) - k;
+    e += t;
+    if (kQ) q += t * t;
+  }
+  R = e + o;
+  A = e - o;
+  Q = q;
+}
+
+// Row-0 projections d0 = sum (p[w] - k) P0[w], d1 = sum (p[w] - k) P1[w].
+template <typename scalar_t, typename acc_t>
+inline void row_dots(const scalar_t* p, int64_t W, acc_t k, const acc_t* P0, const acc_t* P1,
+                     acc_t& d0, acc_t& d1) {
+  acc_t a[kL], b[kL];
+  for (int j = 0; j < kL; ++j) a[j] = b[j] = acc_t(0);
+  int64_t w = 0;
+  for (; w + kL <= W; w += kL) {
+    for (int j = 0; j < kL; ++j) {
+      const acc_t t = static_cast<acc_t>(p[w + j]) - k;
+      a[j] += t * P0[w + j];
+      b[j] += t * P1[w + j];
+    }
+  }
+  acc_t ta = 0, tb = 0;
+  for (; w < W; ++w) {
+    const acc_t t = static_cast<acc_t>(p[w]) - k;
+    ta += t * P0[w];
+    tb += t * P1[w];
+  }
+  d0 = lane_sum(a) + ta;
+  d1 = lane_sum(b) + tb;
+}
+
+// ============================================================================== statistics pass
+// part[(blk*C + c)*6 + k] = [S1, S2, SR, SA, SD0, SD1] of channel c over sample block blk.
+// Returns the number of sample blocks.
+
+// NCHW, small maps: lanes = 8 channels of a sample (transposed buffer).
+template <typename scalar_t, typename acc_t>
+int64_t stats_nchw_t(const scalar_t* x, const acc_t* K, const acc_t* ReD, const acc_t* ImD,
+                     double* part, int64_t N, int64_t C, int64_t H, int64_t W) {
+  using V = V8<acc_t>;
+  const int64_t HW = H * W, ncb = (C + 7) / 8;
+  const NBlocks nb = n_blocks(N, ncb);
+  at::parallel_for(0, nb.count * ncb, grain_for(nb.size * 8 * HW), [&](int64_t b, int64_t e) {
+    std::vector<acc_t> buf(HW * 8);
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t blk = task / ncb, c0 = (task % ncb) * 8;
+      const int cw = static_cast<int>(std::min<int64_t>(8, C - c0));
+      const V k = lanes8(K, c0, cw);
+      double s1[8] = {}, s2[8] = {}, sr[8] = {}, sa[8] = {}, d0[8] = {}, d1[8] = {};
+      const int64_t n_end = std::min(N, (blk + 1) * nb.size);
+      for (int64_t n = blk * nb.size; n < n_end; ++n) {
+        gather_planes(x + (n * C + c0) * HW, HW, cw, buf.data());
+        V l1 = {}, l2 = {}, lr = {}, la = {}, a0 = {}, a1 = {};
+        for (int64_t h = 0; h < H; ++h) {
+          const acc_t* row = buf.data() + h * W * 8;
+          V ev = {}, od = {};
+          int64_t w = 0;
+          if (h == 0) {
+            for (; w + 1 < W; w += 2) {
+              const V t0 = load8<acc_t>(row + w * 8) - k, t1 = load8<acc_t>(row + w * 8 + 8) - k;
+              ev += t0;
+              od += t1;
+              l2 += t0 * t0;
+              l2 += t1 * t1;
+              a0 += t0 * ReD[w];
+              a0 += t1 * ReD[w + 1];
+              a1 += t0 * ImD[w];
+              a1 += t1 * ImD[w + 1];
+            }
+            if (w < W) {
+              const V t0 = load8<acc_t>(row + w * 8) - k;
+              ev += t0;
+              l2 += t0 * t0;
+              a0 += t0 * ReD[w];
+              a1 += t0 * ImD[w];
+            }
+          } else {
+            for (; w + 1 < W; w += 2) {
+              const V t0 = load8<acc_t>(row + w * 8) - k, t1 = load8<acc_t>(row + w * 8 + 8) - k;
+              ev += t0;
+              od += t1;
+              l2 += t0 * t0;
+              l2 += t1 * t1;
+            }
+            if (w < W) {
+              const V t0 = load8<acc_t>(row + w * 8) - k;
+              ev += t0;
+              l2 += t0 * t0;
+            }
+          }
+          const V R = ev + od, Aa = ev - od;
+          l1 += R;
+          lr += R * R;
+          la += Aa * Aa;
+        }
+        for (int j = 0; j < 8; ++j) {
+          s1[j] += l1[j];
+          s2[j] += l2[j];
+          sr[j] += lr[j];
+          sa[j] += la[j];
+          d0[j] += a0[j];
+          d1[j] += a1[j];
+        }
+      }
+      for (int j = 0; j < cw; ++j) {
+        double* o = part + (blk * C + c0 + j) * 6;
+        o[0] = s1[j];
+        o[1] = s2[j];
+        o[2] = sr[j];
+        o[3] = W % 2 == 0 ? sa[j] : 0.0;
+        o[4] = d0[j];
+        o[5] = d1[j];
+      }
+    }
+  });
+  return nb.count;
+}
+
+// NCHW, large maps: rows straight from x.
+template <typename scalar_t, typename acc_t>
+int64_t stats_nchw_rows(const scalar_t* x, const acc_t* K, const acc_t* ReD, const acc_t* ImD,
+                        double* part, int64_t N, int64_t C, int64_t H, int64_t W) {
+  const int64_t HW = H * W;
+  const bool even = W % 2 == 0;
+  at::parallel_for(0, N * C, grain_for(HW), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const acc_t k = K[r % C];
+      const scalar_t* base = x + r * HW;
+      double s1 = 0, s2 = 0, sr = 0, sa = 0;
+      for (int64_t h = 0; h < H; ++h) {
+        acc_t R, A, Q;
+        row_raq<true>(base + h * W, W, k, R, A, Q);
+        s1 += R;
+        s2 += Q;
+        sr += double(R) * double(R);
+        sa += double(A) * double(A);
+      }
+      acc_t d0, d1;
+      row_dots(base, W, k, ReD, ImD, d0, d1);
+      double* o = part + r * 6;
+      o[0] = s1;
+      o[1] = s2;
+      o[2] = sr;
+      o[3] = even ? sa : 0.0;
+      o[4] = d0;
+      o[5] = d1;
+    }
+  });
+  return N;
+}
+
+// NHWC row kernel over a compile-time block of CB channels (p = x + row offset + c0, pixel stride
+// C): fixed-size local accumulators that stay in registers, loops over j vectorized. Even / odd
+// pixels go to separate accumulators (R = E + O, A = E - O). kD (row 0): also the D projections.
+template <int CB, bool kD, typename scalar_t, typename acc_t>
+inline void nhwc_row_stats(const scalar_t* p, int64_t W, int64_t C, const acc_t* kk,
+                           const acc_t* ReD, const acc_t* ImD, acc_t* R, acc_t* A, acc_t* Q,
+                           acc_t* D0, acc_t* D1) {
+  acc_t k[CB], e[CB], o[CB], q[CB], a0[CB], a1[CB];
+  for (int j = 0; j < CB; ++j) {
+    k[j] = kk[j];
+    e[j] = o[j] = q[j] = a0[j] = a1[j] = acc_t(0);
+  }
+  int64_t w = 0;
+  for (; w + 1 < W; w += 2) {
+    const scalar_t* p0 = p + w * C;
+    const scalar_t* p1 = p0 + C;
+    if (kD) {
+      const acc_t u0 = ReD[w], u1 = ReD[w + 1], v0 = ImD[w], v1 = ImD[w + 1];
+      for (int j = 0; j < CB; ++j) {
+        const acc_t t0 = static_cast<acc_t>(p0[j]) - k[j];
+        const acc_t t1 = static_cast<acc_t>(p1[j]) - k[j];
+        e[j] += t0;
+        o[j] += t1;
+        q[j] += t0 * t0;
+        q[j] += t1 * t1;
+        a0[j] += t0 * u0;
+        a0[j] += t1 * u1;
+        a1[j] += t0 * v0;
+        a1[j] += t1 * v1;
+      }
+    } else {
+      for (int j = 0; j < CB; ++j) {
+        const acc_t t0 = static_cast<acc_t>(p0[j]) - k[j];
+        const acc_t t1 = static_cast<acc_t>(p1[j]) - k[j];
+        e[j] += t0;
+        o[j] += t1;
+        q[j] += t0 * t0;
+        q[j] += t1 * t1;
+      }
+    }
+  }
+  if (w < W) {  // w is even
+    const scalar_t* p0 = p + w * C;
+    for (int j = 0; j < CB; ++j) {
+      const acc_t t0 = static_cast<acc_t>(p0[j]) - k[j];
+      e[j] += t0;
+      q[j] += t0 * t0;
+      if (kD) {
+        a0[j] += t0 * ReD[w];
+        a1[j] += t0 * ImD[w];
+      }
+    }
+  }
+  for (int j = 0; j < CB; ++j) {
+    R[j] = e[j] + o[j];
+    A[j] = e[j] - o[j];
+    Q[j] = q[j];
+    if (kD) {
+      D0[j] = a0[j];
+      D1[j] = a1[j];
+    }
+  }
+}
+
+// One row (n, h) of channels [c0, c0 + cw): blocks of 8 channels, then 4 / 2 / 1 for the tail.
+template <bool kD, typename scalar_t, typename acc_t>
+inline void nhwc_row_stats_all(const scalar_t* p, int64_t W, int64_t C, int64_t cw,
+                               const acc_t* kk, const acc_t* ReD, const acc_t* ImD, acc_t* R,
+                               acc_t* A, acc_t* Q, acc_t* D0, acc_t* D1) {
+  int64_t c = 0;
+  for (; c + 8 <= cw; c += 8)
+    nhwc_row_stats<8, kD>(p + c, W, C, kk + c, ReD, ImD, R + c, A + c, Q + c, D0 + c, D1 + c);
+  if (c + 4 <= cw) {
+    nhwc_row_stats<4, kD>(p + c, W, C, kk + c, ReD, ImD, R + c, A + c, Q + c, D0 + c, D1 + c);
+    c += 4;
+  }
+  if (c + 2 <= cw) {
+    nhwc_row_stats<2, kD>(p + c, W, C, kk + c, ReD, ImD, R + c, A + c, Q + c, D0 + c, D1 + c);
+    c += 2;
+  }
+  if (c < cw)
+    nhwc_row_stats<1, kD>(p + c, W, C, kk + c, ReD, ImD, R + c, A + c, Q + c, D0 + c, D1 + c);
+}
+
+template <typename scalar_t, typename acc_t>
+int64_t stats_nhwc(const scalar_t* x, const acc_t* K, const acc_t* ReD, const acc_t* ImD,
+                   double* part, int64_t N, int64_t C, int64_t H, int64_t W) {
+  const int64_t nblk = (C + kCB - 1) / kCB;
+  const bool even = W % 2 == 0;
+  at::parallel_for(0, N * nblk, grain_for(H * W * std::min(C, kCB)), [&](int64_t b, int64_t e) {
+    acc_t rR[kCB], rA[kCB], rQ[kCB], d0[kCB], d1[kCB];
+    double s1[kCB], s2[kCB], sr[kCB], sa[kCB];
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t n = task / nblk, c0 = (task % nblk) * kCB;
+      const int64_t cw = std::min(kCB, C - c0);
+      for (int64_t c = 0; c < cw; ++c) s1[c] = s2[c] = sr[c] = sa[c] = 0.0;
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* p = x + (n * H + h) * W * C + c0;
+        if (h == 0)
+          nhwc_row_stats_all<true>(p, W, C, cw, K + c0, ReD, ImD, rR, rA, rQ, d0, d1);
+        else
+          nhwc_row_stats_all<false>(p, W, C, cw, K + c0, ReD, ImD, rR, rA, rQ, d0, d1);
+        for (int64_t c = 0; c < cw; ++c) {
+          s1[c] += rR[c];
+          s2[c] += rQ[c];
+          sr[c] += double(rR[c]) * double(rR[c]);
+          sa[c] += double(rA[c]) * double(rA[c]);
+        }
+      }
+      for (int64_t c = 0; c < cw; ++c) {
+        double* o = part + (n * C + c0 + c) * 6;
+        o[0] = s1[c];
+        o[1] = s2[c];
+        o[2] = sr[c];
+        o[3] = even ? sa[c] : 0.0;
+        o[4] = d0[c];
+        o[5] = d1[c];
+      }
+    }
+  });
+  return N;
+}
+
+template <typename scalar_t, typename acc_t>
+int64_t stats(const scalar_t* x, const acc_t* K, const acc_t* ReD, const acc_t* ImD, double* part,
+              int64_t N, int64_t C, int64_t H, int64_t W, Layout lay) {
+  if (lay == Layout::NSC) return stats_nhwc(x, K, ReD, ImD, part, N, C, H, W);
+  if (H * W <= kTMax) return stats_nchw_t(x, K, ReD, ImD, part, N, C, H, W);
+  return stats_nchw_rows(x, K, ReD, ImD, part, N, C, H, W);
+}
+
+// ============================================================================== forward apply
+// y = act(pre), pre = cx (x - K) + add (FwdTab).
+
+template <Act A, typename scalar_t, typename acc_t>
+void fwd_apply(const scalar_t* x, scalar_t* y, const FwdTab<acc_t>& ft, acc_t slope, int64_t N,
+               int64_t C, int64_t H, int64_t W, Layout lay) {
+  const int64_t HW = H * W;
+  if (lay == Layout::NCS) {
+    at::parallel_for(0, N * C, grain_for(HW), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t c = r % C;
+        const acc_t k = ft.K[c], a = ft.cx[c], bc = ft.b[c];
+        const acc_t* t0 = ft.T0.data() + c * W;
+        const scalar_t* px = x + r * HW;
+        scalar_t* py = y + r * HW;
+        for (int64_t w = 0; w < W; ++w) {
+          const acc_t pre = a * (static_cast<acc_t>(px[w]) - k) + t0[w];
+          py[w] = static_cast<scalar_t>(act_forward(A, pre, slope));
+        }
+        using V = V8<acc_t>;
+        const V kv = splat(k), av = splat(a), bv = splat(bc);
+        int64_t i = W;
+        for (; i + 8 <= HW; i += 8)
+          store8<acc_t>(py + i, act_v<A>(av * (load8<acc_t>(px + i) - kv) + bv, slope));
+        for (; i < HW; ++i) {
+          const acc_t pre = a * (static_cast<acc_t>(px[i]) - k) + bc;
+          py[i] = static_cast<scalar_t>(act_forward(A, pre, slope));
+        }
+      }
+    });
+  } else {
+    const acc_t* kp = ft.K.data();
+    const acc_t* ap = ft.cx.data();
+    const acc_t* bp = ft.b.data();
+    at::parallel_for(0, N * H, grain_for(W * C), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const bool row0 = (r % H) == 0;
+        for (int64_t w = 0; w < W; ++w) {
+          const scalar_t* px = x + (r * W + w) * C;
+          scalar_t* py = y + (r * W + w) * C;
+          const acc_t* add = row0 ? ft.T0.data() + w * C : bp;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t pre = ap[c] * (static_cast<acc_t>(px[c]) - kp[c]) + add[c];
+            py[c] = static_cast<scalar_t>(act_forward(A, pre, slope));
+          }
+        }
+      }
+    });
+  }
+}
+
+// ============================================================================== gradient sums
+// part[(blk*C + c)*4 + k] = [sum g, sum g t, sum_n g[n, 0, 0], sum_{n,w} g[n, 0, w] Pi[w]] of
+// channel c over sample block blk, g = act'(pre) dy. Returns the number of sample blocks.
+
+// NCHW: per channel, contiguous spans of each plane; float lanes across the planes of a task,
+// flushed to double every kChunk elements per lane.
+template <Act A, typename scalar_t, typename acc_t>
+int64_t grad_nchw(const scalar_t* dy, const scalar_t* x, const FwdTab<acc_t>& ft, const acc_t* Pi,
+                  acc_t slope, double* part, int64_t N, int64_t C, int64_t H, int64_t W) {
+  const int64_t HW = H * W;
+  const NBlocks nb = n_blocks(N, C);
+  at::parallel_for(0, nb.count * C, grain_for(2 * nb.size * HW), [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t blk = task / C, c = task % C;
+      const acc_t k = ft.K[c], a = ft.cx[c], bc = ft.b[c];
+      const acc_t* t0 = ft.T0.data() + c * W;
+      using V = V8<acc_t>;
+      const V kv = splat(k), av = splat(a), bv = splat(bc);
+      double sd = 0, sdt = 0, g0 = 0, g1 = 0;
+      V u = {}, vv = {};
+      int64_t pending = 0;
+      const int64_t n_end = std::min(N, (blk + 1) * nb.size);
+      for (int64_t n = blk * nb.size; n < n_end; ++n) {
+        const scalar_t* px = x + (n * C + c) * HW;
+        const scalar_t* pd = dy + (n * C + c) * HW;
+        // row 0 (its own offsets T0; the Pr / Pi sums), then rows h > 0 as one span. The same
+        // order for every act, so a fused activation sums exactly what an unfused one would.
+        acc_t r0s = 0, r0t = 0, r1 = 0;
+        for (int64_t w = 0; w < W; ++w) {
+          const acc_t t = static_cast<acc_t>(px[w]) - k;
+          const acc_t g = grad_of<A>(a * t + t0[w], slope, static_cast<acc_t>(pd[w]));
+          if (w == 0) g0 += g;
+          r1 += g * Pi[w];
+          r0s += g;
+          r0t += g * t;
+        }
+        g1 += r1;
+        sd += r0s;
+        sdt += r0t;
+        int64_t i = W;
+        for (; i + 8 <= HW; i += 8) {
+          const V t = load8<acc_t>(px + i) - kv;
+          const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + i));
+          u += g;
+          vv += g * t;
+        }
+        acc_t tu = 0, tv = 0;
+        for (; i < HW; ++i) {
+          const acc_t t = static_cast<acc_t>(px[i]) - k;
+          const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(pd[i]));
+          tu += g;
+          tv += g * t;
+        }
+        sd += tu;
+        sdt += tv;
+        pending += HW / 8;
+        if (pending >= kChunk) {
+          sd += hsum<acc_t>(u);
+          sdt += hsum<acc_t>(vv);
+          u = V{};
+          vv = V{};
+          pending = 0;
+        }
+      }
+      sd += hsum<acc_t>(u);
+      sdt += hsum<acc_t>(vv);
+      double* o = part + (blk * C + c) * 4;
+      o[0] = sd;
+      o[1] = sdt;
+      o[2] = g0;
+      o[3] = g1;
+    }
+  });
+  return nb.count;
+}
+
+// NHWC gradient row kernel over a compile-time block of CB channels: S = sum g, T = sum g t over
+// the row; kD (row 0): G0 = g at w = 0, G1 = sum_w g Pi[w]. add = T0 (row 0, [w*C + c]) or b.
+template <int CB, bool kD, Act A, typename scalar_t, typename acc_t>
+inline void nhwc_row_grad(const scalar_t* pd, const scalar_t* px, int64_t W, int64_t C,
+                          const acc_t* kk, const acc_t* cxx, const acc_t* bb, const acc_t* T0,
+                          const acc_t* Pi, acc_t slope, acc_t* S, acc_t* T, acc_t* G0,
+                          acc_t* G1) {
+  acc_t k[CB], a[CB], add[CB], se[CB], te[CB], g1[CB];
+  for (int j = 0; j < CB; ++j) {
+    k[j] = kk[j];
+    a[j] = cxx[j];
+    add[j] = bb[j];
+    se[j] = te[j] = g1[j] = acc_t(0);
+  }
+  for (int64_t w = 0; w < W; ++w) {
+    const scalar_t* d0 = pd + w * C;
+    const scalar_t* x0 = px + w * C;
+    if (kD) {
+      const acc_t pw = Pi[w];
+      const acc_t* t0 = T0 + w * C;
+      for (int j = 0; j < CB; ++j) {
+        const acc_t t = static_cast<acc_t>(x0[j]) - k[j];
+        const acc_t g = grad_of<A>(a[j] * t + t0[j], slope, static_cast<acc_t>(d0[j]));
+        if (w == 0) G0[j] = g;
+        se[j] += g;
+        te[j] += g * t;
+        g1[j] += g * pw;
+      }
+    } else {
+      for (int j = 0; j < CB; ++j) {
+        const acc_t t = static_cast<acc_t>(x0[j]) - k[j];
+        const acc_t g = grad_of<A>(a[j] * t + add[j], slope, static_cast<acc_t>(d0[j]));
+        se[j] += g;
+        te[j] += g * t;
+      }
+    }
+  }
+  for (int j = 0; j < CB; ++j) {
+    S[j] = se[j];
+    T[j] = te[j];
+    if (kD) G1[j] = g1[j];
+  }
+}
+
+template <bool kD, Act A, typename scalar_t, typename acc_t>
+inline void nhwc_row_grad_all(const scalar_t* pd, const scalar_t* px, int64_t W, int64_t C,
+                              int64_t cw, const acc_t* kk, const acc_t* cxx, const acc_t* bb,
+                              const acc_t* T0, const acc_t* Pi, acc_t slope, acc_t* S, acc_t* T,
+                              acc_t* G0, acc_t* G1) {
+  int64_t c = 0;
+  for (; c + 8 <= cw; c += 8)
+    nhwc_row_grad<8, kD, A>(pd + c, px + c, W, C, kk + c, cxx + c, bb + c, T0 + c, Pi, slope,
+                            S + c, T + c, G0 + c, G1 + c);
+  if (c + 4 <= cw) {
+    nhwc_row_grad<4, kD, A>(pd + c, px + c, W, C, kk + c, cxx + c, bb + c, T0 + c, Pi, slope,
+                            S + c, T + c, G0 + c, G1 + c);
+    c += 4;
+  }
+  if (c + 2 <= cw) {
+    nhwc_row_grad<2, kD, A>(pd + c, px + c, W, C, kk + c, cxx + c, bb + c, T0 + c, Pi, slope,
+                            S + c, T + c, G0 + c, G1 + c);
+    c += 2;
+  }
+  if (c < cw)
+    nhwc_row_grad<1, kD, A>(pd + c, px + c, W, C, kk + c, cxx + c, bb + c, T0 + c, Pi, slope,
+                            S + c, T + c, G0 + c, G1 + c);
+}
+
+template <Act A, typename scalar_t, typename acc_t>
+int64_t grad_nhwc(const scalar_t* dy, const scalar_t* x, const FwdTab<acc_t>& ft, const acc_t* Pi,
+                  acc_t slope, double* part, int64_t N, int64_t C, int64_t H, int64_t W) {
+  const int64_t nblk = (C + kCB - 1) / kCB;
+  at::parallel_for(0, N * nblk, grain_for(2 * H * W * std::min(C, kCB)),
+                   [&](int64_t b, int64_t e) {
+    acc_t rS[kCB], rT[kCB], g0[kCB], g1[kCB];
+    double sS[kCB], sT[kCB];
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t n = task / nblk, c0 = (task % nblk) * kCB;
+      const int64_t cw = std::min(kCB, C - c0);
+      for (int64_t c = 0; c < cw; ++c) sS[c] = sT[c] = 0.0;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t off = (n * H + h) * W * C + c0;
+        const acc_t* kk = ft.K.data() + c0;
+        const acc_t* cxx = ft.cx.data() + c0;
+        const acc_t* bb = ft.b.data() + c0;
+        const acc_t* t0 = ft.T0.data() + c0;
+        if (h == 0)
+          nhwc_row_grad_all<true, A>(dy + off, x + off, W, C, cw, kk, cxx, bb, t0, Pi, slope, rS,
+                                     rT, g0, g1);
+        else
+          nhwc_row_grad_all<false, A>(dy + off, x + off, W, C, cw, kk, cxx, bb, t0, Pi, slope,
+                                      rS, rT, g0, g1);
+        for (int64_t c = 0; c < cw; ++c) {
+          sS[c] += rS[c];
+          sT[c] += rT[c];
+        }
+      }
+      for (int64_t c = 0; c < cw; ++c) {
+        double* o = part + (n * C + c0 + c) * 4;
+        o[0] = sS[c];
+        o[1] = sT[c];
+        o[2] = g0[c];
+        o[3] = g1[c];
+      }
+    }
+  });
+  return N;
+}
+
+template <Act A, typename scalar_t, typename acc_t>
+int64_t grad(const scalar_t* dy, const scalar_t* x, const FwdTab<acc_t>& ft, const acc_t* Pi,
+             acc_t slope, double* part, int64_t N, int64_t C, int64_t H, int64_t W, Layout lay) {
+  if (lay == Layout::NSC) return grad_nhwc<A>(dy, x, ft, Pi, slope, part, N, C, H, W);
+  return grad_nchw<A>(dy, x, ft, Pi, slope, part, N, C, H, W);
+}
+
+// ============================================================================== backward apply
+// dx = c_dy g + c_t t + cst [+ c_R R + c_A A (-1)^w] + [h == 0] T1[c, w], g = act'(pre) dy.
+
+// NCHW, small maps, training: lanes = 8 channels of a sample; x and dy transposed into L1, dx
+// formed there and transposed back. Tasks run along memory (sample-major).
+template <Act A, typename scalar_t, typename acc_t>
+void bwd_nchw_t(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab<acc_t>& ft,
+                const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H, int64_t W) {
+  using V = V8<acc_t>;
+  const int64_t HW = H * W, ncb = (C + 7) / 8;
+  at::parallel_for(0, N * ncb, grain_for(24 * HW), [&](int64_t b, int64_t e) {
+    std::vector<acc_t> bx(HW * 8), bd(HW * 8), t0(W * 8), t1(W * 8);
+    int64_t cached = -1;
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t n = task / ncb, c0 = (task % ncb) * 8;
+      const int cw = static_cast<int>(std::min<int64_t>(8, C - c0));
+      const V k = lanes8(ft.K.data(), c0, cw), a = lanes8(ft.cx.data(), c0, cw);
+      const V bb = lanes8(ft.b.data(), c0, cw), cdy = lanes8(bt.cdy.data(), c0, cw);
+      const V ct = lanes8(bt.ct.data(), c0, cw), cs = lanes8(bt.cst.data(), c0, cw);
+      const V cr = lanes8(bt.cR.data(), c0, cw), ca = lanes8(bt.cA.data(), c0, cw);
+      if (cached != c0) {
+        lane_table(ft.T0.data(), c0, cw, W, t0.data());
+        lane_table(bt.T1.data(), c0, cw, W, t1.data());
+        cached = c0;
+      }
+      const int64_t off = (n * C + c0) * HW;
+      // the output block's cache lines, requested for writing while this block is computed
+      // (the transposed stores of 8 planes otherwise stall on their write-allocate misses)
+      for (int64_t i = 0; i < cw * HW; i += 64 / static_cast<int64_t>(sizeof(scalar_t)))
+        __builtin_prefetch(dx + off + i, 1);
+      gather_planes(x + off, HW, cw, bx.data());
+      gather_planes(dy + off, HW, cw, bd.data());
+      for (int64_t h = 0; h < H; ++h) {
+        acc_t* rx = bx.data() + h * W * 8;
+        const acc_t* rd = bd.data() + h * W * 8;
+        V ev = {}, od = {};
+        int64_t w = 0;
+        for (; w + 1 < W; w += 2) {
+          ev += load8<acc_t>(rx + w * 8) - k;
+          od += load8<acc_t>(rx + w * 8 + 8) - k;
+        }
+        if (w < W) ev += load8<acc_t>(rx + w * 8) - k;
+        const V R = ev + od, Aa = ev - od;
+        const V base = cs + cr * R, alt = ca * Aa;
+        const V ofs[2] = {base + alt, base - alt};   // even / odd w
+        if (h == 0) {
+          for (w = 0; w < W; ++w) {
+            const V t = load8<acc_t>(rx + w * 8) - k;
+            const V g = grad_v<A>(a * t + load8<acc_t>(t0.data() + w * 8), slope,
+                                  load8<acc_t>(rd + w * 8));
+            store8<acc_t>(rx + w * 8, cdy * g + ct * t + (ofs[w & 1] + load8<acc_t>(t1.data() + w * 8)));
+          }
+        } else {
+          for (w = 0; w < W; ++w) {
+            const V t = load8<acc_t>(rx + w * 8) - k;
+            const V g = grad_v<A>(a * t + bb, slope, load8<acc_t>(rd + w * 8));
+            store8<acc_t>(rx + w * 8, cdy * g + ct * t + ofs[w & 1]);
+          }
+        }
+      }
+      scatter_planes(bx.data(), HW, cw, dx + off);
+    }
+  });
+}
+
+template <Act A, typename scalar_t, typename acc_t>
+void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab<acc_t>& ft,
+               const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H, int64_t W,
+               Layout lay, bool need_row) {
+  const int64_t HW = H * W;
+  if (lay == Layout::NCS && need_row && HW <= kTMaxBwd) {
+    bwd_nchw_t<A>(dy, x, dx, ft, bt, slope, N, C, H, W);
+  } else if (lay == Layout::NCS) {
+    at::parallel_for(0, N * C, grain_for(2 * HW), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t c = r % C;
+        const acc_t k = ft.K[c], a = ft.cx[c], bc = ft.b[c];
+        const acc_t cdy = bt.cdy[c], ct = bt.ct[c], cs = bt.cst[c], cr = bt.cR[c],
+                    ca = bt.cA[c];
+        const acc_t* t0 = ft.T0.data() + c * W;
+        const acc_t* t1 = bt.T1.data() + c * W;
+        if (!need_row) {  // eval: dx = c_dy g (+ the other terms, all 0 in eval)
+          const scalar_t* px = x + r * HW;
+          const scalar_t* pd = dy + r * HW;
+          scalar_t* pdx = dx + r * HW;
+          for (int64_t w = 0; w < W; ++w) {
+            const acc_t t = static_cast<acc_t>(px[w]) - k;
+            const acc_t g = grad_of<A>(a * t + t0[w], slope, static_cast<acc_t>(pd[w]));
+            pdx[w] = static_cast<scalar_t>(cdy * g + ct * t + (cs + t1[w]));
+          }
+          for (int64_t i = W; i < HW; ++i) {
+            const acc_t t = static_cast<acc_t>(px[i]) - k;
+            const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(pd[i]));
+            pdx[i] = static_cast<scalar_t>(cdy * g + ct * t + cs);
+          }
+          continue;
+        }
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t base = r * HW + h * W;
+          const scalar_t* px = x + base;
+          const scalar_t* pd = dy + base;
+          scalar_t* pdx = dx + base;
+          acc_t R, Aa, Q;
+          row_raq<false>(px, W, k, R, Aa, Q);
+          const acc_t base_r = cs + cr * R, alt = ca * Aa;
+          const acc_t ev = base_r + alt, od = base_r - alt;
+          if (h == 0) {
+            for (int64_t w = 0; w < W; ++w) {
+              const acc_t t = static_cast<acc_t>(px[w]) - k;
+              const acc_t g = grad_of<A>(a * t + t0[w], slope, static_cast<acc_t>(pd[w]));
+              pdx[w] = static_cast<scalar_t>(cdy * g + ct * t + (((w & 1) ? od : ev) + t1[w]));
+            }
+            continue;
+          }
+          acc_t ofs[kL];
+          for (int j = 0; j < kL; ++j) ofs[j] = (j & 1) ? od : ev;
+          int64_t w = 0;
+          for (; w + kL <= W; w += kL)
+            for (int j = 0; j < kL; ++j) {
+              const acc_t t = static_cast<acc_t>(px[w + j]) - k;
+              const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(pd[w + j]));
+              pdx[w + j] = static_cast<scalar_t>(cdy * g + ct * t + ofs[j]);
+            }
+          for (; w < W; ++w) {
+            const acc_t t = static_cast<acc_t>(px[w]) - k;
+            const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(pd[w]));
+            pdx[w] = static_cast<scalar_t>(cdy * g + ct * t + ((w & 1) ? od : ev));
+          }
+        }
+      }
+    });
+  } else {
+    const acc_t* kp = ft.K.data();
+    const acc_t* ap = ft.cx.data();
+    const acc_t* bp = ft.b.data();
+    const acc_t* cdy = bt.cdy.data();
+    const acc_t* ctp = bt.ct.data();
+    at::parallel_for(0, N * H, grain_for(2 * W * C), [&](int64_t b, int64_t e) {
+      std::vector<acc_t> R(C), Aa(C), ev(bt.cst), od(bt.cst), ofs(C);
+      for (int64_t r = b; r < e; ++r) {
+        const bool row0 = (r % H) == 0;
+        const scalar_t* xr = x + r * W * C;
+        if (need_row) {
+          for (int64_t c = 0; c < C; ++c) R[c] = Aa[c] = acc_t(0);
+          for (int64_t w = 0; w < W; ++w) {
+            const scalar_t* px = xr + w * C;
+            if (w & 1) {
+              for (int64_t c = 0; c < C; ++c) {
+                const acc_t t = static_cast<acc_t>(px[c]) - kp[c];
+                R[c] += t;
+                Aa[c] -= t;
+              }
+            } else {
+              for (int64_t c = 0; c < C; ++c) {
+                const acc_t t = static_cast<acc_t>(px[c]) - kp[c];
+                R[c] += t;
+                Aa[c] += t;
+              }
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t base_r = bt.cst[c] + bt.cR[c] * R[c], alt = bt.cA[c] * Aa[c];
+            ev[c] = base_r + alt;
+            od[c] = base_r - alt;
+          }
+        }
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t o = (r * W + w) * C;
+          const scalar_t* px = x + o;
+          const scalar_t* pd = dy + o;
+          scalar_t* pdx = dx + o;
+          const acc_t* of = (w & 1) ? od.data() : ev.data();
+          const acc_t* add = bp;
+          if (row0) {
+            const acc_t* t1 = bt.T1.data() + w * C;
+            for (int64_t c = 0; c < C; ++c) ofs[c] = of[c] + t1[c];
+            of = ofs.data();
+            add = ft.T0.data() + w * C;
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t t = static_cast<acc_t>(px[c]) - kp[c];
+            const acc_t g = grad_of<A>(ap[c] * t + add[c], slope, static_cast<acc_t>(pd[c]));
+            pdx[c] = static_cast<scalar_t>(cdy[c] * g + ctp[c] * t + of[c]);
+          }
+        }
+      }
+    });
+  }
+}
