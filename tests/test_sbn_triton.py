@@ -326,11 +326,13 @@ def small_tiles(monkeypatch):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_many_chunks_and_tiled_rows(small_tiles, layout):
-    x = make_x((5, 3, 4, 7), torch.float32, layout)
+    # H = 6, 8 with tiles of 4 rows (1 channels_last): tiles without a row h = 0, tiles across
+    # two samples; W = 7 and 6 in tiles of 4 columns
+    x = make_x((5, 3, 6, 7), torch.float32, layout)
     plan = K._Plan(x)
-    assert plan.n_chunks > 2 and plan.BW < 7
-    run_sbn((5, 3, 4, 7), torch.float32, layout=layout, seed=14)
-    run_bnsbn((5, 3, 4, 6), torch.float32, layout=layout, act="silu", seed=15)
+    assert plan.n_chunks > 2 and plan.BW < 7 and plan.BR < 6
+    run_sbn((5, 3, 6, 7), torch.float32, layout=layout, seed=14)
+    run_bnsbn((5, 3, 8, 6), torch.float32, layout=layout, act="silu", seed=15)
 
 
 def test_deterministic(small_tiles):

@@ -27,7 +27,7 @@ Forward apply: pre = cx (x - K) + b off row 0; on row 0: + u at w = 0 (in place 
 b + v Pi[w] elsewhere (Pr[0, :] = delta_w0 exactly, Pi = irfft(1j*ones)); y = act(pre).
 Gradient sums: g = act'(pre) dy with pre recomputed by the same helper: [sum g, sum g t,
 sum_n g[n, 0, 0], sum_{n,w} g[n, 0, w] Pi[w]].
-Backward apply: dx = c_dy g + c_t t + c_R R + c_A A (-1)^w + cst + [h == 0](u' Re D + v' Im D).
+Backward apply: dx = cx g + c_t t + c_R R + c_A A (-1)^w + cst + [h == 0](u' Re D + v' Im D).
 
 fft_norm (torch.fft's norm of the transform pair), f = 1, 1/sqrt(HW), 1/(HW) and h = 1/f: the
 m-normalized layer irfft2(gamma (X_m - mu_m)/sqrt(var_m + eps) + beta, norm=m), X_m = f X, equals
@@ -74,7 +74,7 @@ BNSBN_SAVED = ("K", "cx", "b", "u", "v", "p", "sd", "Kz", "mr", "mi", "s", "a", 
                "S1", "S2", "SR", "SA", "SD0", "SD1", "L1", "L2", "LR", "LA", "LD0", "LD1")
 _NS = 7      # statistics partials per chunk: [K, S1, S2, SR, SA, SD0, SD1]
 _NG = 4      # gradient partials per chunk: [sum g, sum g t, G0, G1]
-_NCOEF = 8   # backward apply coefficients: [c_dy, c_t, c_R, c_A, cst, u, v, unused]
+_NCOEF = 6   # backward apply coefficients: [c_t, c_R, c_A, cst, u, v] (dy's is cx)
 
 # ----------------------------------------------------------------------------------------------
 # device helpers: activation, offsets, row-0 term
@@ -131,80 +131,100 @@ def _offsets(n, h, w, c, C, sN, sC, sH, sW, H: tl.constexpr, W: tl.constexpr,
 
 
 @triton.jit
-def _pre(xv, K, cx, b, u, v, pi, is_row0, is_w0):
+def _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h, has_row0,
+         W: tl.constexpr, ACC: tl.constexpr):
     """The forward apply's pre-activation, written once: every pass that recomputes it (forward
-    apply, gradient sums, backward apply) rounds exactly alike, so act' masks agree."""
-    row_term = tl.where(is_w0, u, tl.fma(v, pi, b))          # row 0: u at w = 0, b + v Pi[w]
-    return tl.fma(cx, xv - K, tl.where(is_row0, row_term, b))
+    apply, gradient sums, backward apply) rounds exactly alike, so act' masks agree.
+    pre = cx (x - K) + b; on row 0 (tiles that hold one) b is replaced by u at w = 0 and by
+    b + v Pi[w] elsewhere; u, v, Pi are loaded only there (registers stay free elsewhere)."""
+    t = xv - K
+    pre = tl.fma(cx, t, b)
+    if has_row0:
+        p = sv_ptr + c * sv_cols
+        u = tl.load(p + 3, mask=cmask, other=0.0).to(ACC)[None, None, :]
+        v = tl.load(p + 4, mask=cmask, other=0.0).to(ACC)[None, None, :]
+        pi = tl.load(cst_ptr + 2 * W + w3, mask=wm3, other=0.0)
+        row = tl.where(w3 == 0, u, tl.fma(v, pi, b))
+        pre = tl.where(h == 0, tl.fma(cx, t, row), pre)
+    return pre
 
 
 @triton.jit
 def _rows(r0, NH, H: tl.constexpr, BR: tl.constexpr, IDX64: tl.constexpr):
-    """Row indices r0 .. r0+BR of the (n, h) rows: (n [BR,1,1], h [BR,1,1], row mask)."""
+    """Rows r0 .. r0+BR of the (n, h) rows: (n [BR,1,1], h [BR,1,1], row mask, whether a row
+    h = 0 is among them)."""
     r = r0 + tl.arange(0, BR)
     n = r // H                       # int32 division by a constant: a multiply-high
     h = r - n * H
     if IDX64:
         n = n.to(tl.int64)
-    return n[:, None, None], h[:, None, None], (r < NH)[:, None, None]
+    hr = r0 % H
+    return n[:, None, None], h[:, None, None], (r < NH)[:, None, None], (hr == 0) | (hr + BR > H)
 
 
-# ----------------------------------------------------------------------------------------------
-# pass kernels
-# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _channels(BC: tl.constexpr, VEC: tl.constexpr, C, IDX64: tl.constexpr):
+    """This program's channels: (c (BC,), mask, c as [1, 1, BC] index). VEC < BC caps the
+    contiguity the compiler assumes (channels a thread holds: per-channel coefficients are
+    registers, one set per channel)."""
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    if VEC < BC:
+        c = tl.max_contiguous(c, VEC)
+    cmask = c < C
+    c3 = c[None, None, :]
+    if IDX64:
+        c3 = c3.to(tl.int64)
+    return c, cmask, c3
+
+
+@triton.jit
+def _sgn(w3, ACC: tl.constexpr):
+    return (1 - 2 * (w3 % 2)).to(ACC)
 
 
 @triton.jit
 def _sbn_stats_kernel(x_ptr, cst_ptr, part_ptr, C, NH, rows_per_chunk, sN, sC, sH, sW,
                       H: tl.constexpr, W: tl.constexpr, X_LAYOUT: tl.constexpr,
                       IDX64: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr,
-                      BW: tl.constexpr, BC: tl.constexpr):
+                      BW: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr):
     """Partials part[chunk, :, c] = [K, S1, S2, SR, SA, SD0, SD1] of this chunk's rows (float64).
     cst = [Re D, Im D, Pi] (3, W)."""
-    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    c, cmask, c3 = _channels(BC, VEC, C, IDX64)
     chunk = tl.program_id(1)
-    cmask = c < C
-    c3 = c[None, None, :]
-    if IDX64:
-        c3 = c3.to(tl.int64)
     cm3 = cmask[None, None, :]
     K = tl.load(x_ptr + _offsets(0, 0, 0, c3, C, sN, sC, sH, sW, H, W, X_LAYOUT), mask=cm3,
                 other=0.0).to(ACC)
     r_start = chunk * rows_per_chunk
     r_end = tl.minimum(r_start + rows_per_chunk, NH)
-    s1 = tl.zeros([BR, BW, BC], ACC)
     s2 = tl.zeros([BR, BW, BC], ACC)
+    s1 = tl.zeros([BR, 1, BC], ACC)          # S1 = sum of the row sums R
     sr = tl.zeros([BR, 1, BC], ACC)
     sa = tl.zeros([BR, 1, BC], ACC)
     sd0 = tl.zeros([BR, 1, BC], ACC)
     sd1 = tl.zeros([BR, 1, BC], ACC)
     for r0 in range(r_start, r_end, BR):
-        n, h, rmask = _rows(r0, r_end, H, BR, IDX64)
-        hr = r0 % H
-        has_row0 = (hr == 0) | (hr + BR > H)
+        n, h, rmask, has_row0 = _rows(r0, r_end, H, BR, IDX64)
         R = tl.zeros([BR, 1, BC], ACC)
         A = tl.zeros([BR, 1, BC], ACC)
         D0 = tl.zeros([BR, 1, BC], ACC)
         D1 = tl.zeros([BR, 1, BC], ACC)
         for w0 in range(0, W, BW):
-            w = w0 + tl.arange(0, BW)
-            wmask = w < W
-            w3 = w[None, :, None]
-            m = rmask & wmask[None, :, None] & cm3
+            w3 = (w0 + tl.arange(0, BW))[None, :, None]
+            wm3 = w3 < W
+            m = rmask & wm3 & cm3
             xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W, X_LAYOUT),
                          mask=m, other=0.0)
             t = tl.where(m, xv.to(ACC) - K, 0.0)
-            s1 += t
             s2 += t * t
             R += tl.sum(t, axis=1, keep_dims=True)
             if W % 2 == 0:
-                sgn = (1 - 2 * (w3 % 2)).to(ACC)
-                A += tl.sum(t * sgn, axis=1, keep_dims=True)
+                A += tl.sum(t * _sgn(w3, ACC), axis=1, keep_dims=True)
             if has_row0:
-                dre = tl.load(cst_ptr + w3, mask=wmask[None, :, None], other=0.0)
-                dim = tl.load(cst_ptr + W + w3, mask=wmask[None, :, None], other=0.0)
+                dre = tl.load(cst_ptr + w3, mask=wm3, other=0.0)
+                dim = tl.load(cst_ptr + W + w3, mask=wm3, other=0.0)
                 D0 += tl.sum(t * dre, axis=1, keep_dims=True)
                 D1 += tl.sum(t * dim, axis=1, keep_dims=True)
+        s1 += R
         sr += R * R
         if W % 2 == 0:
             sa += A * A
@@ -222,15 +242,9 @@ def _sbn_stats_kernel(x_ptr, cst_ptr, part_ptr, C, NH, rows_per_chunk, sN, sC, s
 
 
 @triton.jit
-def _load_pre_coefs(sv_ptr, sv_cols, c, cmask, ACC: tl.constexpr):
-    """(K, cx, b, u, v) of channels c from saved[:, :5] (float64) as [1, 1, BC] in ACC."""
-    p = sv_ptr + c * sv_cols
-    K = tl.load(p, mask=cmask, other=0.0).to(ACC)[None, None, :]
-    cx = tl.load(p + 1, mask=cmask, other=0.0).to(ACC)[None, None, :]
-    b = tl.load(p + 2, mask=cmask, other=0.0).to(ACC)[None, None, :]
-    u = tl.load(p + 3, mask=cmask, other=0.0).to(ACC)[None, None, :]
-    v = tl.load(p + 4, mask=cmask, other=0.0).to(ACC)[None, None, :]
-    return K, cx, b, u, v
+def _coef(ptr, k, cols, c, cmask, ACC: tl.constexpr):
+    """Column k of a float64 (C, cols) table for channels c, as [1, 1, BC] in ACC."""
+    return tl.load(ptr + c * cols + k, mask=cmask, other=0.0).to(ACC)[None, None, :]
 
 
 @triton.jit
@@ -239,30 +253,27 @@ def _sbn_fwd_apply_kernel(x_ptr, y_ptr, sv_ptr, cst_ptr, C, NH, rows_per_chunk, 
                           H: tl.constexpr, W: tl.constexpr, X_LAYOUT: tl.constexpr,
                           Y_LAYOUT: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr,
                           ACC: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
-                          BC: tl.constexpr):
+                          BC: tl.constexpr, VEC: tl.constexpr):
     """y = act(pre), pre from saved[:, :5] (SBN and BN+SBN alike)."""
-    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    c, cmask, c3 = _channels(BC, VEC, C, IDX64)
     chunk = tl.program_id(1)
-    cmask = c < C
-    c3 = c[None, None, :]
-    if IDX64:
-        c3 = c3.to(tl.int64)
     cm3 = cmask[None, None, :]
-    K, cx, b, u, v = _load_pre_coefs(sv_ptr, sv_cols, c, cmask, ACC)
+    K = _coef(sv_ptr, 0, sv_cols, c, cmask, ACC)
+    cx = _coef(sv_ptr, 1, sv_cols, c, cmask, ACC)
+    b = _coef(sv_ptr, 2, sv_cols, c, cmask, ACC)
     sl = _f64(slope).to(ACC)
     r_start = chunk * rows_per_chunk
     r_end = tl.minimum(r_start + rows_per_chunk, NH)
     for r0 in range(r_start, r_end, BR):
-        n, h, rmask = _rows(r0, r_end, H, BR, IDX64)
+        n, h, rmask, has_row0 = _rows(r0, r_end, H, BR, IDX64)
         for w0 in range(0, W, BW):
-            w = w0 + tl.arange(0, BW)
-            wmask = w < W
-            w3 = w[None, :, None]
-            m = rmask & wmask[None, :, None] & cm3
-            pi = tl.load(cst_ptr + 2 * W + w3, mask=wmask[None, :, None], other=0.0)
+            w3 = (w0 + tl.arange(0, BW))[None, :, None]
+            wm3 = w3 < W
+            m = rmask & wm3 & cm3
             xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W, X_LAYOUT),
                          mask=m, other=0.0).to(ACC)
-            pre = _pre(xv, K, cx, b, u, v, pi, h == 0, w3 == 0)
+            pre = _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h, has_row0,
+                       W, ACC)
             y = act_forward(pre, sl, ACT)
             tl.store(y_ptr + _offsets(n, h, w3, c3, C, 0, 0, 0, 0, H, W, Y_LAYOUT),
                      y.to(y_ptr.dtype.element_ty), mask=m)
@@ -274,17 +285,15 @@ def _sbn_grad_stats_kernel(dy_ptr, x_ptr, sv_ptr, cst_ptr, part_ptr, C, NH, rows
                            H: tl.constexpr, W: tl.constexpr, X_LAYOUT: tl.constexpr,
                            DY_LAYOUT: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr,
                            ACC: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
-                           BC: tl.constexpr):
+                           BC: tl.constexpr, VEC: tl.constexpr):
     """Partials part[chunk, :, c] = [sum g, sum g t, sum_n g[n,0,0], sum_{n,w} g[n,0,w] Pi[w]],
     g = act'(pre) dy, t = x - K."""
-    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    c, cmask, c3 = _channels(BC, VEC, C, IDX64)
     chunk = tl.program_id(1)
-    cmask = c < C
-    c3 = c[None, None, :]
-    if IDX64:
-        c3 = c3.to(tl.int64)
     cm3 = cmask[None, None, :]
-    K, cx, b, u, v = _load_pre_coefs(sv_ptr, sv_cols, c, cmask, ACC)
+    K = _coef(sv_ptr, 0, sv_cols, c, cmask, ACC)
+    cx = _coef(sv_ptr, 1, sv_cols, c, cmask, ACC)
+    b = _coef(sv_ptr, 2, sv_cols, c, cmask, ACC)
     sl = _f64(slope).to(ACC)
     r_start = chunk * rows_per_chunk
     r_end = tl.minimum(r_start + rows_per_chunk, NH)
@@ -293,24 +302,22 @@ def _sbn_grad_stats_kernel(dy_ptr, x_ptr, sv_ptr, cst_ptr, part_ptr, C, NH, rows
     g0 = tl.zeros([BR, 1, BC], ACC)
     g1 = tl.zeros([BR, 1, BC], ACC)
     for r0 in range(r_start, r_end, BR):
-        n, h, rmask = _rows(r0, r_end, H, BR, IDX64)
-        hr = r0 % H
-        has_row0 = (hr == 0) | (hr + BR > H)
+        n, h, rmask, has_row0 = _rows(r0, r_end, H, BR, IDX64)
         for w0 in range(0, W, BW):
-            w = w0 + tl.arange(0, BW)
-            wmask = w < W
-            w3 = w[None, :, None]
-            m = rmask & wmask[None, :, None] & cm3
-            pi = tl.load(cst_ptr + 2 * W + w3, mask=wmask[None, :, None], other=0.0)
+            w3 = (w0 + tl.arange(0, BW))[None, :, None]
+            wm3 = w3 < W
+            m = rmask & wm3 & cm3
             xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W, X_LAYOUT),
                          mask=m, other=0.0).to(ACC)
             dyv = tl.load(dy_ptr + _offsets(n, h, w3, c3, C, dN, dC, dH, dW, H, W, DY_LAYOUT),
                           mask=m, other=0.0).to(ACC)
-            g = act_backward(_pre(xv, K, cx, b, u, v, pi, h == 0, w3 == 0), dyv, sl, ACT)
-            g = tl.where(m, g, 0.0)
+            pre = _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h, has_row0,
+                       W, ACC)
+            g = tl.where(m, act_backward(pre, dyv, sl, ACT), 0.0)
             sg += g
             sgt += g * (xv - K)
             if has_row0:
+                pi = tl.load(cst_ptr + 2 * W + w3, mask=wm3, other=0.0)
                 g_row0 = tl.where(h == 0, g, 0.0)
                 g0 += tl.sum(tl.where(w3 == 0, g_row0, 0.0), axis=1, keep_dims=True)
                 g1 += tl.sum(g_row0 * pi, axis=1, keep_dims=True)
@@ -328,72 +335,68 @@ def _sbn_bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, sv_ptr, coef_ptr, cst_ptr, C, N
                           X_LAYOUT: tl.constexpr, DY_LAYOUT: tl.constexpr,
                           DX_LAYOUT: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr,
                           IDX64: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr,
-                          BW: tl.constexpr, BC: tl.constexpr):
-    """dx = c_dy g + c_t t + c_R R + c_A A (-1)^w + cst + [h==0](u Re D + v Im D) (training) or
-    c_dy g (eval); coef[c] = [c_dy, c_t, c_R, c_A, cst, u, v, -]. A row longer than one tile
-    (W > BW) is read twice: once for its sums R, A, then for dx."""
-    c = tl.program_id(0) * BC + tl.arange(0, BC)
+                          BW: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr):
+    """dx = cx g + c_t t + c_R R + c_A A (-1)^w + cst + [h==0](u Re D + v Im D) (training) or
+    cx g (eval); coef[c] = [c_t, c_R, c_A, cst, u, v] (cx: the dy coefficient is the forward's
+    x coefficient, a for SBN, p a for BN+SBN). A row longer than one tile (W > BW) is read
+    twice: once for its sums R, A, then for dx."""
+    c, cmask, c3 = _channels(BC, VEC, C, IDX64)
     chunk = tl.program_id(1)
-    cmask = c < C
-    c3 = c[None, None, :]
-    if IDX64:
-        c3 = c3.to(tl.int64)
     cm3 = cmask[None, None, :]
-    K, cx, b, u, v = _load_pre_coefs(sv_ptr, sv_cols, c, cmask, ACC)
+    K = _coef(sv_ptr, 0, sv_cols, c, cmask, ACC)
+    cx = _coef(sv_ptr, 1, sv_cols, c, cmask, ACC)
+    b = _coef(sv_ptr, 2, sv_cols, c, cmask, ACC)
     sl = _f64(slope).to(ACC)
-    cp = coef_ptr + c * 8
-    c_dy = tl.load(cp, mask=cmask, other=0.0).to(ACC)[None, None, :]
     if TRAINING:
-        c_t = tl.load(cp + 1, mask=cmask, other=0.0).to(ACC)[None, None, :]
-        c_R = tl.load(cp + 2, mask=cmask, other=0.0).to(ACC)[None, None, :]
-        c_A = tl.load(cp + 3, mask=cmask, other=0.0).to(ACC)[None, None, :]
-        cst = tl.load(cp + 4, mask=cmask, other=0.0).to(ACC)[None, None, :]
-        uD = tl.load(cp + 5, mask=cmask, other=0.0).to(ACC)[None, None, :]
-        vD = tl.load(cp + 6, mask=cmask, other=0.0).to(ACC)[None, None, :]
+        c_t = _coef(coef_ptr, 0, 6, c, cmask, ACC)
+        c_R = _coef(coef_ptr, 1, 6, c, cmask, ACC)
+        c_A = _coef(coef_ptr, 2, 6, c, cmask, ACC)
+        cst = _coef(coef_ptr, 3, 6, c, cmask, ACC)
     r_start = chunk * rows_per_chunk
     r_end = tl.minimum(r_start + rows_per_chunk, NH)
     for r0 in range(r_start, r_end, BR):
-        n, h, rmask = _rows(r0, r_end, H, BR, IDX64)
+        n, h, rmask, has_row0 = _rows(r0, r_end, H, BR, IDX64)
         if TRAINING:
             if W > BW:      # a row spans several tiles: its sums first
                 R = tl.zeros([BR, 1, BC], ACC)
                 A = tl.zeros([BR, 1, BC], ACC)
                 for w0 in range(0, W, BW):
-                    w = w0 + tl.arange(0, BW)
-                    w3 = w[None, :, None]
+                    w3 = (w0 + tl.arange(0, BW))[None, :, None]
                     m = rmask & (w3 < W) & cm3
                     xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W,
                                                   X_LAYOUT), mask=m, other=0.0)
                     t = tl.where(m, xv.to(ACC) - K, 0.0)
                     R += tl.sum(t, axis=1, keep_dims=True)
                     if W % 2 == 0:
-                        A += tl.sum(t * (1 - 2 * (w3 % 2)).to(ACC), axis=1, keep_dims=True)
+                        A += tl.sum(t * _sgn(w3, ACC), axis=1, keep_dims=True)
         for w0 in range(0, W, BW):
-            w = w0 + tl.arange(0, BW)
-            wmask = w < W
-            w3 = w[None, :, None]
-            m = rmask & wmask[None, :, None] & cm3
-            pi = tl.load(cst_ptr + 2 * W + w3, mask=wmask[None, :, None], other=0.0)
+            w3 = (w0 + tl.arange(0, BW))[None, :, None]
+            wm3 = w3 < W
+            m = rmask & wm3 & cm3
             xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W, X_LAYOUT),
                          mask=m, other=0.0).to(ACC)
             dyv = tl.load(dy_ptr + _offsets(n, h, w3, c3, C, dN, dC, dH, dW, H, W, DY_LAYOUT),
                           mask=m, other=0.0).to(ACC)
-            g = act_backward(_pre(xv, K, cx, b, u, v, pi, h == 0, w3 == 0), dyv, sl, ACT)
+            pre = _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h, has_row0,
+                       W, ACC)
+            g = act_backward(pre, dyv, sl, ACT)
             if TRAINING:
                 t = tl.where(m, xv - K, 0.0)
                 if W <= BW:
                     R = tl.sum(t, axis=1, keep_dims=True)
                     if W % 2 == 0:
-                        A = tl.sum(t * (1 - 2 * (w3 % 2)).to(ACC), axis=1, keep_dims=True)
-                dre = tl.load(cst_ptr + w3, mask=wmask[None, :, None], other=0.0)
-                dim = tl.load(cst_ptr + W + w3, mask=wmask[None, :, None], other=0.0)
-                row0 = tl.fma(uD, dre, vD * dim)
-                out = tl.fma(c_dy, g, tl.fma(c_t, t, tl.fma(c_R, R, cst)))
+                        A = tl.sum(t * _sgn(w3, ACC), axis=1, keep_dims=True)
+                out = tl.fma(cx, g, tl.fma(c_t, t, tl.fma(c_R, R, cst)))
                 if W % 2 == 0:
-                    out += (c_A * A) * (1 - 2 * (w3 % 2)).to(ACC)
-                out += tl.where(h == 0, row0, 0.0)
+                    out += (c_A * A) * _sgn(w3, ACC)
+                if has_row0:
+                    uD = _coef(coef_ptr, 4, 6, c, cmask, ACC)
+                    vD = _coef(coef_ptr, 5, 6, c, cmask, ACC)
+                    dre = tl.load(cst_ptr + w3, mask=wm3, other=0.0)
+                    dim = tl.load(cst_ptr + W + w3, mask=wm3, other=0.0)
+                    out = tl.where(h == 0, out + tl.fma(uD, dre, vD * dim), out)
             else:
-                out = c_dy * g
+                out = cx * g
             tl.store(dx_ptr + _offsets(n, h, w3, c3, C, 0, 0, 0, 0, H, W, DX_LAYOUT),
                      out.to(dx_ptr.dtype.element_ty), mask=m)
 
@@ -742,22 +745,21 @@ def _grad_sums(src_ptr, all_ptr, n_chunks, C, c, cmask, SRC: tl.constexpr):
 
 
 @triton.jit
-def _store_coefs(coef_ptr, c, cmask, c_dy, c_t, c_R, c_A, cst, u, v):
-    o = coef_ptr + c * 8
-    tl.store(o, c_dy, mask=cmask)
-    tl.store(o + 1, c_t, mask=cmask)
-    tl.store(o + 2, c_R, mask=cmask)
-    tl.store(o + 3, c_A, mask=cmask)
-    tl.store(o + 4, cst, mask=cmask)
-    tl.store(o + 5, u, mask=cmask)
-    tl.store(o + 6, v, mask=cmask)
+def _store_coefs(coef_ptr, c, cmask, c_t, c_R, c_A, cst, u, v):
+    o = coef_ptr + c * 6
+    tl.store(o, c_t, mask=cmask)
+    tl.store(o + 1, c_R, mask=cmask)
+    tl.store(o + 2, c_A, mask=cmask)
+    tl.store(o + 3, cst, mask=cmask)
+    tl.store(o + 4, u, mask=cmask)
+    tl.store(o + 5, v, mask=cmask)
 
 
 @triton.jit
 def _sbn_bwd_finalize_kernel(src_ptr, all_ptr, sv_ptr, coef_ptr, dw_ptr, db_ptr, C, n_chunks,
                              hf: tl.float64, H: tl.constexpr, W: tl.constexpr,
                              SRC: tl.constexpr, TRAINING: tl.constexpr, BLOCK: tl.constexpr):
-    """SBN backward coefficients (C, 8) for the apply pass (from the group's gradient sums) and
+    """SBN backward coefficients (C, 6) for the apply pass (from the group's gradient sums) and
     dweight = Ga/s, dbias = h G0 (from this process's)."""
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cmask = c < C
@@ -781,9 +783,9 @@ def _sbn_bwd_finalize_kernel(src_ptr, all_ptr, sv_ptr, coef_ptr, dw_ptr, db_ptr,
             c_A = kEH
         else:
             c_A = zero
-        _store_coefs(coef_ptr, c, cmask, a, kEH * W, kEH, c_A, cst, u, v)
+        _store_coefs(coef_ptr, c, cmask, kEH * W, kEH, c_A, cst, u, v)
     else:
-        _store_coefs(coef_ptr, c, cmask, a, zero, zero, zero, zero, zero, zero)
+        _store_coefs(coef_ptr, c, cmask, zero, zero, zero, zero, zero, zero)
 
 
 @triton.jit
@@ -832,7 +834,7 @@ def _bnsbn_bwd_finalize_kernel(src_ptr, all_ptr, sv_ptr, coef_ptr, dbw_ptr, dbb_
             c_A = pkEH
         else:
             c_A = zero
-        _store_coefs(coef_ptr, c, cmask, p * a, pkEH * W - kb, pkEH, c_A,
+        _store_coefs(coef_ptr, c, cmask, pkEH * W - kb, pkEH, c_A,
                      p * cst_z - p * sdz / nb + kb * m_t, p * u_z, p * v_z)
         L1 = tl.load(sv + 20, mask=cmask, other=0.0)
         L2 = tl.load(sv + 21, mask=cmask, other=0.0)
@@ -848,7 +850,7 @@ def _bnsbn_bwd_finalize_kernel(src_ptr, all_ptr, sv_ptr, coef_ptr, dbw_ptr, dbb_
         # eval: SBN is affine in z, dz = a g; BN with fixed statistics
         dbb = a * lSdy
         dbw = a * (lGt + (K - mbn) * lSdy) / sd
-        _store_coefs(coef_ptr, c, cmask, p * a, zero, zero, zero, zero, zero, zero)
+        _store_coefs(coef_ptr, c, cmask, zero, zero, zero, zero, zero, zero)
     tl.store(dbw_ptr + c, dbw.to(dbw_ptr.dtype.element_ty), mask=cmask)
     tl.store(dbb_ptr + c, dbb.to(dbb_ptr.dtype.element_ty), mask=cmask)
 
@@ -1012,6 +1014,9 @@ class _Plan:
             bc = 1
         br = max(1, min(TILE // (bw * bc), triton.next_power_of_2(max(self.NH, 1))))
         self.BR, self.BW, self.BC = br, bw, bc
+        # channels a thread holds along C: 16-bit data would take 8 (one 16-byte load), and every
+        # per-channel coefficient then takes 8 registers; 4 (8-byte loads) halves that
+        self.VEC = 4 if cmajor and x.element_size() == 2 else bc
         self.c_blocks = triton.cdiv(C, bc)
         target = PROGRAMS_PER_SM * _sm_count(x.device)
         want = max(1, triton.cdiv(target, self.c_blocks))
@@ -1027,7 +1032,7 @@ class _Plan:
 
     def consts(self, x):
         return dict(H=self.H, W=self.W, IDX64=self.idx64, ACC=self.acc_tl, BR=self.BR,
-                    BW=self.BW, BC=self.BC)
+                    BW=self.BW, BC=self.BC, VEC=self.VEC)
 
 
 def _fin_grid(C: int):
