@@ -1035,6 +1035,21 @@ class _Plan:
                     BW=self.BW, BC=self.BC, VEC=self.VEC)
 
 
+_PLANS: dict = {}
+
+
+def _plan(x: torch.Tensor, *others: torch.Tensor) -> _Plan:
+    """_Plan(x, *others), cached per shape, strides, dtype, device (and the tuning knobs)."""
+    key = (tuple(x.shape), x.stride(), tuple(o.stride() for o in others), x.dtype, x.device,
+           TILE, MAX_BW, MIN_TILES_PER_CHUNK, PROGRAMS_PER_SM)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(x, *others)
+    return plan
+
+
 def _fin_grid(C: int):
     block = max(16, min(FINALIZE_BLOCK, triton.next_power_of_2(max(C, 1))))
     return (triton.cdiv(C, block),), block
@@ -1047,7 +1062,7 @@ def _fin_grid(C: int):
 
 def _stats_pass(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Per-chunk partials (n_chunks, 7, C) float64 of this process's statistics."""
-    plan = _Plan(x)
+    plan = _plan(x)
     C = x.shape[1]
     # (one row at least: no null pointer handed to a launch)
     part = torch.empty((max(plan.n_chunks, 1), _NS, C), dtype=torch.float64, device=x.device)
@@ -1064,7 +1079,7 @@ def _forward_apply(x: torch.Tensor, saved: torch.Tensor, act: str, act_param: fl
     y = _empty_like(x)
     if x.numel() == 0:
         return y
-    plan = _Plan(x, y)
+    plan = _plan(x, y)
     lx = _layout(x)
     cst = _row_consts(plan.W, x.device, _acc(x.dtype))
     launch(_sbn_fwd_apply_kernel, plan.grid, x, y, saved, cst, plan.C, plan.NH, plan.rows,
@@ -1075,7 +1090,7 @@ def _forward_apply(x: torch.Tensor, saved: torch.Tensor, act: str, act_param: fl
 
 def _grad_pass(dy: torch.Tensor, x: torch.Tensor, saved: torch.Tensor, act: str,
                act_param: float) -> tuple[torch.Tensor, int]:
-    plan = _Plan(x, dy)
+    plan = _plan(x, dy)
     C = x.shape[1]
     part = torch.empty((max(plan.n_chunks, 1), _NG, C), dtype=torch.float64, device=x.device)
     if plan.n_chunks > 0 and C > 0:
@@ -1092,7 +1107,7 @@ def _backward_apply(dy, x, saved, coef, training: bool, act: str, act_param: flo
     dx = _empty_like(x)
     if x.numel() == 0:
         return dx
-    plan = _Plan(x, dy, dx)
+    plan = _plan(x, dy, dx)
     lx, ld = _layout(x), _layout(dy)
     cst = _row_consts(plan.W, x.device, _acc(x.dtype))
     launch(_sbn_bwd_apply_kernel, plan.grid, dy, x, dx, saved, coef, cst, plan.C, plan.NH,
