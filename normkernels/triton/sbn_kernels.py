@@ -654,7 +654,7 @@ def _bnsbn_finalize_kernel(src_ptr, bw_ptr, bb_ptr, sw_ptr, sb_ptr, bmean_ptr, b
                            f2: tl.float64, hf: tl.float64, hf2: tl.float64, H: tl.constexpr,
                            W: tl.constexpr, SRC: tl.constexpr, HAS_BW: tl.constexpr,
                            HAS_BB: tl.constexpr, HAS_SW: tl.constexpr, HAS_SB: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           ACC: tl.constexpr, BLOCK: tl.constexpr):
     """BN then SBN: z = p t + Kz (t = x - K), SBN statistics of z from the same sums:
     sum (z - Kz) = p S1, sum (z-Kz)^2 = p^2 S2, SR, SA scale by p^2, SD by p. Writes bn mean/var,
     sbn mean (C, 2) / var (fft_norm scale) and saved (C, 26)."""
@@ -672,7 +672,9 @@ def _bnsbn_finalize_kernel(src_ptr, bw_ptr, bb_ptr, sw_ptr, sb_ptr, bmean_ptr, b
         mr = m_re * hf
         mi = m_im * hf
         svar = var_m * hf2
-        K = zero
+        # shift by the BN mean (rounded to the passes' dtype, so that x - K is the passes' t):
+        # z = p (x - K) + Kz then has no cancellation for data with a large mean
+        K = mbn.to(ACC).to(tl.float64)
         N_all = tl.full(c.shape, N_f, tl.float64)
         sd = tl.sqrt(vbn + bn_eps)
         p = bw / sd
@@ -914,11 +916,15 @@ def _check_t(op: str, name: str, t, x, shape, dtype=None, optional=True) -> None
         _fail(op, f"{name} must be floating point, got {t.dtype}", TypeError)
 
 
+def _check_act(op: str, act: str) -> None:
+    if act not in _ACT_CODE:
+        _fail(op, f"act must be one of {ACTS}, got {act!r}")
+
+
 def _check_mode(op: str, fft_norm: str, act: str) -> None:
     if fft_norm not in FFT_NORMS:
         _fail(op, f"fft_norm must be one of {FFT_NORMS}, got {fft_norm!r}")
-    if act not in _ACT_CODE:
-        _fail(op, f"act must be one of {ACTS}, got {act!r}")
+    _check_act(op, act)
 
 
 def _check_dy(op: str, dy, x) -> None:
@@ -1228,7 +1234,7 @@ def sbn_grad_stats(dy, x, saved, act, act_param):
     if not isinstance(saved, torch.Tensor) or saved.dim() != 2 or saved.shape[1] < 5:
         _fail(op, "saved must be (C, k >= 5) float64")
     _check_saved(op, saved, x, saved.shape[1])
-    _check_mode(op, "backward", act)
+    _check_act(op, act)
     with _guard(x):
         part, n_chunks = _grad_pass(dy, x, saved.contiguous(), act, act_param)
         return _reduce_rows(part, n_chunks, x.shape[1], x.shape[0], False)
@@ -1304,7 +1310,8 @@ def _bnsbn_finalize(x, src, n_src, rank, bn_w, bn_b, sbn_w, sbn_b, bn_mean, bn_v
                *[t if t is not None else saved for t in ins], *outs, saved, C, n_src, rank,
                float(N), float(bn_eps), float(sbn_eps) * hf2, f, f2, hf, hf2, H=H, W=W,
                SRC=src_kind, HAS_BW=bn_w is not None, HAS_BB=bn_b is not None,
-               HAS_SW=sbn_w is not None, HAS_SB=sbn_b is not None, BLOCK=block, num_warps=4)
+               HAS_SW=sbn_w is not None, HAS_SB=sbn_b is not None, ACC=_acc_tl(x.dtype),
+               BLOCK=block, num_warps=4)
     return (*outs, saved)
 
 
