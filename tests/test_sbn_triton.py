@@ -231,6 +231,7 @@ def test_large_mean_float32(run, train):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_types(run, dtype):
     run((2, 3, 4, 6), dtype, seed=5)
+    run((2, 5, 3, 4), dtype, layout="channels_last", act="silu", seed=5)
 
 
 @pytest.mark.parametrize("run", [run_sbn, run_bnsbn], ids=["sbn", "bnsbn"])

@@ -18,9 +18,16 @@ Every launch goes through ``normkernels.triton.launch.launch`` and every host fu
 meta tensors (no .item(), no data-dependent host logic), so tests can enumerate the kernels'
 specialisations for real shapes without a GPU.
 
+Launches per call (the running-statistics update is H1's op, one more launch per buffer set):
+  *_forward training: statistics pass, finalize, apply (3); eval: finalize, apply (2);
+  *_backward (training or eval): gradient sums, finalize, apply (3);
+  the synchronized pieces: sbn_stats and sbn_grad_stats: pass + reduction of the partials (2),
+  *_finish and *_grad_finish: finalize + apply (2); an empty local batch skips its passes.
+
 The math (shifted sums; ops/sbn.py's module docstring has the derivation)
 ------------------------------------------------------------------------
-Per channel, t = x - K with K = x[0, c, 0, 0]; rows are (n, h); R = sum_w t, A = sum_w (-1)^w t.
+Per channel, t = x - K with K = x[0, c, 0, 0] (eval: 0 for SBN, BN's mean for BN+SBN); rows are
+(n, h); R = sum_w t, A = sum_w (-1)^w t.
 Statistics pass: S1 = sum t, S2 = sum t^2, SR = sum R^2, SA = sum A^2 (0 for odd W),
 SD0 / SD1 = sum_{n,w} t[n, 0, w] Re D(w) / Im D(w), D(w) = sum_{l < W//2+1} exp(-2 pi i l w / W).
 Forward apply: pre = cx (x - K) + b off row 0; on row 0: + u at w = 0 (in place of b) and
@@ -1440,7 +1447,7 @@ def register_cuda_kernels(namespace: str = "normkernels", device_type: str = "cu
     import inspect
     try:
         import normkernels._C  # noqa: F401  (defines the schemas)
-    except ImportError:
+    except (ImportError, OSError):  # not built: no schema to register onto
         pass
     ns = getattr(torch.ops, namespace)
     for name, fn in IMPL.items():
