@@ -1,160 +1,548 @@
-"""SBN Triton kernels (normkernels/triton/sbn_kernels.py). Without a GPU they run on CPU tensors
-under TRITON_INTERPRET=1 (set by conftest.py): tiny shapes only.
+"""SBN / BN+SBN Triton kernels (normkernels/triton/sbn_kernels.py), run eagerly: on CPU tensors
+under TRITON_INTERPRET=1 (set by conftest.py; small shapes, the interpreter is slow), on CUDA
+tensors when there is a GPU. Never through torch.compile or opcheck (not under the interpreter).
 
-Two levels: the host functions against the torch passes they replace, and the full op path with
-backend="triton" against the literal float64 definition (rfft2 -> complex mean -> modulus
-variance -> normalize/affine -> irfft2), including gradcheck of the kernels in float64."""
-
+Everything is compared with the float64 literal definition (rfft2 with norm=fft_norm -> complex
+mean, modulus variance -> normalize, affine -> irfft2; BN first for BN+SBN), followed by the
+activation in torch ops, gradients by autograd through that literal."""
+import math
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
-
-import test_sbn_ops as sbn_op_checks  # noqa: E402
-from references import max_rel_error as rel  # noqa: E402
-from references import sbn_reference as literal_sbn  # noqa: E402
-from normkernels.ops import sbn as S  # noqa: E402
-
-K = pytest.importorskip("normkernels.triton.sbn_kernels")
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
     pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-EPS = 1e-5
+from normkernels.ops._act import act_forward as torch_act  # noqa: E402
+from normkernels.triton import launch as L  # noqa: E402
+from normkernels.triton import sbn_kernels as K  # noqa: E402
 
-
-
-
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+F64 = torch.float64
+SLOPE = 0.2
 
 
 # ------------------------------------------------------------------------------------------
-# host functions vs the torch passes
+# the float64 literal (with fft_norm; tests/references.py gains it on another branch)
 # ------------------------------------------------------------------------------------------
 
-HOST_SHAPES = [(2, 3, 4, 6), (2, 2, 3, 5), (3, 1, 1, 7), (2, 2, 5, 1), (1, 2, 2, 300)]
+
+def sbn_literal(x, weight, bias, mean=None, var=None, eps=1e-5, norm="backward"):
+    """irfft2(gamma (X - mu) / sqrt(var + eps) + beta, norm), X = rfft2(x, norm); mean complex.
+    Returns (y, mean, var): the statistics used."""
+    C, (H, W) = x.shape[1], x.shape[-2:]
+    X = torch.fft.rfft2(x, norm=norm)
+    if mean is None:
+        mean = X.mean(dim=(0, 2, 3))
+        var = (X - mean.view(1, C, 1, 1)).abs().square().mean(dim=(0, 2, 3))
+    Y = (X - mean.view(1, C, 1, 1)) / torch.sqrt(var.view(1, C, 1, 1) + eps)
+    if weight is not None:
+        Y = Y * weight.view(1, C, 1, 1)
+    if bias is not None:
+        Y = Y + bias.view(1, C, 1, 1)
+    return torch.fft.irfft2(Y, s=(H, W), norm=norm), mean, var
 
 
-@pytest.mark.parametrize("shape", HOST_SHAPES)
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_host_passes_match_torch_passes(shape, layout):
-    gen = torch.Generator().manual_seed(20)
-    x = (torch.randn(shape, generator=gen) + 3).to(DEV)
-    dy = torch.randn(shape, generator=gen).to(DEV)
+def bnsbn_literal(x, bn_w, bn_b, sbn_w, sbn_b, stats=None, bn_eps=1e-5, sbn_eps=1e-5,
+                  norm="backward"):
+    if stats is None:
+        bm, bv = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        z = F.batch_norm(x, None, None, bn_w, bn_b, True, 0.0, bn_eps)
+        sm = sv = None
+    else:
+        bm, bv, sm, sv = stats
+        z = F.batch_norm(x, bm, bv, bn_w, bn_b, False, 0.0, bn_eps)
+    y, sm, sv = sbn_literal(z, sbn_w, sbn_b, sm, sv, sbn_eps, norm)
+    return y, bm, bv, sm, sv
+
+
+def rel(a, ref, floor=1e-6):
+    """max |a - ref| / max |ref| (max |ref| at least ``floor``: some gradients are exactly 0,
+    e.g. BN's bias behind SBN at H = W = 1, whose reference is rounding noise)."""
+    a = a.detach().to(device=ref.device, dtype=ref.dtype)
+    return ((a - ref).abs().max() / ref.abs().max().clamp_min(floor)).item()
+
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+
+
+def make_x(shape, dtype, layout="nchw", shift=0.0, seed=0):
+    """layout: "nchw", "channels_last", or "strided" (a view with no standard layout: H and C
+    swapped in memory and a W step of 2)."""
+    gen = torch.Generator().manual_seed(seed)
+    N, C, H, W = shape
+    if layout == "strided":
+        base = (torch.randn(N, H, C, 2 * W, generator=gen, dtype=F64) + shift).to(DEV, dtype)
+        return base.permute(0, 2, 1, 3)[..., ::2]
+    x = (torch.randn(shape, generator=gen, dtype=F64) + shift).to(DEV, dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    C, W = shape[1], shape[3]
-    PD, PP = S._row_consts(W, x.device, torch.float32)
-    Kc = x[0, :, 0, 0].float()
-    torch.testing.assert_close(K.sbn_stats(x, Kc, PD), S._torch_stats(x, Kc, PD),
-                               rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(K.sbn_grad_stats(dy, x, Kc, PP), S._torch_grad_stats(dy, x, Kc, PP),
-                               rtol=1e-5, atol=1e-4)
-    coef5 = torch.randn(C, 5, generator=gen).to(DEV)
-    coef5[:, 0] = Kc
-    y = K.sbn_forward_apply(x, coef5, PP)
-    assert y.stride() == x.stride()
-    torch.testing.assert_close(y, S._torch_forward_apply(x, coef5, PP), rtol=1e-5, atol=1e-5)
-    coef8 = torch.randn(C, 8, generator=gen).to(DEV)
-    coef8[:, 0] = Kc
-    for need_row in (True, False):
-        dx = K.sbn_backward_apply(dy, x, coef8, PD, need_row)
-        torch.testing.assert_close(dx, S._torch_backward_apply(dy, x, coef8, PD, need_row),
-                                   rtol=1e-5, atol=1e-4)
+    return x
 
 
-def test_host_many_chunks_deterministic(monkeypatch):
-    # force several (channel, chunk) programs per channel on a small tensor
-    monkeypatch.setattr(K, "MIN_CHUNK_ELEMS", 1)
-    gen = torch.Generator().manual_seed(21)
-    x = torch.randn(40, 2, 8, 5, generator=gen).to(DEV)
-    rows, n_chunks = K._chunking(x, 40 * 8, 5, 2, K._tiles(5, 1024)[0])
-    assert n_chunks > 1
-    PD, _ = S._row_consts(5, x.device, torch.float32)
-    Kc = x[0, :, 0, 0].float()
-    a = K.sbn_stats(x, Kc, PD)
-    torch.testing.assert_close(a, S._torch_stats(x, Kc, PD), rtol=1e-5, atol=1e-4)
-    assert torch.equal(a, K.sbn_stats(x, Kc, PD))       # deterministic
+def params(C, dtype, seed, n=2):
+    gen = torch.Generator().manual_seed(100 + seed)
+    out = []
+    for _ in range(n):
+        out.append((torch.rand(C, generator=gen, dtype=F64) + 0.5).to(DEV, dtype))
+        out.append(torch.randn(C, generator=gen, dtype=F64).to(DEV, dtype))
+    return out
 
 
-def test_host_half_input_accumulates_fp32():
-    gen = torch.Generator().manual_seed(22)
-    x = (torch.randn(2, 2, 4, 6, generator=gen) * 2 + 5).to(torch.float16).to(DEV)
-    PD, _ = S._row_consts(6, x.device, torch.float32)
-    Kc = x[0, :, 0, 0].float()
-    s = K.sbn_stats(x, Kc, PD)
-    assert s.dtype == torch.float32
-    torch.testing.assert_close(s, S._torch_stats(x, Kc, PD), rtol=1e-5, atol=1e-3)
+def pdtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 # ------------------------------------------------------------------------------------------
-# full op path, backend="triton"
+# one forward + backward case against the literal
 # ------------------------------------------------------------------------------------------
 
 
-def run_and_compare(shape, algorithm, **kw):
-    sbn_op_checks.run_and_compare(shape, algorithm, "triton", device=DEV, **kw)
-
-
-SHAPES = [(3, 2, 4, 6), (2, 3, 5, 7), (2, 1, 6, 5), (2, 2, 1, 5), (3, 2, 4, 1), (3, 2, 3, 2),
-          (4, 2, 1, 1)]
-
-
-@pytest.mark.parametrize("algorithm", ["parseval", "fft"])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_train_matches_literal(shape, algorithm):
-    run_and_compare(shape, algorithm)
-
-
-@pytest.mark.parametrize("algorithm", ["parseval", "fft"])
-@pytest.mark.parametrize("shape", [(3, 2, 4, 6), (2, 2, 5, 7), (3, 2, 3, 2)])
-def test_large_mean_float32(shape, algorithm):
-    run_and_compare(shape, algorithm, shift=1000.0, seed=1)
-
-
-@pytest.mark.parametrize("algorithm", ["parseval", "fft"])
-def test_eval_and_affine_none(algorithm):
-    run_and_compare((3, 2, 4, 5), algorithm, eval_stats=True, seed=2)
-    run_and_compare((3, 2, 4, 5), algorithm, affine=False, seed=3)
-    run_and_compare((3, 2, 4, 5), algorithm, affine=False, eval_stats=True, seed=3)
-
-
-@pytest.mark.parametrize("algorithm", ["parseval", "fft"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
-def test_half_dtypes(algorithm, dtype, tol):
-    run_and_compare((3, 2, 4, 6), algorithm, dtype=dtype, tol=tol, seed=4)
-
-
-@pytest.mark.parametrize("algorithm", ["parseval", "fft"])
-def test_channels_last(algorithm):
-    run_and_compare((2, 3, 4, 5), algorithm, channels_last=True, seed=5)
-
-
-@pytest.mark.parametrize("algorithm", ["parseval", "fft"])
-@pytest.mark.parametrize("shape", [(2, 2, 2, 3), (2, 1, 3, 2)])
-@pytest.mark.parametrize("eval_stats", [False, True])
-def test_gradcheck_kernels_float64(algorithm, shape, eval_stats):
-    gen = torch.Generator().manual_seed(8)
+def run_sbn(shape, dtype=torch.float32, layout="nchw", train=True, affine=True,
+            norm="backward", act="identity", shift=0.0, seed=0, tol=None, dy_layout=None):
+    tol = tol or TOL[dtype]
     C = shape[1]
-    x = torch.randn(shape, generator=gen, dtype=torch.float64).to(DEV).requires_grad_()
-    w = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(DEV).requires_grad_()
-    b = torch.randn(C, generator=gen, dtype=torch.float64).to(DEV).requires_grad_()
-    mean = torch.randn(C, generator=gen, dtype=torch.complex64).to(DEV) if eval_stats else None
-    var = (torch.rand(C, generator=gen) + 0.5).to(DEV) if eval_stats else None
+    x = make_x(shape, dtype, layout, shift, seed).requires_grad_()
+    w, b = params(C, pdtype(dtype), seed, 1) if affine else (None, None)
+    if affine:
+        w.requires_grad_()
+        b.requires_grad_()
+    gen = torch.Generator().manual_seed(200 + seed)
+    mean = var = None
+    if not train:
+        hw = shape[2] * shape[3]
+        scale = {"backward": 1.0, "ortho": hw ** -0.5, "forward": 1.0 / hw}[norm]
+        mean = (torch.randn(C, 2, generator=gen, dtype=F64) * scale * 3).to(DEV, torch.float32)
+        var = ((torch.rand(C, generator=gen, dtype=F64) + 0.5) * hw * scale ** 2).to(DEV, torch.float32)
+    y, bm, bv, saved = K.interpreted_sbn(x, w, b, mean, var, 1e-5, norm, act, SLOPE)
+    assert y.dtype == dtype and y.shape == x.shape
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert y.is_contiguous()
+    assert saved.shape == (C, 10) and saved.dtype == F64
+    acc = F64 if dtype == F64 else torch.float32
+    assert bm.shape == (C, 2) and bm.dtype == acc and bv.shape == (C,) and bv.dtype == acc
+    dy = torch.randn(shape, generator=gen, dtype=F64).to(DEV, dtype)
+    if dy_layout == "expanded":
+        dy = torch.randn(1, C, 1, 1, generator=gen, dtype=F64).to(DEV, dtype).expand(shape)
+    y.backward(dy)
 
-    def f(x, w, b):
-        return S.spectral_batch_norm(x, w, b, mean, var, EPS, algorithm, "triton")[0]
+    x64 = x.detach().to(F64).requires_grad_()
+    w64 = w.detach().to(F64).requires_grad_() if affine else None
+    b64 = b.detach().to(F64).requires_grad_() if affine else None
+    m64 = None if train else torch.view_as_complex(mean.to(F64).contiguous())
+    v64 = None if train else var.to(F64)
+    ref, rm, rv = sbn_literal(x64, w64, b64, m64, v64, 1e-5, norm)
+    ref = torch_act(ref, act, SLOPE)
+    ref.backward(dy.to(F64))
+    assert rel(y, ref) < tol, rel(y, ref)
+    assert rel(bm, torch.view_as_real(rm)) < tol
+    assert rel(bv, rv) < tol
+    assert rel(x.grad, x64.grad) < 20 * tol, rel(x.grad, x64.grad)
+    if affine:
+        assert rel(w.grad, w64.grad) < 20 * tol, rel(w.grad, w64.grad)
+        assert rel(b.grad, b64.grad) < 20 * tol, rel(b.grad, b64.grad)
+    return y, x.grad
 
-    assert torch.autograd.gradcheck(f, (x, w, b))
+
+def run_bnsbn(shape, dtype=torch.float32, layout="nchw", train=True, affine=True,
+              norm="backward", act="identity", shift=0.0, seed=0, tol=None):
+    tol = tol or TOL[dtype]
+    C = shape[1]
+    x = make_x(shape, dtype, layout, shift, seed).requires_grad_()
+    ps = params(C, pdtype(dtype), seed, 2) if affine else [None] * 4
+    for p in ps:
+        if p is not None:
+            p.requires_grad_()
+    bw, bb, sw, sb = ps
+    gen = torch.Generator().manual_seed(300 + seed)
+    stats = [None] * 4
+    if not train:
+        hw = shape[2] * shape[3]
+        scale = {"backward": 1.0, "ortho": hw ** -0.5, "forward": 1.0 / hw}[norm]
+        stats = [(torch.randn(C, generator=gen, dtype=F64) + shift).to(DEV),
+                 (torch.rand(C, generator=gen, dtype=F64) + 0.5).to(DEV),
+                 (torch.randn(C, 2, generator=gen, dtype=F64) * scale).to(DEV),
+                 ((torch.rand(C, generator=gen, dtype=F64) + 0.5) * hw * scale ** 2).to(DEV)]
+    out = K.interpreted_bnsbn(x, bw, bb, stats[0], stats[1], sw, sb, stats[2], stats[3], 1e-5,
+                              1e-5, norm, act, SLOPE)
+    y, bm, bv, sm, sv, saved = out
+    assert saved.shape == (C, 26) and y.dtype == dtype
+    dy = torch.randn(shape, generator=gen, dtype=F64).to(DEV, dtype)
+    y.backward(dy)
+
+    x64 = x.detach().to(F64).requires_grad_()
+    p64 = [p.detach().to(F64).requires_grad_() if p is not None else None for p in ps]
+    st64 = None if train else (stats[0], stats[1], torch.view_as_complex(stats[2].contiguous()),
+                               stats[3])
+    ref, rbm, rbv, rsm, rsv = bnsbn_literal(x64, *p64, stats=st64, norm=norm)
+    ref = torch_act(ref, act, SLOPE)
+    ref.backward(dy.to(F64))
+    assert rel(y, ref) < tol, rel(y, ref)
+    for got, want in ((bm, rbm), (bv, rbv), (sm, torch.view_as_real(rsm)), (sv, rsv)):
+        assert rel(got, want) < tol, rel(got, want)
+    assert rel(x.grad, x64.grad) < 20 * tol, rel(x.grad, x64.grad)
+    for p, q in zip(ps, p64):
+        if p is not None:
+            assert rel(p.grad, q.grad) < 20 * tol, rel(p.grad, q.grad)
+    return y, x.grad
 
 
-def test_triton_equals_torch_backend():
-    gen = torch.Generator().manual_seed(9)
-    x = torch.randn(2, 3, 4, 6, generator=gen).to(DEV)
-    for alg in ("parseval", "fft"):
-        a = S.spectral_batch_norm(x, None, None, None, None, EPS, alg, "triton")
-        r = S.spectral_batch_norm(x, None, None, None, None, EPS, alg, "torch")
-        for u, v in zip(a, r):
-            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+# ------------------------------------------------------------------------------------------
+# coverage: shapes, modes, dtypes, layouts
+# ------------------------------------------------------------------------------------------
+
+SHAPES = [(3, 2, 4, 6), (2, 3, 5, 7), (4, 2, 1, 1), (3, 1, 4, 5), (2, 2, 3, 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("run", [run_sbn, run_bnsbn], ids=["sbn", "bnsbn"])
+def test_train_float64_matches_literal(run, shape):
+    run(shape, F64)
+
+
+@pytest.mark.parametrize("run", [run_sbn, run_bnsbn], ids=["sbn", "bnsbn"])
+@pytest.mark.parametrize("norm", K.FFT_NORMS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fft_norm_modes(run, norm, train):
+    run((2, 3, 4, 5), F64, train=train, norm=norm, seed=1)
+
+
+@pytest.mark.parametrize("run", [run_sbn, run_bnsbn], ids=["sbn", "bnsbn"])
+def test_eval_affine_none_float32(run):
+    run((3, 2, 4, 6), torch.float32, train=False, affine=False, seed=2)
+    run((3, 2, 4, 6), torch.float32, train=True, affine=False, seed=3)
+
+
+@pytest.mark.parametrize("run", [run_sbn, run_bnsbn], ids=["sbn", "bnsbn"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_large_mean_float32(run, train):
+    """x = 1000 + randn in float32 (eval: BN's mean ~1000 too) as exact as unit data: the
+    passes work on x - K with K a sample of the channel (training) or BN's mean (eval)."""
+    run((3, 2, 4, 6), torch.float32, train=train, shift=1000.0, seed=4, tol=2e-6)
+
+
+@pytest.mark.parametrize("run", [run_sbn, run_bnsbn], ids=["sbn", "bnsbn"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types(run, dtype):
+    run((2, 3, 4, 6), dtype, seed=5)
+    run((2, 5, 3, 4), dtype, layout="channels_last", act="silu", seed=5)
+
+
+@pytest.mark.parametrize("run", [run_sbn, run_bnsbn], ids=["sbn", "bnsbn"])
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_layouts(run, layout):
+    run((2, 3, 4, 5), torch.float32, layout=layout, seed=6)
+    run((3, 4, 3, 6), torch.float32, layout=layout, act="relu", seed=7)
+
+
+def test_expanded_dy_and_channels_last_eval():
+    run_sbn((2, 3, 4, 5), torch.float32, dy_layout="expanded", seed=8)
+    run_sbn((2, 3, 4, 5), torch.float32, layout="channels_last", train=False, seed=9)
+
+
+# ------------------------------------------------------------------------------------------
+# activations: fused vs layer-then-activation (float64), and the kink
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu"])
+@pytest.mark.parametrize("run", [run_sbn, run_bnsbn], ids=["sbn", "bnsbn"])
+def test_activation_matches_layer_then_activation(run, act):
+    run((3, 2, 4, 6), F64, act=act, seed=10)
+    run((2, 3, 3, 5), F64, act=act, train=False, norm="ortho", seed=11)
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+def test_kink_gradient_is_torchs(act):
+    """Eval with bias 0, mean 0: pre = a*x exactly, so x = 0 gives pre = 0 exactly; the fused
+    gradient there must be torch's (relu'(0) = 0, leaky_relu'(0) = slope)."""
+    C = 2
+    x = torch.randn(2, C, 3, 4, dtype=F64, device=DEV)
+    x[:, :, 1, 1] = 0.0
+    x[0, :, 0, 2] = 0.0
+    x.requires_grad_()
+    mean = torch.zeros(C, 2, dtype=F64, device=DEV)
+    var = torch.ones(C, dtype=F64, device=DEV)
+    y, *_ = K.interpreted_sbn(x, None, None, mean, var, 1e-5, "backward", act, SLOPE)
+    pre = x.detach() / math.sqrt(1.0 + 1e-5)
+    assert torch.equal(y.detach()[x.detach() == 0], torch.zeros_like(pre[x.detach() == 0]))
+    y.backward(torch.ones_like(y))
+    p = pre.clone().requires_grad_()
+    (F.relu(p) if act == "relu" else F.leaky_relu(p, SLOPE)).backward(torch.ones_like(p))
+    torch.testing.assert_close(x.grad, p.grad / math.sqrt(1.0 + 1e-5), rtol=1e-12, atol=1e-14)
+    at0 = x.detach() == 0
+    expect = 0.0 if act == "relu" else SLOPE / math.sqrt(1.0 + 1e-5)
+    assert torch.allclose(x.grad[at0], torch.full_like(x.grad[at0], expect))
+
+
+# ------------------------------------------------------------------------------------------
+# gradcheck (float64) through the interpreted autograd wrappers
+# ------------------------------------------------------------------------------------------
+
+
+def test_gradcheck_sbn():
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 2, 3, 4, generator=gen, dtype=F64).to(DEV).requires_grad_()
+    w = (torch.rand(2, generator=gen, dtype=F64) + 0.5).to(DEV).requires_grad_()
+    b = torch.randn(2, generator=gen, dtype=F64).to(DEV).requires_grad_()
+    f = lambda x, w, b: K.interpreted_sbn(x, w, b, None, None, 1e-5, "ortho", "silu", SLOPE)[0]
+    assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=True)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_gradcheck_bnsbn(train):
+    gen = torch.Generator().manual_seed(13)
+    C = 2
+    x = torch.randn(2, C, 3, 5, generator=gen, dtype=F64).to(DEV).requires_grad_()
+    ps = [(torch.rand(C, generator=gen, dtype=F64) + 0.5).to(DEV).requires_grad_()
+          for _ in range(4)]
+    stats = [None] * 4 if train else [torch.randn(C, dtype=F64, device=DEV),
+                                      torch.rand(C, dtype=F64, device=DEV) + 0.5,
+                                      torch.randn(C, 2, dtype=F64, device=DEV),
+                                      torch.rand(C, dtype=F64, device=DEV) + 5]
+
+    def f(x, bw, bb, sw, sb):
+        return K.interpreted_bnsbn(x, bw, bb, stats[0], stats[1], sw, sb, stats[2], stats[3],
+                                   1e-5, 1e-5, "forward", "leaky_relu", SLOPE)[0]
+
+    assert torch.autograd.gradcheck(f, (x, *ps), fast_mode=True)
+
+
+# ------------------------------------------------------------------------------------------
+# chunking, tiled rows, determinism
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 16 elements, rows tiled from 4 columns on, as many chunks as possible."""
+    monkeypatch.setattr(K, "TILE", 16)
+    monkeypatch.setattr(K, "MAX_BW", 4)
+    monkeypatch.setattr(K, "MIN_TILES_PER_CHUNK", 1)
+    monkeypatch.setattr(K, "PROGRAMS_PER_SM", 64)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_many_chunks_and_tiled_rows(small_tiles, layout):
+    # H = 6, 8 with tiles of 4 rows (1 channels_last): tiles without a row h = 0, tiles across
+    # two samples; W = 7 and 6 in tiles of 4 columns
+    x = make_x((3, 2, 6, 7), torch.float32, layout)
+    plan = K._Plan(x)
+    assert plan.n_chunks > 2 and plan.BW < 7 and plan.BR < 6
+    run_sbn((3, 2, 6, 7), torch.float32, layout=layout, seed=14)
+    run_bnsbn((2, 2, 8, 6), torch.float32, layout=layout, act="silu", seed=15)
+
+
+def test_deterministic(small_tiles, monkeypatch):
+    monkeypatch.setattr(K, "TILE", 32)
+    x = make_x((6, 2, 4, 6), torch.float32, seed=16)
+    dy = make_x((6, 2, 4, 6), torch.float32, seed=17)
+    assert K._Plan(x).n_chunks > 2
+    a = K.sbn_forward(x, None, None, None, None, 1e-5, "backward", "relu", 0.0)
+    b = K.sbn_forward(x, None, None, None, None, 1e-5, "backward", "relu", 0.0)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    ga = K.bnsbn_backward(dy, x, K.bnsbn_forward(x, *[None] * 8, 1e-5, 1e-5, "ortho", "silu",
+                                                 0.0)[5], True, "ortho", "silu", 0.0)
+    gb = K.bnsbn_backward(dy, x, K.bnsbn_forward(x, *[None] * 8, 1e-5, 1e-5, "ortho", "silu",
+                                                 0.0)[5], True, "ortho", "silu", 0.0)
+    assert all(torch.equal(u, v) for u, v in zip(ga, gb))
+
+
+# ------------------------------------------------------------------------------------------
+# the synchronized pieces: a group of P = 3 processes (one empty) = the whole batch
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["sbn", "bnsbn"])
+def test_group_pieces_equal_whole_batch(op):
+    gen = torch.Generator().manual_seed(18)
+    shape = (5, 3, 4, 6)
+    x = (torch.randn(shape, generator=gen, dtype=F64) * 2 + 7).to(DEV)
+    dy = torch.randn(shape, generator=gen, dtype=F64).to(DEV)
+    C = shape[1]
+    ps = params(C, F64, 18, 2)
+    parts = [x[:2], x[2:2], x[2:]]            # process 1 has no samples
+    dys = [dy[:2], dy[2:2], dy[2:]]
+    rows_all = torch.stack([K.sbn_stats(p) for p in parts])
+    assert rows_all.shape == (3, C, 8) and rows_all[1].abs().sum() == 0
+    assert torch.equal(rows_all[0, :, 0], torch.full((C,), 2.0, dtype=F64, device=DEV))
+    act, norm = "silu", "ortho"
+    if op == "sbn":
+        whole = K.sbn_forward(x, ps[0], ps[1], None, None, 1e-5, norm, act, SLOPE)
+        outs = [K.sbn_finish(p, rows_all, ps[0], ps[1], 1e-5, norm, act, SLOPE) for p in parts]
+    else:
+        whole = K.bnsbn_forward(x, ps[0], ps[1], None, None, ps[2], ps[3], None, None, 1e-5,
+                                1e-5, norm, act, SLOPE)
+        outs = [K.bnsbn_finish(p, rows_all, r, *ps, 1e-5, 1e-5, norm, act, SLOPE)
+                for r, p in enumerate(parts)]
+    torch.testing.assert_close(torch.cat([o[0] for o in outs]), whole[0], rtol=1e-12, atol=1e-12)
+    for k in range(1, len(whole) - 1):      # the statistics: the whole batch's on every process
+        for o in outs:
+            torch.testing.assert_close(o[k], whole[k], rtol=1e-12, atol=1e-12)
+    gs = [K.sbn_grad_stats(d, p, o[-1], act, SLOPE) for d, p, o in zip(dys, parts, outs)]
+    g_all = gs[0] + gs[1] + gs[2]
+    finish = K.sbn_grad_finish if op == "sbn" else K.bnsbn_grad_finish
+    backward = K.sbn_backward if op == "sbn" else K.bnsbn_backward
+    grads = [finish(d, p, o[-1], g, g_all, True, norm, act, SLOPE)
+             for d, p, o, g in zip(dys, parts, outs, gs)]
+    ref = backward(dy, x, whole[-1], True, norm, act, SLOPE)
+    torch.testing.assert_close(torch.cat([g[0] for g in grads]), ref[0], rtol=1e-10, atol=1e-12)
+    for k in range(1, len(ref)):             # parameter gradients: the shares sum to the whole
+        torch.testing.assert_close(sum(g[k] for g in grads), ref[k], rtol=1e-10, atol=1e-12)
+    assert all(g[k].abs().max() == 0 for g in grads[1:2] for k in range(1, len(ref)))
+
+
+# ------------------------------------------------------------------------------------------
+# the literal FFT path's spectral kernels
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm", K.FFT_NORMS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fft_spectral_kernels(norm, train):
+    gen = torch.Generator().manual_seed(19)
+    N, C, H, W = 3, 2, 4, 6
+    x = (torch.randn(N, C, H, W, generator=gen, dtype=F64) + 2).to(DEV).requires_grad_()
+    w = (torch.rand(C, generator=gen, dtype=F64) + 0.5).to(DEV).requires_grad_()
+    b = torch.randn(C, generator=gen, dtype=F64).to(DEV).requires_grad_()
+    dy = torch.randn(N, C, H, W, generator=gen, dtype=F64).to(DEV)
+    mean = var = None
+    if not train:
+        mean = torch.randn(C, generator=gen, dtype=torch.complex128).to(DEV)
+        var = (torch.rand(C, generator=gen, dtype=F64) + 1).to(DEV)
+    ref, rm, rv = sbn_literal(x, w, b, mean, var, 1e-5, norm)
+    ref.backward(dy)
+    X = torch.view_as_real(torch.fft.rfft2(x.detach(), norm=norm)).contiguous()
+    stats = None if train else torch.cat([torch.view_as_real(mean), var[:, None]], 1)
+    Yr, st = K.sbn_fft_spectral_forward(X, w.detach(), b.detach(), stats, 1e-5)
+    y = torch.fft.irfft2(torch.view_as_complex(Yr), s=(H, W), norm=norm)
+    assert rel(y, ref) < 1e-12
+    assert rel(st, torch.cat([torch.view_as_real(rm), rv[:, None]], 1)) < 1e-12
+    G = torch.view_as_real(torch.fft.rfft2(dy, norm=norm)).contiguous()
+    O, grads = K.sbn_fft_spectral_backward(G, X, w.detach(), st, 1e-5, W, train, norm)
+    dx = torch.fft.irfft2(torch.view_as_complex(O), s=(H, W), norm=norm)
+    assert rel(dx, x.grad) < 1e-10
+    assert rel(grads[:, 0], w.grad) < 1e-10 and rel(grads[:, 1], b.grad) < 1e-10
+
+
+# ------------------------------------------------------------------------------------------
+# host side: launches per call (recorded on meta tensors), errors, registration
+# ------------------------------------------------------------------------------------------
+
+
+def _record(fn, *args):
+    with L.recording() as calls:
+        out = fn(*args)
+    return [c.kernel.fn.__name__ for c in calls], out
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_launches_per_call_on_meta_tensors(layout):
+    """ResNet-50 layer-4 shape on the meta device (no data, no sync possible): training
+    forward and backward are 3 launches each, eval forward 2."""
+    x = torch.empty(64, 2048, 7, 7, device="meta", dtype=torch.bfloat16)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    C = x.shape[1]
+    w = torch.empty(C, device="meta")
+    m2, v = torch.empty(C, 2, device="meta"), torch.empty(C, device="meta")
+    names, out = _record(K.sbn_forward, x, w, w, None, None, 1e-5, "backward", "relu", 0.0)
+    assert names == ["_sbn_stats_kernel", "_sbn_finalize_kernel", "_sbn_fwd_apply_kernel"]
+    assert out[0].device.type == "meta" and out[3].shape == (C, 10)
+    names, _ = _record(K.sbn_forward, x, w, w, m2, v, 1e-5, "ortho", "silu", 0.0)
+    assert names == ["_sbn_finalize_kernel", "_sbn_fwd_apply_kernel"]
+    names, _ = _record(K.sbn_backward, x, x, out[3], True, "backward", "relu", 0.0)
+    assert names == ["_sbn_grad_stats_kernel", "_sbn_bwd_finalize_kernel",
+                     "_sbn_bwd_apply_kernel"]
+    names, out = _record(K.bnsbn_forward, x, w, w, None, None, w, w, None, None, 1e-5, 1e-5,
+                         "backward", "identity", 0.0)
+    assert names == ["_sbn_stats_kernel", "_bnsbn_finalize_kernel", "_sbn_fwd_apply_kernel"]
+    names, _ = _record(K.bnsbn_forward, x, w, w, v, v, w, w, m2, v, 1e-5, 1e-5, "backward",
+                       "identity", 0.0)
+    assert len(names) == 2
+    names, _ = _record(K.bnsbn_backward, x, x, out[5], False, "forward", "leaky_relu", 0.1)
+    assert names == ["_sbn_grad_stats_kernel", "_bnsbn_bwd_finalize_kernel",
+                     "_sbn_bwd_apply_kernel"]
+
+
+def test_bad_input_gives_clear_errors():
+    x = torch.randn(2, 3, 4, 5, device=DEV)
+    with pytest.raises(ValueError, match="act must be one of"):
+        K.sbn_forward(x, None, None, None, None, 1e-5, "backward", "gelu", 0.0)
+    with pytest.raises(ValueError, match="fft_norm must be one of"):
+        K.sbn_forward(x, None, None, None, None, 1e-5, "unitary", "relu", 0.0)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        K.sbn_forward(x, torch.ones(4, device=DEV), None, None, None, 1e-5, "backward", "relu",
+                      0.0)
+    with pytest.raises(ValueError, match="mean and var"):
+        K.sbn_forward(x, None, None, torch.zeros(3, 2, device=DEV), None, 1e-5, "backward",
+                      "relu", 0.0)
+    with pytest.raises(ValueError, match="4d input"):
+        K.sbn_stats(x[0])
+    with pytest.raises(ValueError, match="rows_all must be"):
+        K.sbn_finish(x, torch.zeros(3, 8, dtype=F64, device=DEV), None, None, 1e-5, "backward",
+                     "relu", 0.0)
+    with pytest.raises(TypeError, match="saved must be"):
+        K.sbn_backward(x, x, torch.zeros(3, 10, device=DEV), True, "backward", "relu", 0.0)
+
+
+SCHEMAS = {
+    "sbn_stats": "(Tensor x) -> Tensor",
+    "sbn_finish": "(Tensor x, Tensor rows_all, Tensor? weight, Tensor? bias, float eps, "
+                  "str fft_norm, str act, float act_param) -> (Tensor, Tensor, Tensor, Tensor)",
+    "sbn_forward": "(Tensor x, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? var, "
+                   "float eps, str fft_norm, str act, float act_param) "
+                   "-> (Tensor, Tensor, Tensor, Tensor)",
+    "sbn_grad_stats": "(Tensor dy, Tensor x, Tensor saved, str act, float act_param) -> Tensor",
+    "sbn_grad_finish": "(Tensor dy, Tensor x, Tensor saved, Tensor gsums_local, "
+                       "Tensor gsums_all, bool training, str fft_norm, str act, "
+                       "float act_param) -> (Tensor, Tensor, Tensor)",
+    "sbn_backward": "(Tensor dy, Tensor x, Tensor saved, bool training, str fft_norm, str act, "
+                    "float act_param) -> (Tensor, Tensor, Tensor)",
+    "bnsbn_finish": "(Tensor x, Tensor rows_all, int rank, Tensor? bn_weight, Tensor? bn_bias, "
+                    "Tensor? sbn_weight, Tensor? sbn_bias, float bn_eps, float sbn_eps, "
+                    "str fft_norm, str act, float act_param) "
+                    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "bnsbn_forward": "(Tensor x, Tensor? bn_weight, Tensor? bn_bias, Tensor? bn_mean, "
+                     "Tensor? bn_var, Tensor? sbn_weight, Tensor? sbn_bias, Tensor? sbn_mean, "
+                     "Tensor? sbn_var, float bn_eps, float sbn_eps, str fft_norm, str act, "
+                     "float act_param) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "bnsbn_grad_finish": "(Tensor dy, Tensor x, Tensor saved, Tensor gsums_local, "
+                         "Tensor gsums_all, bool training, str fft_norm, str act, "
+                         "float act_param) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "bnsbn_backward": "(Tensor dy, Tensor x, Tensor saved, bool training, str fft_norm, "
+                      "str act, float act_param) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+}
+
+
+def test_register_kernels_onto_the_plan_schemas():
+    """The PLAN's schemas (section 2) in a scratch namespace: every host function registers
+    onto its schema (a schema with other argument names is left alone) and runs through the
+    dispatcher (registered for CPU here, where the interpreter can run it)."""
+    ns = "nk_h3_test"
+    lib = torch.library.Library(ns, "FRAGMENT")
+    for name, sig in SCHEMAS.items():
+        lib.define(name + sig)
+    lib.define("sbn_backward_other(Tensor dy) -> Tensor")
+    try:
+        names = K.register_cuda_kernels(namespace=ns, device_type="cpu")
+        assert names == sorted(SCHEMAS)
+        assert K.register_cuda_kernels(namespace=ns, device_type="cpu") == names   # idempotent
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::sbn_forward", "CPU")
+        x = make_x((2, 3, 4, 5), torch.float32, seed=20)
+        ops = getattr(torch.ops, ns)
+        y, bm, bv, saved = ops.sbn_forward(x, None, None, None, None, 1e-5, "ortho", "relu", 0.0)
+        direct = K.sbn_forward(x, None, None, None, None, 1e-5, "ortho", "relu", 0.0)
+        assert torch.equal(y, direct[0]) and torch.equal(saved, direct[3])
+        rows = ops.sbn_stats(x)[None]
+        out = ops.bnsbn_finish(x, rows, 0, None, None, None, None, 1e-5, 1e-5, "backward",
+                               "identity", 0.0)
+        assert out[5].shape == (3, 26)
+    finally:
+        del lib

@@ -1,540 +1,1834 @@
-"""Triton kernels for Spectral Batch Norm (SBN) and BN+SBN (see DESIGN.md section 2).
+"""Triton CUDA kernels of Spectral Batch Norm (SBN) and BN+SBN (DESIGN.md section 2).
 
-Only the heavy passes over the tensor live here; every formula that turns partial sums into
-statistics and per-channel coefficients is in ``normkernels/ops/sbn.py`` (torch ops, shared with
-the pure-PyTorch fallback).
+What is here
+------------
+* The host functions of the ops of PLAN section 2, one per op, with exactly the C++ schemas'
+  arguments (``IMPL``: name -> function; ``register_cuda_kernels()`` registers them as the CUDA
+  kernels of ``normkernels::<name>`` when those schemas exist).
+* Their kernels: a statistics pass writing per-chunk partial sums (no atomics), a finalize kernel
+  that reduces them in a fixed order and computes statistics and coefficients in float64, an apply
+  pass; the same three for the backward. The finalize formulas are @triton.jit helpers, shared by
+  the single-process finalize (from the partials) and the synchronized one (from every process's
+  rows, combined exactly by re-centering to a common shift).
+* ``interpreted_sbn`` / ``interpreted_bnsbn``: autograd over the forward and backward host
+  functions, the test vehicle of backend "triton" on CPU tensors under TRITON_INTERPRET=1.
+* The literal FFT path's spectral kernels (``sbn_fft_spectral_forward`` / ``_backward``).
 
-Parseval path (no FFT), per channel c, on data shifted by a per-channel constant K_c
-(t = x - K_c, rows r = (n, h), R = sum_w t, A = sum_w (-1)^w t):
+Every launch goes through ``normkernels.triton.launch.launch`` and every host function runs on
+meta tensors (no .item(), no data-dependent host logic), so tests can enumerate the kernels'
+specialisations for real shapes without a GPU.
 
-  * ``sbn_stats``       -> sums [sum t, sum t^2, sum R^2, sum A^2, sum_row0 t*P0, sum_row0 t*P1]
-  * ``sbn_forward_apply`` y  = cx*(x - K) + b*(1 - [h==0]*P0[w]) + [h==0]*(u*P0[w] + v*P1[w])
-                          (P0 must be 0/1 valued: it is Pr[0, :] = delta_w0)
-  * ``sbn_grad_stats``  -> sums [sum dy, sum dy*t, sum_row0 dy*P0, sum_row0 dy*P1]
-  * ``sbn_backward_apply`` dx = c_dy*dy + c_t*t + c_R*R + c_A*A*(-1)^w + cst
-                                + [h==0]*(u*P0[w] + v*P1[w])
+Launches per call (the running-statistics update is H1's op, one more launch per buffer set):
+  *_forward training: statistics pass, finalize, apply (3); eval: finalize, apply (2);
+  *_backward (training or eval): gradient sums, finalize, apply (3);
+  the synchronized pieces: sbn_stats and sbn_grad_stats: pass + reduction of the partials (2),
+  *_finish and *_grad_finish: finalize + apply (2); an empty local batch skips its passes.
 
-P0/P1 are two length-W vectors chosen by the caller (Re D / Im D for the statistics and for dx,
-Pr[0,:] / Pi[0,:] for y and for the gradient sums).  Strides are kernel arguments, so NCHW,
-channels_last and strided views all work.  Reductions are written as fp32 (fp64 for fp64 input)
-partial sums to a (C, n_chunks, n_sums) buffer that the caller combines with a deterministic
-torch sum: no atomics.
+The math (shifted sums; ops/sbn.py's module docstring has the derivation)
+------------------------------------------------------------------------
+Per channel, t = x - K with K = x[0, c, 0, 0] (eval: 0 for SBN, BN's mean for BN+SBN); rows are
+(n, h); R = sum_w t, A = sum_w (-1)^w t.
+Statistics pass: S1 = sum t, S2 = sum t^2, SR = sum R^2, SA = sum A^2 (0 for odd W),
+SD0 / SD1 = sum_{n,w} t[n, 0, w] Re D(w) / Im D(w), D(w) = sum_{l < W//2+1} exp(-2 pi i l w / W).
+Forward apply: pre = cx (x - K) + b off row 0; on row 0: + u at w = 0 (in place of b) and
+b + v Pi[w] elsewhere (Pr[0, :] = delta_w0 exactly, Pi = irfft(1j*ones)); y = act(pre).
+Gradient sums: g = act'(pre) dy with pre recomputed by the same helper: [sum g, sum g t,
+sum_n g[n, 0, 0], sum_{n,w} g[n, 0, w] Pi[w]].
+Backward apply: dx = cx g + c_t t + c_R R + c_A A (-1)^w + cst + [h == 0](u' Re D + v' Im D).
 
-FFT path: one fused kernel per channel over the half spectrum viewed as real pairs
-(statistics + normalize + affine), and its backward counterpart.
+fft_norm (torch.fft's norm of the transform pair), f = 1, 1/sqrt(HW), 1/(HW) and h = 1/f: the
+m-normalized layer irfft2(gamma (X_m - mu_m)/sqrt(var_m + eps) + beta, norm=m), X_m = f X, equals
+the "backward" formulas with eps_eff = eps/f^2, gamma_eff = h gamma and beta_eff = h beta (the
+inverse transform of mode m is h times the "backward" one, and it scales gamma's term too):
+s = sqrt(var + eps_eff), a = h gamma / s (= gamma / sqrt(var_m + eps)). Statistics are reported
+in the m scale (f mu, f^2 var; eval inputs are divided back); dgamma = h Ga / s, dbeta = h G0.
+
+GPU design notes (issue #10.3)
+------------------------------
+* Tiles are [BR rows, BW columns, BC channels]: NCHW-like inputs use BC = 1 (a program per channel
+  and chunk of rows, loads along W), channels_last inputs BC > 1 (loads along C, the contiguous
+  dimension). The map size (H, W) is constexpr: (n, h) = divmod(row, H) is an int32 division by a
+  constant (a multiply-high), never a call of a 64-bit division routine; offsets are int32 unless
+  the tensor spans 2^31 elements (IDX64). Contiguous and channels_last operands compute their
+  offsets from (C, H, W) so that the compiler knows the alignment (16-byte loads where W or C
+  allows); other strided views pass their strides.
+* Launches run under ``torch.cuda.device(x.device)``; the multiprocessor count is cached; the row
+  constants (D(w), Pi) are cached per (W, device, dtype).
 """
+from __future__ import annotations
 
+import contextlib
+import math
 
 import torch
 import triton
 import triton.language as tl
 
+from normkernels.ops._act import ACTS
+from normkernels.triton.launch import launch
+
+__all__ = [
+    "sbn_stats", "sbn_finish", "sbn_forward", "sbn_grad_stats", "sbn_grad_finish", "sbn_backward",
+    "bnsbn_finish", "bnsbn_forward", "bnsbn_grad_finish", "bnsbn_backward", "IMPL",
+    "register_cuda_kernels", "interpreted_sbn", "interpreted_bnsbn", "sbn_fft_spectral_forward",
+    "sbn_fft_spectral_backward", "FFT_NORMS", "SBN_SAVED", "BNSBN_SAVED",
+]
+
+FFT_NORMS = ("backward", "ortho", "forward")
+# saved columns (PLAN section 2)
+SBN_SAVED = ("K", "cx", "b", "u", "v", "mr", "mi", "s", "a", "N_all")
+BNSBN_SAVED = ("K", "cx", "b", "u", "v", "p", "sd", "Kz", "mr", "mi", "s", "a", "mbn", "N_all",
+               "S1", "S2", "SR", "SA", "SD0", "SD1", "L1", "L2", "LR", "LA", "LD0", "LD1")
+_NS = 7      # statistics partials per chunk: [K, S1, S2, SR, SA, SD0, SD1]
+_NG = 4      # gradient partials per chunk: [sum g, sum g t, G0, G1]
+_NCOEF = 6   # backward apply coefficients: [c_t, c_R, c_A, cst, u, v] (dy's is cx)
+
 # ----------------------------------------------------------------------------------------------
-# kernels
+# device helpers: activation, offsets, row-0 term
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _sbn_stats_kernel(x_ptr, coef_ptr, p_ptr, part_ptr,
-                      NH, H, W, sN, sC, sH, sW, rows_per_chunk, n_chunks,
-                      ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-    c = tl.program_id(0)
-    chunk = tl.program_id(1)
-    K = tl.load(coef_ptr + c).to(ACC)
-    r_start = chunk * rows_per_chunk
-    r_end = tl.minimum(r_start + rows_per_chunk, NH)
-    acc1 = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC)
-    acc2 = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC)
-    acc_d0 = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC)
-    acc_d1 = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC)
-    acc_r = tl.zeros([BLOCK_R], dtype=ACC)
-    acc_a = tl.zeros([BLOCK_R], dtype=ACC)
-    for r0 in range(r_start, r_end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        rmask = rows < r_end
-        rows64 = rows.to(tl.int64)
-        n = rows64 // H
-        h = rows64 % H
-        base = n * sN + c.to(tl.int64) * sC + h * sH
-        is_row0 = (h == 0) & rmask
-        R = tl.zeros([BLOCK_R], dtype=ACC)
-        A = tl.zeros([BLOCK_R], dtype=ACC)
-        for w0 in range(0, W, BLOCK_W):
-            cols = w0 + tl.arange(0, BLOCK_W)
-            cmask = cols < W
-            m = rmask[:, None] & cmask[None, :]
-            v = tl.load(x_ptr + base[:, None] + cols[None, :].to(tl.int64) * sW, mask=m, other=0.0)
-            t = tl.where(m, v.to(ACC) - K, 0.0)
-            acc1 += t
-            acc2 += t * t
-            sgn = (1 - 2 * (cols % 2)).to(ACC)
-            R += tl.sum(t, axis=1)
-            A += tl.sum(t * sgn[None, :], axis=1)
-            p0 = tl.load(p_ptr + cols, mask=cmask, other=0.0).to(ACC)
-            p1 = tl.load(p_ptr + W + cols, mask=cmask, other=0.0).to(ACC)
-            t0 = tl.where(is_row0[:, None], t, 0.0)
-            acc_d0 += t0 * p0[None, :]
-            acc_d1 += t0 * p1[None, :]
-        acc_r += R * R
-        acc_a += A * A
-    out = part_ptr + (c * n_chunks + chunk) * 6
-    tl.store(out + 0, tl.sum(tl.sum(acc1, axis=1), axis=0))
-    tl.store(out + 1, tl.sum(tl.sum(acc2, axis=1), axis=0))
-    tl.store(out + 2, tl.sum(acc_r, axis=0))
-    tl.store(out + 3, tl.sum(acc_a, axis=0))
-    tl.store(out + 4, tl.sum(tl.sum(acc_d0, axis=1), axis=0))
-    tl.store(out + 5, tl.sum(tl.sum(acc_d1, axis=1), axis=0))
+def act_forward(pre, slope, ACT: tl.constexpr):
+    """act(pre); ACT: 0 identity, 1 relu, 2 leaky_relu (slope), 3 silu (csrc/activation.h)."""
+    if ACT == 1:
+        out = tl.where(pre < 0, 0.0, pre)            # NaN stays NaN, as torch.relu
+    elif ACT == 2:
+        out = tl.where(pre > 0, pre, pre * slope)
+    elif ACT == 3:
+        out = pre * (1.0 / (1.0 + tl.exp(-pre)))
+    else:
+        out = pre
+    return out
 
 
 @triton.jit
-def _sbn_grad_stats_kernel(dy_ptr, x_ptr, coef_ptr, p_ptr, part_ptr,
-                           NH, H, W, dN, dC, dH, dW, sN, sC, sH, sW, rows_per_chunk, n_chunks,
-                           ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-    c = tl.program_id(0)
+def act_backward(pre, dy, slope, ACT: tl.constexpr):
+    """act'(pre) * dy with torch's values at the kink: relu'(0) = 0, leaky_relu'(0) = slope."""
+    if ACT == 1:
+        g = tl.where(pre > 0, dy, 0.0)
+    elif ACT == 2:
+        g = tl.where(pre > 0, dy, dy * slope)
+    elif ACT == 3:
+        s = 1.0 / (1.0 + tl.exp(-pre))
+        g = dy * s * (1.0 + pre * (1.0 - s))
+    else:
+        g = dy
+    return g
+
+
+@triton.jit
+def _f64(v):
+    """A float64 scalar argument as a float64 value (the interpreter passes a python float)."""
+    return tl.zeros([], tl.float64) + v
+
+
+@triton.jit
+def _offsets(n, h, w, c, C, sN, sC, sH, sW, H: tl.constexpr, W: tl.constexpr,
+             LAYOUT: tl.constexpr):
+    """Element offsets of (n, h, w, c) (broadcastable index tensors). LAYOUT 1: contiguous NCHW,
+    2: channels_last (both from C, H, W, so the compiler sees the alignment), 0: the strides."""
+    if LAYOUT == 1:
+        off = ((n * C + c) * H + h) * W + w
+    elif LAYOUT == 2:
+        off = ((n * H + h) * W + w) * C + c
+    else:
+        off = n * sN + c * sC + h * sH + w * sW
+    return off
+
+
+@triton.jit
+def _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h, has_row0,
+         W: tl.constexpr, ACC: tl.constexpr):
+    """The forward apply's pre-activation, written once: every pass that recomputes it (forward
+    apply, gradient sums, backward apply) rounds exactly alike, so act' masks agree.
+    pre = cx (x - K) + b; on row 0 (tiles that hold one) b is replaced by u at w = 0 and by
+    b + v Pi[w] elsewhere; u, v, Pi are loaded only there (registers stay free elsewhere)."""
+    t = xv - K
+    pre = tl.fma(cx, t, b)
+    if has_row0:
+        p = sv_ptr + c * sv_cols
+        u = tl.load(p + 3, mask=cmask, other=0.0).to(ACC)[None, None, :]
+        v = tl.load(p + 4, mask=cmask, other=0.0).to(ACC)[None, None, :]
+        pi = tl.load(cst_ptr + 2 * W + w3, mask=wm3, other=0.0)
+        row = tl.where(w3 == 0, u, tl.fma(v, pi, b))
+        pre = tl.where(h == 0, tl.fma(cx, t, row), pre)
+    return pre
+
+
+@triton.jit
+def _rows(r0, NH, H: tl.constexpr, BR: tl.constexpr, IDX64: tl.constexpr):
+    """Rows r0 .. r0+BR of the (n, h) rows: (n [BR,1,1], h [BR,1,1], row mask, whether a row
+    h = 0 is among them)."""
+    r = r0 + tl.arange(0, BR)
+    n = r // H                       # int32 division by a constant: a multiply-high
+    h = r - n * H
+    if IDX64:
+        n = n.to(tl.int64)
+    hr = r0 % H
+    return n[:, None, None], h[:, None, None], (r < NH)[:, None, None], (hr == 0) | (hr + BR > H)
+
+
+@triton.jit
+def _channels(BC: tl.constexpr, VEC: tl.constexpr, C, IDX64: tl.constexpr):
+    """This program's channels: (c (BC,), mask, c as [1, 1, BC] index). VEC < BC caps the
+    contiguity the compiler assumes (channels a thread holds: per-channel coefficients are
+    registers, one set per channel)."""
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    if VEC < BC:
+        c = tl.max_contiguous(c, VEC)
+    cmask = c < C
+    c3 = c[None, None, :]
+    if IDX64:
+        c3 = c3.to(tl.int64)
+    return c, cmask, c3
+
+
+@triton.jit
+def _sgn(w3, ACC: tl.constexpr):
+    return (1 - 2 * (w3 % 2)).to(ACC)
+
+
+@triton.jit
+def _sbn_stats_kernel(x_ptr, cst_ptr, part_ptr, C, NH, rows_per_chunk, sN, sC, sH, sW,
+                      H: tl.constexpr, W: tl.constexpr, X_LAYOUT: tl.constexpr,
+                      IDX64: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr,
+                      BW: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr):
+    """Partials part[chunk, :, c] = [K, S1, S2, SR, SA, SD0, SD1] of this chunk's rows (float64).
+    cst = [Re D, Im D, Pi] (3, W)."""
+    c, cmask, c3 = _channels(BC, VEC, C, IDX64)
     chunk = tl.program_id(1)
-    K = tl.load(coef_ptr + c).to(ACC)
+    cm3 = cmask[None, None, :]
+    K = tl.load(x_ptr + _offsets(0, 0, 0, c3, C, sN, sC, sH, sW, H, W, X_LAYOUT), mask=cm3,
+                other=0.0).to(ACC)
     r_start = chunk * rows_per_chunk
     r_end = tl.minimum(r_start + rows_per_chunk, NH)
-    acc_dy = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC)
-    acc_dt = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC)
-    acc_0 = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC)
-    acc_1 = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC)
-    c64 = c.to(tl.int64)
-    for r0 in range(r_start, r_end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        rmask = rows < r_end
-        rows64 = rows.to(tl.int64)
-        n = rows64 // H
-        h = rows64 % H
-        xbase = n * sN + c64 * sC + h * sH
-        dbase = n * dN + c64 * dC + h * dH
-        is_row0 = (h == 0) & rmask
-        for w0 in range(0, W, BLOCK_W):
-            cols = w0 + tl.arange(0, BLOCK_W)
-            cmask = cols < W
-            cols64 = cols.to(tl.int64)
-            m = rmask[:, None] & cmask[None, :]
-            xv = tl.load(x_ptr + xbase[:, None] + cols64[None, :] * sW, mask=m, other=0.0)
-            g = tl.load(dy_ptr + dbase[:, None] + cols64[None, :] * dW, mask=m, other=0.0).to(ACC)
+    s2 = tl.zeros([BR, BW, BC], ACC)
+    s1 = tl.zeros([BR, 1, BC], ACC)          # S1 = sum of the row sums R
+    sr = tl.zeros([BR, 1, BC], ACC)
+    sa = tl.zeros([BR, 1, BC], ACC)
+    sd0 = tl.zeros([BR, 1, BC], ACC)
+    sd1 = tl.zeros([BR, 1, BC], ACC)
+    for r0 in range(r_start, r_end, BR):
+        n, h, rmask, has_row0 = _rows(r0, r_end, H, BR, IDX64)
+        R = tl.zeros([BR, 1, BC], ACC)
+        A = tl.zeros([BR, 1, BC], ACC)
+        D0 = tl.zeros([BR, 1, BC], ACC)
+        D1 = tl.zeros([BR, 1, BC], ACC)
+        for w0 in range(0, W, BW):
+            w3 = (w0 + tl.arange(0, BW))[None, :, None]
+            wm3 = w3 < W
+            m = rmask & wm3 & cm3
+            xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W, X_LAYOUT),
+                         mask=m, other=0.0)
             t = tl.where(m, xv.to(ACC) - K, 0.0)
-            acc_dy += g
-            acc_dt += g * t
-            p0 = tl.load(p_ptr + cols, mask=cmask, other=0.0).to(ACC)
-            p1 = tl.load(p_ptr + W + cols, mask=cmask, other=0.0).to(ACC)
-            g0 = tl.where(is_row0[:, None], g, 0.0)
-            acc_0 += g0 * p0[None, :]
-            acc_1 += g0 * p1[None, :]
-    out = part_ptr + (c * n_chunks + chunk) * 4
-    tl.store(out + 0, tl.sum(tl.sum(acc_dy, axis=1), axis=0))
-    tl.store(out + 1, tl.sum(tl.sum(acc_dt, axis=1), axis=0))
-    tl.store(out + 2, tl.sum(tl.sum(acc_0, axis=1), axis=0))
-    tl.store(out + 3, tl.sum(tl.sum(acc_1, axis=1), axis=0))
+            s2 += t * t
+            R += tl.sum(t, axis=1, keep_dims=True)
+            if W % 2 == 0:
+                A += tl.sum(t * _sgn(w3, ACC), axis=1, keep_dims=True)
+            if has_row0:
+                dre = tl.load(cst_ptr + w3, mask=wm3, other=0.0)
+                dim = tl.load(cst_ptr + W + w3, mask=wm3, other=0.0)
+                D0 += tl.sum(t * dre, axis=1, keep_dims=True)
+                D1 += tl.sum(t * dim, axis=1, keep_dims=True)
+        s1 += R
+        sr += R * R
+        if W % 2 == 0:
+            sa += A * A
+        if has_row0:
+            sd0 += tl.where(h == 0, D0, 0.0)
+            sd1 += tl.where(h == 0, D1, 0.0)
+    out = part_ptr + chunk * (7 * C) + c
+    tl.store(out, K.reshape([BC]).to(tl.float64), mask=cmask)
+    tl.store(out + C, tl.sum(tl.sum(s1, 0), 0).to(tl.float64), mask=cmask)
+    tl.store(out + 2 * C, tl.sum(tl.sum(s2, 0), 0).to(tl.float64), mask=cmask)
+    tl.store(out + 3 * C, tl.sum(tl.sum(sr, 0), 0).to(tl.float64), mask=cmask)
+    tl.store(out + 4 * C, tl.sum(tl.sum(sa, 0), 0).to(tl.float64), mask=cmask)
+    tl.store(out + 5 * C, tl.sum(tl.sum(sd0, 0), 0).to(tl.float64), mask=cmask)
+    tl.store(out + 6 * C, tl.sum(tl.sum(sd1, 0), 0).to(tl.float64), mask=cmask)
 
 
 @triton.jit
-def _sbn_fwd_apply_kernel(x_ptr, y_ptr, coef_ptr, p_ptr,
-                          NH, H, W, sN, sC, sH, sW, yN, yC, yH, yW, rows_per_chunk,
-                          ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-    # coef[c] = [K, cx, b, u, v]
-    c = tl.program_id(0)
+def _coef(ptr, k, cols, c, cmask, ACC: tl.constexpr):
+    """Column k of a float64 (C, cols) table for channels c, as [1, 1, BC] in ACC."""
+    return tl.load(ptr + c * cols + k, mask=cmask, other=0.0).to(ACC)[None, None, :]
+
+
+@triton.jit
+def _sbn_fwd_apply_kernel(x_ptr, y_ptr, sv_ptr, cst_ptr, C, NH, rows_per_chunk, sv_cols,
+                          slope: tl.float64, sN, sC, sH, sW,
+                          H: tl.constexpr, W: tl.constexpr, X_LAYOUT: tl.constexpr,
+                          Y_LAYOUT: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr,
+                          ACC: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
+                          BC: tl.constexpr, VEC: tl.constexpr):
+    """y = act(pre), pre from saved[:, :5] (SBN and BN+SBN alike)."""
+    c, cmask, c3 = _channels(BC, VEC, C, IDX64)
     chunk = tl.program_id(1)
-    cp = coef_ptr + c * 5
-    K = tl.load(cp + 0).to(ACC)
-    cx = tl.load(cp + 1).to(ACC)
-    b = tl.load(cp + 2).to(ACC)
-    u = tl.load(cp + 3).to(ACC)
-    v = tl.load(cp + 4).to(ACC)
-    c64 = c.to(tl.int64)
+    cm3 = cmask[None, None, :]
+    K = _coef(sv_ptr, 0, sv_cols, c, cmask, ACC)
+    cx = _coef(sv_ptr, 1, sv_cols, c, cmask, ACC)
+    b = _coef(sv_ptr, 2, sv_cols, c, cmask, ACC)
+    sl = _f64(slope).to(ACC)
     r_start = chunk * rows_per_chunk
     r_end = tl.minimum(r_start + rows_per_chunk, NH)
-    for r0 in range(r_start, r_end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        rmask = rows < r_end
-        rows64 = rows.to(tl.int64)
-        n = rows64 // H
-        h = rows64 % H
-        xbase = n * sN + c64 * sC + h * sH
-        ybase = n * yN + c64 * yC + h * yH
-        is_row0 = h == 0
-        for w0 in range(0, W, BLOCK_W):
-            cols = w0 + tl.arange(0, BLOCK_W)
-            cmask = cols < W
-            cols64 = cols.to(tl.int64)
-            m = rmask[:, None] & cmask[None, :]
-            xv = tl.load(x_ptr + xbase[:, None] + cols64[None, :] * sW, mask=m, other=0.0).to(ACC)
-            p0 = tl.load(p_ptr + cols, mask=cmask, other=0.0).to(ACC)
-            p1 = tl.load(p_ptr + W + cols, mask=cmask, other=0.0).to(ACC)
-            # on row 0, b is replaced by u where P0 = 1 (P0 = Pr[0, :] is 0/1), so that
-            # b - a*Re(mu) cancellations happen in float64 in the finalize, not here
-            row_term = b * (1.0 - p0) + u * p0 + v * p1
-            y = cx * (xv - K) + tl.where(is_row0[:, None], row_term[None, :], b)
-            tl.store(y_ptr + ybase[:, None] + cols64[None, :] * yW,
+    for r0 in range(r_start, r_end, BR):
+        n, h, rmask, has_row0 = _rows(r0, r_end, H, BR, IDX64)
+        for w0 in range(0, W, BW):
+            w3 = (w0 + tl.arange(0, BW))[None, :, None]
+            wm3 = w3 < W
+            m = rmask & wm3 & cm3
+            xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W, X_LAYOUT),
+                         mask=m, other=0.0).to(ACC)
+            pre = _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h, has_row0,
+                       W, ACC)
+            y = act_forward(pre, sl, ACT)
+            tl.store(y_ptr + _offsets(n, h, w3, c3, C, 0, 0, 0, 0, H, W, Y_LAYOUT),
                      y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _sbn_bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, coef_ptr, p_ptr,
-                          NH, H, W, dN, dC, dH, dW, sN, sC, sH, sW, oN, oC, oH, oW,
-                          rows_per_chunk,
-                          NEED_ROW: tl.constexpr, ONE_TILE: tl.constexpr,
-                          ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-    # coef[c] = [K, c_dy, c_t, c_R, c_A, cst, u, v]
-    c = tl.program_id(0)
+def _sbn_grad_stats_kernel(dy_ptr, x_ptr, sv_ptr, cst_ptr, part_ptr, C, NH, rows_per_chunk,
+                           sv_cols, slope: tl.float64, sN, sC, sH, sW, dN, dC, dH, dW,
+                           H: tl.constexpr, W: tl.constexpr, X_LAYOUT: tl.constexpr,
+                           DY_LAYOUT: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr,
+                           ACC: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
+                           BC: tl.constexpr, VEC: tl.constexpr):
+    """Partials part[chunk, :, c] = [sum g, sum g t, sum_n g[n,0,0], sum_{n,w} g[n,0,w] Pi[w]],
+    g = act'(pre) dy, t = x - K."""
+    c, cmask, c3 = _channels(BC, VEC, C, IDX64)
     chunk = tl.program_id(1)
-    cp = coef_ptr + c * 8
-    K = tl.load(cp + 0).to(ACC)
-    c_dy = tl.load(cp + 1).to(ACC)
-    c_t = tl.load(cp + 2).to(ACC)
-    c_R = tl.load(cp + 3).to(ACC)
-    c_A = tl.load(cp + 4).to(ACC)
-    cst = tl.load(cp + 5).to(ACC)
-    u = tl.load(cp + 6).to(ACC)
-    v = tl.load(cp + 7).to(ACC)
-    c64 = c.to(tl.int64)
+    cm3 = cmask[None, None, :]
+    K = _coef(sv_ptr, 0, sv_cols, c, cmask, ACC)
+    cx = _coef(sv_ptr, 1, sv_cols, c, cmask, ACC)
+    b = _coef(sv_ptr, 2, sv_cols, c, cmask, ACC)
+    sl = _f64(slope).to(ACC)
     r_start = chunk * rows_per_chunk
     r_end = tl.minimum(r_start + rows_per_chunk, NH)
-    for r0 in range(r_start, r_end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        rmask = rows < r_end
-        rows64 = rows.to(tl.int64)
-        n = rows64 // H
-        h = rows64 % H
-        xbase = n * sN + c64 * sC + h * sH
-        dbase = n * dN + c64 * dC + h * dH
-        obase = n * oN + c64 * oC + h * oH
-        is_row0 = h == 0
-        if ONE_TILE:
-            cols = tl.arange(0, BLOCK_W)
-            cmask = cols < W
-            cols64 = cols.to(tl.int64)
-            m = rmask[:, None] & cmask[None, :]
-            xv = tl.load(x_ptr + xbase[:, None] + cols64[None, :] * sW, mask=m, other=0.0)
-            t = tl.where(m, xv.to(ACC) - K, 0.0)
-            g = tl.load(dy_ptr + dbase[:, None] + cols64[None, :] * dW, mask=m, other=0.0).to(ACC)
-            sgn = (1 - 2 * (cols % 2)).to(ACC)
-            p0 = tl.load(p_ptr + cols, mask=cmask, other=0.0).to(ACC)
-            p1 = tl.load(p_ptr + W + cols, mask=cmask, other=0.0).to(ACC)
-            row_term = u * p0 + v * p1
-            out = c_dy * g + c_t * t + cst + tl.where(is_row0[:, None], row_term[None, :], 0.0)
-            if NEED_ROW:
-                R = tl.sum(t, axis=1)
-                A = tl.sum(t * sgn[None, :], axis=1)
-                out += c_R * R[:, None] + (c_A * A)[:, None] * sgn[None, :]
-            tl.store(dx_ptr + obase[:, None] + cols64[None, :] * oW,
-                     out.to(dx_ptr.dtype.element_ty), mask=m)
-        else:
-            R = tl.zeros([BLOCK_R], dtype=ACC)
-            A = tl.zeros([BLOCK_R], dtype=ACC)
-            if NEED_ROW:
-                for w0 in range(0, W, BLOCK_W):
-                    cols = w0 + tl.arange(0, BLOCK_W)
-                    cmask = cols < W
-                    m = rmask[:, None] & cmask[None, :]
-                    xv = tl.load(x_ptr + xbase[:, None] + cols[None, :].to(tl.int64) * sW,
-                                 mask=m, other=0.0)
+    sg = tl.zeros([BR, BW, BC], ACC)
+    sgt = tl.zeros([BR, BW, BC], ACC)
+    g0 = tl.zeros([BR, 1, BC], ACC)
+    g1 = tl.zeros([BR, 1, BC], ACC)
+    for r0 in range(r_start, r_end, BR):
+        n, h, rmask, has_row0 = _rows(r0, r_end, H, BR, IDX64)
+        for w0 in range(0, W, BW):
+            w3 = (w0 + tl.arange(0, BW))[None, :, None]
+            wm3 = w3 < W
+            m = rmask & wm3 & cm3
+            xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W, X_LAYOUT),
+                         mask=m, other=0.0).to(ACC)
+            dyv = tl.load(dy_ptr + _offsets(n, h, w3, c3, C, dN, dC, dH, dW, H, W, DY_LAYOUT),
+                          mask=m, other=0.0).to(ACC)
+            pre = _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h, has_row0,
+                       W, ACC)
+            g = tl.where(m, act_backward(pre, dyv, sl, ACT), 0.0)
+            sg += g
+            sgt += g * (xv - K)
+            if has_row0:
+                pi = tl.load(cst_ptr + 2 * W + w3, mask=wm3, other=0.0)
+                g_row0 = tl.where(h == 0, g, 0.0)
+                g0 += tl.sum(tl.where(w3 == 0, g_row0, 0.0), axis=1, keep_dims=True)
+                g1 += tl.sum(g_row0 * pi, axis=1, keep_dims=True)
+    out = part_ptr + chunk * (4 * C) + c
+    tl.store(out, tl.sum(tl.sum(sg, 0), 0).to(tl.float64), mask=cmask)
+    tl.store(out + C, tl.sum(tl.sum(sgt, 0), 0).to(tl.float64), mask=cmask)
+    tl.store(out + 2 * C, tl.sum(tl.sum(g0, 0), 0).to(tl.float64), mask=cmask)
+    tl.store(out + 3 * C, tl.sum(tl.sum(g1, 0), 0).to(tl.float64), mask=cmask)
+
+
+@triton.jit
+def _sbn_bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, sv_ptr, coef_ptr, cst_ptr, C, NH,
+                          rows_per_chunk, sv_cols, slope: tl.float64, sN, sC, sH, sW,
+                          dN, dC, dH, dW, H: tl.constexpr, W: tl.constexpr,
+                          X_LAYOUT: tl.constexpr, DY_LAYOUT: tl.constexpr,
+                          DX_LAYOUT: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr,
+                          IDX64: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr,
+                          BW: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr):
+    """dx = cx g + c_t t + c_R R + c_A A (-1)^w + cst + [h==0](u Re D + v Im D) (training) or
+    cx g (eval); coef[c] = [c_t, c_R, c_A, cst, u, v] (cx: the dy coefficient is the forward's
+    x coefficient, a for SBN, p a for BN+SBN). A row longer than one tile (W > BW) is read
+    twice: once for its sums R, A, then for dx."""
+    c, cmask, c3 = _channels(BC, VEC, C, IDX64)
+    chunk = tl.program_id(1)
+    cm3 = cmask[None, None, :]
+    K = _coef(sv_ptr, 0, sv_cols, c, cmask, ACC)
+    cx = _coef(sv_ptr, 1, sv_cols, c, cmask, ACC)
+    b = _coef(sv_ptr, 2, sv_cols, c, cmask, ACC)
+    sl = _f64(slope).to(ACC)
+    if TRAINING:
+        c_t = _coef(coef_ptr, 0, 6, c, cmask, ACC)
+        c_R = _coef(coef_ptr, 1, 6, c, cmask, ACC)
+        c_A = _coef(coef_ptr, 2, 6, c, cmask, ACC)
+        cst = _coef(coef_ptr, 3, 6, c, cmask, ACC)
+    r_start = chunk * rows_per_chunk
+    r_end = tl.minimum(r_start + rows_per_chunk, NH)
+    for r0 in range(r_start, r_end, BR):
+        n, h, rmask, has_row0 = _rows(r0, r_end, H, BR, IDX64)
+        if TRAINING:
+            if W > BW:      # a row spans several tiles: its sums first
+                R = tl.zeros([BR, 1, BC], ACC)
+                A = tl.zeros([BR, 1, BC], ACC)
+                for w0 in range(0, W, BW):
+                    w3 = (w0 + tl.arange(0, BW))[None, :, None]
+                    m = rmask & (w3 < W) & cm3
+                    xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W,
+                                                  X_LAYOUT), mask=m, other=0.0)
                     t = tl.where(m, xv.to(ACC) - K, 0.0)
-                    sgn = (1 - 2 * (cols % 2)).to(ACC)
-                    R += tl.sum(t, axis=1)
-                    A += tl.sum(t * sgn[None, :], axis=1)
-            for w0 in range(0, W, BLOCK_W):
-                cols = w0 + tl.arange(0, BLOCK_W)
-                cmask = cols < W
-                cols64 = cols.to(tl.int64)
-                m = rmask[:, None] & cmask[None, :]
-                xv = tl.load(x_ptr + xbase[:, None] + cols64[None, :] * sW, mask=m, other=0.0)
-                t = tl.where(m, xv.to(ACC) - K, 0.0)
-                g = tl.load(dy_ptr + dbase[:, None] + cols64[None, :] * dW,
-                            mask=m, other=0.0).to(ACC)
-                sgn = (1 - 2 * (cols % 2)).to(ACC)
-                p0 = tl.load(p_ptr + cols, mask=cmask, other=0.0).to(ACC)
-                p1 = tl.load(p_ptr + W + cols, mask=cmask, other=0.0).to(ACC)
-                row_term = u * p0 + v * p1
-                out = c_dy * g + c_t * t + cst + tl.where(is_row0[:, None], row_term[None, :], 0.0)
-                out += c_R * R[:, None] + (c_A * A)[:, None] * sgn[None, :]
-                tl.store(dx_ptr + obase[:, None] + cols64[None, :] * oW,
-                         out.to(dx_ptr.dtype.element_ty), mask=m)
+                    R += tl.sum(t, axis=1, keep_dims=True)
+                    if W % 2 == 0:
+                        A += tl.sum(t * _sgn(w3, ACC), axis=1, keep_dims=True)
+        for w0 in range(0, W, BW):
+            w3 = (w0 + tl.arange(0, BW))[None, :, None]
+            wm3 = w3 < W
+            m = rmask & wm3 & cm3
+            xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W, X_LAYOUT),
+                         mask=m, other=0.0).to(ACC)
+            dyv = tl.load(dy_ptr + _offsets(n, h, w3, c3, C, dN, dC, dH, dW, H, W, DY_LAYOUT),
+                          mask=m, other=0.0).to(ACC)
+            pre = _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h, has_row0,
+                       W, ACC)
+            g = act_backward(pre, dyv, sl, ACT)
+            if TRAINING:
+                t = tl.where(m, xv - K, 0.0)
+                if W <= BW:
+                    R = tl.sum(t, axis=1, keep_dims=True)
+                    if W % 2 == 0:
+                        A = tl.sum(t * _sgn(w3, ACC), axis=1, keep_dims=True)
+                out = tl.fma(cx, g, tl.fma(c_t, t, tl.fma(c_R, R, cst)))
+                if W % 2 == 0:
+                    out += (c_A * A) * _sgn(w3, ACC)
+                if has_row0:
+                    uD = _coef(coef_ptr, 4, 6, c, cmask, ACC)
+                    vD = _coef(coef_ptr, 5, 6, c, cmask, ACC)
+                    dre = tl.load(cst_ptr + w3, mask=wm3, other=0.0)
+                    dim = tl.load(cst_ptr + W + w3, mask=wm3, other=0.0)
+                    out = tl.where(h == 0, out + tl.fma(uD, dre, vD * dim), out)
+            else:
+                out = cx * g
+            tl.store(dx_ptr + _offsets(n, h, w3, c3, C, 0, 0, 0, 0, H, W, DX_LAYOUT),
+                     out.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# finalize: device helpers (float64), written once for the single-process and the group finalize
+# ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _sbn_fft_fwd_kernel(X_ptr, Y_ptr, stat_ptr, w_ptr, b_ptr, N, L2, CL2, M, eps,
-                        TRAIN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                        ACC: tl.constexpr, BLOCK: tl.constexpr):
-    # X, Y: contiguous (N, C, H, Wr, 2) real views of the half spectrum; L2 = 2*H*Wr.
-    # stat[c] = [Re mu, Im mu, var] (written in training, read in eval).
-    c = tl.program_id(0)
-    c64 = c.to(tl.int64)
-    total = N * L2
-    if TRAIN:
-        # shift by the channel's first coefficient (stable for huge DC terms)
-        sr = tl.load(X_ptr + c64 * L2).to(ACC)
-        si = tl.load(X_ptr + c64 * L2 + 1).to(ACC)
-        a_re = tl.zeros([BLOCK], dtype=ACC)
-        a_im = tl.zeros([BLOCK], dtype=ACC)
-        a_sq = tl.zeros([BLOCK], dtype=ACC)
-        for i0 in range(0, total, BLOCK):
-            idx = i0 + tl.arange(0, BLOCK)
-            msk = idx < total
-            idx64 = idx.to(tl.int64)
-            n = idx64 // L2
-            j = idx64 % L2
-            is_re = (j % 2) == 0
-            v = tl.load(X_ptr + n * CL2 + c64 * L2 + j, mask=msk, other=0.0).to(ACC)
-            d = tl.where(msk, v - tl.where(is_re, sr, si), 0.0)
-            a_re += tl.where(is_re, d, 0.0)
-            a_im += tl.where(is_re, 0.0, d)
-            a_sq += d * d
-        mr_d = tl.sum(a_re, axis=0) / M
-        mi_d = tl.sum(a_im, axis=0) / M
-        var = tl.sum(a_sq, axis=0) / M - mr_d * mr_d - mi_d * mi_d
-        var = tl.maximum(var, 0.0)
-        mr = mr_d + sr
-        mi = mi_d + si
-        tl.store(stat_ptr + c * 3 + 0, mr)
-        tl.store(stat_ptr + c * 3 + 1, mi)
-        tl.store(stat_ptr + c * 3 + 2, var)
-    else:
-        mr = tl.load(stat_ptr + c * 3 + 0).to(ACC)
-        mi = tl.load(stat_ptr + c * 3 + 1).to(ACC)
-        var = tl.load(stat_ptr + c * 3 + 2).to(ACC)
-    s = tl.sqrt(var + eps)
-    if HAS_W:
-        a = tl.load(w_ptr + c).to(ACC) / s
-    else:
-        a = 1.0 / s
-    if HAS_B:
-        beta = tl.load(b_ptr + c).to(ACC)
-    else:
-        beta = 0.0
-    for i0 in range(0, total, BLOCK):
-        idx = i0 + tl.arange(0, BLOCK)
-        msk = idx < total
-        idx64 = idx.to(tl.int64)
-        n = idx64 // L2
-        j = idx64 % L2
-        is_re = (j % 2) == 0
-        off = n * CL2 + c64 * L2 + j
-        v = tl.load(X_ptr + off, mask=msk, other=0.0).to(ACC)
-        y = a * (v - tl.where(is_re, mr, mi)) + tl.where(is_re, beta, 0.0)
-        tl.store(Y_ptr + off, y.to(Y_ptr.dtype.element_ty), mask=msk)
+def _sum_partials(part_ptr, n_chunks, C, c, cmask, NP: tl.constexpr, k: tl.constexpr):
+    """sum over chunks (in chunk order) of part[chunk, k, c]."""
+    s = tl.zeros(c.shape, tl.float64)
+    for i in range(0, n_chunks):
+        s += tl.load(part_ptr + (i * NP + k) * C + c, mask=cmask, other=0.0)
+    return s
 
 
 @triton.jit
-def _sbn_fft_bwd_kernel(G_ptr, X_ptr, O_ptr, stat_ptr, w_ptr, grad_ptr,
-                        N, L2, CL2, Wr, W, HW, M, eps,
-                        TRAIN: tl.constexpr, HAS_W: tl.constexpr,
-                        ACC: tl.constexpr, BLOCK: tl.constexpr):
-    # G = rfft2(dy) (real view), X = rfft2(x) (real view), O = HW/c_l * dX so that
-    # dx = irfft2(O).  c_l = 1 for the self-conjugate columns l = 0 and l = W/2, else 2.
-    # grad[c] = [dgamma, dbeta].
-    c = tl.program_id(0)
-    c64 = c.to(tl.int64)
-    total = N * L2
-    mr = tl.load(stat_ptr + c * 3 + 0).to(ACC)
-    mi = tl.load(stat_ptr + c * 3 + 1).to(ACC)
-    var = tl.load(stat_ptr + c * 3 + 2).to(ACC)
-    s = tl.sqrt(var + eps)
-    if HAS_W:
-        a = tl.load(w_ptr + c).to(ACC) / s
+def _local_sums(part_ptr, n_chunks, C, c, cmask):
+    """The statistics partials of this process reduced: (K, S1, S2, SR, SA, SD0, SD1)."""
+    # (an empty batch has no chunks: its partials buffer is one unwritten row, K = 0)
+    K = tl.where(n_chunks > 0, tl.load(part_ptr + c, mask=cmask, other=0.0), 0.0)
+    S1 = _sum_partials(part_ptr, n_chunks, C, c, cmask, 7, 1)
+    S2 = _sum_partials(part_ptr, n_chunks, C, c, cmask, 7, 2)
+    SR = _sum_partials(part_ptr, n_chunks, C, c, cmask, 7, 3)
+    SA = _sum_partials(part_ptr, n_chunks, C, c, cmask, 7, 4)
+    SD0 = _sum_partials(part_ptr, n_chunks, C, c, cmask, 7, 5)
+    SD1 = _sum_partials(part_ptr, n_chunks, C, c, cmask, 7, 6)
+    return K, S1, S2, SR, SA, SD0, SD1
+
+
+@triton.jit
+def _group_sums(rows_ptr, P, rank, C, c, cmask, H: tl.constexpr, W: tl.constexpr):
+    """rows_all (P, C, 8) [N, K, S1, S2, SR, SA, SD0, SD1] of every process -> (N_all, K*, the
+    group's sums at K*, process ``rank``'s sums at K*), K* = the shift of the first process with
+    N > 0. Re-centering t' = t + d, d = K_p - K*, n = N_p H W (exact):
+    S1' = S1 + n d, S2' = S2 + 2 d S1 + n d^2, SR' = SR + 2 W d S1 + N_p H W^2 d^2, SA' = SA,
+    SD0' = SD0 + d N_p W (sum_w D(w) = W), SD1' = SD1."""
+    Ks = tl.zeros(c.shape, tl.float64)
+    found = tl.zeros(c.shape, tl.int32)
+    for p in range(0, P):
+        base = rows_ptr + (p * C + c) * 8
+        Np = tl.load(base, mask=cmask, other=0.0)
+        Kp = tl.load(base + 1, mask=cmask, other=0.0)
+        take = (Np > 0) & (found == 0)
+        Ks = tl.where(take, Kp, Ks)
+        found = tl.where(take, 1, found)
+    N_all = tl.zeros(c.shape, tl.float64)
+    S1 = tl.zeros(c.shape, tl.float64)
+    S2 = tl.zeros(c.shape, tl.float64)
+    SR = tl.zeros(c.shape, tl.float64)
+    SA = tl.zeros(c.shape, tl.float64)
+    SD0 = tl.zeros(c.shape, tl.float64)
+    SD1 = tl.zeros(c.shape, tl.float64)
+    L1 = tl.zeros(c.shape, tl.float64)
+    L2 = tl.zeros(c.shape, tl.float64)
+    LR = tl.zeros(c.shape, tl.float64)
+    LA = tl.zeros(c.shape, tl.float64)
+    LD0 = tl.zeros(c.shape, tl.float64)
+    LD1 = tl.zeros(c.shape, tl.float64)
+    for p in range(0, P):
+        base = rows_ptr + (p * C + c) * 8
+        Np = tl.load(base, mask=cmask, other=0.0)
+        d = tl.load(base + 1, mask=cmask, other=0.0) - Ks
+        s1 = tl.load(base + 2, mask=cmask, other=0.0)
+        s2 = tl.load(base + 3, mask=cmask, other=0.0)
+        sr = tl.load(base + 4, mask=cmask, other=0.0)
+        sa = tl.load(base + 5, mask=cmask, other=0.0)
+        sd0 = tl.load(base + 6, mask=cmask, other=0.0)
+        sd1 = tl.load(base + 7, mask=cmask, other=0.0)
+        nd = Np * (H * W) * d
+        m1 = s1 + nd
+        m2 = s2 + d * (2.0 * s1 + nd)
+        mr = sr + d * (2.0 * W * s1 + W * nd)
+        md0 = sd0 + d * Np * W
+        N_all += Np
+        S1 += m1
+        S2 += m2
+        SR += mr
+        SA += sa
+        SD0 += md0
+        SD1 += sd1
+        me = p == rank
+        L1 = tl.where(me, m1, L1)
+        L2 = tl.where(me, m2, L2)
+        LR = tl.where(me, mr, LR)
+        LA = tl.where(me, sa, LA)
+        LD0 = tl.where(me, md0, LD0)
+        LD1 = tl.where(me, sd1, LD1)
+    return N_all, Ks, S1, S2, SR, SA, SD0, SD1, L1, L2, LR, LA, LD0, LD1
+
+
+@triton.jit
+def _spectral_stats(S1, S2, SR, SA, SD0, SD1, K, N, H: tl.constexpr, W: tl.constexpr):
+    """Shifted sums of t = z - K over N samples -> (Re mu, Im mu, var) of SBN on z ("backward"
+    scale), exactly: mu_t = (H/M) SD, var_t = (HW S2 + H SR + [W even] H SA)/(2M) - |mu_t|^2,
+    mu = mu_t + K W/Wr, var = var_t + d (N (d - K W/Wr) + 2 (S1 - N Re mu_t)) / M, d = K H W."""
+    M = N * (H * (W // 2 + 1))
+    mr_t = SD0 * H / M
+    mi_t = SD1 * H / M
+    E = S2 * (H * W) + SR * H
+    if W % 2 == 0:
+        E += SA * H
+    var_t = E / (2.0 * M) - mr_t * mr_t - mi_t * mi_t
+    d = K * (H * W)
+    cK = K * W / (W // 2 + 1)
+    var = var_t + d * (N * (d - cK) + 2.0 * (S1 - N * mr_t)) / M
+    return mr_t + cK, mi_t, tl.maximum(var, 0.0)
+
+
+@triton.jit
+def _param(ptr, c, cmask, HAS: tl.constexpr, default: tl.constexpr):
+    if HAS:
+        val = tl.load(ptr + c, mask=cmask, other=default).to(tl.float64)
     else:
-        a = 1.0 / s
-    a_re = tl.zeros([BLOCK], dtype=ACC)
-    a_im = tl.zeros([BLOCK], dtype=ACC)
-    a_gx = tl.zeros([BLOCK], dtype=ACC)
-    for i0 in range(0, total, BLOCK):
-        idx = i0 + tl.arange(0, BLOCK)
-        msk = idx < total
-        idx64 = idx.to(tl.int64)
-        n = idx64 // L2
-        j = idx64 % L2
-        is_re = (j % 2) == 0
-        col = (j // 2) % Wr
-        cl = tl.where((col == 0) | (col * 2 == W), 1.0, 2.0).to(ACC)
-        off = n * CL2 + c64 * L2 + j
-        g = tl.load(G_ptr + off, mask=msk, other=0.0).to(ACC) * cl / HW
-        xv = tl.load(X_ptr + off, mask=msk, other=0.0).to(ACC)
-        xh = (xv - tl.where(is_re, mr, mi)) / s
-        g = tl.where(msk, g, 0.0)
-        a_re += tl.where(is_re, g, 0.0)
-        a_im += tl.where(is_re, 0.0, g)
-        a_gx += g * xh
-    dbeta = tl.sum(a_re, axis=0)
-    dgamma = tl.sum(a_gx, axis=0)
-    tl.store(grad_ptr + c * 2 + 0, dgamma)
-    tl.store(grad_ptr + c * 2 + 1, dbeta)
-    mean_r = dbeta / M
-    mean_i = tl.sum(a_im, axis=0) / M
-    kx = dgamma / M
-    for i0 in range(0, total, BLOCK):
-        idx = i0 + tl.arange(0, BLOCK)
-        msk = idx < total
-        idx64 = idx.to(tl.int64)
-        n = idx64 // L2
-        j = idx64 % L2
-        is_re = (j % 2) == 0
-        col = (j // 2) % Wr
-        cl = tl.where((col == 0) | (col * 2 == W), 1.0, 2.0).to(ACC)
-        off = n * CL2 + c64 * L2 + j
-        g = tl.load(G_ptr + off, mask=msk, other=0.0).to(ACC) * cl / HW
-        if TRAIN:
-            xv = tl.load(X_ptr + off, mask=msk, other=0.0).to(ACC)
-            xh = (xv - tl.where(is_re, mr, mi)) / s
-            dX = a * (g - tl.where(is_re, mean_r, mean_i) - xh * kx)
+        val = tl.full(c.shape, default, tl.float64)
+    return val
+
+
+@triton.jit
+def _sbn_grad_core(Sdy, Gt, G0, G1, Kz, mr, mi, s, a, N, H: tl.constexpr, W: tl.constexpr):
+    """SBN backward on z from the gradient sums (of every process): Sdy = sum g, Gt = sum g (z-Kz),
+    G0, G1 (row-0 sums against Pr, Pi) -> (kE, u, v, cst) with
+    dz = a g + kE (HW (z-Kz) + H R + [W even] H A (-1)^w) + cst + [h==0] (u Re D + v Im D)."""
+    M = N * (H * (W // 2 + 1))
+    Ga = Gt + Kz * Sdy - mr * G0 - mi * G1
+    kE = (Ga / s) * (a / s) * (-0.5 / M)        # dvar / M, dvar = -Ga a / (2 s^2)
+    u = -(H / M) * a * G0 - (2.0 * H) * mr * kE
+    v = -(H / M) * a * G1 - (2.0 * H) * mi * kE
+    cst = Kz * kE * (2.0 * H * W)
+    return kE, u, v, cst
+
+
+@triton.jit
+def _bn_grad_sums(S1, S2, SR, SA, SD0, SD1, Sdy, Gt, a, p, kE, cst_z, u_z, v_z, N,
+                  H: tl.constexpr, W: tl.constexpr):
+    """Sums of dz and dz t over N samples with statistics sums S* and gradient sums Sdy, Gt:
+    dz = a g + kE p (HW t + H R_t + [even] H A_t (-1)^w) + cst_z + [h==0](u_z Re D + v_z Im D)
+    (sum_w D(w) = W)."""
+    kEp = kE * p
+    sdz = a * Sdy + kEp * S1 * (2.0 * H * W) + cst_z * (N * H * W) + u_z * (N * W)
+    E = S2 * (H * W) + SR * H
+    if W % 2 == 0:
+        E += SA * H
+    sdzt = a * Gt + kEp * E + cst_z * S1 + u_z * SD0 + v_z * SD1
+    return sdz, sdzt
+
+
+# ----------------------------------------------------------------------------------------------
+# finalize kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows_kernel(part_ptr, out_ptr, n_chunks, C, N_f: tl.float64, STATS: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """Reduce this process's partials: STATS: rows (C, 8) = [N, K, S1, S2, SR, SA, SD0, SD1];
+    else gradient sums (C, 4)."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cmask = c < C
+    if STATS:
+        K, S1, S2, SR, SA, SD0, SD1 = _local_sums(part_ptr, n_chunks, C, c, cmask)
+        o = out_ptr + c * 8
+        tl.store(o, tl.full(c.shape, N_f, tl.float64), mask=cmask)
+        tl.store(o + 1, K, mask=cmask)
+        tl.store(o + 2, S1, mask=cmask)
+        tl.store(o + 3, S2, mask=cmask)
+        tl.store(o + 4, SR, mask=cmask)
+        tl.store(o + 5, SA, mask=cmask)
+        tl.store(o + 6, SD0, mask=cmask)
+        tl.store(o + 7, SD1, mask=cmask)
+    else:
+        o = out_ptr + c * 4
+        for k in tl.static_range(4):
+            tl.store(o + k, _sum_partials(part_ptr, n_chunks, C, c, cmask, 4, k), mask=cmask)
+
+
+@triton.jit
+def _batch_stats(src_ptr, n_src, rank, C, c, cmask, N_f, H: tl.constexpr, W: tl.constexpr,
+                 SRC: tl.constexpr):
+    """(N_all, K, the group's sums, this process's sums) from this process's partials (SRC 0)
+    or from every process's rows (SRC 1)."""
+    if SRC == 0:
+        K, S1, S2, SR, SA, SD0, SD1 = _local_sums(src_ptr, n_src, C, c, cmask)
+        N_all = tl.full(c.shape, N_f, tl.float64)
+        L1, L2, LR, LA, LD0, LD1 = S1, S2, SR, SA, SD0, SD1
+    else:
+        N_all, K, S1, S2, SR, SA, SD0, SD1, L1, L2, LR, LA, LD0, LD1 = _group_sums(
+            src_ptr, n_src, rank, C, c, cmask, H, W)
+    return N_all, K, S1, S2, SR, SA, SD0, SD1, L1, L2, LR, LA, LD0, LD1
+
+
+@triton.jit
+def _sbn_finalize_kernel(src_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, out_mean_ptr, out_var_ptr,
+                         sv_ptr, C, n_src, rank, N_f: tl.float64, eps_eff: tl.float64,
+                         f: tl.float64, f2: tl.float64, hf: tl.float64, hf2: tl.float64,
+                         H: tl.constexpr, W: tl.constexpr, SRC: tl.constexpr,
+                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+    """SBN statistics and coefficients. SRC 0: from this process's partials, 1: from rows_all
+    (P = n_src processes), 2: eval (mean (C, 2), var (C,) in the fft_norm scale).
+    Writes batch mean (C, 2) / var (C,) (the fft_norm scale) and saved (C, 10)."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cmask = c < C
+    if SRC == 2:
+        m_re = tl.load(mean_ptr + 2 * c, mask=cmask, other=0.0).to(tl.float64)
+        m_im = tl.load(mean_ptr + 2 * c + 1, mask=cmask, other=0.0).to(tl.float64)
+        var_m = tl.load(var_ptr + c, mask=cmask, other=0.0).to(tl.float64)
+        mr = m_re * hf
+        mi = m_im * hf
+        var = var_m * hf2
+        K = tl.zeros(c.shape, tl.float64)
+        N_all = tl.full(c.shape, N_f, tl.float64)
+    else:
+        N_all, K, S1, S2, SR, SA, SD0, SD1, _l1, _l2, _lr, _la, _ld0, _ld1 = _batch_stats(
+            src_ptr, n_src, rank, C, c, cmask, N_f, H, W, SRC)
+        mr, mi, var = _spectral_stats(S1, S2, SR, SA, SD0, SD1, K, N_all, H, W)
+        m_re = f * mr
+        m_im = f * mi
+        var_m = f2 * var
+    tl.store(out_mean_ptr + 2 * c, m_re.to(out_mean_ptr.dtype.element_ty), mask=cmask)
+    tl.store(out_mean_ptr + 2 * c + 1, m_im.to(out_mean_ptr.dtype.element_ty), mask=cmask)
+    tl.store(out_var_ptr + c, var_m.to(out_var_ptr.dtype.element_ty), mask=cmask)
+    s = tl.sqrt(var + eps_eff)
+    a = hf * _param(w_ptr, c, cmask, HAS_W, 1.0) / s            # gamma_eff = h gamma
+    u = hf * _param(b_ptr, c, cmask, HAS_B, 0.0) + a * (K - mr)
+    o = sv_ptr + c * 10
+    tl.store(o, K, mask=cmask)
+    tl.store(o + 1, a, mask=cmask)
+    tl.store(o + 2, a * K, mask=cmask)
+    tl.store(o + 3, u, mask=cmask)
+    tl.store(o + 4, -a * mi, mask=cmask)
+    tl.store(o + 5, mr, mask=cmask)
+    tl.store(o + 6, mi, mask=cmask)
+    tl.store(o + 7, s, mask=cmask)
+    tl.store(o + 8, a, mask=cmask)
+    tl.store(o + 9, N_all, mask=cmask)
+
+
+@triton.jit
+def _store6(o, cmask, s1, s2, sr, sa, sd0, sd1):
+    tl.store(o, s1, mask=cmask)
+    tl.store(o + 1, s2, mask=cmask)
+    tl.store(o + 2, sr, mask=cmask)
+    tl.store(o + 3, sa, mask=cmask)
+    tl.store(o + 4, sd0, mask=cmask)
+    tl.store(o + 5, sd1, mask=cmask)
+
+
+@triton.jit
+def _bnsbn_finalize_kernel(src_ptr, bw_ptr, bb_ptr, sw_ptr, sb_ptr, bmean_ptr, bvar_ptr,
+                           smean_ptr, svar_ptr, o_bmean_ptr, o_bvar_ptr, o_smean_ptr,
+                           o_svar_ptr, sv_ptr, C, n_src, rank, N_f: tl.float64,
+                           bn_eps: tl.float64, eps_eff: tl.float64, f: tl.float64,
+                           f2: tl.float64, hf: tl.float64, hf2: tl.float64, H: tl.constexpr,
+                           W: tl.constexpr, SRC: tl.constexpr, HAS_BW: tl.constexpr,
+                           HAS_BB: tl.constexpr, HAS_SW: tl.constexpr, HAS_SB: tl.constexpr,
+                           ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """BN then SBN: z = p t + Kz (t = x - K), SBN statistics of z from the same sums:
+    sum (z - Kz) = p S1, sum (z-Kz)^2 = p^2 S2, SR, SA scale by p^2, SD by p. Writes bn mean/var,
+    sbn mean (C, 2) / var (fft_norm scale) and saved (C, 26)."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cmask = c < C
+    bw = _param(bw_ptr, c, cmask, HAS_BW, 1.0)
+    bb = _param(bb_ptr, c, cmask, HAS_BB, 0.0)
+    zero = tl.zeros(c.shape, tl.float64)
+    if SRC == 2:
+        mbn = tl.load(bmean_ptr + c, mask=cmask, other=0.0).to(tl.float64)
+        vbn = tl.load(bvar_ptr + c, mask=cmask, other=0.0).to(tl.float64)
+        m_re = tl.load(smean_ptr + 2 * c, mask=cmask, other=0.0).to(tl.float64)
+        m_im = tl.load(smean_ptr + 2 * c + 1, mask=cmask, other=0.0).to(tl.float64)
+        var_m = tl.load(svar_ptr + c, mask=cmask, other=0.0).to(tl.float64)
+        mr = m_re * hf
+        mi = m_im * hf
+        svar = var_m * hf2
+        # shift by the BN mean (rounded to the passes' dtype, so that x - K is the passes' t):
+        # z = p (x - K) + Kz then has no cancellation for data with a large mean
+        K = mbn.to(ACC).to(tl.float64)
+        N_all = tl.full(c.shape, N_f, tl.float64)
+        sd = tl.sqrt(vbn + bn_eps)
+        p = bw / sd
+        Kz = bb + p * (K - mbn)
+        S1, S2, SR, SA, SD0, SD1 = zero, zero, zero, zero, zero, zero
+        L1, L2, LR, LA, LD0, LD1 = zero, zero, zero, zero, zero, zero
+    else:
+        N_all, K, S1, S2, SR, SA, SD0, SD1, L1, L2, LR, LA, LD0, LD1 = _batch_stats(
+            src_ptr, n_src, rank, C, c, cmask, N_f, H, W, SRC)
+        nb = N_all * (H * W)
+        m_t = S1 / nb
+        vbn = tl.maximum(S2 / nb - m_t * m_t, 0.0)
+        mbn = K + m_t
+        sd = tl.sqrt(vbn + bn_eps)
+        p = bw / sd
+        Kz = bb - p * m_t
+        p2 = p * p
+        mr, mi, svar = _spectral_stats(p * S1, p2 * S2, p2 * SR, p2 * SA, p * SD0, p * SD1, Kz,
+                                       N_all, H, W)
+        m_re = f * mr
+        m_im = f * mi
+        var_m = f2 * svar
+    tl.store(o_bmean_ptr + c, mbn.to(o_bmean_ptr.dtype.element_ty), mask=cmask)
+    tl.store(o_bvar_ptr + c, vbn.to(o_bvar_ptr.dtype.element_ty), mask=cmask)
+    tl.store(o_smean_ptr + 2 * c, m_re.to(o_smean_ptr.dtype.element_ty), mask=cmask)
+    tl.store(o_smean_ptr + 2 * c + 1, m_im.to(o_smean_ptr.dtype.element_ty), mask=cmask)
+    tl.store(o_svar_ptr + c, var_m.to(o_svar_ptr.dtype.element_ty), mask=cmask)
+    s = tl.sqrt(svar + eps_eff)
+    a = hf * _param(sw_ptr, c, cmask, HAS_SW, 1.0) / s          # gamma_eff = h gamma
+    u = hf * _param(sb_ptr, c, cmask, HAS_SB, 0.0) + a * (Kz - mr)
+    o = sv_ptr + c * 26
+    tl.store(o, K, mask=cmask)
+    tl.store(o + 1, a * p, mask=cmask)
+    tl.store(o + 2, a * Kz, mask=cmask)
+    tl.store(o + 3, u, mask=cmask)
+    tl.store(o + 4, -a * mi, mask=cmask)
+    tl.store(o + 5, p, mask=cmask)
+    tl.store(o + 6, sd, mask=cmask)
+    tl.store(o + 7, Kz, mask=cmask)
+    tl.store(o + 8, mr, mask=cmask)
+    tl.store(o + 9, mi, mask=cmask)
+    tl.store(o + 10, s, mask=cmask)
+    tl.store(o + 11, a, mask=cmask)
+    tl.store(o + 12, mbn, mask=cmask)
+    tl.store(o + 13, N_all, mask=cmask)
+    _store6(o + 14, cmask, S1, S2, SR, SA, SD0, SD1)
+    _store6(o + 20, cmask, L1, L2, LR, LA, LD0, LD1)
+
+
+@triton.jit
+def _grad_sums(src_ptr, all_ptr, n_chunks, C, c, cmask, SRC: tl.constexpr):
+    """(group's [Sdy, Gt, G0, G1], this process's) from the partials (SRC 0: one process) or
+    from gsums_local (src) and gsums_all (C, 4) tensors (SRC 1)."""
+    if SRC == 0:
+        Sdy = _sum_partials(src_ptr, n_chunks, C, c, cmask, 4, 0)
+        Gt = _sum_partials(src_ptr, n_chunks, C, c, cmask, 4, 1)
+        G0 = _sum_partials(src_ptr, n_chunks, C, c, cmask, 4, 2)
+        G1 = _sum_partials(src_ptr, n_chunks, C, c, cmask, 4, 3)
+        lSdy, lGt, lG0, lG1 = Sdy, Gt, G0, G1
+    else:
+        lSdy = tl.load(src_ptr + 4 * c, mask=cmask, other=0.0)
+        lGt = tl.load(src_ptr + 4 * c + 1, mask=cmask, other=0.0)
+        lG0 = tl.load(src_ptr + 4 * c + 2, mask=cmask, other=0.0)
+        lG1 = tl.load(src_ptr + 4 * c + 3, mask=cmask, other=0.0)
+        Sdy = tl.load(all_ptr + 4 * c, mask=cmask, other=0.0)
+        Gt = tl.load(all_ptr + 4 * c + 1, mask=cmask, other=0.0)
+        G0 = tl.load(all_ptr + 4 * c + 2, mask=cmask, other=0.0)
+        G1 = tl.load(all_ptr + 4 * c + 3, mask=cmask, other=0.0)
+    return Sdy, Gt, G0, G1, lSdy, lGt, lG0, lG1
+
+
+@triton.jit
+def _store_coefs(coef_ptr, c, cmask, c_t, c_R, c_A, cst, u, v):
+    o = coef_ptr + c * 6
+    tl.store(o, c_t, mask=cmask)
+    tl.store(o + 1, c_R, mask=cmask)
+    tl.store(o + 2, c_A, mask=cmask)
+    tl.store(o + 3, cst, mask=cmask)
+    tl.store(o + 4, u, mask=cmask)
+    tl.store(o + 5, v, mask=cmask)
+
+
+@triton.jit
+def _sbn_bwd_finalize_kernel(src_ptr, all_ptr, sv_ptr, coef_ptr, dw_ptr, db_ptr, C, n_chunks,
+                             hf: tl.float64, H: tl.constexpr, W: tl.constexpr,
+                             SRC: tl.constexpr, TRAINING: tl.constexpr, BLOCK: tl.constexpr):
+    """SBN backward coefficients (C, 6) for the apply pass (from the group's gradient sums) and
+    dweight = Ga/s, dbias = h G0 (from this process's)."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cmask = c < C
+    Sdy, Gt, G0, G1, lSdy, lGt, lG0, lG1 = _grad_sums(src_ptr, all_ptr, n_chunks, C, c, cmask,
+                                                      SRC)
+    sv = sv_ptr + c * 10
+    K = tl.load(sv, mask=cmask, other=0.0)
+    mr = tl.load(sv + 5, mask=cmask, other=0.0)
+    mi = tl.load(sv + 6, mask=cmask, other=0.0)
+    s = tl.load(sv + 7, mask=cmask, other=1.0)
+    a = tl.load(sv + 8, mask=cmask, other=0.0)
+    N_all = tl.load(sv + 9, mask=cmask, other=1.0)
+    dw = hf * (lGt + K * lSdy - mr * lG0 - mi * lG1) / s
+    tl.store(dw_ptr + c, dw.to(dw_ptr.dtype.element_ty), mask=cmask)
+    tl.store(db_ptr + c, (hf * lG0).to(db_ptr.dtype.element_ty), mask=cmask)
+    zero = tl.zeros(c.shape, tl.float64)
+    if TRAINING:
+        kE, u, v, cst = _sbn_grad_core(Sdy, Gt, G0, G1, K, mr, mi, s, a, N_all, H, W)
+        kEH = kE * H
+        if W % 2 == 0:
+            c_A = kEH
         else:
-            dX = a * g
-        tl.store(O_ptr + off, (dX * HW / cl).to(O_ptr.dtype.element_ty), mask=msk)
+            c_A = zero
+        _store_coefs(coef_ptr, c, cmask, kEH * W, kEH, c_A, cst, u, v)
+    else:
+        _store_coefs(coef_ptr, c, cmask, zero, zero, zero, zero, zero, zero)
+
+
+@triton.jit
+def _bnsbn_bwd_finalize_kernel(src_ptr, all_ptr, sv_ptr, coef_ptr, dbw_ptr, dbb_ptr, dsw_ptr,
+                               dsb_ptr, C, n_chunks, N_local_f: tl.float64, hf: tl.float64,
+                               H: tl.constexpr, W: tl.constexpr, SRC: tl.constexpr,
+                               TRAINING: tl.constexpr, BLOCK: tl.constexpr):
+    """BN+SBN backward: SBN on z = p t + Kz, then BN's backward with dz's sums. Coefficients from
+    the group's sums (saved S*, gradient sums of every process); the parameter gradients are this
+    process's share (saved L*, gsums_local, this process's N)."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cmask = c < C
+    Sdy, Gt, G0, G1, lSdy, lGt, lG0, lG1 = _grad_sums(src_ptr, all_ptr, n_chunks, C, c, cmask,
+                                                      SRC)
+    sv = sv_ptr + c * 26
+    K = tl.load(sv, mask=cmask, other=0.0)
+    p = tl.load(sv + 5, mask=cmask, other=0.0)
+    sd = tl.load(sv + 6, mask=cmask, other=1.0)
+    Kz = tl.load(sv + 7, mask=cmask, other=0.0)
+    mr = tl.load(sv + 8, mask=cmask, other=0.0)
+    mi = tl.load(sv + 9, mask=cmask, other=0.0)
+    s = tl.load(sv + 10, mask=cmask, other=1.0)
+    a = tl.load(sv + 11, mask=cmask, other=0.0)
+    mbn = tl.load(sv + 12, mask=cmask, other=0.0)
+    N_all = tl.load(sv + 13, mask=cmask, other=1.0)
+    # SBN's parameter gradients (this process's share): Ga/s on z, dbeta = h G0
+    dsw = hf * (p * lGt + Kz * lSdy - mr * lG0 - mi * lG1) / s
+    tl.store(dsw_ptr + c, dsw.to(dsw_ptr.dtype.element_ty), mask=cmask)
+    tl.store(dsb_ptr + c, (hf * lG0).to(dsb_ptr.dtype.element_ty), mask=cmask)
+    zero = tl.zeros(c.shape, tl.float64)
+    if TRAINING:
+        S1 = tl.load(sv + 14, mask=cmask, other=0.0)
+        S2 = tl.load(sv + 15, mask=cmask, other=0.0)
+        SR = tl.load(sv + 16, mask=cmask, other=0.0)
+        SA = tl.load(sv + 17, mask=cmask, other=0.0)
+        SD0 = tl.load(sv + 18, mask=cmask, other=0.0)
+        SD1 = tl.load(sv + 19, mask=cmask, other=0.0)
+        kE, u_z, v_z, cst_z = _sbn_grad_core(Sdy, p * Gt, G0, G1, Kz, mr, mi, s, a, N_all, H, W)
+        sdz, sdzt = _bn_grad_sums(S1, S2, SR, SA, SD0, SD1, Sdy, Gt, a, p, kE, cst_z, u_z, v_z,
+                                  N_all, H, W)
+        nb = N_all * (H * W)
+        m_t = S1 / nb
+        kb = p * ((sdzt - m_t * sdz) / sd) / (sd * nb)
+        pkEH = p * p * kE * H
+        if W % 2 == 0:
+            c_A = pkEH
+        else:
+            c_A = zero
+        _store_coefs(coef_ptr, c, cmask, pkEH * W - kb, pkEH, c_A,
+                     p * cst_z - p * sdz / nb + kb * m_t, p * u_z, p * v_z)
+        L1 = tl.load(sv + 20, mask=cmask, other=0.0)
+        L2 = tl.load(sv + 21, mask=cmask, other=0.0)
+        LR = tl.load(sv + 22, mask=cmask, other=0.0)
+        LA = tl.load(sv + 23, mask=cmask, other=0.0)
+        LD0 = tl.load(sv + 24, mask=cmask, other=0.0)
+        LD1 = tl.load(sv + 25, mask=cmask, other=0.0)
+        lsdz, lsdzt = _bn_grad_sums(L1, L2, LR, LA, LD0, LD1, lSdy, lGt, a, p, kE, cst_z, u_z,
+                                    v_z, N_local_f, H, W)
+        dbb = lsdz
+        dbw = (lsdzt - m_t * lsdz) / sd
+    else:
+        # eval: SBN is affine in z, dz = a g; BN with fixed statistics
+        dbb = a * lSdy
+        dbw = a * (lGt + (K - mbn) * lSdy) / sd
+        _store_coefs(coef_ptr, c, cmask, zero, zero, zero, zero, zero, zero)
+    tl.store(dbw_ptr + c, dbw.to(dbw_ptr.dtype.element_ty), mask=cmask)
+    tl.store(dbb_ptr + c, dbb.to(dbb_ptr.dtype.element_ty), mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------
-# host launch functions
+# host: validation, constants, tiling
 # ----------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_ACT_CODE = {name: i for i, name in enumerate(ACTS)}
+_CONSTS: dict = {}
+_SM_COUNT: dict = {}
+
+# Tuning knobs (tests shrink them to reach several chunks and tiled rows on small inputs).
+PROGRAMS_PER_SM = 8          # statistics/apply programs aimed at per multiprocessor
+MIN_TILES_PER_CHUNK = 4      # a chunk is at least this many tiles of rows
+MAX_BW = 1024                # longest row held in one tile; longer rows are tiled
+TILE = 2048                  # elements per tile
+FINALIZE_BLOCK = 128         # channels per finalize program
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 def _acc_tl(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _acc_torch(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _fail(op: str, msg: str, exc=ValueError):
+    raise exc(f"normkernels::{op} (triton): {msg}")
 
 
-_SM_CACHE: dict = {}
-MIN_CHUNK_ELEMS = 8192      # smallest (channel, chunk) program worth launching
+def _check_x(op: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        _fail(op, "x must be a Tensor", TypeError)
+    if x.dim() != 4:
+        _fail(op, f"expected a 4d input (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        _fail(op, f"x must be float16, bfloat16, float32 or float64, got {x.dtype}", TypeError)
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        _fail(op, f"H and W must be at least 1, got shape {tuple(x.shape)}")
+    if x.shape[0] * x.shape[2] >= 2 ** 31:
+        _fail(op, f"N*H must be below 2^31, got shape {tuple(x.shape)}")
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
+def _check_t(op: str, name: str, t, x, shape, dtype=None, optional=True) -> None:
+    if t is None:
+        if not optional:
+            _fail(op, f"{name} is required")
+        return
+    if not isinstance(t, torch.Tensor):
+        _fail(op, f"{name} must be a Tensor", TypeError)
+    if tuple(t.shape) != tuple(shape):
+        _fail(op, f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        _fail(op, f"{name} is on {t.device}, x on {x.device}")
+    if dtype is not None and t.dtype != dtype:
+        _fail(op, f"{name} must be {dtype}, got {t.dtype}", TypeError)
+    if dtype is None and not t.is_floating_point():
+        _fail(op, f"{name} must be floating point, got {t.dtype}", TypeError)
+
+
+def _check_act(op: str, act: str) -> None:
+    if act not in _ACT_CODE:
+        _fail(op, f"act must be one of {ACTS}, got {act!r}")
+
+
+def _check_mode(op: str, fft_norm: str, act: str) -> None:
+    if fft_norm not in FFT_NORMS:
+        _fail(op, f"fft_norm must be one of {FFT_NORMS}, got {fft_norm!r}")
+    _check_act(op, act)
+
+
+def _check_dy(op: str, dy, x) -> None:
+    _check_t(op, "dy", dy, x, x.shape, optional=False)
+
+
+def _norm_factors(fft_norm: str, H: int, W: int) -> tuple[float, float, float, float]:
+    """(f, f^2, h, h^2): f the forward transform's scale under fft_norm, h = 1/f."""
+    hw = float(H * W)
+    if fft_norm == "ortho":
+        return 1.0 / math.sqrt(hw), 1.0 / hw, math.sqrt(hw), hw
+    if fft_norm == "forward":
+        return 1.0 / hw, 1.0 / (hw * hw), hw, hw * hw
+    return 1.0, 1.0, 1.0, 1.0
+
+
+def _row_consts(W: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(3, W) [Re D, Im D, Pi[0, :]] in ``dtype`` on ``device``, cached: D(w) = sum_{l < Wr}
+    exp(-2 pi i l w / W) (the DFT of the indicator of l < Wr), Pi[0, :] = irfft(1j * ones(Wr), W)
+    (Pr[0, :] = irfft(ones) = delta_w0 is used as such by the kernels)."""
+    key = (W, str(device), dtype)
+    hit = _CONSTS.get(key)
+    if hit is None:
+        Wr = W // 2 + 1
+        ind = torch.zeros(W, dtype=torch.complex128)
+        ind[:Wr] = 1.0
+        D = torch.fft.fft(ind)
+        pi = torch.fft.irfft(1j * torch.ones(Wr, dtype=torch.complex128), n=W)
+        hit = torch.stack([D.real, D.imag, pi]).to(device=device, dtype=dtype).contiguous()
+        _CONSTS[key] = hit
+    return hit
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cpu":
+        return 1                      # the interpreter: a few programs
+    try:                              # H4's launch.py caches it (and answers for meta tensors)
+        from normkernels.triton.launch import multiprocessor_count
+    except ImportError:
+        multiprocessor_count = None
+    if multiprocessor_count is not None:
+        return multiprocessor_count(device)
+    if device.type == "meta":
+        return 132                    # an H200: what a recording for the GPU machine assumes
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_CACHE:
-        _SM_CACHE[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 8 * _SM_CACHE[idx]
+    n = _SM_COUNT.get(idx)
+    if n is None:
+        n = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
 
 
-def _tiles(W: int, tile: int) -> tuple[int, int]:
-    block_w = min(triton.next_power_of_2(max(W, 1)), 256)
-    block_r = max(1, tile // block_w)
-    return block_r, block_w
+def _guard(x: torch.Tensor):
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _chunking(x: torch.Tensor, NH: int, W: int, C: int, block_r: int) -> tuple[int, int]:
-    """(rows_per_chunk, n_chunks): enough (channel, chunk) programs to fill the device, each
-    chunk a multiple of block_r rows and not smaller than MIN_CHUNK_ELEMS elements."""
-    target = _target_programs(x.device)
-    want = max(1, -(-target // C))
-    min_rows = max(block_r, -(-MIN_CHUNK_ELEMS // max(W, 1)))
-    max_chunks = max(1, -(-NH // min_rows))
-    n_chunks = min(want, max_chunks)
-    rows = -(-NH // n_chunks)
-    rows = -(-rows // block_r) * block_r
-    n_chunks = -(-NH // rows)
-    return rows, n_chunks
+def _layout(t: torch.Tensor) -> int:
+    if t.is_contiguous():
+        return 1
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return 2
+    return 0
 
 
-def _num_warps(block_r: int, block_w: int) -> int:
-    return 8 if block_r * block_w >= 2048 else 4
+def _strides(t: torch.Tensor, layout: int) -> tuple:
+    # LAYOUT 1/2 compute offsets from sizes; 0s keep the unused arguments out of the signature
+    return tuple(t.stride()) if layout == 0 else (0, 0, 0, 0)
 
 
-def sbn_stats(x: torch.Tensor, K: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
-    """Per-channel sums of t = x - K: [sum t, sum t^2, sum R^2, sum A^2, sum_row0 t*P[0],
-    sum_row0 t*P[1]] as a (C, 6) tensor in the accumulation dtype. P: (2, W) acc dtype."""
-    N, C, H, W = x.shape
-    acc = _acc_torch(x.dtype)
-    NH = N * H
-    block_r, block_w = _tiles(W, 1024)
-    rows, n_chunks = _chunking(x, NH, W, C, block_r)
-    part = torch.empty((C, n_chunks, 6), device=x.device, dtype=acc)
-    sN, sC, sH, sW = x.stride()
-    _sbn_stats_kernel[(C, n_chunks)](
-        x, K.contiguous(), P.contiguous(), part, NH, H, W, sN, sC, sH, sW, rows, n_chunks,
-        ACC=_acc_tl(x.dtype), BLOCK_R=block_r, BLOCK_W=block_w,
-        num_warps=_num_warps(block_r, block_w))
-    return part.sum(dim=1)
+def _empty_like(x: torch.Tensor) -> torch.Tensor:
+    """x's dtype and memory format: channels_last stays, anything else becomes contiguous."""
+    fmt = torch.channels_last if _layout(x) == 2 else torch.contiguous_format
+    return torch.empty_like(x, memory_format=fmt)
 
 
-def sbn_grad_stats(dy: torch.Tensor, x: torch.Tensor, K: torch.Tensor,
-                   P: torch.Tensor) -> torch.Tensor:
-    """Per-channel [sum dy, sum dy*(x-K), sum_row0 dy*P[0], sum_row0 dy*P[1]] as (C, 4)."""
-    N, C, H, W = x.shape
-    acc = _acc_torch(x.dtype)
-    NH = N * H
-    block_r, block_w = _tiles(W, 1024)
-    rows, n_chunks = _chunking(x, NH, W, C, block_r)
-    part = torch.empty((C, n_chunks, 4), device=x.device, dtype=acc)
-    _sbn_grad_stats_kernel[(C, n_chunks)](
-        dy, x, K.contiguous(), P.contiguous(), part, NH, H, W, *dy.stride(), *x.stride(),
-        rows, n_chunks, ACC=_acc_tl(x.dtype), BLOCK_R=block_r, BLOCK_W=block_w,
-        num_warps=_num_warps(block_r, block_w))
-    return part.sum(dim=1)
+def _max_offset(*ts) -> int:
+    return max(sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) for t in ts)
 
 
-def sbn_forward_apply(x: torch.Tensor, coef: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
-    """y = cx*(x-K) + b*(1 - [h==0]*P[0,w]) + [h==0]*(u*P[0,w] + v*P[1,w]), P[0] 0/1-valued;
-    coef (C, 5) = [K, cx, b, u, v]."""
-    N, C, H, W = x.shape
-    y = torch.empty_like(x)
-    NH = N * H
-    block_r, block_w = _tiles(W, 2048)
-    rows, n_chunks = _chunking(x, NH, W, C, block_r)
-    _sbn_fwd_apply_kernel[(C, n_chunks)](
-        x, y, coef.contiguous(), P.contiguous(), NH, H, W, *x.stride(), *y.stride(), rows,
-        ACC=_acc_tl(x.dtype), BLOCK_R=block_r, BLOCK_W=block_w,
-        num_warps=_num_warps(block_r, block_w))
+class _Plan:
+    """Tile and grid of the passes over one tensor shape/layout."""
+
+    def __init__(self, x: torch.Tensor, *others: torch.Tensor):
+        N, C, H, W = x.shape
+        self.C, self.H, self.W, self.NH = C, H, W, N * H
+        sw = x.stride(3) if W > 1 else float("inf")
+        sc = x.stride(1) if C > 1 else float("inf")
+        cmajor = sc < sw              # channels_last-like: tiles run along C
+        bw = min(triton.next_power_of_2(W), MAX_BW)
+        if cmajor:                    # >= 8 channels a row segment, a whole row if it fits
+            bc = min(triton.next_power_of_2(C), 64, max(8, TILE // bw))
+            bw = min(bw, max(1, TILE // bc))
+        else:
+            bc = 1
+        br = max(1, min(TILE // (bw * bc), triton.next_power_of_2(max(self.NH, 1))))
+        self.BR, self.BW, self.BC = br, bw, bc
+        # channels a thread holds along C: 16-bit data would take 8 (one 16-byte load), and every
+        # per-channel coefficient then takes 8 registers; 4 (8-byte loads) halves that
+        self.VEC = 4 if cmajor and x.element_size() == 2 else bc
+        self.c_blocks = triton.cdiv(C, bc)
+        target = PROGRAMS_PER_SM * _sm_count(x.device)
+        want = max(1, triton.cdiv(target, self.c_blocks))
+        max_chunks = max(1, triton.cdiv(self.NH, br * MIN_TILES_PER_CHUNK))
+        n_chunks = min(want, max_chunks)
+        rows = triton.cdiv(triton.cdiv(max(self.NH, 1), n_chunks), br) * br
+        self.rows = rows
+        self.n_chunks = triton.cdiv(self.NH, rows)
+        self.grid = (self.c_blocks, self.n_chunks)
+        self.idx64 = _max_offset(x, *others) >= 2 ** 31
+        self.num_warps = 8 if br * bw * bc >= 2048 else 4
+        self.acc_tl = _acc_tl(x.dtype)
+
+    def consts(self, x):
+        return dict(H=self.H, W=self.W, IDX64=self.idx64, ACC=self.acc_tl, BR=self.BR,
+                    BW=self.BW, BC=self.BC, VEC=self.VEC)
+
+
+_PLANS: dict = {}
+
+
+def _plan(x: torch.Tensor, *others: torch.Tensor) -> _Plan:
+    """_Plan(x, *others), cached per shape, strides, dtype, device (and the tuning knobs)."""
+    key = (tuple(x.shape), x.stride(), tuple(o.stride() for o in others), x.dtype, x.device,
+           TILE, MAX_BW, MIN_TILES_PER_CHUNK, PROGRAMS_PER_SM)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(x, *others)
+    return plan
+
+
+def _fin_grid(C: int):
+    block = max(16, min(FINALIZE_BLOCK, triton.next_power_of_2(max(C, 1))))
+    return (triton.cdiv(C, block),), block
+
+
+# ----------------------------------------------------------------------------------------------
+# host: passes
+# ----------------------------------------------------------------------------------------------
+
+
+def _stats_pass(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per-chunk partials (n_chunks, 7, C) float64 of this process's statistics."""
+    plan = _plan(x)
+    C = x.shape[1]
+    # (one row at least: no null pointer handed to a launch)
+    part = torch.empty((max(plan.n_chunks, 1), _NS, C), dtype=torch.float64, device=x.device)
+    if plan.n_chunks > 0 and C > 0:
+        lx = _layout(x)
+        cst = _row_consts(plan.W, x.device, _acc(x.dtype))
+        launch(_sbn_stats_kernel, plan.grid, x, cst, part, C, plan.NH, plan.rows,
+               *_strides(x, lx), X_LAYOUT=lx, num_warps=plan.num_warps, **plan.consts(x))
+    return part, plan.n_chunks
+
+
+def _forward_apply(x: torch.Tensor, saved: torch.Tensor, act: str, act_param: float
+                   ) -> torch.Tensor:
+    y = _empty_like(x)
+    if x.numel() == 0:
+        return y
+    plan = _plan(x, y)
+    lx = _layout(x)
+    cst = _row_consts(plan.W, x.device, _acc(x.dtype))
+    launch(_sbn_fwd_apply_kernel, plan.grid, x, y, saved, cst, plan.C, plan.NH, plan.rows,
+           saved.shape[1], float(act_param), *_strides(x, lx), X_LAYOUT=lx, Y_LAYOUT=_layout(y),
+           ACT=_ACT_CODE[act], num_warps=plan.num_warps, **plan.consts(x))
     return y
 
 
-def sbn_backward_apply(dy: torch.Tensor, x: torch.Tensor, coef: torch.Tensor, P: torch.Tensor,
-                       need_row: bool) -> torch.Tensor:
-    """dx = c_dy*dy + c_t*t + c_R*R + c_A*A*(-1)^w + cst + [h==0]*(u*P[0,w] + v*P[1,w]);
-    coef (C, 8) = [K, c_dy, c_t, c_R, c_A, cst, u, v]."""
-    N, C, H, W = x.shape
-    dx = torch.empty_like(x)
-    NH = N * H
-    block_r, block_w = _tiles(W, 2048)
-    rows, n_chunks = _chunking(x, NH, W, C, block_r)
-    _sbn_bwd_apply_kernel[(C, n_chunks)](
-        dy, x, dx, coef.contiguous(), P.contiguous(), NH, H, W, *dy.stride(), *x.stride(),
-        *dx.stride(), rows, NEED_ROW=need_row, ONE_TILE=W <= block_w,
-        ACC=_acc_tl(x.dtype), BLOCK_R=block_r, BLOCK_W=block_w,
-        num_warps=_num_warps(block_r, block_w))
+def _grad_pass(dy: torch.Tensor, x: torch.Tensor, saved: torch.Tensor, act: str,
+               act_param: float) -> tuple[torch.Tensor, int]:
+    plan = _plan(x, dy)
+    C = x.shape[1]
+    part = torch.empty((max(plan.n_chunks, 1), _NG, C), dtype=torch.float64, device=x.device)
+    if plan.n_chunks > 0 and C > 0:
+        lx, ld = _layout(x), _layout(dy)
+        cst = _row_consts(plan.W, x.device, _acc(x.dtype))
+        launch(_sbn_grad_stats_kernel, plan.grid, dy, x, saved, cst, part, C, plan.NH, plan.rows,
+               saved.shape[1], float(act_param), *_strides(x, lx), *_strides(dy, ld),
+               X_LAYOUT=lx, DY_LAYOUT=ld, ACT=_ACT_CODE[act], num_warps=plan.num_warps,
+               **plan.consts(x))
+    return part, plan.n_chunks
+
+
+def _backward_apply(dy, x, saved, coef, training: bool, act: str, act_param: float):
+    dx = _empty_like(x)
+    if x.numel() == 0:
+        return dx
+    plan = _plan(x, dy, dx)
+    lx, ld = _layout(x), _layout(dy)
+    cst = _row_consts(plan.W, x.device, _acc(x.dtype))
+    launch(_sbn_bwd_apply_kernel, plan.grid, dy, x, dx, saved, coef, cst, plan.C, plan.NH,
+           plan.rows, saved.shape[1], float(act_param), *_strides(x, lx), *_strides(dy, ld),
+           X_LAYOUT=lx, DY_LAYOUT=ld, DX_LAYOUT=_layout(dx), ACT=_ACT_CODE[act],
+           TRAINING=bool(training), num_warps=plan.num_warps, **plan.consts(x))
     return dx
 
 
-def sbn_fft_spectral_forward(Xr: torch.Tensor, weight, bias, stats: torch.Tensor | None,
-                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Xr: contiguous (N, C, H, Wr, 2) real view of rfft2(x). Returns (Yr, stats (C, 3) =
-    [Re mu, Im mu, var]); stats given (eval) are used instead of batch statistics."""
+def _reduce_rows(part: torch.Tensor, n_chunks: int, C: int, N: int, stats: bool) -> torch.Tensor:
+    out = torch.empty((C, 8 if stats else 4), dtype=torch.float64, device=part.device)
+    if C > 0:
+        grid, block = _fin_grid(C)
+        launch(_rows_kernel, grid, part, out, n_chunks, C, float(N), STATS=stats, BLOCK=block,
+               num_warps=4)
+    return out
+
+
+def _opt(t):
+    return None if t is None else t.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# host: SBN ops
+# ----------------------------------------------------------------------------------------------
+
+
+def _sbn_finalize(x, src, n_src, rank, weight, bias, mean, var, eps, fft_norm, src_kind):
+    N, C, H, W = x.shape
+    acc = _acc(x.dtype)
+    dev = x.device
+    f, f2, hf, hf2 = _norm_factors(fft_norm, H, W)
+    out_mean = torch.empty((C, 2), dtype=acc, device=dev)
+    out_var = torch.empty((C,), dtype=acc, device=dev)
+    saved = torch.empty((C, len(SBN_SAVED)), dtype=torch.float64, device=dev)
+    if C > 0:
+        grid, block = _fin_grid(C)
+        dummy = saved
+        weight, bias, mean, var = _opt(weight), _opt(bias), _opt(mean), _opt(var)
+        launch(_sbn_finalize_kernel, grid, src if src is not None else dummy,
+               weight if weight is not None else dummy, bias if bias is not None else dummy,
+               mean if mean is not None else dummy, var if var is not None else dummy,
+               out_mean, out_var, saved, C, n_src, rank, float(N), float(eps) * hf2, f, f2, hf,
+               hf2, H=H, W=W, SRC=src_kind, HAS_W=weight is not None, HAS_B=bias is not None,
+               BLOCK=block, num_warps=4)
+    return out_mean, out_var, saved
+
+
+def sbn_stats(x):
+    """rows (C, 8) float64 = [N, K, S1, S2, SR, SA, SD0, SD1] of this process's batch."""
+    _check_x("sbn_stats", x)
+    with _guard(x):
+        part, n_chunks = _stats_pass(x)
+        return _reduce_rows(part, n_chunks, x.shape[1], x.shape[0], True)
+
+
+def _check_rows(op, rows_all, x):
+    if not isinstance(rows_all, torch.Tensor) or rows_all.dim() != 3 or rows_all.shape[0] < 1 \
+            or tuple(rows_all.shape[1:]) != (x.shape[1], 8):
+        _fail(op, f"rows_all must be (P, C, 8) with P >= 1, C = {x.shape[1]}, got "
+                  f"{tuple(getattr(rows_all, 'shape', ()))}")
+    _check_t(op, "rows_all", rows_all, x, rows_all.shape, torch.float64)
+
+
+def sbn_finish(x, rows_all, weight, bias, eps, fft_norm, act, act_param):
+    """Statistics of the group from every process's rows, coefficients, apply:
+    (y, batch_mean (C, 2), batch_var (C,), saved (C, 10))."""
+    op = "sbn_finish"
+    _check_x(op, x)
+    C = x.shape[1]
+    _check_rows(op, rows_all, x)
+    _check_t(op, "weight", weight, x, (C,))
+    _check_t(op, "bias", bias, x, (C,))
+    _check_mode(op, fft_norm, act)
+    with _guard(x):
+        mean, var, saved = _sbn_finalize(x, rows_all.contiguous(), rows_all.shape[0], 0, weight,
+                                         bias, None, None, eps, fft_norm, 1)
+        y = _forward_apply(x, saved, act, act_param)
+    return y, mean, var, saved
+
+
+def sbn_forward(x, weight, bias, mean, var, eps, fft_norm, act, act_param):
+    """Training (mean, var None): statistics pass, finalize, apply. Eval: finalize from mean
+    (C, 2) / var (C,) (the fft_norm scale), apply. Returns (y, batch_mean (C, 2) acc,
+    batch_var (C,) acc, saved (C, 10) float64)."""
+    op = "sbn_forward"
+    _check_x(op, x)
+    C = x.shape[1]
+    _check_t(op, "weight", weight, x, (C,))
+    _check_t(op, "bias", bias, x, (C,))
+    _check_mode(op, fft_norm, act)
+    if (mean is None) != (var is None):
+        _fail(op, "mean and var must both be given (eval) or both be None (training)")
+    _check_t(op, "mean", mean, x, (C, 2))
+    _check_t(op, "var", var, x, (C,))
+    with _guard(x):
+        if mean is None:
+            part, n_chunks = _stats_pass(x)
+            bm, bv, saved = _sbn_finalize(x, part, n_chunks, 0, weight, bias, None, None, eps,
+                                          fft_norm, 0)
+        else:
+            bm, bv, saved = _sbn_finalize(x, None, 0, 0, weight, bias, mean, var, eps, fft_norm,
+                                          2)
+        y = _forward_apply(x, saved, act, act_param)
+    return y, bm, bv, saved
+
+
+def _check_saved(op, saved, x, cols):
+    _check_t(op, "saved", saved, x, (x.shape[1], cols), torch.float64, optional=False)
+
+
+def sbn_grad_stats(dy, x, saved, act, act_param):
+    """gsums (C, 4) float64 = [sum g, sum g t, sum_n g[n,0,0], sum_{n,w} g[n,0,w] Pi[w]],
+    g = act'(pre) dy, t = x - K; reads saved[:, :5] only (SBN and BN+SBN)."""
+    op = "sbn_grad_stats"
+    _check_x(op, x)
+    _check_dy(op, dy, x)
+    if not isinstance(saved, torch.Tensor) or saved.dim() != 2 or saved.shape[1] < 5:
+        _fail(op, "saved must be (C, k >= 5) float64")
+    _check_saved(op, saved, x, saved.shape[1])
+    _check_act(op, act)
+    with _guard(x):
+        part, n_chunks = _grad_pass(dy, x, saved.contiguous(), act, act_param)
+        return _reduce_rows(part, n_chunks, x.shape[1], x.shape[0], False)
+
+
+def _sbn_bwd(dy, x, saved, src, all_sums, n_chunks, training, fft_norm, act, act_param,
+             src_kind):
+    N, C, H, W = x.shape
+    acc = _acc(x.dtype)
+    hf = _norm_factors(fft_norm, H, W)[2]
+    coef = torch.empty((C, _NCOEF), dtype=torch.float64, device=x.device)
+    dw = torch.empty((C,), dtype=acc, device=x.device)
+    db = torch.empty((C,), dtype=acc, device=x.device)
+    if C > 0:
+        grid, block = _fin_grid(C)
+        launch(_sbn_bwd_finalize_kernel, grid, src, all_sums if all_sums is not None else src,
+               saved, coef, dw, db, C, n_chunks, hf, H=H, W=W, SRC=src_kind,
+               TRAINING=bool(training), BLOCK=block, num_warps=4)
+    dx = _backward_apply(dy, x, saved, coef, training, act, act_param)
+    return dx, dw, db
+
+
+def _check_gsums(op, g, x, name):
+    _check_t(op, name, g, x, (x.shape[1], 4), torch.float64, optional=False)
+
+
+def sbn_grad_finish(dy, x, saved, gsums_local, gsums_all, training, fft_norm, act, act_param):
+    """(dx, dweight (C,) acc, dbias (C,) acc): dx from the group's gradient sums gsums_all,
+    dweight/dbias this process's share (gsums_local)."""
+    op = "sbn_grad_finish"
+    _check_x(op, x)
+    _check_dy(op, dy, x)
+    _check_saved(op, saved, x, len(SBN_SAVED))
+    _check_gsums(op, gsums_local, x, "gsums_local")
+    _check_gsums(op, gsums_all, x, "gsums_all")
+    _check_mode(op, fft_norm, act)
+    with _guard(x):
+        return _sbn_bwd(dy, x, saved.contiguous(), gsums_local.contiguous(),
+                        gsums_all.contiguous(), 0, training, fft_norm, act, act_param, 1)
+
+
+def sbn_backward(dy, x, saved, training, fft_norm, act, act_param):
+    """Gradient sums, backward finalize, apply: (dx, dweight (C,) acc, dbias (C,) acc)."""
+    op = "sbn_backward"
+    _check_x(op, x)
+    _check_dy(op, dy, x)
+    _check_saved(op, saved, x, len(SBN_SAVED))
+    _check_mode(op, fft_norm, act)
+    saved = saved.contiguous()
+    with _guard(x):
+        part, n_chunks = _grad_pass(dy, x, saved, act, act_param)
+        return _sbn_bwd(dy, x, saved, part, None, n_chunks, training, fft_norm, act, act_param, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# host: BN+SBN ops
+# ----------------------------------------------------------------------------------------------
+
+
+def _bnsbn_finalize(x, src, n_src, rank, bn_w, bn_b, sbn_w, sbn_b, bn_mean, bn_var, sbn_mean,
+                    sbn_var, bn_eps, sbn_eps, fft_norm, src_kind):
+    N, C, H, W = x.shape
+    acc = _acc(x.dtype)
+    dev = x.device
+    f, f2, hf, hf2 = _norm_factors(fft_norm, H, W)
+    outs = (torch.empty((C,), dtype=acc, device=dev), torch.empty((C,), dtype=acc, device=dev),
+            torch.empty((C, 2), dtype=acc, device=dev), torch.empty((C,), dtype=acc, device=dev))
+    saved = torch.empty((C, len(BNSBN_SAVED)), dtype=torch.float64, device=dev)
+    if C > 0:
+        grid, block = _fin_grid(C)
+        ins = [_opt(t) for t in (bn_w, bn_b, sbn_w, sbn_b, bn_mean, bn_var, sbn_mean, sbn_var)]
+        launch(_bnsbn_finalize_kernel, grid, src if src is not None else saved,
+               *[t if t is not None else saved for t in ins], *outs, saved, C, n_src, rank,
+               float(N), float(bn_eps), float(sbn_eps) * hf2, f, f2, hf, hf2, H=H, W=W,
+               SRC=src_kind, HAS_BW=bn_w is not None, HAS_BB=bn_b is not None,
+               HAS_SW=sbn_w is not None, HAS_SB=sbn_b is not None, ACC=_acc_tl(x.dtype),
+               BLOCK=block, num_warps=4)
+    return (*outs, saved)
+
+
+def _check_bnsbn_params(op, x, bn_w, bn_b, sbn_w, sbn_b):
+    C = x.shape[1]
+    for name, t in (("bn_weight", bn_w), ("bn_bias", bn_b), ("sbn_weight", sbn_w),
+                    ("sbn_bias", sbn_b)):
+        _check_t(op, name, t, x, (C,))
+
+
+def bnsbn_finish(x, rows_all, rank, bn_weight, bn_bias, sbn_weight, sbn_bias, bn_eps, sbn_eps,
+                 fft_norm, act, act_param):
+    """BN+SBN from every process's rows (rank: this process's row):
+    (y, bn_mean, bn_var, sbn_mean (C, 2), sbn_var, saved (C, 26))."""
+    op = "bnsbn_finish"
+    _check_x(op, x)
+    _check_rows(op, rows_all, x)
+    if not 0 <= int(rank) < rows_all.shape[0]:
+        _fail(op, f"rank {rank} is not a row of rows_all (P = {rows_all.shape[0]})")
+    _check_bnsbn_params(op, x, bn_weight, bn_bias, sbn_weight, sbn_bias)
+    _check_mode(op, fft_norm, act)
+    with _guard(x):
+        *stats, saved = _bnsbn_finalize(x, rows_all.contiguous(), rows_all.shape[0], int(rank),
+                                        bn_weight, bn_bias, sbn_weight, sbn_bias, None, None,
+                                        None, None, bn_eps, sbn_eps, fft_norm, 1)
+        y = _forward_apply(x, saved, act, act_param)
+    return (y, *stats, saved)
+
+
+def bnsbn_forward(x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias, sbn_mean,
+                  sbn_var, bn_eps, sbn_eps, fft_norm, act, act_param):
+    """BN then SBN in one statistics pass, one finalize and one apply (training), or finalize +
+    apply from the four given statistics (eval; SBN's in the fft_norm scale). Returns
+    (y, bn_mean, bn_var, sbn_mean (C, 2), sbn_var, saved (C, 26))."""
+    op = "bnsbn_forward"
+    _check_x(op, x)
+    C = x.shape[1]
+    _check_bnsbn_params(op, x, bn_weight, bn_bias, sbn_weight, sbn_bias)
+    _check_mode(op, fft_norm, act)
+    given = [t is not None for t in (bn_mean, bn_var, sbn_mean, sbn_var)]
+    if any(given) and not all(given):
+        _fail(op, "bn_mean, bn_var, sbn_mean, sbn_var must all be given (eval) or all be None")
+    for name, t, shape in (("bn_mean", bn_mean, (C,)), ("bn_var", bn_var, (C,)),
+                           ("sbn_mean", sbn_mean, (C, 2)), ("sbn_var", sbn_var, (C,))):
+        _check_t(op, name, t, x, shape)
+    with _guard(x):
+        if bn_mean is None:
+            part, n_chunks = _stats_pass(x)
+            *stats, saved = _bnsbn_finalize(x, part, n_chunks, 0, bn_weight, bn_bias, sbn_weight,
+                                            sbn_bias, None, None, None, None, bn_eps, sbn_eps,
+                                            fft_norm, 0)
+        else:
+            *stats, saved = _bnsbn_finalize(x, None, 0, 0, bn_weight, bn_bias, sbn_weight,
+                                            sbn_bias, bn_mean, bn_var, sbn_mean, sbn_var, bn_eps,
+                                            sbn_eps, fft_norm, 2)
+        y = _forward_apply(x, saved, act, act_param)
+    return (y, *stats, saved)
+
+
+def _bnsbn_bwd(dy, x, saved, src, all_sums, n_chunks, training, fft_norm, act, act_param,
+               src_kind):
+    N, C, H, W = x.shape
+    acc = _acc(x.dtype)
+    hf = _norm_factors(fft_norm, H, W)[2]
+    coef = torch.empty((C, _NCOEF), dtype=torch.float64, device=x.device)
+    grads = [torch.empty((C,), dtype=acc, device=x.device) for _ in range(4)]
+    if C > 0:
+        grid, block = _fin_grid(C)
+        launch(_bnsbn_bwd_finalize_kernel, grid, src, all_sums if all_sums is not None else src,
+               saved, coef, *grads, C, n_chunks, float(N), hf, H=H, W=W, SRC=src_kind,
+               TRAINING=bool(training), BLOCK=block, num_warps=4)
+    dx = _backward_apply(dy, x, saved, coef, training, act, act_param)
+    return (dx, *grads)
+
+
+def bnsbn_grad_finish(dy, x, saved, gsums_local, gsums_all, training, fft_norm, act, act_param):
+    """(dx, dbn_weight, dbn_bias, dsbn_weight, dsbn_bias), (C,) acc each: dx from the group's
+    sums, the parameter gradients this process's share."""
+    op = "bnsbn_grad_finish"
+    _check_x(op, x)
+    _check_dy(op, dy, x)
+    _check_saved(op, saved, x, len(BNSBN_SAVED))
+    _check_gsums(op, gsums_local, x, "gsums_local")
+    _check_gsums(op, gsums_all, x, "gsums_all")
+    _check_mode(op, fft_norm, act)
+    with _guard(x):
+        return _bnsbn_bwd(dy, x, saved.contiguous(), gsums_local.contiguous(),
+                          gsums_all.contiguous(), 0, training, fft_norm, act, act_param, 1)
+
+
+def bnsbn_backward(dy, x, saved, training, fft_norm, act, act_param):
+    """Gradient sums, backward finalize, apply: (dx, dbn_weight, dbn_bias, dsbn_weight,
+    dsbn_bias), (C,) acc each."""
+    op = "bnsbn_backward"
+    _check_x(op, x)
+    _check_dy(op, dy, x)
+    _check_saved(op, saved, x, len(BNSBN_SAVED))
+    _check_mode(op, fft_norm, act)
+    saved = saved.contiguous()
+    with _guard(x):
+        part, n_chunks = _grad_pass(dy, x, saved, act, act_param)
+        return _bnsbn_bwd(dy, x, saved, part, None, n_chunks, training, fft_norm, act, act_param,
+                          0)
+
+
+IMPL = {
+    "sbn_stats": sbn_stats, "sbn_finish": sbn_finish, "sbn_forward": sbn_forward,
+    "sbn_grad_stats": sbn_grad_stats, "sbn_grad_finish": sbn_grad_finish,
+    "sbn_backward": sbn_backward, "bnsbn_finish": bnsbn_finish, "bnsbn_forward": bnsbn_forward,
+    "bnsbn_grad_finish": bnsbn_grad_finish, "bnsbn_backward": bnsbn_backward,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# registration as the CUDA kernels of the C++ schemas
+# ----------------------------------------------------------------------------------------------
+
+_REGISTERED: dict = {}
+
+
+def register_cuda_kernels(namespace: str = "normkernels", device_type: str = "cuda") -> list:
+    """Register each host function of IMPL as the ``device_type`` kernel of
+    ``<namespace>::<name>`` (torch.library.register_kernel), for the ops whose schema exists with
+    exactly the function's argument names; others are left alone (no extension built, or a
+    different schema). Idempotent. Returns the names registered (now or before)."""
+    import inspect
+    try:
+        import normkernels._C  # noqa: F401  (defines the schemas)
+    except (ImportError, OSError):  # not built: no schema to register onto
+        pass
+    ns = getattr(torch.ops, namespace)
+    for name, fn in IMPL.items():
+        key = (namespace, device_type, name)
+        if key in _REGISTERED:
+            continue
+        try:
+            schema = getattr(ns, name).default._schema
+        except (AttributeError, RuntimeError):
+            continue
+        if [a.name for a in schema.arguments] != list(inspect.signature(fn).parameters):
+            continue
+        torch.library.register_kernel(f"{namespace}::{name}", device_type, fn)
+        _REGISTERED[key] = fn
+    return sorted(k[2] for k in _REGISTERED if k[:2] == (namespace, device_type))
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd over the host functions (backend "triton" on CPU tensors under TRITON_INTERPRET=1)
+# ----------------------------------------------------------------------------------------------
+
+
+def _grad_as(g, t, needed: bool):
+    return g.to(t.dtype) if needed and t is not None else None
+
+
+class _SBNFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, eps, fft_norm, act, act_param):
+        y, bm, bv, saved = sbn_forward(x, weight, bias, mean, var, eps, fft_norm, act, act_param)
+        ctx.save_for_backward(x, saved)
+        ctx.cfg = (mean is None, fft_norm, act, act_param)
+        ctx.params = (weight, bias)
+        ctx.mark_non_differentiable(bm, bv, saved)
+        ctx.set_materialize_grads(False)
+        return y, bm, bv, saved
+
+    @staticmethod
+    def backward(ctx, dy, *unused):
+        if dy is None:
+            return (None,) * 9
+        x, saved = ctx.saved_tensors
+        dx, dw, db = sbn_backward(dy, x, saved, *ctx.cfg)
+        need = ctx.needs_input_grad
+        weight, bias = ctx.params
+        return (dx if need[0] else None, _grad_as(dw, weight, need[1]),
+                _grad_as(db, bias, need[2])) + (None,) * 6
+
+
+def interpreted_sbn(x, weight, bias, mean, var, eps, fft_norm, act, act_param):
+    """sbn_forward with autograd through sbn_backward: (y, batch_mean, batch_var, saved)."""
+    return _SBNFunction.apply(x, weight, bias, mean, var, eps, fft_norm, act, act_param)
+
+
+class _BNSBNFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias, sbn_mean,
+                sbn_var, bn_eps, sbn_eps, fft_norm, act, act_param):
+        out = bnsbn_forward(x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias,
+                            sbn_mean, sbn_var, bn_eps, sbn_eps, fft_norm, act, act_param)
+        ctx.save_for_backward(x, out[5])
+        ctx.cfg = (bn_mean is None, fft_norm, act, act_param)
+        ctx.params = (bn_weight, bn_bias, sbn_weight, sbn_bias)
+        ctx.mark_non_differentiable(*out[1:])
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy, *unused):
+        if dy is None:
+            return (None,) * 14
+        x, saved = ctx.saved_tensors
+        dx, dbw, dbb, dsw, dsb = bnsbn_backward(dy, x, saved, *ctx.cfg)
+        need = ctx.needs_input_grad
+        bw, bb, sw, sb = ctx.params
+        return (dx if need[0] else None, _grad_as(dbw, bw, need[1]), _grad_as(dbb, bb, need[2]),
+                None, None, _grad_as(dsw, sw, need[5]), _grad_as(dsb, sb, need[6])) + (None,) * 7
+
+
+def interpreted_bnsbn(x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias, sbn_mean,
+                      sbn_var, bn_eps, sbn_eps, fft_norm, act, act_param):
+    """bnsbn_forward with autograd through bnsbn_backward:
+    (y, bn_mean, bn_var, sbn_mean (C, 2), sbn_var, saved)."""
+    return _BNSBNFunction.apply(x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias,
+                                sbn_mean, sbn_var, bn_eps, sbn_eps, fft_norm, act, act_param)
+
+
+# ----------------------------------------------------------------------------------------------
+# the literal FFT path: spectral kernels between rfft2 and irfft2 (algorithm="fft")
+# ----------------------------------------------------------------------------------------------
+# The half spectrum X = rfft2(x, norm=fft_norm) as its contiguous real view (N, C, H, Wr, 2):
+# per (n, c) a span of H rows of J2 = 2 Wr reals [re, im, re, im, ...]. Tiles [BN, BH, BJ] over
+# (samples, rows, row position), programs per (channel, chunk of samples); no index division.
+
+
+@triton.jit
+def _fft_tile(n0, h0, j0, c, C, H, J2, n_end, IDX64: tl.constexpr, BN: tl.constexpr,
+              BH: tl.constexpr, BJ: tl.constexpr):
+    n = n0 + tl.arange(0, BN)[:, None, None]
+    h = h0 + tl.arange(0, BH)[None, :, None]
+    j = j0 + tl.arange(0, BJ)[None, None, :]
+    m = (n < n_end) & (h < H) & (j < J2)
+    if IDX64:
+        n = n.to(tl.int64)
+    off = ((n * C + c) * H + h) * J2 + j
+    return off, m, j
+
+
+@triton.jit
+def _fft_stats_kernel(X_ptr, part_ptr, C, N, H, J2, n_per_chunk, IDX64: tl.constexpr,
+                      ACC: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BJ: tl.constexpr):
+    """part[chunk, :, c] = [sum (re - sr), sum (im - si), sum |X - s|^2] over this chunk's
+    samples, s = X[0, c, 0, 0] (a shift: stable for a large DC coefficient)."""
+    c = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cb = c.to(tl.int64) * H * J2 if IDX64 else c * H * J2
+    sr = tl.load(X_ptr + cb).to(ACC)
+    si = tl.load(X_ptr + cb + 1).to(ACC)
+    n_start = chunk * n_per_chunk
+    n_end = tl.minimum(n_start + n_per_chunk, N)
+    a_re = tl.zeros([BN, BH, BJ], ACC)
+    a_im = tl.zeros([BN, BH, BJ], ACC)
+    a_sq = tl.zeros([BN, BH, BJ], ACC)
+    for n0 in range(n_start, n_end, BN):
+        for h0 in range(0, H, BH):
+            for j0 in range(0, J2, BJ):
+                off, m, j = _fft_tile(n0, h0, j0, c, C, H, J2, n_end, IDX64, BN, BH, BJ)
+                is_re = (j % 2) == 0
+                v = tl.load(X_ptr + off, mask=m, other=0.0).to(ACC)
+                d = tl.where(m, v - tl.where(is_re, sr, si), 0.0)
+                a_re += tl.where(is_re, d, 0.0)
+                a_im += tl.where(is_re, 0.0, d)
+                a_sq += d * d
+    o = part_ptr + chunk * 3 * C + c
+    tl.store(o, tl.sum(tl.sum(tl.sum(a_re, 0), 0), 0).to(tl.float64))
+    tl.store(o + C, tl.sum(tl.sum(tl.sum(a_im, 0), 0), 0).to(tl.float64))
+    tl.store(o + 2 * C, tl.sum(tl.sum(tl.sum(a_sq, 0), 0), 0).to(tl.float64))
+
+
+@triton.jit
+def _sum_chunks(part_ptr, n_chunks, C, c, k: tl.constexpr):
+    s = tl.zeros([], tl.float64)
+    for i in range(0, n_chunks):
+        s += tl.load(part_ptr + (i * 3 + k) * C + c)
+    return s
+
+
+@triton.jit
+def _fft_apply_kernel(X_ptr, Y_ptr, part_ptr, stat_ptr, w_ptr, b_ptr, C, N, H, J2, n_chunks,
+                      n_per_chunk, M_f: tl.float64, eps: tl.float64, TRAIN: tl.constexpr,
+                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, IDX64: tl.constexpr,
+                      ACC: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BJ: tl.constexpr):
+    """Y = gamma (X - mu) / sqrt(var + eps) + beta; training: mu, var from the partials (every
+    program reduces its channel's in the same order; chunk 0 writes stat[c] = [Re mu, Im mu,
+    var]), eval: from stat."""
+    c = tl.program_id(0)
+    chunk = tl.program_id(1)
+    if TRAIN:
+        cb = c.to(tl.int64) * H * J2 if IDX64 else c * H * J2
+        sr = tl.load(X_ptr + cb).to(tl.float64)
+        si = tl.load(X_ptr + cb + 1).to(tl.float64)
+        mr_d = _sum_chunks(part_ptr, n_chunks, C, c, 0) / M_f
+        mi_d = _sum_chunks(part_ptr, n_chunks, C, c, 1) / M_f
+        var = tl.maximum(_sum_chunks(part_ptr, n_chunks, C, c, 2) / M_f - mr_d * mr_d
+                         - mi_d * mi_d, 0.0)
+        mr = mr_d + sr
+        mi = mi_d + si
+        if chunk == 0:
+            tl.store(stat_ptr + 3 * c, mr.to(stat_ptr.dtype.element_ty))
+            tl.store(stat_ptr + 3 * c + 1, mi.to(stat_ptr.dtype.element_ty))
+            tl.store(stat_ptr + 3 * c + 2, var.to(stat_ptr.dtype.element_ty))
+    else:
+        mr = tl.load(stat_ptr + 3 * c).to(tl.float64)
+        mi = tl.load(stat_ptr + 3 * c + 1).to(tl.float64)
+        var = tl.load(stat_ptr + 3 * c + 2).to(tl.float64)
+    a64 = 1.0 / tl.sqrt(var + eps)
+    if HAS_W:
+        a64 = a64 * tl.load(w_ptr + c).to(tl.float64)
+    a = a64.to(ACC)
+    beta = tl.load(b_ptr + c).to(ACC) if HAS_B else 0.0
+    mr_a = mr.to(ACC)
+    mi_a = mi.to(ACC)
+    n_start = chunk * n_per_chunk
+    n_end = tl.minimum(n_start + n_per_chunk, N)
+    for n0 in range(n_start, n_end, BN):
+        for h0 in range(0, H, BH):
+            for j0 in range(0, J2, BJ):
+                off, m, j = _fft_tile(n0, h0, j0, c, C, H, J2, n_end, IDX64, BN, BH, BJ)
+                is_re = (j % 2) == 0
+                v = tl.load(X_ptr + off, mask=m, other=0.0).to(ACC)
+                y = a * (v - tl.where(is_re, mr_a, mi_a)) + tl.where(is_re, beta, 0.0)
+                tl.store(Y_ptr + off, y.to(Y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _fft_dY(G_ptr, off, m, j, W, r):
+    """dL/dY from G = rfft2(dy, norm): c_l r G, c_l = 1 on the self-conjugate columns (l = 0,
+    l = W/2) else 2, r = 1/(H W f^2) (the adjoint of irfft2(., norm))."""
+    l2 = (j >> 1) << 1                               # 2 l, l the column of position j
+    cl = tl.where((l2 == 0) | (l2 == W), 1.0, 2.0)
+    g = tl.load(G_ptr + off, mask=m, other=0.0)
+    return g * (cl * r), cl
+
+
+@triton.jit
+def _fft_grad_stats_kernel(G_ptr, X_ptr, part_ptr, stat_ptr, C, N, H, J2, W, n_per_chunk,
+                           r: tl.float64, eps: tl.float64, IDX64: tl.constexpr,
+                           ACC: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
+                           BJ: tl.constexpr):
+    """part[chunk, :, c] = [sum Re dY, sum Im dY, sum dY . Xhat] (Xhat = (X - mu)/s)."""
+    c = tl.program_id(0)
+    chunk = tl.program_id(1)
+    mr = tl.load(stat_ptr + 3 * c).to(ACC)
+    mi = tl.load(stat_ptr + 3 * c + 1).to(ACC)
+    inv_s = (1.0 / tl.sqrt(tl.load(stat_ptr + 3 * c + 2).to(tl.float64) + eps)).to(ACC)
+    ra = _f64(r).to(ACC)
+    a_re = tl.zeros([BN, BH, BJ], ACC)
+    a_im = tl.zeros([BN, BH, BJ], ACC)
+    a_gx = tl.zeros([BN, BH, BJ], ACC)
+    n_start = chunk * n_per_chunk
+    n_end = tl.minimum(n_start + n_per_chunk, N)
+    for n0 in range(n_start, n_end, BN):
+        for h0 in range(0, H, BH):
+            for j0 in range(0, J2, BJ):
+                off, m, j = _fft_tile(n0, h0, j0, c, C, H, J2, n_end, IDX64, BN, BH, BJ)
+                is_re = (j % 2) == 0
+                g, cl = _fft_dY(G_ptr, off, m, j, W, ra)
+                g = g.to(ACC)
+                xv = tl.load(X_ptr + off, mask=m, other=0.0).to(ACC)
+                xh = (xv - tl.where(is_re, mr, mi)) * inv_s
+                a_re += tl.where(is_re, g, 0.0)
+                a_im += tl.where(is_re, 0.0, g)
+                a_gx += g * xh
+    o = part_ptr + chunk * 3 * C + c
+    tl.store(o, tl.sum(tl.sum(tl.sum(a_re, 0), 0), 0).to(tl.float64))
+    tl.store(o + C, tl.sum(tl.sum(tl.sum(a_im, 0), 0), 0).to(tl.float64))
+    tl.store(o + 2 * C, tl.sum(tl.sum(tl.sum(a_gx, 0), 0), 0).to(tl.float64))
+
+
+@triton.jit
+def _fft_grad_apply_kernel(G_ptr, X_ptr, O_ptr, part_ptr, stat_ptr, w_ptr, grad_ptr, C, N, H,
+                           J2, W, n_chunks, n_per_chunk, M_f: tl.float64, r: tl.float64,
+                           r_inv: tl.float64, eps: tl.float64, TRAIN: tl.constexpr, HAS_W: tl.constexpr,
+                           IDX64: tl.constexpr, ACC: tl.constexpr, BN: tl.constexpr,
+                           BH: tl.constexpr, BJ: tl.constexpr):
+    """O = dX / (c_l r) so that dx = irfft2(O, norm) (the adjoint of rfft2(., norm)); training
+    dX = a (dY - mean dY - Xhat mean(dY . Xhat)), eval dX = a dY. Chunk 0 writes
+    grad[c] = [dgamma, dbeta]."""
+    c = tl.program_id(0)
+    chunk = tl.program_id(1)
+    dbeta = _sum_chunks(part_ptr, n_chunks, C, c, 0)
+    g_im = _sum_chunks(part_ptr, n_chunks, C, c, 1)
+    dgamma = _sum_chunks(part_ptr, n_chunks, C, c, 2)
+    if chunk == 0:
+        tl.store(grad_ptr + 2 * c, dgamma.to(grad_ptr.dtype.element_ty))
+        tl.store(grad_ptr + 2 * c + 1, dbeta.to(grad_ptr.dtype.element_ty))
+    mr = tl.load(stat_ptr + 3 * c).to(ACC)
+    mi = tl.load(stat_ptr + 3 * c + 1).to(ACC)
+    inv_s64 = 1.0 / tl.sqrt(tl.load(stat_ptr + 3 * c + 2).to(tl.float64) + eps)
+    a64 = inv_s64
+    if HAS_W:
+        a64 = a64 * tl.load(w_ptr + c).to(tl.float64)
+    a = a64.to(ACC)
+    inv_s = inv_s64.to(ACC)
+    mean_r = (dbeta / M_f).to(ACC)
+    mean_i = (g_im / M_f).to(ACC)
+    kx = (dgamma / M_f).to(ACC)
+    ra = _f64(r).to(ACC)
+    ria = _f64(r_inv).to(ACC)
+    n_start = chunk * n_per_chunk
+    n_end = tl.minimum(n_start + n_per_chunk, N)
+    for n0 in range(n_start, n_end, BN):
+        for h0 in range(0, H, BH):
+            for j0 in range(0, J2, BJ):
+                off, m, j = _fft_tile(n0, h0, j0, c, C, H, J2, n_end, IDX64, BN, BH, BJ)
+                is_re = (j % 2) == 0
+                g, cl = _fft_dY(G_ptr, off, m, j, W, ra)
+                g = g.to(ACC)
+                if TRAIN:
+                    xv = tl.load(X_ptr + off, mask=m, other=0.0).to(ACC)
+                    xh = (xv - tl.where(is_re, mr, mi)) * inv_s
+                    dX = a * (g - tl.where(is_re, mean_r, mean_i) - xh * kx)
+                else:
+                    dX = a * g
+                out = dX * (ria * tl.where(cl == 1.0, 1.0, 0.5))       # dX / (c_l r)
+                tl.store(O_ptr + off, out.to(O_ptr.dtype.element_ty), mask=m)
+
+
+class _FFTPlan:
+    def __init__(self, Xr: torch.Tensor):
+        N, C, H, Wr, _ = Xr.shape
+        self.N, self.C, self.H, self.J2 = N, C, H, 2 * Wr
+        bj = min(triton.next_power_of_2(self.J2), MAX_BW)
+        bh = min(triton.next_power_of_2(H), max(1, TILE // bj))
+        bn = max(1, min(triton.next_power_of_2(max(N, 1)), TILE // (bj * bh)))
+        self.BN, self.BH, self.BJ = bn, bh, bj
+        target = PROGRAMS_PER_SM * _sm_count(Xr.device)
+        n_chunks = max(1, min(triton.cdiv(target, max(C, 1)), triton.cdiv(max(N, 1), bn)))
+        self.n_per_chunk = triton.cdiv(triton.cdiv(max(N, 1), n_chunks), bn) * bn
+        self.n_chunks = triton.cdiv(N, self.n_per_chunk)
+        self.grid = (C, self.n_chunks)
+        self.idx64 = Xr.numel() >= 2 ** 31
+        self.num_warps = 8 if bn * bh * bj >= 2048 else 4
+
+    def consts(self, dtype):
+        return dict(IDX64=self.idx64, ACC=_acc_tl(dtype), BN=self.BN, BH=self.BH, BJ=self.BJ)
+
+
+def _check_spectrum(op: str, t, name: str, like=None) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 5 or t.shape[-1] != 2 \
+            or t.dtype not in (torch.float32, torch.float64) or not t.is_contiguous():
+        _fail(op, f"{name} must be a contiguous float32/float64 (N, C, H, Wr, 2) real view of a "
+                  f"half spectrum, got {getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}")
+    if like is not None and (t.shape != like.shape or t.dtype != like.dtype
+                             or t.device != like.device):
+        _fail(op, f"{name} must match Xr's shape, dtype and device")
+
+
+def sbn_fft_spectral_forward(Xr, weight, bias, stats, eps):
+    """Xr: contiguous (N, C, H, Wr, 2) real view of X = rfft2(x, norm=fft_norm) (fp32/fp64).
+    Returns (Yr, stats (C, 3) = [Re mu, Im mu, var] in Xr's dtype), Y = gamma (X - mu) /
+    sqrt(var + eps) + beta, y = irfft2(Y, s=(H, W), norm=fft_norm); the statistics are those of
+    the fft_norm-scaled spectrum. stats given (eval) are used instead of batch statistics."""
+    op = "sbn_fft_forward"
+    _check_spectrum(op, Xr, "Xr")
     N, C, H, Wr, _ = Xr.shape
-    L2 = 2 * H * Wr
-    M = N * H * Wr
+    for name, t in (("weight", weight), ("bias", bias)):
+        _check_t(op, name, t, Xr, (C,))
+    _check_t(op, "stats", stats, Xr, (C, 3))
     acc = Xr.dtype
     train = stats is None
-    st = torch.empty((C, 3), device=Xr.device, dtype=acc) if train else \
-        stats.to(acc).contiguous()
-    Y = torch.empty_like(Xr)
-    block = min(2048, triton.next_power_of_2(max(N * L2, 16)))
-    dummy = st
-    _sbn_fft_fwd_kernel[(C,)](
-        Xr, Y, st, weight if weight is not None else dummy, bias if bias is not None else dummy,
-        N, L2, C * L2, M, float(eps), TRAIN=train, HAS_W=weight is not None,
-        HAS_B=bias is not None, ACC=_acc_tl(acc), BLOCK=block, num_warps=4)
+    with _guard(Xr):
+        st = torch.empty((C, 3), device=Xr.device, dtype=acc) if train else stats.to(acc).contiguous()
+        Y = torch.empty_like(Xr)
+        if Xr.numel() == 0:
+            return Y, st
+        plan = _FFTPlan(Xr)
+        part = torch.empty((max(plan.n_chunks, 1), 3, C), dtype=torch.float64, device=Xr.device)
+        if train:
+            launch(_fft_stats_kernel, plan.grid, Xr, part, C, N, H, plan.J2, plan.n_per_chunk,
+                   num_warps=plan.num_warps, **plan.consts(acc))
+        weight, bias = _opt(weight), _opt(bias)
+        launch(_fft_apply_kernel, plan.grid, Xr, Y, part, st,
+               weight if weight is not None else st, bias if bias is not None else st, C, N, H,
+               plan.J2, plan.n_chunks, plan.n_per_chunk, float(N * H * Wr), float(eps),
+               TRAIN=train, HAS_W=weight is not None, HAS_B=bias is not None,
+               num_warps=plan.num_warps, **plan.consts(acc))
     return Y, st
 
 
-def sbn_fft_spectral_backward(Gr: torch.Tensor, Xr: torch.Tensor, weight, stats: torch.Tensor,
-                              eps: float, W: int, training: bool
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gr = real view of rfft2(dy), Xr = real view of rfft2(x) (contiguous). Returns
-    (O, grads (C, 2) = [dgamma, dbeta]) with dx = irfft2(O, s=(H, W))."""
+def sbn_fft_spectral_backward(Gr, Xr, weight, stats, eps, W, training, fft_norm="backward"):
+    """Gr, Xr: contiguous real views of rfft2(dy, norm=fft_norm) and rfft2(x, norm=fft_norm);
+    stats (C, 3) the forward's. Returns (O, grads (C, 2) = [dgamma, dbeta]) with
+    dx = irfft2(O, s=(H, W), norm=fft_norm)."""
+    op = "sbn_fft_backward"
+    _check_spectrum(op, Xr, "Xr")
+    _check_spectrum(op, Gr, "Gr", like=Xr)
     N, C, H, Wr, _ = Xr.shape
-    L2 = 2 * H * Wr
-    M = N * H * Wr
+    if Wr != int(W) // 2 + 1:
+        _fail(op, f"W = {W} does not match the half spectrum's Wr = {Wr}")
+    if fft_norm not in FFT_NORMS:
+        _fail(op, f"fft_norm must be one of {FFT_NORMS}, got {fft_norm!r}")
+    _check_t(op, "weight", weight, Xr, (C,))
+    _check_t(op, "stats", stats, Xr, (C, 3), optional=False)
     acc = Xr.dtype
-    O = torch.empty_like(Xr)
-    grads = torch.empty((C, 2), device=Xr.device, dtype=acc)
-    st = stats.to(acc).contiguous()
-    block = min(2048, triton.next_power_of_2(max(N * L2, 16)))
-    _sbn_fft_bwd_kernel[(C,)](
-        Gr, Xr, O, st, weight if weight is not None else st, grads,
-        N, L2, C * L2, Wr, W, float(H * W), M, float(eps), TRAIN=training,
-        HAS_W=weight is not None, ACC=_acc_tl(acc), BLOCK=block, num_warps=4)
+    f2 = _norm_factors(fft_norm, H, int(W))[1]
+    r = 1.0 / (H * int(W) * f2)
+    with _guard(Xr):
+        O = torch.empty_like(Xr)
+        grads = torch.empty((C, 2), device=Xr.device, dtype=acc)
+        st = stats.to(acc).contiguous()
+        if Xr.numel() == 0:
+            return O, grads.zero_()
+        plan = _FFTPlan(Xr)
+        part = torch.empty((max(plan.n_chunks, 1), 3, C), dtype=torch.float64, device=Xr.device)
+        launch(_fft_grad_stats_kernel, plan.grid, Gr, Xr, part, st, C, N, H, plan.J2, int(W),
+               plan.n_per_chunk, r, float(eps), num_warps=plan.num_warps, **plan.consts(acc))
+        weight = _opt(weight)
+        launch(_fft_grad_apply_kernel, plan.grid, Gr, Xr, O, part, st,
+               weight if weight is not None else st, grads, C, N, H, plan.J2, int(W),
+               plan.n_chunks, plan.n_per_chunk, float(N * H * Wr), r, 1.0 / r, float(eps),
+               TRAIN=bool(training), HAS_W=weight is not None, num_warps=plan.num_warps,
+               **plan.consts(acc))
     return O, grads
-
