@@ -35,7 +35,6 @@ from . import _backend
 from . import functional as F_nk
 from .modules import (BatchNormSBN2d, BatchNormSBNAct2d, L2BatchNorm1d, L2BatchNorm2d, L2BatchNormAct2d,
                       SpectralBatchNorm2d, SpectralBatchNormAct2d)
-from .ops import _act
 from .ops import l2bn as _l2bn
 from .ops import sbn as _sbn
 
@@ -97,52 +96,6 @@ def _check_global_count(count: int, x, layer: str) -> None:
 
 
 # --------------------------------------------------------------------------- autograd functions
-class _SBNSync(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, backend, sync, info):
-        y, m, v, saved = _sbn._sbn_forward_impl(x, weight, bias, None, None, eps, backend, sync=sync)
-        ctx.save_for_backward(x, weight, saved)
-        ctx.args = (backend, sync, bias.dtype if bias is not None else None)
-        info["n"] = int(round(saved[0, 5].item()))
-        ctx.mark_non_differentiable(m, v)
-        return y, m, v
-
-    @staticmethod
-    def backward(ctx, dy, _dm, _dv):
-        x, weight, saved = ctx.saved_tensors
-        backend, sync, bdt = ctx.args
-        if dy is None:
-            dy = torch.zeros_like(x)
-        dx, dw, db = _sbn._sbn_backward_impl(dy, x, weight, saved, True, backend, sync=sync)
-        return (dx, dw if weight is not None else None, db.to(bdt) if bdt is not None else None, None, None, None,
-                None)
-
-
-class _BNSBNSync(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bn_w, bn_b, sbn_w, sbn_b, bn_eps, sbn_eps, backend, sync, info):
-        y, bm, bv, sm, sv, saved = _sbn._bnsbn_forward_impl(x, bn_w, bn_b, None, None, sbn_w, sbn_b, None, None,
-                                                            bn_eps, sbn_eps, backend, sync=sync)
-        ctx.save_for_backward(x, bn_w, sbn_w, saved)
-        ctx.args = (backend, sync, bn_b.dtype if bn_b is not None else None,
-                    sbn_b.dtype if sbn_b is not None else None)
-        info["n"] = int(round(saved[0, _sbn._BS_SYNC["Nall"]].item()))
-        ctx.mark_non_differentiable(bm, bv, sm, sv)
-        return y, bm, bv, sm, sv
-
-    @staticmethod
-    def backward(ctx, dy, *_unused):
-        x, bn_w, sbn_w, saved = ctx.saved_tensors
-        backend, sync, bdt, sdt = ctx.args
-        if dy is None:
-            dy = torch.zeros_like(x)
-        dx, dgb, dbb, dgs, dbs = _sbn._bnsbn_backward_impl(dy, x, bn_w, sbn_w, saved, True, backend, sync=sync)
-        return (dx, dgb if bn_w is not None else None, dbb.to(bdt) if bdt is not None else None,
-                dgs if sbn_w is not None else None, dbs.to(sdt) if sdt is not None else None,
-                None, None, None, None, None)
-
-
-
 class _BatchNormSync(torch.autograd.Function):
     """Plain BatchNorm over a process group on any device (nn.SyncBatchNorm's kernels are GPU-only):
     one all_gather of (count, mean, M2) rows combined with Chan's formula, one all_reduce of the
@@ -197,38 +150,9 @@ class _BatchNormSync(torch.autograd.Function):
 # These four have the contracts of normkernels.ops.l2bn.l2bn_sync, ops.sbn.sbn_sync / bnsbn_sync
 # (PLAN section 2): when those land, the three nk ones are replaced by them one for one.
 
-def _fft_scale(fft_norm: str, h: int, w: int) -> float:
-    """f, the forward rfft2's scale for torch.fft's norm (1, 1/sqrt(HW), 1/(HW))."""
-    return {"backward": 1.0, "ortho": (h * w) ** -0.5, "forward": 1.0 / (h * w)}[fft_norm]
-
-
 l2bn_sync = _l2bn.l2bn_sync
-
-
-def sbn_sync(x, weight, bias, eps, fft_norm, act, act_param, backend, reducer):
-    """-> (y, batch_mean (C, 2) [re, im], batch_var, count). fft_norm m: the m-normalized spectrum
-    is f times the unnormalized one, so its layer is h = 1/f times the "backward" layer with
-    eps / f^2, and its statistics are f mu, f^2 var."""
-    h_, w_ = x.shape[-2:]
-    f = _fft_scale(fft_norm, h_, w_)
-    info = {}
-    y, mean, var = _SBNSync.apply(x, weight, bias, eps / (f * f), backend, reducer, info)
-    if f != 1.0:
-        y, mean, var = y / f, mean * f, var * (f * f)
-    return _act.act_forward(y, act, act_param), mean, var, info["n"] * h_ * (w_ // 2 + 1)
-
-
-def bnsbn_sync(x, bn_w, bn_b, sbn_w, sbn_b, bn_eps, sbn_eps, fft_norm, act, act_param, backend, reducer):
-    """-> (y, bn_mean, bn_var, sbn_mean (C, 2), sbn_var, bn_count, sbn_count); fft_norm as sbn_sync."""
-    h_, w_ = x.shape[-2:]
-    f = _fft_scale(fft_norm, h_, w_)
-    info = {}
-    y, bm, bv, sm, sv = _BNSBNSync.apply(x, bn_w, bn_b, sbn_w, sbn_b, bn_eps, sbn_eps / (f * f), backend, reducer,
-                                         info)
-    if f != 1.0:
-        y, sm, sv = y / f, sm * f, sv * (f * f)
-    n = info["n"]
-    return _act.act_forward(y, act, act_param), bm, bv, sm, sv, n * h_ * w_, n * h_ * (w_ // 2 + 1)
+sbn_sync = _sbn.sbn_sync
+bnsbn_sync = _sbn.bnsbn_sync
 
 
 def batch_norm_sync(x, weight, bias, eps, reducer):

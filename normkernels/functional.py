@@ -1,8 +1,10 @@
-"""Functional forms of the layers: validate the input, pick a backend, call the op, and update
-the running statistics once the op has succeeded (a failed call leaves the buffers untouched)."""
-from __future__ import annotations
+"""Functional forms of the layers: validate the input, pick a backend, call the layer's op, and
+update the running statistics once the op has succeeded (a failed call leaves the buffers
+untouched).
 
-import math
+Every check here is cheap host work (it runs at every layer call); the op then does the whole
+layer in one dispatcher call per direction (normkernels/ops)."""
+from __future__ import annotations
 
 import torch
 
@@ -15,14 +17,16 @@ __all__ = ["l2_batch_norm", "spectral_batch_norm", "batch_norm_sbn"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ALGORITHMS = ("auto", "parseval", "fft")
+ACTIVATIONS = (None, "identity", "relu", "leaky_relu", "silu")
+FFT_NORMS = ("backward", "ortho", "forward")
+_SHAPES = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)"}
 
 
 def check_input(x, ranks: tuple[int, ...], layer: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{layer}: expected a torch.Tensor input, got {type(x).__name__}")
     if x.dim() not in ranks:
-        shapes = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)"}
-        want = " or ".join(shapes[r] for r in ranks)
+        want = " or ".join(_SHAPES[r] for r in ranks)
         raise ValueError(f"{layer}: expected a {want} input, got a {x.dim()}-d input of shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{layer}: expected a float16, bfloat16, float32 or float64 input, got {x.dtype}")
@@ -33,13 +37,14 @@ def check_input(x, ranks: tuple[int, ...], layer: str) -> None:
 def check_channel_tensors(x, layer: str, **tensors) -> None:
     """Per-channel parameters/buffers must have shape (C,) and live on x's device."""
     c = x.shape[1]
+    dev = x.device
     for name, t in tensors.items():
         if t is None:
             continue
-        if t.shape != (c,):
+        if t.dim() != 1 or t.shape[0] != c:
             raise ValueError(f"{layer}: {name} has shape {tuple(t.shape)} but the input has C={c} channels")
-        if t.device != x.device:
-            raise ValueError(f"{layer}: {name} is on {t.device} but the input is on {x.device}")
+        if t.device != dev:
+            raise ValueError(f"{layer}: {name} is on {t.device} but the input is on {dev}")
 
 
 def check_batch_stats(count: int, x, layer: str) -> None:
@@ -57,98 +62,34 @@ def check_running(running_mean, running_var, training: bool, layer: str) -> None
         raise ValueError(f"{layer}: running_mean and running_var are required when training=False")
 
 
-ACTIVATIONS = (None, "identity", "relu", "leaky_relu", "silu")
-FFT_NORMS = ("backward", "ortho", "forward")
+def check_momentum(momentum, num_batches_tracked, layer: str) -> None:
+    """momentum=None (the cumulative average) needs the batch counter."""
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError(f"{layer}: momentum=None (cumulative average) needs num_batches_tracked")
 
 
-def check_activation(activation) -> str:
+def check_activation(activation, layer: str = "normkernels") -> str:
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        raise ValueError(f"{layer}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     return "identity" if activation is None else activation
 
 
-def check_fft_norm(fft_norm) -> str:
+def check_fft_norm(fft_norm, layer: str = "spectral_batch_norm") -> str:
     if fft_norm not in FFT_NORMS:
-        raise ValueError(f"fft_norm must be one of {FFT_NORMS} (torch.fft's norm), got {fft_norm!r}")
+        raise ValueError(f"{layer}: fft_norm must be one of {FFT_NORMS} (torch.fft's norm), got {fft_norm!r}")
     return fft_norm
-
-
-def _activate(y, act: str, negative_slope: float):
-    # transitional: the kernels fuse the activation once the fused ops land
-    if act == "relu":
-        return torch.relu(y)
-    if act == "leaky_relu":
-        return torch.nn.functional.leaky_relu(y, negative_slope)
-    if act == "silu":
-        return torch.nn.functional.silu(y)
-    return y
 
 
 def update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count: int,
                          num_batches_tracked=None) -> None:
     """running <- (1 - f) * running + f * batch, with the unbiased batch variance (count values per
     channel); f = momentum, or 1 / num_batches_tracked after its increment for momentum=None (the
-    cumulative average). One op (normkernels::running_stats_update_); a complex running mean takes
-    its batch mean as (C, 2) [re, im]."""
+    cumulative average, read on the device). One op (normkernels::running_stats_update_); a complex
+    running mean takes its batch mean as (C, 2) [re, im]."""
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     _rs.running_stats_update(running_mean, running_var, num_batches_tracked, batch_mean, batch_var,
                              -1.0 if momentum is None else float(momentum), count / (count - 1))
-
-
-def _stats_dtype(x, complex_: bool = False) -> torch.dtype:
-    """Statistics are float32 (complex64), or float64 (complex128) for float64 inputs."""
-    if x.dtype == torch.float64:
-        return torch.complex128 if complex_ else torch.float64
-    return torch.complex64 if complex_ else torch.float32
-
-
-def _stats_arg(t, x, complex_: bool = False):
-    return None if t is None else t.detach().to(_stats_dtype(x, complex_))
-
-
-def l2_batch_norm(
-    input,
-    running_mean,
-    running_var,
-    weight=None,
-    bias=None,
-    training: bool = False,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-    l2_eps: float = 1e-12,
-    rescale: bool = False,
-    backend: str = "auto",
-    *,
-    num_batches_tracked=None,
-    activation=None,
-    negative_slope: float = 0.01,
-):
-    """L2BN: l2-normalize each sample's whole feature vector, then batch norm.
-
-    Arguments follow F.batch_norm. Inputs (N, C), (N, C, L) or (N, C, H, W). With rescale=True
-    the normalized sample is multiplied by sqrt(C*H*W) (unit RMS instead of unit norm).
-    """
-    layer = "l2_batch_norm"
-    check_input(input, (2, 3, 4), layer)
-    check_channel_tensors(input, layer, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    check_running(running_mean, running_var, training, layer)
-    count = input.numel() // input.shape[1]
-    if training:
-        check_batch_stats(count, input, layer)
-    act = check_activation(activation)
-    update = training and running_mean is not None
-    if update and momentum is None and num_batches_tracked is None:
-        raise ValueError(f"{layer}: momentum=None (cumulative average) needs num_batches_tracked")
-    be = _backend.resolve("l2bn", backend, input)
-    # eval statistics go in as they are: the op reads any float dtype (no conversion op)
-    y, batch_mean, batch_var = _l2bn.l2_batch_norm(
-        input, weight, bias, None if training else running_mean, None if training else running_var,
-        float(eps), float(l2_eps), bool(rescale), act, float(negative_slope), be)
-    if update:
-        update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count,
-                             num_batches_tracked)
-    return y
 
 
 def resolve_algorithm(algorithm: str) -> str:
@@ -163,6 +104,56 @@ def spectral_count(x) -> int:
     return n * h * (w // 2 + 1)
 
 
+def _as_real(mean):
+    """SBN's complex running mean as the (C, 2) [re, im] view the ops take."""
+    return None if mean is None else torch.view_as_real(mean)
+
+
+def l2_batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    l2_eps: float = 1e-12,
+    rescale: bool = False,
+    backend: str = "auto",
+    *,
+    num_batches_tracked=None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+):
+    """L2BN: l2-normalize each sample's whole feature vector, then batch norm (then an activation).
+
+    Arguments follow F.batch_norm. input: (N, C), (N, C, L) or (N, C, H, W). rescale=True
+    multiplies the normalized sample by sqrt(C*H*W) (unit RMS instead of unit norm). In training
+    with running buffers they are updated (momentum=None: cumulative average over
+    num_batches_tracked, which is incremented when given). activation: None, "relu",
+    "leaky_relu" (negative_slope) or "silu", fused into the elementwise pass.
+    """
+    layer = "l2_batch_norm"
+    check_input(input, (2, 3, 4), layer)
+    check_channel_tensors(input, layer, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    check_running(running_mean, running_var, training, layer)
+    act = check_activation(activation, layer)
+    update = training and running_mean is not None
+    if update:
+        check_momentum(momentum, num_batches_tracked, layer)
+    count = input.numel() // input.shape[1]
+    if training:
+        check_batch_stats(count, input, layer)
+    be = _backend.resolve("l2bn", backend, input)
+    mean, var = (None, None) if training else (running_mean, running_var)
+    y, batch_mean, batch_var = _l2bn.l2_batch_norm(input, weight, bias, mean, var, float(eps), float(l2_eps),
+                                                   bool(rescale), act, float(negative_slope), be)
+    if update:
+        update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count, num_batches_tracked)
+    return y
+
+
 def spectral_batch_norm(
     input,
     running_mean,
@@ -170,20 +161,23 @@ def spectral_batch_norm(
     weight=None,
     bias=None,
     training: bool = False,
-    momentum: float = 0.1,
+    momentum: float | None = 0.1,
     eps: float = 1e-5,
     algorithm: str = "auto",
     backend: str = "auto",
     *,
     fft_norm: str = "backward",
     num_batches_tracked=None,
-    activation=None,
+    activation: str | None = None,
     negative_slope: float = 0.01,
 ):
-    """SBN: batch norm of the rfft2 spectrum (complex mean, modulus variance, real affine).
+    """SBN: batch norm of the rfft2 spectrum (complex mean, modulus variance, real affine), then
+    irfft2 (then an activation).
 
-    running_mean is complex (C,), running_var real (C,). algorithm "parseval" (default via
-    "auto") computes it without an FFT; "fft" is the literal rfft2 -> normalize -> irfft2 path.
+    input: (N, C, H, W). running_mean is complex (C,), running_var real (C,), both statistics of
+    the spectrum normalized as fft_norm says (torch.fft's norm: "backward" = the paper, whose
+    output is ~1/sqrt(H*W) of BatchNorm's scale; "ortho" gives BatchNorm's scale; "forward").
+    algorithm "auto"/"parseval" computes it without an FFT; "fft" is the literal rfft2 path.
     """
     layer = "spectral_batch_norm"
     check_input(input, (4,), layer)
@@ -191,21 +185,22 @@ def spectral_batch_norm(
     check_running(running_mean, running_var, training, layer)
     if running_mean is not None and not running_mean.is_complex():
         raise TypeError(f"{layer}: running_mean must be complex (the spectral mean), got {running_mean.dtype}")
+    act = check_activation(activation, layer)
+    check_fft_norm(fft_norm, layer)
+    update = training and running_mean is not None
+    if update:
+        check_momentum(momentum, num_batches_tracked, layer)
     count = spectral_count(input)
     if training:
         check_batch_stats(count, input, layer)
     algo = resolve_algorithm(algorithm)
     be = _backend.resolve("sbn", backend, input)
-    mean = None if training else _stats_arg(running_mean, input, True)
-    var = None if training else _stats_arg(running_var, input)
-    act = check_activation(activation)
-    if check_fft_norm(fft_norm) != "backward":
-        raise NotImplementedError("fft_norm other than 'backward' lands with the fused ops")
-    y, batch_mean, batch_var = _sbn.spectral_batch_norm(input, weight, bias, mean, var, eps, algo, be)
-    if training and running_mean is not None:
-        update_running_stats(running_mean, running_var, torch.view_as_real(batch_mean), batch_var, momentum, count,
-                             num_batches_tracked)
-    return _activate(y, act, negative_slope)
+    mean, var = (None, None) if training else (_as_real(running_mean), running_var)
+    y, batch_mean, batch_var = _sbn.spectral_batch_norm(input, weight, bias, mean, var, float(eps), algo,
+                                                        fft_norm, act, float(negative_slope), be)
+    if update:
+        update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count, num_batches_tracked)
+    return y
 
 
 def batch_norm_sbn(
@@ -219,8 +214,8 @@ def batch_norm_sbn(
     sbn_weight=None,
     sbn_bias=None,
     training: bool = False,
-    bn_momentum: float = 0.1,
-    sbn_momentum: float = 0.1,
+    bn_momentum: float | None = 0.1,
+    sbn_momentum: float | None = 0.1,
     bn_eps: float = 1e-5,
     sbn_eps: float = 1e-5,
     backend: str = "auto",
@@ -228,10 +223,12 @@ def batch_norm_sbn(
     fft_norm: str = "backward",
     bn_num_batches_tracked=None,
     sbn_num_batches_tracked=None,
-    activation=None,
+    activation: str | None = None,
     negative_slope: float = 0.01,
 ):
-    """BatchNorm followed by SpectralBatchNorm, fused: one statistics pass, one elementwise pass."""
+    """BatchNorm followed by SpectralBatchNorm (then an activation), fused: one statistics pass
+    and one elementwise pass. The BN and SBN arguments mean what they mean in F.batch_norm and
+    spectral_batch_norm."""
     layer = "batch_norm_sbn"
     check_input(input, (4,), layer)
     check_channel_tensors(
@@ -245,30 +242,27 @@ def batch_norm_sbn(
         raise ValueError(f"{layer}: the BN and SBN running statistics must be given together")
     if sbn_running_mean is not None and not sbn_running_mean.is_complex():
         raise TypeError(f"{layer}: sbn_running_mean must be complex, got {sbn_running_mean.dtype}")
+    act = check_activation(activation, layer)
+    check_fft_norm(fft_norm, layer)
+    update = training and bn_running_mean is not None
+    if update:
+        check_momentum(bn_momentum, bn_num_batches_tracked, layer)
+        check_momentum(sbn_momentum, sbn_num_batches_tracked, layer)
     bn_count = input.numel() // input.shape[1]
     sbn_count = spectral_count(input)
     if training:
         check_batch_stats(min(bn_count, sbn_count), input, layer)
     be = _backend.resolve("sbn", backend, input)
-    stats = (
-        (None, None, None, None)
-        if training
-        else (
-            _stats_arg(bn_running_mean, input),
-            _stats_arg(bn_running_var, input),
-            _stats_arg(sbn_running_mean, input, True),
-            _stats_arg(sbn_running_var, input),
-        )
-    )
+    if training:
+        stats = (None, None, None, None)
+    else:
+        stats = (bn_running_mean, bn_running_var, _as_real(sbn_running_mean), sbn_running_var)
     y, bn_mean, bn_var, sbn_mean, sbn_var = _sbn.batch_norm_sbn(
-        input, bn_weight, bn_bias, stats[0], stats[1], sbn_weight, sbn_bias, stats[2], stats[3], bn_eps, sbn_eps, be
-    )
-    act = check_activation(activation)
-    if check_fft_norm(fft_norm) != "backward":
-        raise NotImplementedError("fft_norm other than 'backward' lands with the fused ops")
-    if training and bn_running_mean is not None:
+        input, bn_weight, bn_bias, stats[0], stats[1], sbn_weight, sbn_bias, stats[2], stats[3], float(bn_eps),
+        float(sbn_eps), fft_norm, act, float(negative_slope), be)
+    if update:
         update_running_stats(bn_running_mean, bn_running_var, bn_mean, bn_var, bn_momentum, bn_count,
                              bn_num_batches_tracked)
-        update_running_stats(sbn_running_mean, sbn_running_var, torch.view_as_real(sbn_mean), sbn_var, sbn_momentum, sbn_count,
+        update_running_stats(sbn_running_mean, sbn_running_var, sbn_mean, sbn_var, sbn_momentum, sbn_count,
                              sbn_num_batches_tracked)
-    return _activate(y, act, negative_slope)
+    return y

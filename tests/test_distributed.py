@@ -207,35 +207,6 @@ def test_ddp_training_step_matches_single_process():
     run_workers(ddp_step)
 
 
-def test_recentered_sums_match_direct_computation():
-    """The SBN statistics-pass sums moved from a rank's shift to another one are exact."""
-    from normkernels.ops import sbn as ops
-
-    g = torch.Generator().manual_seed(3)
-    for W in (6, 5):
-        x = torch.randn(4, 3, 5, W, generator=g, dtype=torch.float64) + 7
-        K_r, K_star = x[0, :, 0, 0], torch.tensor([1.5, -2.0, 6.0], dtype=torch.float64)
-        PD, _ = ops._row_consts(W, x.device, torch.float64)
-        sums_r = ops._torch_stats(x, K_r, PD)
-
-        class OtherRankFirst:  # a 2-process gather whose rank 0 has shift K* and no data
-            rank = 1
-
-            def gather(self, t):
-                other = torch.zeros_like(t)
-                other[:, 0] = 1.0  # N = 1 > 0 so that its shift is chosen
-                other[:, 1] = K_star
-                other[:, 2:] = 0.0
-                return torch.stack([other, t])
-
-        total, K, n, local = ops.combine_shifted_sums(sums_r, K_r, 4, 5, W, OtherRankFirst())
-        direct = ops._torch_stats(x, K_star, PD)
-        torch.testing.assert_close(K, K_star)
-        assert n == 5
-        cols = [0, 1, 2, 4, 5] + ([3] if W % 2 == 0 else [])  # SA is unused for odd W
-        torch.testing.assert_close(local[:, cols], direct[:, cols], rtol=1e-12, atol=1e-9)
-
-
 def test_sync_fft_algorithm_raises():
     with pytest.raises(ValueError, match="algorithm='parseval'"):
         convert_sync(nn.Sequential(nk.SpectralBatchNorm2d(3, algorithm="fft")))

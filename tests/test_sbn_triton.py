@@ -1,4 +1,4 @@
-"""SBN / BN+SBN Triton kernels (normkernels/triton/sbn_kernels.py), run eagerly: on CPU tensors
+"""SBN / BN+SBN Triton kernels (normkernels/triton/sbn.py and sbn_kernels.py), run eagerly: on CPU tensors
 under TRITON_INTERPRET=1 (set by conftest.py; small shapes, the interpreter is slow), on CUDA
 tensors when there is a GPU. Never through torch.compile or opcheck (not under the interpreter).
 
@@ -19,7 +19,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != 
 
 from normkernels.ops._act import act_forward as torch_act  # noqa: E402
 from normkernels.triton import launch as L  # noqa: E402
-from normkernels.triton import sbn_kernels as K  # noqa: E402
+from normkernels.triton import sbn as K  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 F64 = torch.float64

@@ -15,11 +15,9 @@ and spills per kernel) is printed at the end of the pytest run; the full table:
 
     python tests/test_triton_compile.py [--json out.json] [--jobs N] [--quick | --smoke]
 
-What is recorded: once normkernels/triton/sbn.py has IMPL (the host functions of H3's fused ops,
-named and called exactly as the C++ ops of PLAN section 2), every op of CONTRACT_OPS through IMPL
-("contract" plan); until then the launchers of normkernels/triton/sbn_kernels.py as
-normkernels/ops/sbn.py calls them ("current" plan). The compiling is generic: whatever was
-recorded is compiled.
+What is recorded: every op of CONTRACT_OPS through IMPL of normkernels/triton/sbn.py (the host
+functions, named and called exactly as the C++ ops of csrc/sbn.cpp). The compiling is generic:
+whatever was recorded is compiled.
 
 Shapes: ResNet-50's (64,256,56,56) (64,512,28,28) (64,1024,14,14) (64,2048,7,7) and CIFAR's
 (128,64,32,32); float32, bfloat16, float16, float64 (parameters in float32, and in the input's
@@ -75,9 +73,9 @@ ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu")
 FFT_NORMS = ("backward", "ortho", "forward")
 SYNC_PROCESSES = 3
 
-# The op contract (PLAN section 2): once normkernels/triton/sbn.py has IMPL (op name -> host
-# function with the C++ op's signature), these are the ops recorded, by name. Every one must be
-# in IMPL: a missing one fails the test (edit this table if the contract changes).
+# The op contract (csrc/sbn.cpp): IMPL of normkernels/triton/sbn.py maps each op name to a host
+# function with the C++ op's signature; these are the ops recorded, by name. Every one must be in
+# IMPL: a missing one fails the test (edit this table if the contract changes).
 CONTRACT_OPS = ("sbn_stats", "sbn_finish", "sbn_forward", "sbn_grad_stats", "sbn_grad_finish",
                 "sbn_backward", "bnsbn_finish", "bnsbn_forward", "bnsbn_grad_finish",
                 "bnsbn_backward", "sbn_fft_spectral_forward", "sbn_fft_spectral_backward")
@@ -122,7 +120,7 @@ class Case:
 
 
 def contract_calls(impl: dict, c: Case):
-    """(op name, thunk) of every op of the contract for one case (PLAN section 2 arguments)."""
+    """(op name, thunk) of every op of the contract for one case (csrc/sbn.cpp's arguments)."""
     x, dy, C, act, ap, fn = c.x, c.dy, c.C, c.act, c.act_param, c.fft_norm
     w, b, bw, bb = c.param(), c.param(), c.param(), c.param()
     P = SYNC_PROCESSES
@@ -172,23 +170,6 @@ def fft_calls(impl: dict, c: Case):
                 c.t(N, C, H, W // 2 + 1, 2), Xr, w, c.t(C, 3), 1e-5, W, c.training))]
 
 
-def current_calls(k, c: Case):
-    """The launchers of normkernels/triton/sbn_kernels.py as they are before the fused ops land
-    (the four Parseval passes, shared by SBN and BN+SBN, and the FFT path's spectral kernels),
-    with the arguments normkernels/ops/sbn.py passes: shift K and row patterns P in the
-    accumulation dtype, coefficients float64. Activations are applied after the op there: they
-    add no launch."""
-    x, dy, C, W = c.x, c.dy, c.C, c.shape[3]
-    calls = [("sbn_backward_apply", lambda: k.sbn_backward_apply(dy, x, c.f64(C, 8), c.t(2, W), c.training)),
-             ("sbn_grad_stats", lambda: k.sbn_grad_stats(dy, x, c.t(C), c.t(2, W)))]
-    if c.dy_same:
-        calls.append(("sbn_forward_apply", lambda: k.sbn_forward_apply(x, c.f64(C, 5), c.t(2, W))))
-        if c.training:
-            calls.append(("sbn_stats", lambda: k.sbn_stats(x, c.t(C), c.t(2, W))))
-    return calls + fft_calls({"sbn_fft_spectral_forward": k.sbn_fft_spectral_forward,
-                              "sbn_fft_spectral_backward": k.sbn_fft_spectral_backward}, c)
-
-
 def cases(quick: bool = False, smoke: bool = False):
     """quick: two shapes; smoke (gpu-check's rehearsal): the CIFAR shape in float32, training."""
     shapes = CIFAR_SHAPES if smoke else SHAPES[:1] + CIFAR_SHAPES if quick else SHAPES
@@ -208,32 +189,25 @@ def cases(quick: bool = False, smoke: bool = False):
 
 
 def launcher_module():
-    """('contract', IMPL) once H3's normkernels/triton/sbn.py with IMPL exists, else ('current',
-    the sbn_kernels module). The SM count of the current launchers is patched to the H200's:
-    on meta tensors they would size their grids for a CPU."""
-    from normkernels.triton import launch
-    try:
-        from normkernels.triton.sbn import IMPL
-    except ImportError:
-        IMPL = None
-    if IMPL is not None:
-        missing = [op for op in CONTRACT_OPS if op not in IMPL]
-        if missing:
-            raise SystemExit(f"normkernels.triton.sbn.IMPL lacks {missing}: the contract of PLAN section 2 "
-                             "(or update CONTRACT_OPS in tests/test_triton_compile.py)")
-        return "contract", IMPL
-    from normkernels.triton import sbn_kernels as k
-    k._target_programs = lambda device: 8 * launch.RECORDING_SM_COUNT
-    return "current", k
+    """Op name -> host function: IMPL of normkernels/triton/sbn.py (called exactly as the C++ ops
+    of csrc/sbn.cpp) and the FFT path's two spectral passes."""
+    from normkernels.triton import sbn
+    IMPL = dict(sbn.IMPL, sbn_fft_spectral_forward=sbn.sbn_fft_spectral_forward,
+                sbn_fft_spectral_backward=sbn.sbn_fft_spectral_backward)
+    missing = [op for op in CONTRACT_OPS if op not in IMPL]
+    if missing:
+        raise SystemExit(f"normkernels.triton.sbn.IMPL lacks {missing}: the op contract of csrc/sbn.cpp "
+                         "(or update CONTRACT_OPS in tests/test_triton_compile.py)")
+    return IMPL
 
 
 def record_all(quick: bool = False, smoke: bool = False):
     """Every launch of every case, each tagged with the op and case that made it."""
     from normkernels.triton.launch import recording
-    plan, mod = launcher_module()
+    mod = launcher_module()
     launches, calls_made = [], 0
     for c in cases(quick, smoke):
-        calls = contract_calls(mod, c) if plan == "contract" else current_calls(mod, c)
+        calls = contract_calls(mod, c)
         for op, thunk in calls:
             with recording() as rec:
                 thunk()
@@ -241,7 +215,7 @@ def record_all(quick: bool = False, smoke: bool = False):
             for r in rec:
                 r.where = f"{op} {c.where}"
             launches += rec
-    return plan, launches, calls_made
+    return launches, calls_made
 
 
 def launched_kernels() -> dict:
@@ -310,7 +284,7 @@ def summarise(report: dict) -> str:
     """The per-kernel table: specialisations, warps, registers, stack, STL/LDL, shared memory."""
     rows = report["results"]
     lines = [f"{len(rows)} specialisations of {len({r['kernel'] for r in rows})} kernels from {report['launches']} "
-             f"launches ({report['calls']} host calls on meta tensors, plan '{report['plan']}', {report['record_s']} s), "
+             f"launches ({report['calls']} host calls on meta tensors, {report['record_s']} s), "
              f"compiled for sm_90a by {report['triton']} in {report['compile_s']} s with {report['jobs']} jobs"]
     for label, pairs in resource_sets(report):
         lines.append(f"{label}:")
@@ -358,12 +332,12 @@ def main(argv=None) -> int:
 
     from normkernels.triton import launch
     t0 = time.perf_counter()
-    plan, launches, calls = record_all(args.quick, args.smoke)
+    launches, calls = record_all(args.quick, args.smoke)
     record_s = time.perf_counter() - t0
     jobs = args.jobs or len(os.sched_getaffinity(0))
     path, release = launch.ptxas_for_sm90()
     legacy = None if args.no_legacy_ptxas or release.startswith("12.") else launch.legacy_ptxas()
-    report = {"triton": f"triton {triton.__version__}", "plan": plan, "launches": len(launches),
+    report = {"triton": f"triton {triton.__version__}", "launches": len(launches),
               "calls": calls, "record_s": round(record_s, 1), "jobs": jobs,
               "ptxas": f"ptxas {release} ({os.path.basename(path)}: this triton's choice for sm_90)",
               "reassembled_with": None if legacy is None else

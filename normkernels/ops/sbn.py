@@ -665,25 +665,22 @@ torch.library.register_autograd("normkernels::torch_bnsbn_forward", _bnsbn_bwd,
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton (H3: normkernels/triton): interpreted entries on CPU, CUDA kernels, fft spectral kernels
+# Triton (normkernels/triton/sbn.py): CUDA kernels, interpreted entries on CPU, fft spectral passes
 # ----------------------------------------------------------------------------------------------
 
 _TRITON_MOD = None
 
 
 def _triton_sbn():
-    """H3's Triton module (normkernels.triton.sbn, or its earlier name sbn_kernels), or None when
-    triton or the module is missing."""
+    """normkernels.triton.sbn, or None when triton is missing."""
     global _TRITON_MOD
     if _TRITON_MOD is None:
         _TRITON_MOD = False
         if importlib.util.find_spec("triton") is not None:
-            for name in ("normkernels.triton.sbn", "normkernels.triton.sbn_kernels"):
-                try:
-                    _TRITON_MOD = importlib.import_module(name)
-                    break
-                except ImportError:
-                    continue
+            try:
+                _TRITON_MOD = importlib.import_module("normkernels.triton.sbn")
+            except ImportError:
+                pass
     return _TRITON_MOD or None
 
 
@@ -835,7 +832,7 @@ _TORCH_BNSBN_FORWARD = torch.ops.normkernels.torch_bnsbn_forward.default
 
 def _native(x: Tensor, backend: str, op, interpreted: str):
     """The forward op of a concrete backend ("cpp" / "cuda" / "triton" -> the dispatcher op;
-    "triton" on a CPU tensor -> H3's interpreted Triton entry)."""
+    "triton" on a CPU tensor -> the interpreted Triton entry)."""
     if backend == "triton" and x.device.type == "cpu":
         return _interpreted(interpreted)
     if not _HAS_C:
@@ -1007,7 +1004,7 @@ def bnsbn_sync(x: Tensor, bn_w: _OPT, bn_b: _OPT, sbn_w: _OPT, sbn_b: _OPT, bn_e
 
 
 # ----------------------------------------------------------------------------------------------
-# H3's Triton kernels as the CUDA kernels of the C++ schemas
+# the Triton host functions as the CUDA kernels of the C++ schemas
 # ----------------------------------------------------------------------------------------------
 
 if _HAS_C and importlib.util.find_spec("triton") is not None:
