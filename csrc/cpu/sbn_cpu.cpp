@@ -703,7 +703,8 @@ Fwd6 bnsbn_forward_cpu(const Tensor& x, const OptTensor& bn_w, const OptTensor& 
     return bnsbn_finish_rows(v, rc, rows.data(), 1, 0, prm, bn_eps, sbn_eps, fn, a, act_param,
                              op);
   }
-  // eval: K = 0, no statistics pass
+  // eval: no statistics pass; shift K = BN's mean rounded to acc (so that x - K is the passes'
+  // exact t): z = p (x - K) + Kz then has no cancellation for data with a large mean
   const int64_t C = v.C, H = v.H, W = v.W;
   const std::vector<double> bm = read_channels(bn_mean, v, 0.0, op, "bn_mean");
   const std::vector<double> bv = read_channels(bn_var, v, 0.0, op, "bn_var");
@@ -714,10 +715,12 @@ Fwd6 bnsbn_forward_cpu(const Tensor& x, const OptTensor& bn_w, const OptTensor& 
   double* sv = saved.data_ptr<double>();
   BnSbnOut out(v);
   const Sums zero{0, 0, 0, 0, 0, 0};
+  const bool f64 = acc_type(v.x.scalar_type()) == at::kDouble;
   for (int64_t c = 0; c < C; ++c) {
-    const BnPart bp = bn_from_stats(bm[c], bv[c], 0.0, prm.bn_g[c], prm.bn_b[c], bn_eps);
+    const double K = f64 ? bm[c] : static_cast<double>(static_cast<float>(bm[c]));
+    const BnPart bp = bn_from_stats(bm[c], bv[c], K, prm.bn_g[c], prm.bn_b[c], bn_eps);
     const Spectral st{sm[2 * c] / f, sm[2 * c + 1] / f, svr[c] / (f * f)};
-    bnsbn_channel(bp, 0.0, double(v.N), zero, zero, st, prm.sbn_g[c], prm.sbn_b[c], sbn_eps, f,
+    bnsbn_channel(bp, K, double(v.N), zero, zero, st, prm.sbn_g[c], prm.sbn_b[c], sbn_eps, f,
                   sv + c * BnSavedCol::Width);
     out.bn_mean.set(c, bm[c]);
     out.bn_var.set(c, bv[c]);
