@@ -45,13 +45,17 @@ struct V8Of;
 template <>
 struct V8Of<float> {
   typedef float type __attribute__((vector_size(32)));
+  typedef int32_t mask __attribute__((vector_size(32)));
 };
 template <>
 struct V8Of<double> {
   typedef double type __attribute__((vector_size(64)));
+  typedef int64_t mask __attribute__((vector_size(64)));
 };
 template <typename T>
 using V8 = typename V8Of<T>::type;
+template <typename T>
+using M8 = typename V8Of<T>::mask;  // lane selector of `m ? a : b` (0 or -1 per lane)
 
 template <typename T>
 NK_INLINE V8<T> splat(T s) {
@@ -752,17 +756,19 @@ void bwd_nchw_small(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const F
   using V = V8<acc_t>;
   const int64_t HW = H * W, ncb = (C + 7) / 8, ts = ft.ts, head = std::min(ts, HW);
   const int64_t rowv = (W + 7) / 8;  // 8-vectors per row of offsets
-  V alt_mask;                        // lanes at odd w (rows start at w = 0; 8 is even)
-  for (int j = 0; j < 8; ++j) alt_mask[j] = (j & 1) ? acc_t(1) : acc_t(0);
+  M8<acc_t> odd_w;                   // lanes at odd w (rows start at w = 0; 8 is even)
+  for (int j = 0; j < 8; ++j) odd_w[j] = (j & 1) ? -1 : 0;
   at::parallel_for(0, N * ncb, grain_for(24 * HW), [&](int64_t b, int64_t e) {
     std::vector<acc_t> bx(HW * 8), ofs(HW + 8 * rowv), ev(H * 8), od(H * 8);
     for (int64_t task = b; task < e; ++task) {
       const int64_t n = task / ncb, c0 = (task % ncb) * 8;
       const int cw = static_cast<int>(std::min<int64_t>(8, C - c0));
       const int64_t off = (n * C + c0) * HW;
-      // row sums of the 8 planes, lane = plane
+      // the 8 planes' row offsets cst + c_R R + c_A A (-1)^w (lane = plane): ev[h] for even w,
+      // od[h] for odd w
       gather_planes(x + off, HW, cw, bx.data());
-      const V kl = lanes8(ft.K.data(), c0, cw);
+      const V kl = lanes8(ft.K.data(), c0, cw), csl = lanes8(bt.cst.data(), c0, cw);
+      const V crl = lanes8(bt.cR.data(), c0, cw), cal = lanes8(bt.cA.data(), c0, cw);
       for (int64_t h = 0; h < H; ++h) {
         const acc_t* rx = bx.data() + h * W * 8;
         V e_ = {}, o_ = {};
@@ -772,22 +778,21 @@ void bwd_nchw_small(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const F
           o_ += load8<acc_t>(rx + w * 8 + 8) - kl;
         }
         if (w < W) e_ += load8<acc_t>(rx + w * 8) - kl;
-        store8<acc_t>(ev.data() + h * 8, e_);
-        store8<acc_t>(od.data() + h * 8, o_);
+        const V R = e_ + o_, Aa = e_ - o_;
+        const V base = csl + crl * R, alt = cal * Aa;
+        store8<acc_t>(ev.data() + h * 8, base + alt);
+        store8<acc_t>(od.data() + h * 8, base - alt);
       }
       for (int j = 0; j < cw; ++j) {
         const int64_t c = c0 + j;
         const acc_t k = ft.K[c], a = ft.cx[c], bc = ft.b[c];
-        const acc_t cdy = bt.cdy[c], ct = bt.ct[c], cs = bt.cst[c], cr = bt.cR[c], ca = bt.cA[c];
+        const acc_t cdy = bt.cdy[c], ct = bt.ct[c];
         const acc_t* t0 = ft.T0.data() + c * ts;
         const acc_t* t1 = bt.T1.data() + c * ts;
-        // offsets cst + c_R R + c_A A (-1)^w of every row, in row order (a row's last vector
-        // runs into the next row, which overwrites it); then + T1 on row 0 (T1 is 0 past W)
+        // this plane's offset of every element, row by row (a row's last vector runs into the
+        // next row, which overwrites it); then + T1 on row 0 (T1 is 0 past W)
         for (int64_t h = 0; h < H; ++h) {
-          const acc_t R = ev[h * 8 + j] + od[h * 8 + j], Aa = ev[h * 8 + j] - od[h * 8 + j];
-          const acc_t base = cs + cr * R, alt = ca * Aa;
-          const V even = splat<acc_t>(base + alt), odd = splat<acc_t>(base - alt);
-          const V pat = even + alt_mask * (odd - even);
+          const V pat = odd_w ? splat(od[h * 8 + j]) : splat(ev[h * 8 + j]);
           acc_t* o = ofs.data() + h * W;
           for (int64_t q = 0; q < rowv; ++q) store8<acc_t>(o + 8 * q, pat);
         }
