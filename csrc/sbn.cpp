@@ -48,7 +48,8 @@
 //    S1, S2, SR, SA, SD0, SD1,    the group's sums of t at K
 //    L1, L2, LR, LA, LD0, LD1]    this process's sums of t at K (= the group's when P == 1)
 //   BN: mbn, sd = sqrt(var_bn + bn_eps), p = bn_gamma / sd; z = BN(x) = p (x - K) + Kz; the SBN
-//   part as for SBN on z with shift Kz (mr, mi, s, a of z). cx = a p. In eval the sums are 0.
+//   part as for SBN on z with shift Kz (mr, mi, s, a of z). cx = a p. In eval the sums are 0 and
+//   K is bn_mean rounded to acc.
 //
 // Gradient sums (sbn_grad_stats; both layers): (C, 4) float64 [Sdy, Gt, G0, G1]
 //   = [sum g, sum g t, sum_{n,w} g[n, c, 0, w] Pr[w], sum_{n,w} g[n, c, 0, w] Pi[w]],
@@ -78,7 +79,8 @@
 //   rank: this process's row of rows_all (for the L columns).
 // bnsbn_forward(x, bn_weight?, bn_bias?, bn_mean?, bn_var?, sbn_weight?, sbn_bias?, sbn_mean?,
 //               sbn_var?, bn_eps, sbn_eps, fft_norm, act, act_param) -> as bnsbn_finish
-//   statistics all None (training) or all given (eval).
+//   statistics all None (training) or all given (eval; no statistics pass, shift K = bn_mean
+//   rounded to acc, so that z = p (x - K) + Kz has no cancellation for data with a large mean).
 // bnsbn_grad_finish(dy, x, saved, gsums_local, gsums_all, training, fft_norm, act, act_param)
 //     -> (dx, dbn_weight, dbn_bias, dsbn_weight, dsbn_bias)   (C,) acc each
 // bnsbn_backward(dy, x, saved, training, fft_norm, act, act_param) -> (the same five)

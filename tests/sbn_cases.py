@@ -10,7 +10,7 @@ import normkernels.ops.sbn as S
 F64 = torch.float64
 CI = bool(os.environ.get("CI"))
 # relative error bounds against the float64 literal, per input dtype
-TOL = {torch.float64: 1e-9, torch.float32: 5e-5, torch.float16: 6e-3, torch.bfloat16: 4e-2}
+TOL = {torch.float64: 1e-11, torch.float32: 1e-5, torch.float16: 6e-3, torch.bfloat16: 4e-2}
 
 
 def native(device) -> str:

@@ -20,10 +20,11 @@ def run(x, bw, bb, sw, sb, stats, backend, fft_norm="backward", act="identity", 
                             backend)
 
 
-def eval_stats(C, device, g, fft_norm, HW):
-    """Plausible running statistics: BN's (C,), SBN's in fft_norm's scale ((C, 2) mean)."""
+def eval_stats(C, device, g, fft_norm, HW, shift=0.0):
+    """Plausible running statistics: BN's (C,) (of data around `shift`), SBN's in fft_norm's
+    scale ((C, 2) mean)."""
     f2 = {"backward": 1.0, "ortho": 1.0 / HW, "forward": 1.0 / HW ** 2}[fft_norm]
-    bm = torch.randn(C, generator=g, device=device, dtype=F64)
+    bm = torch.randn(C, generator=g, device=device, dtype=F64) * 0.2 + shift
     bv = torch.rand(C, generator=g, device=device, dtype=F64) + 0.5
     sm = torch.randn(C, 2, generator=g, device=device, dtype=F64) * (2 * f2 ** 0.5)
     sv = (torch.rand(C, generator=g, device=device, dtype=F64) + 0.5) * HW * f2
@@ -42,7 +43,7 @@ def compare(device, backend, shape, dtype=torch.float32, fft_norm="backward", ac
     pdt = F64 if dtype == F64 else torch.float32
     bw, bb = make_params(C, device, g, pdt) if affine[0] else (None, None)
     sw, sb = make_params(C, device, g, pdt) if affine[1] else (None, None)
-    stats = None if train else eval_stats(C, device, g, fft_norm, H * W)
+    stats = None if train else eval_stats(C, device, g, fft_norm, H * W, shift)
     dy = torch.randn(shape, generator=g, device=device, dtype=F64).to(dtype)
     tol = tol or TOL[dtype]
 
@@ -88,6 +89,7 @@ CASES = {
     "no_sbn_affine": dict(shape=(3, 3, 5, 5), affine=(True, False)),
     "eval": dict(shape=(4, 3, 6, 8), train=False),
     "large_mean": dict(shape=(3, 2, 5, 6), shift=1000.0),
+    "large_mean_eval": dict(shape=(3, 2, 5, 6), shift=1000.0, train=False),
     "channels_last": dict(shape=(3, 5, 4, 6), layout="channels_last"),
     "strided_view": dict(shape=(3, 3, 5, 6), layout="strided"),
     "H_W_1_eval": dict(shape=(6, 3, 1, 1), train=False),

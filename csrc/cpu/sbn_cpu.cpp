@@ -202,32 +202,39 @@ void with_act(Act a, F&& f) {
 
 // Forward-apply coefficients in acc (saved[:, :5] of either layer, `stride` doubles per channel):
 // pre = cx (x - K) + add, add = b off row 0 and T0[c, w] = b (1 - Pr[w]) + u Pr[w] + v Pi[w] on
-// row 0 (Pr = delta_w0, Pi[0] = 0). T0 is [c*W + w] for NCHW, [w*C + c] for NHWC.
+// row 0 (Pr = delta_w0, Pi[0] = 0). NCHW: T0 is [c*ts + q] for the first ts = W rounded up to 8
+// values of each plane (q >= W: row 1 already, add = b), so the kernels read whole 8-vectors of
+// offsets from the plane's start; NHWC: [w*C + c].
 template <typename acc_t>
 struct FwdTab {
   std::vector<acc_t> K, cx, b, T0;
+  int64_t ts;
 };
+
+inline int64_t head_len(int64_t W) { return (W + 7) / 8 * 8; }
 
 template <typename acc_t>
 FwdTab<acc_t> fwd_tab(const double* coef, int64_t stride, int64_t C, int64_t W,
                       const RowConsts& rc, Layout lay) {
+  const int64_t ts = lay == Layout::NCS ? head_len(W) : W;
   FwdTab<acc_t> t{std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<acc_t>(C),
-                  std::vector<acc_t>(C * W)};
+                  std::vector<acc_t>(C * ts), ts};
   for (int64_t c = 0; c < C; ++c) {
     const double* r = coef + c * stride;
     t.K[c] = static_cast<acc_t>(r[SavedCol::K]);
     t.cx[c] = static_cast<acc_t>(r[SavedCol::cx]);
     t.b[c] = static_cast<acc_t>(r[SavedCol::b]);
-    for (int64_t w = 0; w < W; ++w) {
-      const double t0 = (w == 0 ? r[SavedCol::u] : r[SavedCol::b]) + r[SavedCol::v] * rc.pi[w];
-      t.T0[lay == Layout::NCS ? c * W + w : w * C + c] = static_cast<acc_t>(t0);
+    for (int64_t q = 0; q < ts; ++q) {
+      const double t0 = q >= W ? r[SavedCol::b]
+                               : (q == 0 ? r[SavedCol::u] : r[SavedCol::b]) + r[SavedCol::v] * rc.pi[q];
+      t.T0[lay == Layout::NCS ? c * ts + q : q * C + c] = static_cast<acc_t>(t0);
     }
   }
   return t;
 }
 
 // Backward-apply coefficients: dx = c_dy g + c_t t + cst + c_R R + c_A A (-1)^w + [h == 0] T1[c, w],
-// T1 = u Re D(w) + v Im D(w) (layout as T0).
+// T1 = u Re D(w) + v Im D(w) (layout as T0; NCHW entries q >= W are 0).
 template <typename acc_t>
 struct BwdTab {
   std::vector<acc_t> cdy, ct, cR, cA, cst, T1;
@@ -236,8 +243,9 @@ struct BwdTab {
 template <typename acc_t>
 BwdTab<acc_t> bwd_tab(const std::vector<BackCoef>& bc, int64_t C, int64_t W, const RowConsts& rc,
                       Layout lay) {
+  const int64_t ts = lay == Layout::NCS ? head_len(W) : W;
   BwdTab<acc_t> t{std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<acc_t>(C),
-                  std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<acc_t>(C * W)};
+                  std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<acc_t>(C * ts)};
   for (int64_t c = 0; c < C; ++c) {
     const BackCoef& k = bc[c];
     t.cdy[c] = static_cast<acc_t>(k.c_dy);
@@ -245,14 +253,20 @@ BwdTab<acc_t> bwd_tab(const std::vector<BackCoef>& bc, int64_t C, int64_t W, con
     t.cR[c] = static_cast<acc_t>(k.c_R);
     t.cA[c] = static_cast<acc_t>(k.c_A);
     t.cst[c] = static_cast<acc_t>(k.cst);
-    for (int64_t w = 0; w < W; ++w)
-      t.T1[lay == Layout::NCS ? c * W + w : w * C + c] =
-          static_cast<acc_t>(k.u * rc.re_d[w] + k.v * rc.im_d[w]);
+    for (int64_t q = 0; q < ts; ++q)
+      t.T1[lay == Layout::NCS ? c * ts + q : q * C + c] =
+          q >= W ? acc_t(0) : static_cast<acc_t>(k.u * rc.re_d[q] + k.v * rc.im_d[q]);
   }
   return t;
 }
 
 // ============================================================================== pass kernels
+#if defined(__GNUC__)
+#define NK_INLINE inline __attribute__((always_inline))
+#else
+#define NK_INLINE inline
+#endif
+
 // The same kernel source (sbn_cpu_kernels.h) compiled for the baseline ISA and, on x86-64 GCC, for
 // AVX2 (8-wide float vectors and register transposes); the AVX2 build runs when the CPU has it.
 namespace k_default {
@@ -689,7 +703,8 @@ Fwd6 bnsbn_forward_cpu(const Tensor& x, const OptTensor& bn_w, const OptTensor& 
     return bnsbn_finish_rows(v, rc, rows.data(), 1, 0, prm, bn_eps, sbn_eps, fn, a, act_param,
                              op);
   }
-  // eval: K = 0, no statistics pass
+  // eval: no statistics pass; shift K = BN's mean rounded to acc (so that x - K is the passes'
+  // exact t): z = p (x - K) + Kz then has no cancellation for data with a large mean
   const int64_t C = v.C, H = v.H, W = v.W;
   const std::vector<double> bm = read_channels(bn_mean, v, 0.0, op, "bn_mean");
   const std::vector<double> bv = read_channels(bn_var, v, 0.0, op, "bn_var");
@@ -700,10 +715,12 @@ Fwd6 bnsbn_forward_cpu(const Tensor& x, const OptTensor& bn_w, const OptTensor& 
   double* sv = saved.data_ptr<double>();
   BnSbnOut out(v);
   const Sums zero{0, 0, 0, 0, 0, 0};
+  const bool f64 = acc_type(v.x.scalar_type()) == at::kDouble;
   for (int64_t c = 0; c < C; ++c) {
-    const BnPart bp = bn_from_stats(bm[c], bv[c], 0.0, prm.bn_g[c], prm.bn_b[c], bn_eps);
+    const double K = f64 ? bm[c] : static_cast<double>(static_cast<float>(bm[c]));
+    const BnPart bp = bn_from_stats(bm[c], bv[c], K, prm.bn_g[c], prm.bn_b[c], bn_eps);
     const Spectral st{sm[2 * c] / f, sm[2 * c + 1] / f, svr[c] / (f * f)};
-    bnsbn_channel(bp, 0.0, double(v.N), zero, zero, st, prm.sbn_g[c], prm.sbn_b[c], sbn_eps, f,
+    bnsbn_channel(bp, K, double(v.N), zero, zero, st, prm.sbn_g[c], prm.sbn_b[c], sbn_eps, f,
                   sv + c * BnSavedCol::Width);
     out.bn_mean.set(c, bm[c]);
     out.bn_var.set(c, bv[c]);

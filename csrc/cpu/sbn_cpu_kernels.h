@@ -4,30 +4,26 @@
 // includer provides ATen, FwdTab / BwdTab, Act, NK_AVX2 = 0 / 1).
 //
 // Layouts: NCHW (contiguous) and NHWC (channels_last).
-// NCHW, maps up to kTMax values: lanes = 8 consecutive channels of one sample. Their 8 planes are
-//   one contiguous block; it is transposed into an L1 buffer buf[e*8 + j] (e = h*W + w, j =
-//   channel) by 8x8 register transposes (AVX2, float) or scalar copies, so every row reduction
-//   (R, A per row: the cost of SBN over BatchNorm) is a vertical vector add, whatever W.
+// NCHW row reductions on small maps (statistics up to kTMax values, backward apply up to kTMaxBwd):
+//   lanes = 8 consecutive channels of one sample. Their 8 planes are one contiguous block; it is
+//   transposed into an L1 buffer buf[e*8 + j] (e = h*W + w, j = channel) by 8x8 register
+//   transposes (AVX2, float) or scalar copies, so every row reduction (R, A per row: the cost of
+//   SBN over BatchNorm) is a vertical vector add, whatever W.
 // NCHW, larger maps: rows reduced straight from x in kL lane accumulators.
-// NCHW gradient sums: contiguous spans per channel, accumulated across the samples of a task.
+// NCHW elementwise passes and gradient sums: contiguous 8-vectors along each plane; the first
+//   vectors of a plane take row 0's offsets from tables padded to whole vectors (FwdTab::ts).
 // NHWC: tasks (n, kCB channels); each row (n, h) reduced in compile-time blocks of 8 channels.
 // Accumulation: acc within a plane / row / chunk, double across them. Reductions write partials
 // per (sample block, channel), the blocks a function of (N, C) only: results do not depend on the
 // thread count. pre = cx (x - K) + add is one expression, evaluated the same way in every pass
 // (no FMA: neither target enables it), so the activation's masks agree exactly.
 
-#if defined(__GNUC__)
-#define NK_INLINE inline __attribute__((always_inline))
-#else
-#define NK_INLINE inline
-#endif
-
 constexpr int kL = 8;             // lane accumulators of the row / span loops
 constexpr int64_t kCB = 64;       // NHWC reductions: channels per task
 constexpr int64_t kChunk = 1024;  // elements per lane summed in acc before a flush to double
 constexpr int64_t kTMax = 4096;   // NCHW statistics: largest map processed transposed
-// NCHW backward apply: largest map processed transposed (its two 8-plane buffers stay in L1;
-// wider rows are reduced efficiently by the row kernel anyway)
+// NCHW backward apply: largest map whose row sums come from a transposed block (which then stays
+// in L1 beside the plane being written; wider rows are reduced well by the row kernel anyway)
 constexpr int64_t kTMaxBwd = 256;
 constexpr int64_t kTasks = 64;    // reductions: sample blocks are cut to give about this many tasks
 
@@ -49,13 +45,17 @@ struct V8Of;
 template <>
 struct V8Of<float> {
   typedef float type __attribute__((vector_size(32)));
+  typedef int32_t mask __attribute__((vector_size(32)));
 };
 template <>
 struct V8Of<double> {
   typedef double type __attribute__((vector_size(64)));
+  typedef int64_t mask __attribute__((vector_size(64)));
 };
 template <typename T>
 using V8 = typename V8Of<T>::type;
+template <typename T>
+using M8 = typename V8Of<T>::mask;  // lane selector of `m ? a : b` (0 or -1 per lane)
 
 template <typename T>
 NK_INLINE V8<T> splat(T s) {
@@ -165,60 +165,6 @@ inline void gather_planes(const scalar_t* p, int64_t HW, int cw, acc_t* buf) {
     for (int j = 0; j < cw; ++j) o[j] = static_cast<acc_t>(p[j * HW + e]);
     for (int j = cw; j < 8; ++j) o[j] = acc_t(0);
   }
-}
-
-// p[j*HW + e] = buf[e*8 + j] for j < cw (the inverse of gather_planes).
-template <typename scalar_t, typename acc_t>
-inline void scatter_planes(const acc_t* buf, int64_t HW, int cw, scalar_t* p) {
-  int64_t e = 0;
-#if NK_AVX2
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (cw == 8) {
-      for (; e + 8 <= HW; e += 8) {
-        const float* q = reinterpret_cast<const float*>(buf) + e * 8;
-        __m256 r0 = _mm256_loadu_ps(q), r1 = _mm256_loadu_ps(q + 8);
-        __m256 r2 = _mm256_loadu_ps(q + 16), r3 = _mm256_loadu_ps(q + 24);
-        __m256 r4 = _mm256_loadu_ps(q + 32), r5 = _mm256_loadu_ps(q + 40);
-        __m256 r6 = _mm256_loadu_ps(q + 48), r7 = _mm256_loadu_ps(q + 56);
-        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-        const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-        const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-        const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-        const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-        const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-        const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-        const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-        _mm256_storeu_ps(p + e, _mm256_permute2f128_ps(s0, s4, 0x20));
-        _mm256_storeu_ps(p + HW + e, _mm256_permute2f128_ps(s1, s5, 0x20));
-        _mm256_storeu_ps(p + 2 * HW + e, _mm256_permute2f128_ps(s2, s6, 0x20));
-        _mm256_storeu_ps(p + 3 * HW + e, _mm256_permute2f128_ps(s3, s7, 0x20));
-        _mm256_storeu_ps(p + 4 * HW + e, _mm256_permute2f128_ps(s0, s4, 0x31));
-        _mm256_storeu_ps(p + 5 * HW + e, _mm256_permute2f128_ps(s1, s5, 0x31));
-        _mm256_storeu_ps(p + 6 * HW + e, _mm256_permute2f128_ps(s2, s6, 0x31));
-        _mm256_storeu_ps(p + 7 * HW + e, _mm256_permute2f128_ps(s3, s7, 0x31));
-      }
-    }
-  }
-#endif
-  for (; e < HW; ++e) {
-    const acc_t* q = buf + e * 8;
-    for (int j = 0; j < cw; ++j) p[j * HW + e] = static_cast<scalar_t>(q[j]);
-  }
-}
-
-// Per-lane copies of the coefficients of channels [c0, c0 + cw) (lanes >= cw: 0); T rows [w][8].
-template <typename acc_t>
-struct Lanes {
-  acc_t k[8], cx[8], b[8];
-};
-template <typename acc_t>
-inline void lanes_of(const acc_t* src, int64_t c0, int cw, acc_t* out) {
-  for (int j = 0; j < 8; ++j) out[j] = j < cw ? src[c0 + j] : acc_t(0);
-}
-template <typename acc_t>
-inline void lane_table(const acc_t* T /* [c*W + w] */, int64_t c0, int cw, int64_t W, acc_t* out) {
-  for (int64_t w = 0; w < W; ++w)
-    for (int j = 0; j < 8; ++j) out[w * 8 + j] = j < cw ? T[(c0 + j) * W + w] : acc_t(0);
 }
 
 // ------------------------------------------------------------------------------ row reductions
@@ -541,20 +487,28 @@ void fwd_apply(const scalar_t* x, scalar_t* y, const FwdTab<acc_t>& ft, acc_t sl
                int64_t C, int64_t H, int64_t W, Layout lay) {
   const int64_t HW = H * W;
   if (lay == Layout::NCS) {
+    using V = V8<acc_t>;
+    const acc_t* Kp = ft.K.data();
+    const acc_t* Ap = ft.cx.data();
+    const acc_t* Bp = ft.b.data();
+    const acc_t* T0p = ft.T0.data();
+    const int64_t ts = ft.ts, head = std::min(ts, HW);
     at::parallel_for(0, N * C, grain_for(HW), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t c = r % C;
-        const acc_t k = ft.K[c], a = ft.cx[c], bc = ft.b[c];
-        const acc_t* t0 = ft.T0.data() + c * W;
+        const acc_t k = Kp[c], a = Ap[c], bc = Bp[c];
+        const acc_t* t0 = T0p + c * ts;
         const scalar_t* px = x + r * HW;
         scalar_t* py = y + r * HW;
-        for (int64_t w = 0; w < W; ++w) {
-          const acc_t pre = a * (static_cast<acc_t>(px[w]) - k) + t0[w];
-          py[w] = static_cast<scalar_t>(act_forward(A, pre, slope));
-        }
-        using V = V8<acc_t>;
         const V kv = splat(k), av = splat(a), bv = splat(bc);
-        int64_t i = W;
+        int64_t i = 0;
+        for (; i + 8 <= head; i += 8)  // row 0 (and the rest of its last vector)
+          store8<acc_t>(py + i, act_v<A>(av * (load8<acc_t>(px + i) - kv) + load8<acc_t>(t0 + i),
+                                         slope));
+        for (; i < head; ++i) {
+          const acc_t pre = a * (static_cast<acc_t>(px[i]) - k) + t0[i];
+          py[i] = static_cast<scalar_t>(act_forward(A, pre, slope));
+        }
         for (; i + 8 <= HW; i += 8)
           store8<acc_t>(py + i, act_v<A>(av * (load8<acc_t>(px + i) - kv) + bv, slope));
         for (; i < HW; ++i) {
@@ -588,19 +542,28 @@ void fwd_apply(const scalar_t* x, scalar_t* y, const FwdTab<acc_t>& ft, acc_t sl
 // part[(blk*C + c)*4 + k] = [sum g, sum g t, sum_n g[n, 0, 0], sum_{n,w} g[n, 0, w] Pi[w]] of
 // channel c over sample block blk, g = act'(pre) dy. Returns the number of sample blocks.
 
-// NCHW: per channel, contiguous spans of each plane; float lanes across the planes of a task,
-// flushed to double every kChunk elements per lane.
+// NCHW: per channel, contiguous spans of each plane (the first vectors with row 0's offsets T0 and
+// the Pi projection), 8-lane accumulators across the planes of a task, flushed to double every
+// kChunk vectors. The same order for every act, so a fused activation sums exactly what an unfused
+// one would.
 template <Act A, typename scalar_t, typename acc_t>
 int64_t grad_nchw(const scalar_t* dy, const scalar_t* x, const FwdTab<acc_t>& ft, const acc_t* Pi,
                   acc_t slope, double* part, int64_t N, int64_t C, int64_t H, int64_t W) {
-  const int64_t HW = H * W;
+  using V = V8<acc_t>;
+  const int64_t HW = H * W, ts = ft.ts, head = std::min(ts, HW);
+  std::vector<acc_t> pi(ts, acc_t(0));  // Pi[0, :] padded to the head vectors
+  std::copy(Pi, Pi + W, pi.begin());
+  const acc_t* pp = pi.data();
+  const acc_t* Kp = ft.K.data();
+  const acc_t* Ap = ft.cx.data();
+  const acc_t* Bp = ft.b.data();
+  const acc_t* T0p = ft.T0.data();
   const NBlocks nb = n_blocks(N, C);
   at::parallel_for(0, nb.count * C, grain_for(2 * nb.size * HW), [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) {
       const int64_t blk = task / C, c = task % C;
-      const acc_t k = ft.K[c], a = ft.cx[c], bc = ft.b[c];
-      const acc_t* t0 = ft.T0.data() + c * W;
-      using V = V8<acc_t>;
+      const acc_t k = Kp[c], a = Ap[c], bc = Bp[c];
+      const acc_t* t0 = T0p + c * ts;
       const V kv = splat(k), av = splat(a), bv = splat(bc);
       double sd = 0, sdt = 0, g0 = 0, g1 = 0;
       V u = {}, vv = {};
@@ -609,34 +572,38 @@ int64_t grad_nchw(const scalar_t* dy, const scalar_t* x, const FwdTab<acc_t>& ft
       for (int64_t n = blk * nb.size; n < n_end; ++n) {
         const scalar_t* px = x + (n * C + c) * HW;
         const scalar_t* pd = dy + (n * C + c) * HW;
-        // row 0 (its own offsets T0; the Pr / Pi sums), then rows h > 0 as one span. The same
-        // order for every act, so a fused activation sums exactly what an unfused one would.
-        acc_t r0s = 0, r0t = 0, r1 = 0;
-        for (int64_t w = 0; w < W; ++w) {
-          const acc_t t = static_cast<acc_t>(px[w]) - k;
-          const acc_t g = grad_of<A>(a * t + t0[w], slope, static_cast<acc_t>(pd[w]));
-          if (w == 0) g0 += g;
-          r1 += g * Pi[w];
-          r0s += g;
-          r0t += g * t;
+        V gh = {};
+        acc_t tu = 0, tv = 0, th = 0;
+        int64_t i = 0;
+        for (; i + 8 <= head; i += 8) {
+          const V t = load8<acc_t>(px + i) - kv;
+          const V g = grad_v<A>(av * t + load8<acc_t>(t0 + i), slope, load8<acc_t>(pd + i));
+          if (i == 0) g0 += g[0];
+          u += g;
+          vv += g * t;
+          gh += g * load8<acc_t>(pp + i);
         }
-        g1 += r1;
-        sd += r0s;
-        sdt += r0t;
-        int64_t i = W;
+        for (; i < head; ++i) {
+          const acc_t t = static_cast<acc_t>(px[i]) - k;
+          const acc_t g = grad_of<A>(a * t + t0[i], slope, static_cast<acc_t>(pd[i]));
+          if (i == 0) g0 += g;
+          tu += g;
+          tv += g * t;
+          th += g * pp[i];
+        }
         for (; i + 8 <= HW; i += 8) {
           const V t = load8<acc_t>(px + i) - kv;
           const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + i));
           u += g;
           vv += g * t;
         }
-        acc_t tu = 0, tv = 0;
         for (; i < HW; ++i) {
           const acc_t t = static_cast<acc_t>(px[i]) - k;
           const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(pd[i]));
           tu += g;
           tv += g * t;
         }
+        g1 += hsum<acc_t>(gh) + th;
         sd += tu;
         sdt += tv;
         pending += HW / 8;
@@ -779,64 +746,86 @@ int64_t grad(const scalar_t* dy, const scalar_t* x, const FwdTab<acc_t>& ft, con
 // ============================================================================== backward apply
 // dx = c_dy g + c_t t + cst [+ c_R R + c_A A (-1)^w] + [h == 0] T1[c, w], g = act'(pre) dy.
 
-// NCHW, small maps, training: lanes = 8 channels of a sample; x and dy transposed into L1, dx
-// formed there and transposed back. Tasks run along memory (sample-major).
+// NCHW, small maps, training: the row sums R, A of 8 channels of a sample from their transposed
+// block (vertical adds, whatever W), then each plane's dx in one contiguous pass over x and dy with
+// a per-element offset row built from (R, A) with one 8-vector store per 8 values of a row.
 template <Act A, typename scalar_t, typename acc_t>
-void bwd_nchw_t(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab<acc_t>& ft,
-                const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H, int64_t W) {
+void bwd_nchw_small(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab<acc_t>& ft,
+                    const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H,
+                    int64_t W) {
   using V = V8<acc_t>;
-  const int64_t HW = H * W, ncb = (C + 7) / 8;
+  const int64_t HW = H * W, ncb = (C + 7) / 8, ts = ft.ts, head = std::min(ts, HW);
+  const int64_t rowv = (W + 7) / 8;  // 8-vectors per row of offsets
+  M8<acc_t> odd_w;                   // lanes at odd w (rows start at w = 0; 8 is even)
+  for (int j = 0; j < 8; ++j) odd_w[j] = (j & 1) ? -1 : 0;
   at::parallel_for(0, N * ncb, grain_for(24 * HW), [&](int64_t b, int64_t e) {
-    std::vector<acc_t> bx(HW * 8), bd(HW * 8), t0(W * 8), t1(W * 8);
-    int64_t cached = -1;
+    std::vector<acc_t> bx(HW * 8), ofs(HW + 8 * rowv), ev(H * 8), od(H * 8);
     for (int64_t task = b; task < e; ++task) {
       const int64_t n = task / ncb, c0 = (task % ncb) * 8;
       const int cw = static_cast<int>(std::min<int64_t>(8, C - c0));
-      const V k = lanes8(ft.K.data(), c0, cw), a = lanes8(ft.cx.data(), c0, cw);
-      const V bb = lanes8(ft.b.data(), c0, cw), cdy = lanes8(bt.cdy.data(), c0, cw);
-      const V ct = lanes8(bt.ct.data(), c0, cw), cs = lanes8(bt.cst.data(), c0, cw);
-      const V cr = lanes8(bt.cR.data(), c0, cw), ca = lanes8(bt.cA.data(), c0, cw);
-      if (cached != c0) {
-        lane_table(ft.T0.data(), c0, cw, W, t0.data());
-        lane_table(bt.T1.data(), c0, cw, W, t1.data());
-        cached = c0;
-      }
       const int64_t off = (n * C + c0) * HW;
-      // the output block's cache lines, requested for writing while this block is computed
-      // (the transposed stores of 8 planes otherwise stall on their write-allocate misses)
-      for (int64_t i = 0; i < cw * HW; i += 64 / static_cast<int64_t>(sizeof(scalar_t)))
-        __builtin_prefetch(dx + off + i, 1);
+      // the 8 planes' row offsets cst + c_R R + c_A A (-1)^w (lane = plane): ev[h] for even w,
+      // od[h] for odd w
       gather_planes(x + off, HW, cw, bx.data());
-      gather_planes(dy + off, HW, cw, bd.data());
+      const V kl = lanes8(ft.K.data(), c0, cw), csl = lanes8(bt.cst.data(), c0, cw);
+      const V crl = lanes8(bt.cR.data(), c0, cw), cal = lanes8(bt.cA.data(), c0, cw);
       for (int64_t h = 0; h < H; ++h) {
-        acc_t* rx = bx.data() + h * W * 8;
-        const acc_t* rd = bd.data() + h * W * 8;
-        V ev = {}, od = {};
+        const acc_t* rx = bx.data() + h * W * 8;
+        V e_ = {}, o_ = {};
         int64_t w = 0;
         for (; w + 1 < W; w += 2) {
-          ev += load8<acc_t>(rx + w * 8) - k;
-          od += load8<acc_t>(rx + w * 8 + 8) - k;
+          e_ += load8<acc_t>(rx + w * 8) - kl;
+          o_ += load8<acc_t>(rx + w * 8 + 8) - kl;
         }
-        if (w < W) ev += load8<acc_t>(rx + w * 8) - k;
-        const V R = ev + od, Aa = ev - od;
-        const V base = cs + cr * R, alt = ca * Aa;
-        const V ofs[2] = {base + alt, base - alt};   // even / odd w
-        if (h == 0) {
-          for (w = 0; w < W; ++w) {
-            const V t = load8<acc_t>(rx + w * 8) - k;
-            const V g = grad_v<A>(a * t + load8<acc_t>(t0.data() + w * 8), slope,
-                                  load8<acc_t>(rd + w * 8));
-            store8<acc_t>(rx + w * 8, cdy * g + ct * t + (ofs[w & 1] + load8<acc_t>(t1.data() + w * 8)));
-          }
-        } else {
-          for (w = 0; w < W; ++w) {
-            const V t = load8<acc_t>(rx + w * 8) - k;
-            const V g = grad_v<A>(a * t + bb, slope, load8<acc_t>(rd + w * 8));
-            store8<acc_t>(rx + w * 8, cdy * g + ct * t + ofs[w & 1]);
-          }
+        if (w < W) e_ += load8<acc_t>(rx + w * 8) - kl;
+        const V R = e_ + o_, Aa = e_ - o_;
+        const V base = csl + crl * R, alt = cal * Aa;
+        store8<acc_t>(ev.data() + h * 8, base + alt);
+        store8<acc_t>(od.data() + h * 8, base - alt);
+      }
+      for (int j = 0; j < cw; ++j) {
+        const int64_t c = c0 + j;
+        const acc_t k = ft.K[c], a = ft.cx[c], bc = ft.b[c];
+        const acc_t cdy = bt.cdy[c], ct = bt.ct[c];
+        const acc_t* t0 = ft.T0.data() + c * ts;
+        const acc_t* t1 = bt.T1.data() + c * ts;
+        // this plane's offset of every element, row by row (a row's last vector runs into the
+        // next row, which overwrites it); then + T1 on row 0 (T1 is 0 past W)
+        for (int64_t h = 0; h < H; ++h) {
+          const V pat = odd_w ? splat(od[h * 8 + j]) : splat(ev[h * 8 + j]);
+          acc_t* o = ofs.data() + h * W;
+          for (int64_t q = 0; q < rowv; ++q) store8<acc_t>(o + 8 * q, pat);
+        }
+        for (int64_t q = 0; q < rowv; ++q)
+          store8<acc_t>(ofs.data() + 8 * q, load8<acc_t>(ofs.data() + 8 * q) +
+                                                load8<acc_t>(t1 + 8 * q));
+        const scalar_t* px = x + off + j * HW;
+        const scalar_t* pd = dy + off + j * HW;
+        scalar_t* pdx = dx + off + j * HW;
+        const acc_t* pof = ofs.data();
+        const V kv = splat(k), av = splat(a), bv = splat(bc), dv = splat(cdy), tv = splat(ct);
+        int64_t i = 0;
+        for (; i + 8 <= head; i += 8) {
+          const V t = load8<acc_t>(px + i) - kv;
+          const V g = grad_v<A>(av * t + load8<acc_t>(t0 + i), slope, load8<acc_t>(pd + i));
+          store8<acc_t>(pdx + i, dv * g + tv * t + load8<acc_t>(pof + i));
+        }
+        for (; i < head; ++i) {
+          const acc_t t = static_cast<acc_t>(px[i]) - k;
+          const acc_t g = grad_of<A>(a * t + t0[i], slope, static_cast<acc_t>(pd[i]));
+          pdx[i] = static_cast<scalar_t>(cdy * g + ct * t + pof[i]);
+        }
+        for (; i + 8 <= HW; i += 8) {
+          const V t = load8<acc_t>(px + i) - kv;
+          const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + i));
+          store8<acc_t>(pdx + i, dv * g + tv * t + load8<acc_t>(pof + i));
+        }
+        for (; i < HW; ++i) {
+          const acc_t t = static_cast<acc_t>(px[i]) - k;
+          const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(pd[i]));
+          pdx[i] = static_cast<scalar_t>(cdy * g + ct * t + pof[i]);
         }
       }
-      scatter_planes(bx.data(), HW, cw, dx + off);
     }
   });
 }
@@ -847,26 +836,41 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab
                Layout lay, bool need_row) {
   const int64_t HW = H * W;
   if (lay == Layout::NCS && need_row && HW <= kTMaxBwd) {
-    bwd_nchw_t<A>(dy, x, dx, ft, bt, slope, N, C, H, W);
+    bwd_nchw_small<A>(dy, x, dx, ft, bt, slope, N, C, H, W);
   } else if (lay == Layout::NCS) {
+    using V = V8<acc_t>;
+    const int64_t ts = ft.ts, head = std::min(ts, HW);
     at::parallel_for(0, N * C, grain_for(2 * HW), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t c = r % C;
         const acc_t k = ft.K[c], a = ft.cx[c], bc = ft.b[c];
         const acc_t cdy = bt.cdy[c], ct = bt.ct[c], cs = bt.cst[c], cr = bt.cR[c],
                     ca = bt.cA[c];
-        const acc_t* t0 = ft.T0.data() + c * W;
-        const acc_t* t1 = bt.T1.data() + c * W;
-        if (!need_row) {  // eval: dx = c_dy g (+ the other terms, all 0 in eval)
+        const acc_t* t0 = ft.T0.data() + c * ts;
+        const acc_t* t1 = bt.T1.data() + c * ts;
+        if (!need_row) {  // eval: dx = c_dy g (the other terms are 0 in eval)
           const scalar_t* px = x + r * HW;
           const scalar_t* pd = dy + r * HW;
           scalar_t* pdx = dx + r * HW;
-          for (int64_t w = 0; w < W; ++w) {
-            const acc_t t = static_cast<acc_t>(px[w]) - k;
-            const acc_t g = grad_of<A>(a * t + t0[w], slope, static_cast<acc_t>(pd[w]));
-            pdx[w] = static_cast<scalar_t>(cdy * g + ct * t + (cs + t1[w]));
+          const V kv = splat(k), av = splat(a), bv = splat(bc), dv = splat(cdy), tv = splat(ct),
+                  sv = splat(cs);
+          int64_t i = 0;
+          for (; i + 8 <= head; i += 8) {
+            const V t = load8<acc_t>(px + i) - kv;
+            const V g = grad_v<A>(av * t + load8<acc_t>(t0 + i), slope, load8<acc_t>(pd + i));
+            store8<acc_t>(pdx + i, dv * g + tv * t + (sv + load8<acc_t>(t1 + i)));
           }
-          for (int64_t i = W; i < HW; ++i) {
+          for (; i < head; ++i) {
+            const acc_t t = static_cast<acc_t>(px[i]) - k;
+            const acc_t g = grad_of<A>(a * t + t0[i], slope, static_cast<acc_t>(pd[i]));
+            pdx[i] = static_cast<scalar_t>(cdy * g + ct * t + (cs + t1[i]));
+          }
+          for (; i + 8 <= HW; i += 8) {
+            const V t = load8<acc_t>(px + i) - kv;
+            const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + i));
+            store8<acc_t>(pdx + i, dv * g + tv * t + sv);
+          }
+          for (; i < HW; ++i) {
             const acc_t t = static_cast<acc_t>(px[i]) - k;
             const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(pd[i]));
             pdx[i] = static_cast<scalar_t>(cdy * g + ct * t + cs);

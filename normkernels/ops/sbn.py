@@ -447,12 +447,13 @@ def _torch_bnsbn_eval(x, bn_w, bn_b, bn_mean, bn_var, sbn_w, sbn_b, sbn_mean, sb
     N, C, H, W = x.shape
     f = fft_scale(fft_norm, H, W)
     mbn, vbn = bn_mean.to(_F64), bn_var.to(_F64)
+    K = bn_mean.to(_acc(x.dtype)).to(_F64)      # the shift: BN's mean in the passes' dtype
     sd = torch.sqrt(vbn + bn_eps)
     p = _col(bn_w, 1.0, sd) / sd
-    Kz = _col(bn_b, 0.0, sd) - p * mbn          # K = 0
+    Kz = _col(bn_b, 0.0, sd) + p * (K - mbn)
     sm = sbn_mean.to(_F64)
     zero = torch.zeros((C, 6), dtype=_F64, device=x.device)
-    saved = _bnsbn_saved(torch.zeros_like(sd), p, sd, Kz, sm[:, 0] / f, sm[:, 1] / f,
+    saved = _bnsbn_saved(K, p, sd, Kz, sm[:, 0] / f, sm[:, 1] / f,
                          sbn_var.to(_F64) / (f * f), mbn, torch.full_like(sd, float(N)), zero,
                          zero, sbn_w, sbn_b, sbn_eps, f)
     acc = _acc(x.dtype)
