@@ -35,8 +35,8 @@ import time
 from dataclasses import dataclass, field
 
 __all__ = ["Launch", "launch", "recording", "multiprocessor_count", "RECORDING_SM_COUNT",
-           "specialise", "explicit_specialisation", "compile_launches", "ptxas_for_sm90",
-           "legacy_ptxas", "cubin_resources", "reassemble"]
+           "specialise", "launch_key", "explicit_specialisation", "compile_launches",
+           "ptxas_for_sm90", "legacy_ptxas", "cubin_resources", "reassemble"]
 
 RECORDING_SM_COUNT = 132   # an H200 (the GPU machine): what meta tensors report while recording
 
@@ -169,6 +169,25 @@ def _jit_kwargs(rec: Launch) -> dict:
     if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):        # triton >= 3.7
         kw["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
     return kw
+
+
+def _arg_key(v):
+    if hasattr(v, "data_ptr") and hasattr(v, "dtype"):
+        return ("tensor", str(v.dtype), v.data_ptr() % 16)
+    if isinstance(v, (bool, int, float, str, type(None))):
+        return (type(v).__name__, v)
+    return (type(v).__name__, repr(v))
+
+
+def launch_key(rec: Launch) -> tuple:
+    """A key that is equal for launches the JIT cannot tell apart: the kernel, every scalar
+    argument by type and value, tensors by dtype and address modulo 16 (all the binder looks
+    at), constexprs and options. Finer than the specialisation (integers are compared by value,
+    not by their divisibility), so ``specialise`` needs to run once per key only (it costs ~3 ms:
+    the JIT's binder; a recording has ~10x more launches than keys)."""
+    return (id(rec.kernel), tuple(_arg_key(a) for a in rec.args),
+            tuple(sorted((k, _arg_key(v)) for k, v in rec.constexprs.items())), rec.num_warps,
+            rec.num_stages, tuple(sorted((k, _arg_key(v)) for k, v in rec.options.items())))
 
 
 def specialise(rec: Launch, arch: int = 90):
@@ -390,12 +409,17 @@ def compile_launches(launches, arch: int = 90, jobs: int | None = None,
     import multiprocessing
 
     unique: dict = {}
+    bound: dict = {}                  # launch_key -> the entry of its specialisation
     for rec in launches:
-        spec = specialise(rec, arch)
-        key = _spec_key(rec, spec)
-        entry = unique.get(key)
+        lk = launch_key(rec)
+        entry = bound.get(lk)
         if entry is None:
-            entry = unique[key] = {"rec": rec, "spec": spec, "launches": 0, "where": []}
+            spec = specialise(rec, arch)
+            key = _spec_key(rec, spec)
+            entry = unique.get(key)
+            if entry is None:
+                entry = unique[key] = {"rec": rec, "spec": spec, "launches": 0, "where": []}
+            bound[lk] = entry
         entry["launches"] += 1
         if rec.where and rec.where not in entry["where"] and len(entry["where"]) < 4:
             entry["where"].append(rec.where)

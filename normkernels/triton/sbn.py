@@ -74,7 +74,7 @@ _SM_COUNT: dict = {}
 PROGRAMS_PER_SM = 8          # statistics/apply programs aimed at per multiprocessor
 MIN_TILES_PER_CHUNK = 4      # a chunk is at least this many tiles of rows
 MAX_BW = 1024                # longest row held in one tile; longer rows are tiled
-TILE = 2048                  # elements per tile
+TILE = 2048                  # elements per tile (float64: half as many, the same registers)
 FINALIZE_BLOCK = 128         # channels per finalize program
 
 
@@ -203,6 +203,13 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=fmt)
 
 
+def _tile_elems(dtype: torch.dtype) -> int:
+    """Elements per tile: TILE for float32 accumulation, TILE // 2 for float64, so that a tile
+    takes the same registers (8 warps: 8 values a thread, 4 in float64; float64 tiles of 8 values
+    a thread spilled at some shapes)."""
+    return TILE if _acc(dtype) != torch.float64 else max(1, TILE // 2)
+
+
 def _max_offset(*ts) -> int:
     return max(sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) for t in ts)
 
@@ -216,13 +223,14 @@ class _Plan:
         sw = x.stride(3) if W > 1 else float("inf")
         sc = x.stride(1) if C > 1 else float("inf")
         cmajor = sc < sw              # channels_last-like: tiles run along C
+        tile = _tile_elems(x.dtype)
         bw = min(triton.next_power_of_2(W), MAX_BW)
         if cmajor:                    # >= 8 channels a row segment, a whole row if it fits
-            bc = min(triton.next_power_of_2(C), 64, max(8, TILE // bw))
-            bw = min(bw, max(1, TILE // bc))
+            bc = min(triton.next_power_of_2(C), 64, max(8, tile // bw))
+            bw = min(bw, max(1, tile // bc))
         else:
             bc = 1
-        br = max(1, min(TILE // (bw * bc), triton.next_power_of_2(max(self.NH, 1))))
+        br = max(1, min(tile // (bw * bc), triton.next_power_of_2(max(self.NH, 1))))
         self.BR, self.BW, self.BC = br, bw, bc
         # channels a thread holds along C: 16-bit data would take 8 (one 16-byte load), and every
         # per-channel coefficient then takes 8 registers; 4 (8-byte loads) halves that
@@ -237,7 +245,7 @@ class _Plan:
         self.n_chunks = triton.cdiv(self.NH, rows)
         self.grid = (self.c_blocks, self.n_chunks)
         self.idx64 = _max_offset(x, *others) >= 2 ** 31
-        self.num_warps = 8 if br * bw * bc >= 2048 else 4
+        self.num_warps = 8 if br * bw * bc >= max(tile, 1024) else 4
         self.acc_tl = _acc_tl(x.dtype)
 
     def consts(self, x):
@@ -293,8 +301,8 @@ def _forward_apply(x: torch.Tensor, saved: torch.Tensor, act: str, act_param: fl
     lx = _layout(x)
     cst = _row_consts(plan.W, x.device, _acc(x.dtype))
     launch(_sbn_fwd_apply_kernel, plan.grid, x, y, saved, cst, plan.C, plan.NH, plan.rows,
-           saved.shape[1], float(act_param), *_strides(x, lx), X_LAYOUT=lx, Y_LAYOUT=_layout(y),
-           ACT=_ACT_CODE[act], num_warps=plan.num_warps, **plan.consts(x))
+           saved.shape[1], float(act_param), _ACT_CODE[act], *_strides(x, lx), X_LAYOUT=lx,
+           Y_LAYOUT=_layout(y), num_warps=plan.num_warps, **plan.consts(x))
     return y
 
 
@@ -307,8 +315,8 @@ def _grad_pass(dy: torch.Tensor, x: torch.Tensor, saved: torch.Tensor, act: str,
         lx, ld = _layout(x), _layout(dy)
         cst = _row_consts(plan.W, x.device, _acc(x.dtype))
         launch(_sbn_grad_stats_kernel, plan.grid, dy, x, saved, cst, part, C, plan.NH, plan.rows,
-               saved.shape[1], float(act_param), *_strides(x, lx), *_strides(dy, ld),
-               X_LAYOUT=lx, DY_LAYOUT=ld, ACT=_ACT_CODE[act], num_warps=plan.num_warps,
+               saved.shape[1], float(act_param), _ACT_CODE[act], *_strides(x, lx),
+               *_strides(dy, ld), X_LAYOUT=lx, DY_LAYOUT=ld, num_warps=plan.num_warps,
                **plan.consts(x))
     return part, plan.n_chunks
 
@@ -321,8 +329,8 @@ def _backward_apply(dy, x, saved, coef, training: bool, act: str, act_param: flo
     lx, ld = _layout(x), _layout(dy)
     cst = _row_consts(plan.W, x.device, _acc(x.dtype))
     launch(_sbn_bwd_apply_kernel, plan.grid, dy, x, dx, saved, coef, cst, plan.C, plan.NH,
-           plan.rows, saved.shape[1], float(act_param), *_strides(x, lx), *_strides(dy, ld),
-           X_LAYOUT=lx, DY_LAYOUT=ld, DX_LAYOUT=_layout(dx), ACT=_ACT_CODE[act],
+           plan.rows, saved.shape[1], float(act_param), _ACT_CODE[act], *_strides(x, lx),
+           *_strides(dy, ld), X_LAYOUT=lx, DY_LAYOUT=ld, DX_LAYOUT=_layout(dx),
            TRAINING=bool(training), num_warps=plan.num_warps, **plan.consts(x))
     return dx
 
@@ -361,7 +369,7 @@ def _sbn_finalize(x, src, n_src, rank, weight, bias, mean, var, eps, fft_norm, s
                weight if weight is not None else dummy, bias if bias is not None else dummy,
                mean if mean is not None else dummy, var if var is not None else dummy,
                out_mean, out_var, saved, C, n_src, rank, float(N), float(eps) * hf2, f, f2, hf,
-               hf2, H=H, W=W, SRC=src_kind, HAS_W=weight is not None, HAS_B=bias is not None,
+               hf2, H, W, SRC=src_kind, HAS_W=weight is not None, HAS_B=bias is not None,
                BLOCK=block, num_warps=4)
     return out_mean, out_var, saved
 
@@ -455,7 +463,7 @@ def _sbn_bwd(dy, x, saved, src, all_sums, n_chunks, training, fft_norm, act, act
     if C > 0:
         grid, block = _fin_grid(C)
         launch(_sbn_bwd_finalize_kernel, grid, src, all_sums if all_sums is not None else src,
-               saved, coef, dw, db, C, n_chunks, hf, H=H, W=W, SRC=src_kind,
+               saved, coef, dw, db, C, n_chunks, hf, H, W, SRC=src_kind,
                TRAINING=bool(training), BLOCK=block, num_warps=4)
     dx = _backward_apply(dy, x, saved, coef, training, act, act_param)
     return dx, dw, db
@@ -512,7 +520,7 @@ def _bnsbn_finalize(x, src, n_src, rank, bn_w, bn_b, sbn_w, sbn_b, bn_mean, bn_v
         ins = [_opt(t) for t in (bn_w, bn_b, sbn_w, sbn_b, bn_mean, bn_var, sbn_mean, sbn_var)]
         launch(_bnsbn_finalize_kernel, grid, src if src is not None else saved,
                *[t if t is not None else saved for t in ins], *outs, saved, C, n_src, rank,
-               float(N), float(bn_eps), float(sbn_eps) * hf2, f, f2, hf, hf2, H=H, W=W,
+               float(N), float(bn_eps), float(sbn_eps) * hf2, f, f2, hf, hf2, H, W,
                SRC=src_kind, HAS_BW=bn_w is not None, HAS_BB=bn_b is not None,
                HAS_SW=sbn_w is not None, HAS_SB=sbn_b is not None, ACC=_acc_tl(x.dtype),
                BLOCK=block, num_warps=4)
@@ -585,7 +593,7 @@ def _bnsbn_bwd(dy, x, saved, src, all_sums, n_chunks, training, fft_norm, act, a
     if C > 0:
         grid, block = _fin_grid(C)
         launch(_bnsbn_bwd_finalize_kernel, grid, src, all_sums if all_sums is not None else src,
-               saved, coef, *grads, C, n_chunks, float(N), hf, H=H, W=W, SRC=src_kind,
+               saved, coef, *grads, C, n_chunks, float(N), hf, H, W, SRC=src_kind,
                TRAINING=bool(training), BLOCK=block, num_warps=4)
     dx = _backward_apply(dy, x, saved, coef, training, act, act_param)
     return (dx, *grads)
@@ -736,9 +744,10 @@ class _FFTPlan:
     def __init__(self, Xr: torch.Tensor):
         N, C, H, Wr, _ = Xr.shape
         self.N, self.C, self.H, self.J2 = N, C, H, 2 * Wr
-        bj = min(triton.next_power_of_2(self.J2), MAX_BW)
-        bh = min(triton.next_power_of_2(H), max(1, TILE // bj))
-        bn = max(1, min(triton.next_power_of_2(max(N, 1)), TILE // (bj * bh)))
+        tile = _tile_elems(Xr.dtype)
+        bj = max(2, min(triton.next_power_of_2(self.J2), MAX_BW))   # even: re, im pairs
+        bh = min(triton.next_power_of_2(H), max(1, tile // bj))
+        bn = max(1, min(triton.next_power_of_2(max(N, 1)), tile // (bj * bh)))
         self.BN, self.BH, self.BJ = bn, bh, bj
         target = PROGRAMS_PER_SM * _sm_count(Xr.device)
         n_chunks = max(1, min(triton.cdiv(target, max(C, 1)), triton.cdiv(max(N, 1), bn)))
@@ -746,7 +755,7 @@ class _FFTPlan:
         self.n_chunks = triton.cdiv(N, self.n_per_chunk)
         self.grid = (C, self.n_chunks)
         self.idx64 = Xr.numel() >= 2 ** 31
-        self.num_warps = 8 if bn * bh * bj >= 2048 else 4
+        self.num_warps = 8 if bn * bh * bj >= max(tile, 1024) else 4
 
     def consts(self, dtype):
         return dict(IDX64=self.idx64, ACC=_acc_tl(dtype), BN=self.BN, BH=self.BH, BJ=self.BJ)
@@ -788,7 +797,7 @@ def sbn_fft_spectral_forward(Xr, weight, bias, stats, eps):
         weight, bias = _opt(weight), _opt(bias)
         launch(_fft_apply_kernel, plan.grid, Xr, Y, part, st,
                weight if weight is not None else st, bias if bias is not None else st, C, N, H,
-               plan.J2, plan.n_chunks, plan.n_per_chunk, float(N * H * Wr), float(eps),
+               plan.J2, plan.n_chunks, plan.n_per_chunk, 1.0 / max(N * H * Wr, 1), float(eps),
                TRAIN=train, HAS_W=weight is not None, HAS_B=bias is not None,
                num_warps=plan.num_warps, **plan.consts(acc))
     return Y, st
@@ -824,7 +833,7 @@ def sbn_fft_spectral_backward(Gr, Xr, weight, stats, eps, W, training, fft_norm=
         weight = _opt(weight)
         launch(_fft_grad_apply_kernel, plan.grid, Gr, Xr, O, part, st,
                weight if weight is not None else st, grads, C, N, H, plan.J2, int(W),
-               plan.n_chunks, plan.n_per_chunk, float(N * H * Wr), r, 1.0 / r, float(eps),
+               plan.n_chunks, plan.n_per_chunk, 1.0 / max(N * H * Wr, 1), r, 1.0 / r, float(eps),
                TRAIN=bool(training), HAS_W=weight is not None, num_warps=plan.num_warps,
                **plan.consts(acc))
     return O, grads

@@ -61,28 +61,61 @@ _NCOEF = 6   # backward apply coefficients: [c_t, c_R, c_A, cst, u, v] (dy's is 
 
 
 @triton.jit
-def act_forward(pre, slope, ACT: tl.constexpr):
-    """act(pre); ACT: 0 identity, 1 relu, 2 leaky_relu (slope), 3 silu (csrc/activation.h)."""
-    if ACT == 1:
+def _sigmoid(pre):
+    """1 / (1 + exp(-pre)). In float64 the reciprocal comes from a float32 seed and two Newton
+    steps (~1 ulp): an IEEE float64 division calls a slow-path routine, and the registers saved
+    around that call are spills (local memory) in every pass that holds the activation."""
+    d = 1.0 + tl.exp(-pre)
+    if pre.dtype == tl.float64:
+        r0 = (1.0 / d.to(tl.float32)).to(tl.float64)
+        r1 = r0 * (2.0 - d * r0)
+        # past 1e30 (pre < -69) the sigmoid is exp(pre) to 1e-30 relative; NaN stays NaN
+        s = tl.where(d < 1e30, r1 * (2.0 - d * r1), tl.exp(pre))
+    else:
+        s = 1.0 / d
+    return s
+
+
+@triton.jit
+def _rsqrt64(v):
+    """1 / sqrt(v) of float64 values without the slow-path calls of sqrt.rn / div.rn.f64 (see
+    _sigmoid): v = m 2^e (e even) scaled exactly to m in [0.25, 4), a float32 seed, two Newton
+    steps (~1 ulp), times 2^(-e/2). v = 0 gives inf, inf gives 0, NaN stays NaN."""
+    e = ((v.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023
+    e = tl.minimum(tl.maximum(e, -1000), 1000) & -2
+    m = v * ((1023 - e) << 52).to(tl.float64, bitcast=True)
+    y = tl.rsqrt(m.to(tl.float32)).to(tl.float64)
+    h = 0.5 * m
+    y = y * (1.5 - h * y * y)
+    y = y * (1.5 - h * y * y)
+    y = y * ((1023 - e // 2) << 52).to(tl.float64, bitcast=True)
+    return tl.where(v == 0, float("inf"), tl.where(v == float("inf"), 0.0, y))
+
+
+@triton.jit
+def act_forward(pre, slope, act):
+    """act(pre); act: 0 identity, 1 relu, 2 leaky_relu (slope), 3 silu (csrc/activation.h). A
+    runtime argument, uniform over the grid: a branch per tile, one compiled kernel for all four."""
+    if act == 1:
         out = tl.where(pre < 0, 0.0, pre)            # NaN stays NaN, as torch.relu
-    elif ACT == 2:
+    elif act == 2:
         out = tl.where(pre > 0, pre, pre * slope)
-    elif ACT == 3:
-        out = pre * (1.0 / (1.0 + tl.exp(-pre)))
+    elif act == 3:
+        out = pre * _sigmoid(pre)
     else:
         out = pre
     return out
 
 
 @triton.jit
-def act_backward(pre, dy, slope, ACT: tl.constexpr):
+def act_backward(pre, dy, slope, act):
     """act'(pre) * dy with torch's values at the kink: relu'(0) = 0, leaky_relu'(0) = slope."""
-    if ACT == 1:
+    if act == 1:
         g = tl.where(pre > 0, dy, 0.0)
-    elif ACT == 2:
+    elif act == 2:
         g = tl.where(pre > 0, dy, dy * slope)
-    elif ACT == 3:
-        s = 1.0 / (1.0 + tl.exp(-pre))
+    elif act == 3:
+        s = _sigmoid(pre)
         g = dy * s * (1.0 + pre * (1.0 - s))
     else:
         g = dy
@@ -226,11 +259,11 @@ def _coef(ptr, k, cols, c, cmask, ACC: tl.constexpr):
     return tl.load(ptr + c * cols + k, mask=cmask, other=0.0).to(ACC)[None, None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["act"])
 def _sbn_fwd_apply_kernel(x_ptr, y_ptr, sv_ptr, cst_ptr, C, NH, rows_per_chunk, sv_cols,
-                          slope: tl.float64, sN, sC, sH, sW,
+                          slope: tl.float64, act, sN, sC, sH, sW,
                           H: tl.constexpr, W: tl.constexpr, X_LAYOUT: tl.constexpr,
-                          Y_LAYOUT: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr,
+                          Y_LAYOUT: tl.constexpr, IDX64: tl.constexpr,
                           ACC: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
                           BC: tl.constexpr, VEC: tl.constexpr):
     """y = act(pre), pre from saved[:, :5] (SBN and BN+SBN alike)."""
@@ -253,16 +286,16 @@ def _sbn_fwd_apply_kernel(x_ptr, y_ptr, sv_ptr, cst_ptr, C, NH, rows_per_chunk, 
                          mask=m, other=0.0).to(ACC)
             pre = _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h, has_row0,
                        W, ACC)
-            y = act_forward(pre, sl, ACT)
+            y = act_forward(pre, sl, act)
             tl.store(y_ptr + _offsets(n, h, w3, c3, C, 0, 0, 0, 0, H, W, Y_LAYOUT),
                      y.to(y_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["act"])
 def _sbn_grad_stats_kernel(dy_ptr, x_ptr, sv_ptr, cst_ptr, part_ptr, C, NH, rows_per_chunk,
-                           sv_cols, slope: tl.float64, sN, sC, sH, sW, dN, dC, dH, dW,
+                           sv_cols, slope: tl.float64, act, sN, sC, sH, sW, dN, dC, dH, dW,
                            H: tl.constexpr, W: tl.constexpr, X_LAYOUT: tl.constexpr,
-                           DY_LAYOUT: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr,
+                           DY_LAYOUT: tl.constexpr, IDX64: tl.constexpr,
                            ACC: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
                            BC: tl.constexpr, VEC: tl.constexpr):
     """Partials part[chunk, :, c] = [sum g, sum g t, sum_n g[n,0,0], sum_{n,w} g[n,0,w] Pi[w]],
@@ -292,7 +325,7 @@ def _sbn_grad_stats_kernel(dy_ptr, x_ptr, sv_ptr, cst_ptr, part_ptr, C, NH, rows
                           mask=m, other=0.0).to(ACC)
             pre = _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h, has_row0,
                        W, ACC)
-            g = tl.where(m, act_backward(pre, dyv, sl, ACT), 0.0)
+            g = tl.where(m, act_backward(pre, dyv, sl, act), 0.0)
             sg += g
             sgt += g * (xv - K)
             if has_row0:
@@ -307,12 +340,12 @@ def _sbn_grad_stats_kernel(dy_ptr, x_ptr, sv_ptr, cst_ptr, part_ptr, C, NH, rows
     tl.store(out + 3 * C, tl.sum(tl.sum(g1, 0), 0).to(tl.float64), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["act"])
 def _sbn_bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, sv_ptr, coef_ptr, cst_ptr, C, NH,
-                          rows_per_chunk, sv_cols, slope: tl.float64, sN, sC, sH, sW,
+                          rows_per_chunk, sv_cols, slope: tl.float64, act, sN, sC, sH, sW,
                           dN, dC, dH, dW, H: tl.constexpr, W: tl.constexpr,
                           X_LAYOUT: tl.constexpr, DY_LAYOUT: tl.constexpr,
-                          DX_LAYOUT: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr,
+                          DX_LAYOUT: tl.constexpr, TRAINING: tl.constexpr,
                           IDX64: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr,
                           BW: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr):
     """dx = cx g + c_t t + c_R R + c_A A (-1)^w + cst + [h==0](u Re D + v Im D) (training) or
@@ -352,14 +385,14 @@ def _sbn_bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, sv_ptr, coef_ptr, cst_ptr, C, N
             w3 = (w0 + tl.arange(0, BW))[None, :, None]
             wm3 = w3 < W
             m = rmask & wm3 & cm3
-            xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W, X_LAYOUT),
-                         mask=m, other=0.0).to(ACC)
             dyv = tl.load(dy_ptr + _offsets(n, h, w3, c3, C, dN, dC, dH, dW, H, W, DY_LAYOUT),
                           mask=m, other=0.0).to(ACC)
-            pre = _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h, has_row0,
-                       W, ACC)
-            g = act_backward(pre, dyv, sl, ACT)
             if TRAINING:
+                xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W, X_LAYOUT),
+                             mask=m, other=0.0).to(ACC)
+                pre = _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h,
+                           has_row0, W, ACC)
+                g = act_backward(pre, dyv, sl, act)
                 t = tl.where(m, xv - K, 0.0)
                 if W <= BW:
                     R = tl.sum(t, axis=1, keep_dims=True)
@@ -375,6 +408,14 @@ def _sbn_bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, sv_ptr, coef_ptr, cst_ptr, C, N
                     dim = tl.load(cst_ptr + W + w3, mask=wm3, other=0.0)
                     out = tl.where(h == 0, out + tl.fma(uD, dre, vD * dim), out)
             else:
+                if act == 0:        # identity: dx = cx dy, x is not read
+                    g = dyv
+                else:
+                    xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W,
+                                                  X_LAYOUT), mask=m, other=0.0).to(ACC)
+                    pre = _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h,
+                               has_row0, W, ACC)
+                    g = act_backward(pre, dyv, sl, act)
                 out = cx * g
             tl.store(dx_ptr + _offsets(n, h, w3, c3, C, 0, 0, 0, 0, H, W, DX_LAYOUT),
                      out.to(dx_ptr.dtype.element_ty), mask=m)
@@ -409,7 +450,7 @@ def _local_sums(part_ptr, n_chunks, C, c, cmask):
 
 
 @triton.jit
-def _group_sums(rows_ptr, P, rank, C, c, cmask, H: tl.constexpr, W: tl.constexpr):
+def _group_sums(rows_ptr, P, rank, C, c, cmask, H, W):
     """rows_all (P, C, 8) [N, K, S1, S2, SR, SA, SD0, SD1] of every process -> (N_all, K*, the
     group's sums at K*, process ``rank``'s sums at K*), K* = the shift of the first process with
     N > 0. Re-centering t' = t + d, d = K_p - K*, n = N_p H W (exact):
@@ -470,7 +511,7 @@ def _group_sums(rows_ptr, P, rank, C, c, cmask, H: tl.constexpr, W: tl.constexpr
 
 
 @triton.jit
-def _spectral_stats(S1, S2, SR, SA, SD0, SD1, K, N, H: tl.constexpr, W: tl.constexpr):
+def _spectral_stats(S1, S2, SR, SA, SD0, SD1, K, N, H, W):
     """Shifted sums of t = z - K over N samples -> (Re mu, Im mu, var) of SBN on z ("backward"
     scale), exactly: mu_t = (H/M) SD, var_t = (HW S2 + H SR + [W even] H SA)/(2M) - |mu_t|^2,
     mu = mu_t + K W/Wr, var = var_t + d (N (d - K W/Wr) + 2 (S1 - N Re mu_t)) / M, d = K H W."""
@@ -497,7 +538,7 @@ def _param(ptr, c, cmask, HAS: tl.constexpr, default: tl.constexpr):
 
 
 @triton.jit
-def _sbn_grad_core(Sdy, Gt, G0, G1, Kz, mr, mi, s, a, N, H: tl.constexpr, W: tl.constexpr):
+def _sbn_grad_core(Sdy, Gt, G0, G1, Kz, mr, mi, s, a, N, H, W):
     """SBN backward on z from the gradient sums (of every process): Sdy = sum g, Gt = sum g (z-Kz),
     G0, G1 (row-0 sums against Pr, Pi) -> (kE, u, v, cst) with
     dz = a g + kE (HW (z-Kz) + H R + [W even] H A (-1)^w) + cst + [h==0] (u Re D + v Im D)."""
@@ -511,8 +552,7 @@ def _sbn_grad_core(Sdy, Gt, G0, G1, Kz, mr, mi, s, a, N, H: tl.constexpr, W: tl.
 
 
 @triton.jit
-def _bn_grad_sums(S1, S2, SR, SA, SD0, SD1, Sdy, Gt, a, p, kE, cst_z, u_z, v_z, N,
-                  H: tl.constexpr, W: tl.constexpr):
+def _bn_grad_sums(S1, S2, SR, SA, SD0, SD1, Sdy, Gt, a, p, kE, cst_z, u_z, v_z, N, H, W):
     """Sums of dz and dz t over N samples with statistics sums S* and gradient sums Sdy, Gt:
     dz = a g + kE p (HW t + H R_t + [even] H A_t (-1)^w) + cst_z + [h==0](u_z Re D + v_z Im D)
     (sum_w D(w) = W)."""
@@ -530,7 +570,7 @@ def _bn_grad_sums(S1, S2, SR, SA, SD0, SD1, Sdy, Gt, a, p, kE, cst_z, u_z, v_z, 
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks"])
 def _rows_kernel(part_ptr, out_ptr, n_chunks, C, N_f: tl.float64, STATS: tl.constexpr,
                  BLOCK: tl.constexpr):
     """Reduce this process's partials: STATS: rows (C, 8) = [N, K, S1, S2, SR, SA, SD0, SD1];
@@ -555,8 +595,7 @@ def _rows_kernel(part_ptr, out_ptr, n_chunks, C, N_f: tl.float64, STATS: tl.cons
 
 
 @triton.jit
-def _batch_stats(src_ptr, n_src, rank, C, c, cmask, N_f, H: tl.constexpr, W: tl.constexpr,
-                 SRC: tl.constexpr):
+def _batch_stats(src_ptr, n_src, rank, C, c, cmask, N_f, H, W, SRC: tl.constexpr):
     """(N_all, K, the group's sums, this process's sums) from this process's partials (SRC 0)
     or from every process's rows (SRC 1)."""
     if SRC == 0:
@@ -569,12 +608,12 @@ def _batch_stats(src_ptr, n_src, rank, C, c, cmask, N_f, H: tl.constexpr, W: tl.
     return N_all, K, S1, S2, SR, SA, SD0, SD1, L1, L2, LR, LA, LD0, LD1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_src", "rank", "H", "W"])
 def _sbn_finalize_kernel(src_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, out_mean_ptr, out_var_ptr,
                          sv_ptr, C, n_src, rank, N_f: tl.float64, eps_eff: tl.float64,
-                         f: tl.float64, f2: tl.float64, hf: tl.float64, hf2: tl.float64,
-                         H: tl.constexpr, W: tl.constexpr, SRC: tl.constexpr,
-                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+                         f: tl.float64, f2: tl.float64, hf: tl.float64, hf2: tl.float64, H, W,
+                         SRC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                         BLOCK: tl.constexpr):
     """SBN statistics and coefficients. SRC 0: from this process's partials, 1: from rows_all
     (P = n_src processes), 2: eval (mean (C, 2), var (C,) in the fft_norm scale).
     Writes batch mean (C, 2) / var (C,) (the fft_norm scale) and saved (C, 10)."""
@@ -625,15 +664,15 @@ def _store6(o, cmask, s1, s2, sr, sa, sd0, sd1):
     tl.store(o + 5, sd1, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_src", "rank", "H", "W"])
 def _bnsbn_finalize_kernel(src_ptr, bw_ptr, bb_ptr, sw_ptr, sb_ptr, bmean_ptr, bvar_ptr,
                            smean_ptr, svar_ptr, o_bmean_ptr, o_bvar_ptr, o_smean_ptr,
                            o_svar_ptr, sv_ptr, C, n_src, rank, N_f: tl.float64,
                            bn_eps: tl.float64, eps_eff: tl.float64, f: tl.float64,
-                           f2: tl.float64, hf: tl.float64, hf2: tl.float64, H: tl.constexpr,
-                           W: tl.constexpr, SRC: tl.constexpr, HAS_BW: tl.constexpr,
-                           HAS_BB: tl.constexpr, HAS_SW: tl.constexpr, HAS_SB: tl.constexpr,
-                           ACC: tl.constexpr, BLOCK: tl.constexpr):
+                           f2: tl.float64, hf: tl.float64, hf2: tl.float64, H, W,
+                           SRC: tl.constexpr, HAS_BW: tl.constexpr, HAS_BB: tl.constexpr,
+                           HAS_SW: tl.constexpr, HAS_SB: tl.constexpr, ACC: tl.constexpr,
+                           BLOCK: tl.constexpr):
     """BN then SBN: z = p t + Kz (t = x - K), SBN statistics of z from the same sums:
     sum (z - Kz) = p S1, sum (z-Kz)^2 = p^2 S2, SR, SA scale by p^2, SD by p. Writes bn mean/var,
     sbn mean (C, 2) / var (fft_norm scale) and saved (C, 26)."""
@@ -736,10 +775,10 @@ def _store_coefs(coef_ptr, c, cmask, c_t, c_R, c_A, cst, u, v):
     tl.store(o + 5, v, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks", "H", "W"])
 def _sbn_bwd_finalize_kernel(src_ptr, all_ptr, sv_ptr, coef_ptr, dw_ptr, db_ptr, C, n_chunks,
-                             hf: tl.float64, H: tl.constexpr, W: tl.constexpr,
-                             SRC: tl.constexpr, TRAINING: tl.constexpr, BLOCK: tl.constexpr):
+                             hf: tl.float64, H, W, SRC: tl.constexpr, TRAINING: tl.constexpr,
+                             BLOCK: tl.constexpr):
     """SBN backward coefficients (C, 6) for the apply pass (from the group's gradient sums) and
     dweight = Ga/s, dbias = h G0 (from this process's)."""
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -769,11 +808,11 @@ def _sbn_bwd_finalize_kernel(src_ptr, all_ptr, sv_ptr, coef_ptr, dw_ptr, db_ptr,
         _store_coefs(coef_ptr, c, cmask, zero, zero, zero, zero, zero, zero)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks", "H", "W"])
 def _bnsbn_bwd_finalize_kernel(src_ptr, all_ptr, sv_ptr, coef_ptr, dbw_ptr, dbb_ptr, dsw_ptr,
                                dsb_ptr, C, n_chunks, N_local_f: tl.float64, hf: tl.float64,
-                               H: tl.constexpr, W: tl.constexpr, SRC: tl.constexpr,
-                               TRAINING: tl.constexpr, BLOCK: tl.constexpr):
+                               H, W, SRC: tl.constexpr, TRAINING: tl.constexpr,
+                               BLOCK: tl.constexpr):
     """BN+SBN backward: SBN on z = p t + Kz, then BN's backward with dz's sums. Coefficients from
     the group's sums (saved S*, gradient sums of every process); the parameter gradients are this
     process's share (saved L*, gsums_local, this process's N)."""
@@ -858,6 +897,16 @@ def _fft_tile(n0, h0, j0, c, C, H, J2, n_end, IDX64: tl.constexpr, BN: tl.conste
 
 
 @triton.jit
+def _store_re_im(o, C, a, a2, BJ: tl.constexpr):
+    """o[0], o[C], o[2 C] = sums of a at even positions j (re), at odd ones (im), sum of a2.
+    j0 is a multiple of BJ (even: J2 = 2 Wr), so a position's parity is that of its index."""
+    is_re = (tl.arange(0, BJ) % 2 == 0)[None, None, :]
+    tl.store(o, tl.sum(tl.sum(tl.sum(tl.where(is_re, a, 0.0), 0), 0), 0).to(tl.float64))
+    tl.store(o + C, tl.sum(tl.sum(tl.sum(tl.where(is_re, 0.0, a), 0), 0), 0).to(tl.float64))
+    tl.store(o + 2 * C, tl.sum(tl.sum(tl.sum(a2, 0), 0), 0).to(tl.float64))
+
+
+@triton.jit
 def _fft_stats_kernel(X_ptr, part_ptr, C, N, H, J2, n_per_chunk, IDX64: tl.constexpr,
                       ACC: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BJ: tl.constexpr):
     """part[chunk, :, c] = [sum (re - sr), sum (im - si), sum |X - s|^2] over this chunk's
@@ -869,8 +918,7 @@ def _fft_stats_kernel(X_ptr, part_ptr, C, N, H, J2, n_per_chunk, IDX64: tl.const
     si = tl.load(X_ptr + cb + 1).to(ACC)
     n_start = chunk * n_per_chunk
     n_end = tl.minimum(n_start + n_per_chunk, N)
-    a_re = tl.zeros([BN, BH, BJ], ACC)
-    a_im = tl.zeros([BN, BH, BJ], ACC)
+    a_d = tl.zeros([BN, BH, BJ], ACC)        # re at even positions j, im at odd ones
     a_sq = tl.zeros([BN, BH, BJ], ACC)
     for n0 in range(n_start, n_end, BN):
         for h0 in range(0, H, BH):
@@ -879,13 +927,9 @@ def _fft_stats_kernel(X_ptr, part_ptr, C, N, H, J2, n_per_chunk, IDX64: tl.const
                 is_re = (j % 2) == 0
                 v = tl.load(X_ptr + off, mask=m, other=0.0).to(ACC)
                 d = tl.where(m, v - tl.where(is_re, sr, si), 0.0)
-                a_re += tl.where(is_re, d, 0.0)
-                a_im += tl.where(is_re, 0.0, d)
+                a_d += d
                 a_sq += d * d
-    o = part_ptr + chunk * 3 * C + c
-    tl.store(o, tl.sum(tl.sum(tl.sum(a_re, 0), 0), 0).to(tl.float64))
-    tl.store(o + C, tl.sum(tl.sum(tl.sum(a_im, 0), 0), 0).to(tl.float64))
-    tl.store(o + 2 * C, tl.sum(tl.sum(tl.sum(a_sq, 0), 0), 0).to(tl.float64))
+    _store_re_im(part_ptr + chunk * 3 * C + c, C, a_d, a_sq, BJ)
 
 
 @triton.jit
@@ -896,9 +940,9 @@ def _sum_chunks(part_ptr, n_chunks, C, c, k: tl.constexpr):
     return s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks"])
 def _fft_apply_kernel(X_ptr, Y_ptr, part_ptr, stat_ptr, w_ptr, b_ptr, C, N, H, J2, n_chunks,
-                      n_per_chunk, M_f: tl.float64, eps: tl.float64, TRAIN: tl.constexpr,
+                      n_per_chunk, inv_M: tl.float64, eps: tl.float64, TRAIN: tl.constexpr,
                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, IDX64: tl.constexpr,
                       ACC: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BJ: tl.constexpr):
     """Y = gamma (X - mu) / sqrt(var + eps) + beta; training: mu, var from the partials (every
@@ -910,9 +954,9 @@ def _fft_apply_kernel(X_ptr, Y_ptr, part_ptr, stat_ptr, w_ptr, b_ptr, C, N, H, J
         cb = c.to(tl.int64) * H * J2 if IDX64 else c * H * J2
         sr = tl.load(X_ptr + cb).to(tl.float64)
         si = tl.load(X_ptr + cb + 1).to(tl.float64)
-        mr_d = _sum_chunks(part_ptr, n_chunks, C, c, 0) / M_f
-        mi_d = _sum_chunks(part_ptr, n_chunks, C, c, 1) / M_f
-        var = tl.maximum(_sum_chunks(part_ptr, n_chunks, C, c, 2) / M_f - mr_d * mr_d
+        mr_d = _sum_chunks(part_ptr, n_chunks, C, c, 0) * inv_M
+        mi_d = _sum_chunks(part_ptr, n_chunks, C, c, 1) * inv_M
+        var = tl.maximum(_sum_chunks(part_ptr, n_chunks, C, c, 2) * inv_M - mr_d * mr_d
                          - mi_d * mi_d, 0.0)
         mr = mr_d + sr
         mi = mi_d + si
@@ -924,7 +968,7 @@ def _fft_apply_kernel(X_ptr, Y_ptr, part_ptr, stat_ptr, w_ptr, b_ptr, C, N, H, J
         mr = tl.load(stat_ptr + 3 * c).to(tl.float64)
         mi = tl.load(stat_ptr + 3 * c + 1).to(tl.float64)
         var = tl.load(stat_ptr + 3 * c + 2).to(tl.float64)
-    a64 = 1.0 / tl.sqrt(var + eps)
+    a64 = _rsqrt64(var + eps)
     if HAS_W:
         a64 = a64 * tl.load(w_ptr + c).to(tl.float64)
     a = a64.to(ACC)
@@ -963,10 +1007,9 @@ def _fft_grad_stats_kernel(G_ptr, X_ptr, part_ptr, stat_ptr, C, N, H, J2, W, n_p
     chunk = tl.program_id(1)
     mr = tl.load(stat_ptr + 3 * c).to(ACC)
     mi = tl.load(stat_ptr + 3 * c + 1).to(ACC)
-    inv_s = (1.0 / tl.sqrt(tl.load(stat_ptr + 3 * c + 2).to(tl.float64) + eps)).to(ACC)
+    inv_s = _rsqrt64(tl.load(stat_ptr + 3 * c + 2).to(tl.float64) + eps).to(ACC)
     ra = _f64(r).to(ACC)
-    a_re = tl.zeros([BN, BH, BJ], ACC)
-    a_im = tl.zeros([BN, BH, BJ], ACC)
+    a_g = tl.zeros([BN, BH, BJ], ACC)        # re at even positions j, im at odd ones
     a_gx = tl.zeros([BN, BH, BJ], ACC)
     n_start = chunk * n_per_chunk
     n_end = tl.minimum(n_start + n_per_chunk, N)
@@ -979,18 +1022,14 @@ def _fft_grad_stats_kernel(G_ptr, X_ptr, part_ptr, stat_ptr, C, N, H, J2, W, n_p
                 g = g.to(ACC)
                 xv = tl.load(X_ptr + off, mask=m, other=0.0).to(ACC)
                 xh = (xv - tl.where(is_re, mr, mi)) * inv_s
-                a_re += tl.where(is_re, g, 0.0)
-                a_im += tl.where(is_re, 0.0, g)
+                a_g += g
                 a_gx += g * xh
-    o = part_ptr + chunk * 3 * C + c
-    tl.store(o, tl.sum(tl.sum(tl.sum(a_re, 0), 0), 0).to(tl.float64))
-    tl.store(o + C, tl.sum(tl.sum(tl.sum(a_im, 0), 0), 0).to(tl.float64))
-    tl.store(o + 2 * C, tl.sum(tl.sum(tl.sum(a_gx, 0), 0), 0).to(tl.float64))
+    _store_re_im(part_ptr + chunk * 3 * C + c, C, a_g, a_gx, BJ)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks"])
 def _fft_grad_apply_kernel(G_ptr, X_ptr, O_ptr, part_ptr, stat_ptr, w_ptr, grad_ptr, C, N, H,
-                           J2, W, n_chunks, n_per_chunk, M_f: tl.float64, r: tl.float64,
+                           J2, W, n_chunks, n_per_chunk, inv_M: tl.float64, r: tl.float64,
                            r_inv: tl.float64, eps: tl.float64, TRAIN: tl.constexpr, HAS_W: tl.constexpr,
                            IDX64: tl.constexpr, ACC: tl.constexpr, BN: tl.constexpr,
                            BH: tl.constexpr, BJ: tl.constexpr):
@@ -1007,15 +1046,15 @@ def _fft_grad_apply_kernel(G_ptr, X_ptr, O_ptr, part_ptr, stat_ptr, w_ptr, grad_
         tl.store(grad_ptr + 2 * c + 1, dbeta.to(grad_ptr.dtype.element_ty))
     mr = tl.load(stat_ptr + 3 * c).to(ACC)
     mi = tl.load(stat_ptr + 3 * c + 1).to(ACC)
-    inv_s64 = 1.0 / tl.sqrt(tl.load(stat_ptr + 3 * c + 2).to(tl.float64) + eps)
+    inv_s64 = _rsqrt64(tl.load(stat_ptr + 3 * c + 2).to(tl.float64) + eps)
     a64 = inv_s64
     if HAS_W:
         a64 = a64 * tl.load(w_ptr + c).to(tl.float64)
     a = a64.to(ACC)
     inv_s = inv_s64.to(ACC)
-    mean_r = (dbeta / M_f).to(ACC)
-    mean_i = (g_im / M_f).to(ACC)
-    kx = (dgamma / M_f).to(ACC)
+    mean_r = (dbeta * inv_M).to(ACC)
+    mean_i = (g_im * inv_M).to(ACC)
+    kx = (dgamma * inv_M).to(ACC)
     ra = _f64(r).to(ACC)
     ria = _f64(r_inv).to(ACC)
     n_start = chunk * n_per_chunk
