@@ -758,7 +758,7 @@ class _FFTPlan:
         self.num_warps = 8 if bn * bh * bj >= max(tile, 1024) else 4
 
     def consts(self, dtype):
-        return dict(IDX64=self.idx64, ACC=_acc_tl(dtype), BN=self.BN, BH=self.BH, BJ=self.BJ)
+        return dict(H=self.H, J2=self.J2, IDX64=self.idx64, ACC=_acc_tl(dtype), BN=self.BN, BH=self.BH, BJ=self.BJ)
 
 
 def _check_spectrum(op: str, t, name: str, like=None) -> None:
@@ -792,12 +792,12 @@ def sbn_fft_spectral_forward(Xr, weight, bias, stats, eps):
         plan = _FFTPlan(Xr)
         part = torch.empty((max(plan.n_chunks, 1), 3, C), dtype=torch.float64, device=Xr.device)
         if train:
-            launch(_fft_stats_kernel, plan.grid, Xr, part, C, N, H, plan.J2, plan.n_per_chunk,
+            launch(_fft_stats_kernel, plan.grid, Xr, part, C, N, plan.n_per_chunk,
                    num_warps=plan.num_warps, **plan.consts(acc))
         weight, bias = _opt(weight), _opt(bias)
         launch(_fft_apply_kernel, plan.grid, Xr, Y, part, st,
-               weight if weight is not None else st, bias if bias is not None else st, C, N, H,
-               plan.J2, plan.n_chunks, plan.n_per_chunk, 1.0 / max(N * H * Wr, 1), float(eps),
+               weight if weight is not None else st, bias if bias is not None else st, C, N,
+               plan.n_chunks, plan.n_per_chunk, 1.0 / max(N * H * Wr, 1), float(eps),
                TRAIN=train, HAS_W=weight is not None, HAS_B=bias is not None,
                num_warps=plan.num_warps, **plan.consts(acc))
     return Y, st
@@ -828,12 +828,12 @@ def sbn_fft_spectral_backward(Gr, Xr, weight, stats, eps, W, training, fft_norm=
             return O, grads.zero_()
         plan = _FFTPlan(Xr)
         part = torch.empty((max(plan.n_chunks, 1), 3, C), dtype=torch.float64, device=Xr.device)
-        launch(_fft_grad_stats_kernel, plan.grid, Gr, Xr, part, st, C, N, H, plan.J2, int(W),
-               plan.n_per_chunk, r, float(eps), num_warps=plan.num_warps, **plan.consts(acc))
+        launch(_fft_grad_stats_kernel, plan.grid, Gr, Xr, part, st, C, N, plan.n_per_chunk, r,
+               float(eps), W=int(W), num_warps=plan.num_warps, **plan.consts(acc))
         weight = _opt(weight)
         launch(_fft_grad_apply_kernel, plan.grid, Gr, Xr, O, part, st,
-               weight if weight is not None else st, grads, C, N, H, plan.J2, int(W),
-               plan.n_chunks, plan.n_per_chunk, 1.0 / max(N * H * Wr, 1), r, 1.0 / r, float(eps),
+               weight if weight is not None else st, grads, C, N, plan.n_chunks,
+               plan.n_per_chunk, 1.0 / max(N * H * Wr, 1), r, 1.0 / r, float(eps), W=int(W),
                TRAIN=bool(training), HAS_W=weight is not None, num_warps=plan.num_warps,
                **plan.consts(acc))
     return O, grads

@@ -884,8 +884,8 @@ def _bnsbn_bwd_finalize_kernel(src_ptr, all_ptr, sv_ptr, coef_ptr, dbw_ptr, dbb_
 
 
 @triton.jit
-def _fft_tile(n0, h0, j0, c, C, H, J2, n_end, IDX64: tl.constexpr, BN: tl.constexpr,
-              BH: tl.constexpr, BJ: tl.constexpr):
+def _fft_tile(n0, h0, j0, c, C, H: tl.constexpr, J2: tl.constexpr, n_end, IDX64: tl.constexpr,
+              BN: tl.constexpr, BH: tl.constexpr, BJ: tl.constexpr):
     n = n0 + tl.arange(0, BN)[:, None, None]
     h = h0 + tl.arange(0, BH)[None, :, None]
     j = j0 + tl.arange(0, BJ)[None, None, :]
@@ -907,8 +907,8 @@ def _store_re_im(o, C, a, a2, BJ: tl.constexpr):
 
 
 @triton.jit
-def _fft_stats_kernel(X_ptr, part_ptr, C, N, H, J2, n_per_chunk, IDX64: tl.constexpr,
-                      ACC: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BJ: tl.constexpr):
+def _fft_stats_kernel(X_ptr, part_ptr, C, N, n_per_chunk, H: tl.constexpr, J2: tl.constexpr,
+                      IDX64: tl.constexpr, ACC: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BJ: tl.constexpr):
     """part[chunk, :, c] = [sum (re - sr), sum (im - si), sum |X - s|^2] over this chunk's
     samples, s = X[0, c, 0, 0] (a shift: stable for a large DC coefficient)."""
     c = tl.program_id(0)
@@ -941,8 +941,9 @@ def _sum_chunks(part_ptr, n_chunks, C, c, k: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["n_chunks"])
-def _fft_apply_kernel(X_ptr, Y_ptr, part_ptr, stat_ptr, w_ptr, b_ptr, C, N, H, J2, n_chunks,
-                      n_per_chunk, inv_M: tl.float64, eps: tl.float64, TRAIN: tl.constexpr,
+def _fft_apply_kernel(X_ptr, Y_ptr, part_ptr, stat_ptr, w_ptr, b_ptr, C, N, n_chunks, n_per_chunk,
+                      inv_M: tl.float64, eps: tl.float64, H: tl.constexpr, J2: tl.constexpr,
+                      TRAIN: tl.constexpr,
                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, IDX64: tl.constexpr,
                       ACC: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BJ: tl.constexpr):
     """Y = gamma (X - mu) / sqrt(var + eps) + beta; training: mu, var from the partials (every
@@ -988,7 +989,7 @@ def _fft_apply_kernel(X_ptr, Y_ptr, part_ptr, stat_ptr, w_ptr, b_ptr, C, N, H, J
 
 
 @triton.jit
-def _fft_dY(G_ptr, off, m, j, W, r):
+def _fft_dY(G_ptr, off, m, j, W: tl.constexpr, r):
     """dL/dY from G = rfft2(dy, norm): c_l r G, c_l = 1 on the self-conjugate columns (l = 0,
     l = W/2) else 2, r = 1/(H W f^2) (the adjoint of irfft2(., norm))."""
     l2 = (j >> 1) << 1                               # 2 l, l the column of position j
@@ -998,8 +999,9 @@ def _fft_dY(G_ptr, off, m, j, W, r):
 
 
 @triton.jit
-def _fft_grad_stats_kernel(G_ptr, X_ptr, part_ptr, stat_ptr, C, N, H, J2, W, n_per_chunk,
-                           r: tl.float64, eps: tl.float64, IDX64: tl.constexpr,
+def _fft_grad_stats_kernel(G_ptr, X_ptr, part_ptr, stat_ptr, C, N, n_per_chunk, r: tl.float64,
+                           eps: tl.float64, H: tl.constexpr, J2: tl.constexpr,
+                           W: tl.constexpr, IDX64: tl.constexpr,
                            ACC: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
                            BJ: tl.constexpr):
     """part[chunk, :, c] = [sum Re dY, sum Im dY, sum dY . Xhat] (Xhat = (X - mu)/s)."""
@@ -1028,9 +1030,11 @@ def _fft_grad_stats_kernel(G_ptr, X_ptr, part_ptr, stat_ptr, C, N, H, J2, W, n_p
 
 
 @triton.jit(do_not_specialize=["n_chunks"])
-def _fft_grad_apply_kernel(G_ptr, X_ptr, O_ptr, part_ptr, stat_ptr, w_ptr, grad_ptr, C, N, H,
-                           J2, W, n_chunks, n_per_chunk, inv_M: tl.float64, r: tl.float64,
-                           r_inv: tl.float64, eps: tl.float64, TRAIN: tl.constexpr, HAS_W: tl.constexpr,
+def _fft_grad_apply_kernel(G_ptr, X_ptr, O_ptr, part_ptr, stat_ptr, w_ptr, grad_ptr, C, N,
+                           n_chunks, n_per_chunk, inv_M: tl.float64, r: tl.float64,
+                           r_inv: tl.float64, eps: tl.float64, H: tl.constexpr,
+                           J2: tl.constexpr, W: tl.constexpr, TRAIN: tl.constexpr,
+                           HAS_W: tl.constexpr,
                            IDX64: tl.constexpr, ACC: tl.constexpr, BN: tl.constexpr,
                            BH: tl.constexpr, BJ: tl.constexpr):
     """O = dX / (c_l r) so that dx = irfft2(O, norm) (the adjoint of rfft2(., norm)); training
