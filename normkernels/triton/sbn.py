@@ -226,7 +226,10 @@ class _Plan:
         tile = _tile_elems(x.dtype)
         bw = min(triton.next_power_of_2(W), MAX_BW)
         if cmajor:                    # >= 8 channels a row segment, a whole row if it fits
-            bc = min(triton.next_power_of_2(C), 64, max(8, tile // bw))
+            # at most 256 bytes of channels: 64 (32 in float64; 64 float64 channels took ~15
+            # registers more a thread, and ptxas 12.9 spilled rather than give them)
+            max_bc = 32 if x.element_size() == 8 else 64
+            bc = min(triton.next_power_of_2(C), max_bc, max(8, tile // bw))
             bw = min(bw, max(1, tile // bc))
         else:
             bc = 1

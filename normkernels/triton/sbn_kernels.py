@@ -62,18 +62,20 @@ _NCOEF = 6   # backward apply coefficients: [c_t, c_R, c_A, cst, u, v] (dy's is 
 
 @triton.jit
 def _sigmoid(pre):
-    """1 / (1 + exp(-pre)). In float64 the reciprocal comes from a float32 seed and two Newton
-    steps (~1 ulp): an IEEE float64 division calls a slow-path routine, and the registers saved
-    around that call are spills (local memory) in every pass that holds the activation."""
-    d = 1.0 + tl.exp(-pre)
+    """1 / (1 + exp(-pre)) from z = exp(-|pre|) in (0, 1]: 1 / (1 + z) for pre >= 0, z / (1 + z)
+    below (one exponential, a denominator in (1, 2]; -inf gives 0, NaN stays NaN). In float64 the
+    reciprocal comes from a float32 seed and two Newton steps (~1 ulp): an IEEE float64 division
+    calls a slow-path routine, and the registers saved around that call are spills (local
+    memory) in every pass that holds the activation."""
+    z = tl.exp(-tl.abs(pre))
+    d = 1.0 + z
     if pre.dtype == tl.float64:
-        r0 = (1.0 / d.to(tl.float32)).to(tl.float64)
-        r1 = r0 * (2.0 - d * r0)
-        # past 1e30 (pre < -69) the sigmoid is exp(pre) to 1e-30 relative; NaN stays NaN
-        s = tl.where(d < 1e30, r1 * (2.0 - d * r1), tl.exp(pre))
+        r = (1.0 / d.to(tl.float32)).to(tl.float64)
+        r = r * (2.0 - d * r)
+        r = r * (2.0 - d * r)
     else:
-        s = 1.0 / d
-    return s
+        r = 1.0 / d
+    return tl.where(pre >= 0, r, z * r)
 
 
 @triton.jit
@@ -325,7 +327,7 @@ def _sbn_grad_stats_kernel(dy_ptr, x_ptr, sv_ptr, cst_ptr, part_ptr, C, NH, rows
                           mask=m, other=0.0).to(ACC)
             pre = _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h, has_row0,
                        W, ACC)
-            g = tl.where(m, act_backward(pre, dyv, sl, act), 0.0)
+            g = act_backward(pre, dyv, sl, act)      # 0 in masked lanes: dy is loaded as 0
             sg += g
             sgt += g * (xv - K)
             if has_row0:
