@@ -2,9 +2,9 @@
 under TRITON_INTERPRET=1 (set by conftest.py; small shapes, the interpreter is slow), on CUDA
 tensors when there is a GPU. Never through torch.compile or opcheck (not under the interpreter).
 
-Everything is compared with the float64 literal definition (rfft2 with norm=fft_norm -> complex
-mean, modulus variance -> normalize, affine -> irfft2; BN first for BN+SBN), followed by the
-activation in torch ops, gradients by autograd through that literal."""
+Everything is compared with the float64 literal definition of tests/references.py (rfft2 with
+norm=fft_norm -> complex mean, modulus variance -> normalize, affine -> irfft2; BN first for
+BN+SBN), followed by the activation in torch ops, gradients by autograd through that literal."""
 import math
 import os
 
@@ -20,44 +20,11 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != 
 from normkernels.ops._act import act_forward as torch_act  # noqa: E402
 from normkernels.triton import launch as L  # noqa: E402
 from normkernels.triton import sbn as K  # noqa: E402
+from references import bn_sbn_reference, sbn_reference  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 F64 = torch.float64
 SLOPE = 0.2
-
-
-# ------------------------------------------------------------------------------------------
-# the float64 literal (with fft_norm; tests/references.py gains it on another branch)
-# ------------------------------------------------------------------------------------------
-
-
-def sbn_literal(x, weight, bias, mean=None, var=None, eps=1e-5, norm="backward"):
-    """irfft2(gamma (X - mu) / sqrt(var + eps) + beta, norm), X = rfft2(x, norm); mean complex.
-    Returns (y, mean, var): the statistics used."""
-    C, (H, W) = x.shape[1], x.shape[-2:]
-    X = torch.fft.rfft2(x, norm=norm)
-    if mean is None:
-        mean = X.mean(dim=(0, 2, 3))
-        var = (X - mean.view(1, C, 1, 1)).abs().square().mean(dim=(0, 2, 3))
-    Y = (X - mean.view(1, C, 1, 1)) / torch.sqrt(var.view(1, C, 1, 1) + eps)
-    if weight is not None:
-        Y = Y * weight.view(1, C, 1, 1)
-    if bias is not None:
-        Y = Y + bias.view(1, C, 1, 1)
-    return torch.fft.irfft2(Y, s=(H, W), norm=norm), mean, var
-
-
-def bnsbn_literal(x, bn_w, bn_b, sbn_w, sbn_b, stats=None, bn_eps=1e-5, sbn_eps=1e-5,
-                  norm="backward"):
-    if stats is None:
-        bm, bv = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-        z = F.batch_norm(x, None, None, bn_w, bn_b, True, 0.0, bn_eps)
-        sm = sv = None
-    else:
-        bm, bv, sm, sv = stats
-        z = F.batch_norm(x, bm, bv, bn_w, bn_b, False, 0.0, bn_eps)
-    y, sm, sv = sbn_literal(z, sbn_w, sbn_b, sm, sv, sbn_eps, norm)
-    return y, bm, bv, sm, sv
 
 
 def rel(a, ref, floor=1e-6):
@@ -137,7 +104,7 @@ def run_sbn(shape, dtype=torch.float32, layout="nchw", train=True, affine=True,
     b64 = b.detach().to(F64).requires_grad_() if affine else None
     m64 = None if train else torch.view_as_complex(mean.to(F64).contiguous())
     v64 = None if train else var.to(F64)
-    ref, rm, rv = sbn_literal(x64, w64, b64, m64, v64, 1e-5, norm)
+    ref, rm, rv = sbn_reference(x64, w64, b64, m64, v64, 1e-5, fft_norm=norm)
     ref = torch_act(ref, act, SLOPE)
     ref.backward(dy.to(F64))
     assert rel(y, ref) < tol, rel(y, ref)
@@ -180,7 +147,7 @@ def run_bnsbn(shape, dtype=torch.float32, layout="nchw", train=True, affine=True
     p64 = [p.detach().to(F64).requires_grad_() if p is not None else None for p in ps]
     st64 = None if train else (stats[0], stats[1], torch.view_as_complex(stats[2].contiguous()),
                                stats[3])
-    ref, rbm, rbv, rsm, rsv = bnsbn_literal(x64, *p64, stats=st64, norm=norm)
+    ref, rbm, rbv, rsm, rsv = bn_sbn_reference(x64, *p64, stats=st64, fft_norm=norm)
     ref = torch_act(ref, act, SLOPE)
     ref.backward(dy.to(F64))
     assert rel(y, ref) < tol, rel(y, ref)
@@ -416,7 +383,7 @@ def test_fft_spectral_kernels(norm, train):
     if not train:
         mean = torch.randn(C, generator=gen, dtype=torch.complex128).to(DEV)
         var = (torch.rand(C, generator=gen, dtype=F64) + 1).to(DEV)
-    ref, rm, rv = sbn_literal(x, w, b, mean, var, 1e-5, norm)
+    ref, rm, rv = sbn_reference(x, w, b, mean, var, 1e-5, fft_norm=norm)
     ref.backward(dy)
     X = torch.view_as_real(torch.fft.rfft2(x.detach(), norm=norm)).contiguous()
     stats = None if train else torch.cat([torch.view_as_real(mean), var[:, None]], 1)
@@ -521,11 +488,11 @@ SCHEMAS = {
 }
 
 
-def test_register_kernels_onto_the_plan_schemas():
-    """The PLAN's schemas (section 2) in a scratch namespace: every host function registers
-    onto its schema (a schema with other argument names is left alone) and runs through the
-    dispatcher (registered for CPU here, where the interpreter can run it)."""
-    ns = "nk_h3_test"
+def test_register_kernels_onto_the_op_schemas():
+    """The op schemas of csrc/sbn.cpp (SCHEMAS) in a scratch namespace: every host function
+    registers onto its schema (a schema with other argument names is left alone) and runs through
+    the dispatcher (registered for CPU here, where the interpreter can run it)."""
+    ns = "nk_triton_test"
     lib = torch.library.Library(ns, "FRAGMENT")
     for name, sig in SCHEMAS.items():
         lib.define(name + sig)

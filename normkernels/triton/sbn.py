@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from normkernels.ops._act import ACTS
-from normkernels.triton.launch import launch
+from normkernels.triton.launch import launch, multiprocessor_count
 from normkernels.triton.sbn_kernels import (
     BNSBN_SAVED,
     FFT_NORMS,
@@ -68,7 +68,6 @@ __all__ = [
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ACT_CODE = {name: i for i, name in enumerate(ACTS)}
 _CONSTS: dict = {}
-_SM_COUNT: dict = {}
 
 # Tuning knobs (tests shrink them to reach several chunks and tiled rows on small inputs).
 PROGRAMS_PER_SM = 8          # statistics/apply programs aimed at per multiprocessor
@@ -163,21 +162,12 @@ def _row_consts(W: int, device: torch.device, dtype: torch.dtype) -> torch.Tenso
 
 
 def _sm_count(device: torch.device) -> int:
+    """Multiprocessors: cached per device by normkernels/triton/launch.py (which reports the
+    recording target's count for meta tensors); the interpreter (CPU tensors) runs a few
+    programs."""
     if device.type == "cpu":
-        return 1                      # the interpreter: a few programs
-    try:                              # H4's launch.py caches it (and answers for meta tensors)
-        from normkernels.triton.launch import multiprocessor_count
-    except ImportError:
-        multiprocessor_count = None
-    if multiprocessor_count is not None:
-        return multiprocessor_count(device)
-    if device.type == "meta":
-        return 132                    # an H200: what a recording for the GPU machine assumes
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    n = _SM_COUNT.get(idx)
-    if n is None:
-        n = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return n
+        return 1
+    return multiprocessor_count(device)
 
 
 def _guard(x: torch.Tensor):

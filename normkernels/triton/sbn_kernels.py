@@ -1,4 +1,4 @@
-"""Triton kernels of Spectral Batch Norm (SBN) and BN+SBN (DESIGN.md section 2); their host
+"""Triton kernels of Spectral Batch Norm (SBN) and BN+SBN (the ops of csrc/sbn.cpp); their host
 functions (the ops' CUDA kernels) are in normkernels/triton/sbn.py.
 
 Per direction: a statistics pass writing per-chunk partial sums (no atomics), a finalize kernel
@@ -26,8 +26,8 @@ inverse transform of mode m is h times the "backward" one, and it scales gamma's
 s = sqrt(var + eps_eff), a = h gamma / s (= gamma / sqrt(var_m + eps)). Statistics are reported
 in the m scale (f mu, f^2 var; eval inputs are divided back); dgamma = h Ga / s, dbeta = h G0.
 
-GPU design notes (issue #10.3)
-------------------------------
+GPU design notes
+----------------
 * Tiles are [BR rows, BW columns, BC channels]: NCHW-like inputs use BC = 1 (a program per channel
   and chunk of rows, loads along W), channels_last inputs BC > 1 (loads along C, the contiguous
   dimension). The map size (H, W) is constexpr: (n, h) = divmod(row, H) is an int32 division by a
@@ -47,7 +47,7 @@ import triton.language as tl
 
 
 FFT_NORMS = ("backward", "ortho", "forward")
-# saved columns (PLAN section 2)
+# saved columns: the layout of csrc/sbn.cpp's op contract (normkernels/ops/sbn.py has the same)
 SBN_SAVED = ("K", "cx", "b", "u", "v", "mr", "mi", "s", "a", "N_all")
 BNSBN_SAVED = ("K", "cx", "b", "u", "v", "p", "sd", "Kz", "mr", "mi", "s", "a", "mbn", "N_all",
                "S1", "S2", "SR", "SA", "SD0", "SD1", "L1", "L2", "LR", "LA", "LD0", "LD1")
