@@ -737,7 +737,9 @@ class _FFTPlan:
     def __init__(self, Xr: torch.Tensor):
         N, C, H, Wr, _ = Xr.shape
         self.N, self.C, self.H, self.J2 = N, C, H, 2 * Wr
-        tile = _tile_elems(Xr.dtype)
+        # float64: half the elements of _tile_elems on 4 warps (the same 4 values a thread): the
+        # 8-warp apply kept one 64-bit value in local memory under triton 3.6 / ptxas 12.8
+        tile = _tile_elems(Xr.dtype) // (2 if Xr.dtype == torch.float64 else 1)
         bj = max(2, min(triton.next_power_of_2(self.J2), MAX_BW))   # even: re, im pairs
         bh = min(triton.next_power_of_2(H), max(1, tile // bj))
         bn = max(1, min(triton.next_power_of_2(max(N, 1)), tile // (bj * bh)))
@@ -751,7 +753,8 @@ class _FFTPlan:
         self.num_warps = 8 if bn * bh * bj >= max(tile, 1024) else 4
 
     def consts(self, dtype):
-        return dict(H=self.H, J2=self.J2, IDX64=self.idx64, ACC=_acc_tl(dtype), BN=self.BN, BH=self.BH, BJ=self.BJ)
+        return dict(H=self.H, J2=self.J2, IDX64=self.idx64, ACC=_acc_tl(dtype), BN=self.BN,
+                    BH=self.BH, BJ=self.BJ)
 
 
 def _check_spectrum(op: str, t, name: str, like=None) -> None:

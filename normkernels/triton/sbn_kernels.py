@@ -910,7 +910,8 @@ def _store_re_im(o, C, a, a2, BJ: tl.constexpr):
 
 @triton.jit
 def _fft_stats_kernel(X_ptr, part_ptr, C, N, n_per_chunk, H: tl.constexpr, J2: tl.constexpr,
-                      IDX64: tl.constexpr, ACC: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BJ: tl.constexpr):
+                      IDX64: tl.constexpr, ACC: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
+                      BJ: tl.constexpr):
     """part[chunk, :, c] = [sum (re - sr), sum (im - si), sum |X - s|^2] over this chunk's
     samples, s = X[0, c, 0, 0] (a shift: stable for a large DC coefficient)."""
     c = tl.program_id(0)
@@ -943,10 +944,10 @@ def _sum_chunks(part_ptr, n_chunks, C, c, k: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["n_chunks"])
-def _fft_apply_kernel(X_ptr, Y_ptr, part_ptr, stat_ptr, w_ptr, b_ptr, C, N, n_chunks, n_per_chunk,
-                      inv_M: tl.float64, eps: tl.float64, H: tl.constexpr, J2: tl.constexpr,
-                      TRAIN: tl.constexpr,
-                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, IDX64: tl.constexpr,
+def _fft_apply_kernel(X_ptr, Y_ptr, part_ptr, stat_ptr, w_ptr, b_ptr, C, N, n_chunks,
+                      n_per_chunk, inv_M: tl.float64, eps: tl.float64, H: tl.constexpr,
+                      J2: tl.constexpr, TRAIN: tl.constexpr, HAS_W: tl.constexpr,
+                      HAS_B: tl.constexpr, IDX64: tl.constexpr,
                       ACC: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BJ: tl.constexpr):
     """Y = gamma (X - mu) / sqrt(var + eps) + beta; training: mu, var from the partials (every
     program reduces its channel's in the same order; chunk 0 writes stat[c] = [Re mu, Im mu,
