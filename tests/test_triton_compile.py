@@ -35,17 +35,20 @@ only for sm_100+. The cubins the GPU machine runs therefore come from another re
 and the other way round. So when this triton's sm_90 ptxas is not a CUDA 12 one, every kernel's
 PTX is also assembled by the CUDA 12 ``ptxas`` bundled next to it (12.9 in triton 3.9, its
 .version lowered to 8.8: the closest to 3.6's 12.8 available here; cached in triton's cache) and
-must not spill with either. That is still an approximation: measured on the pre-#10 kernels (380
-specialisations), triton 3.9 + ptxas 13.4 spilled in _sbn_stats_kernel (6) and
-_sbn_grad_stats_kernel (3), its PTX + ptxas 12.9 in _sbn_fft_bwd_kernel (4) and _sbn_stats_kernel
-(1), and the real triton 3.6 + ptxas 12.8 (installed beside, PYTHONPATH) only in
-_sbn_fft_bwd_kernel (3), with other shared-memory sizes too. The exact 3.6 numbers come from the
-GPU machine: `make gpu-check` runs this enumeration there (its aot stage). Either ptxas's cubin
-loads on the GPU machine's driver (580, CUDA 13.0); only PTX JIT would need PTX ISA <= 9.0.
+must not spill with either. That is still an approximation: the three toolchains disagree at
+the margin (an 8-warp float64 FFT apply once spilled only under the real triton 3.6 + ptxas 12.8,
+installed beside on PYTHONPATH; the current kernels compile without local memory under all
+three). Why small spills appear at all: ptxas trades a few spilled values (8-16 B of stack) for
+occupancy, capping a 256-thread kernel at 64, 80 or 128 registers (4, 3, 2 blocks a
+multiprocessor) when it needs a little more; the cure is fewer live values or another tile, not
+.maxnreg (given one, ptxas stops capping and takes far more: 48 -> 94 registers for the float64
+eval backward apply). The exact 3.6 numbers come from the GPU machine: `make gpu-check` runs
+this enumeration there (its aot stage). Either ptxas's cubin loads on the GPU machine's driver
+(580, CUDA 13.0); only PTX JIT would need PTX ISA <= 9.0.
 
-Time on 2 cores: ~5 minutes for the ~400 specialisations when triton's cache is cold (~0.7 s of
-CPU each, plus ~0.4 s for the second ptxas), ~20 s when it is warm (triton's own cache, kept
-across runs in ~/.triton/cache, and the second ptxas's results cached there too).
+Time on 2 shared cores: ~6 minutes for the 560 specialisations when triton's cache is cold
+(~1.2 s of CPU each with the second ptxas), ~10 s of compiling when it is warm (triton's own
+cache, kept across runs in ~/.triton/cache, and the second ptxas's results cached there too).
 """
 from __future__ import annotations
 
