@@ -36,12 +36,6 @@
 #include <omp.h>
 #endif
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define NK_L2BN_HAVE_AVX2 1
-#else
-#define NK_L2BN_HAVE_AVX2 0
-#endif
-
 #if defined(__GNUC__)
 // the kernels' 8-lane vector types cross internal (inlined) function boundaries only
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -49,6 +43,7 @@
 
 #include "../activation.h"
 #include "../l2bn.h"
+#include "isa.h"
 
 namespace normkernels {
 namespace l2bn {
@@ -339,40 +334,8 @@ struct TruncLanes {
   NK_INLINE I operator()(F n) const { return __builtin_convertvector(n, I); }
 };
 
-namespace k_default {
-#define NK_AVX2 0
-#include "l2bn_cpu_kernels.h"
-#undef NK_AVX2
-}  // namespace k_default
-#if NK_L2BN_HAVE_AVX2
-#pragma GCC push_options
-#pragma GCC target("avx2")
-namespace k_avx2 {
-#define NK_AVX2 1
-#include "l2bn_cpu_kernels.h"
-#undef NK_AVX2
-}  // namespace k_avx2
-#pragma GCC pop_options
-#endif
-
-// NORMKERNELS_CPU_ISA=baseline forces the baseline build (tests compare the two builds).
-bool use_avx2() {
-#if NK_L2BN_HAVE_AVX2
-  static const bool ok = [] {
-    const char* isa = std::getenv("NORMKERNELS_CPU_ISA");
-    return __builtin_cpu_supports("avx2") && !(isa && std::string(isa) == "baseline");
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
-
-#if NK_L2BN_HAVE_AVX2
-#define NK_CALL(fn, ...) (use_avx2() ? k_avx2::fn(__VA_ARGS__) : k_default::fn(__VA_ARGS__))
-#else
-#define NK_CALL(fn, ...) k_default::fn(__VA_ARGS__)
-#endif
+#define NK_ISA_KERNELS "l2bn_cpu_kernels.h"
+#include "isa_builds.h"
 
 // ---------------------------------------------------------------- op bodies
 struct Common {

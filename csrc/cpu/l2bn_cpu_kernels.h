@@ -342,18 +342,6 @@ inline void stats_block(const scalar_t* base, int64_t ld, int64_t W, int64_t Sro
   }
 }
 
-template <typename acc_t>
-inline void chan_combine(acc_t& n_a, acc_t& mean_a, acc_t& m2_a, acc_t n_b, acc_t mean_b,
-                         acc_t m2_b) {
-  const acc_t n = n_a + n_b;
-  if (n_b == acc_t(0)) return;
-  const acc_t delta = mean_b - mean_a;
-  const acc_t w = n_b / n;
-  mean_a += delta * w;
-  m2_a += m2_b + delta * delta * n_a * w;
-  n_a = n;
-}
-
 // One-pass gradient sums of W channels (ld apart between rows) over Srows rows, per-chunk
 // partials (kSRows rows) added in order; 8 channels a vector, then single channels.
 template <typename scalar_t, Act A>
@@ -446,24 +434,30 @@ inline int64_t reduce_items(const View3& v) {
   return v.N * ((v.C + kCBlock - 1) / kCBlock);
 }
 
+// The first (n, c) entry of item t: items cover the (N, C) entries in order, each a contiguous
+// run (an NCS row, a sample, or a channel block of a sample), and item reduce_items(v) starts at
+// the end, N*C.
+inline int64_t item_entry(const View3& v, int64_t t) {
+  if (v.layout == Layout::NCS) return t;
+  if (nsc_group(v.C, v.S) > 1) return t * v.C;
+  const int64_t nblk = (v.C + kCBlock - 1) / kCBlock;
+  return (t / nblk) * v.C + std::min(v.C, (t % nblk) * kCBlock);
+}
+
+// a and c of the entries of items [b, e) set to 0.
+template <typename acc_t>
+void zero_items(const View3& v, int64_t b, int64_t e, acc_t* a, acc_t* c) {
+  for (int64_t i = item_entry(v, b), i1 = item_entry(v, e); i < i1; ++i) a[i] = c[i] = acc_t(0);
+}
+
 // Statistics of items [b, e) into m, m2 (N, C).
 template <typename scalar_t>
 void stats_items(const View3& v, const scalar_t* x, int64_t b, int64_t e,
                  at::opmath_type<scalar_t>* m, at::opmath_type<scalar_t>* m2) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = v.C, S = v.S;
-  if (S == 0) {
-    if (v.layout == Layout::NCS) {
-      for (int64_t r = b; r < e; ++r) m[r] = m2[r] = acc_t(0);
-    } else if (nsc_group(C, S) > 1) {
-      for (int64_t i = b * C; i < e * C; ++i) m[i] = m2[i] = acc_t(0);
-    } else {
-      const int64_t nblk = (C + kCBlock - 1) / kCBlock;
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t n = t / nblk, c0 = (t % nblk) * kCBlock, W = std::min(kCBlock, C - c0);
-        for (int64_t c = 0; c < W; ++c) m[n * C + c0 + c] = m2[n * C + c0 + c] = acc_t(0);
-      }
-    }
+  if (S == 0) {  // sums over empty rows
+    zero_items<acc_t>(v, b, e, m, m2);
     return;
   }
   if (v.layout == Layout::NCS) {
@@ -478,11 +472,12 @@ void stats_items(const View3& v, const scalar_t* x, int64_t b, int64_t e,
     for (int64_t n = b; n < e; ++n) {
       stats_block<scalar_t>(x + n * S * C, W, W, Sg, run_mean, run_m2);
       for (int64_t c = 0; c < C; ++c) {
-        acc_t n_a = acc_t(Sg), mean_a = run_mean[c], m2_a = run_m2[c];
+        // the g partials of channel c in order, with the finalize's Chan combination
+        ChanRow row{static_cast<double>(Sg), run_mean[c], run_m2[c]};
         for (int64_t k = 1; k < g; ++k)
-          chan_combine<acc_t>(n_a, mean_a, m2_a, acc_t(Sg), run_mean[k * C + c], run_m2[k * C + c]);
-        m[n * C + c] = mean_a;
-        m2[n * C + c] = m2_a;
+          chan_merge(row, ChanRow{static_cast<double>(Sg), run_mean[k * C + c], run_m2[k * C + c]});
+        m[n * C + c] = static_cast<acc_t>(row.mean);
+        m2[n * C + c] = static_cast<acc_t>(row.m2);
       }
     }
     return;
@@ -506,17 +501,7 @@ void sums_items(const View3& v, const scalar_t* x, const scalar_t* dy,
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = v.C, S = v.S;
   if (S == 0) {
-    if (v.layout == Layout::NCS) {
-      for (int64_t r = b; r < e; ++r) q[r] = p[r] = acc_t(0);
-    } else if (nsc_group(C, S) > 1) {
-      for (int64_t i = b * C; i < e * C; ++i) q[i] = p[i] = acc_t(0);
-    } else {
-      const int64_t nblk = (C + kCBlock - 1) / kCBlock;
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t n = t / nblk, c0 = (t % nblk) * kCBlock, W = std::min(kCBlock, C - c0);
-        for (int64_t c = 0; c < W; ++c) q[n * C + c0 + c] = p[n * C + c0 + c] = acc_t(0);
-      }
-    }
+    zero_items<acc_t>(v, b, e, q, p);
     return;
   }
   if (v.layout == Layout::NCS) {
