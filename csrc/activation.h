@@ -47,13 +47,13 @@ C10_ALWAYS_INLINE F exp_float_lanes(F x, ToInt to_int) {
   const F shifter = F{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
   const F n = (xc * 1.44269504088896341f + shifter) - shifter;
   const F r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
-  F p = F{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  // e^r = 1 + r + r^2 p(r), p = c0 + c1 r + ... + c5 r^5 by Estrin's scheme (pairs, then powers
+  // of r^2): a dependency chain half as long as Horner's, which is what bounds the lanes' loops
+  const F r2 = r * r, r4 = r2 * r2;
+  const F q0 = r * 1.6666665459e-1f + 5.0000001201e-1f;
+  const F q1 = r * 8.3334519073e-3f + 4.1665795894e-2f;
+  const F q2 = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  const F p = ((q0 + r2 * q1) + r4 * q2) * r2 + r + 1.0f;
   // 2^n as two normal factors 2^(n/2) 2^(n - n/2) (n in [-126, 128] reaches past both ends of
   // the single-float exponent range)
   const I ni = to_int(n), n1 = ni / 2;
@@ -85,9 +85,16 @@ C10_HOST_DEVICE inline T act_exp(T v) {
 #endif
 }
 
+// 1 + e^-v: sigmoid(v) = 1 / den and silu(v) = v / den (one division either way, as torch's CPU
+// silu; no multiply after the division, which ends the longest dependency chain of the loops)
+template <typename T>
+C10_HOST_DEVICE inline T act_sigmoid_den(T v) {
+  return T(1) + act_exp(-v);
+}
+
 template <typename T>
 C10_HOST_DEVICE inline T act_sigmoid(T v) {
-  return T(1) / (T(1) + act_exp(-v));
+  return T(1) / act_sigmoid_den(v);
 }
 
 // act(pre); `slope` is leaky_relu's negative slope (ignored by the others).
@@ -99,7 +106,7 @@ C10_HOST_DEVICE inline T act_forward(Act act, T pre, T slope) {
     case Act::LeakyReLU:
       return pre * (pre > T(0) ? T(1) : slope);
     case Act::SiLU:
-      return pre * act_sigmoid(pre);
+      return pre / act_sigmoid_den(pre);
     default:
       return pre;
   }

@@ -70,12 +70,11 @@ NK_INLINE T to_acc(S v) {
 // ---------------------------------------------------------------- activation lanes
 // act_forward / act_backward of csrc/activation.h lane by lane (the same operations; float SiLU
 // through exp_float_lanes, the lanes' form of exp_float_host; double SiLU calls the scalar code).
-NK_INLINE V8<float> sigmoid8(const V8<float>& v) {
+// act_sigmoid_den: 1 + e^-v
+NK_INLINE V8<float> sigmoid_den8(const V8<float>& v) {
   V8<float> r;
-  for (int k = 0; k < V8<float>::K; ++k) {
-    const nf_t one = nf_t{} + 1.0f;
-    r.v[k] = one / (one + exp_float_lanes<nf_t, ni_t>(-v.v[k], TruncNI{}));
-  }
+  for (int k = 0; k < V8<float>::K; ++k)
+    r.v[k] = (nf_t{} + 1.0f) + exp_float_lanes<nf_t, ni_t>(-v.v[k], TruncNI{});
   return r;
 }
 template <Act A, typename T>
@@ -86,7 +85,7 @@ NK_INLINE V8<T> act8(const V8<T>& pre, T slope) {
     return pre * select(pre > zero8<T>(), splat(T(1)), splat(slope));
   } else if constexpr (A == Act::SiLU) {
     if constexpr (std::is_same_v<T, float>) {
-      return pre * sigmoid8(pre);
+      return pre / sigmoid_den8(pre);
     } else {
       T y[8];
       for (int j = 0; j < 8; ++j) y[j] = act_forward<T>(A, pre[j], slope);
@@ -104,7 +103,7 @@ NK_INLINE V8<T> grad8(const V8<T>& pre, T slope, const V8<T>& dy) {
     return dy * select(pre > zero8<T>(), splat(T(1)), splat(slope));
   } else if constexpr (A == Act::SiLU) {
     if constexpr (std::is_same_v<T, float>) {
-      const V8<float> one = splat(1.0f), s = sigmoid8(pre);
+      const V8<float> one = splat(1.0f), s = one / sigmoid_den8(pre);
       return dy * s * (one + pre * (one - s));
     } else {
       T g[8];
