@@ -493,6 +493,60 @@ def test_deterministic(device, channels_last):
         torch.set_num_threads(threads)
 
 
+_ISA_SCRIPT = r"""
+import sys, torch
+import normkernels.ops.l2bn as L
+torch.manual_seed(0)
+o, out = torch.ops.normkernels, []
+cases = [((3, 10, 7, 7), torch.contiguous_format, torch.float32, "silu"),       # S % 8 tails
+         ((2, 9, 40), torch.contiguous_format, torch.float32, "relu"),          # 16-lane bulk + 8
+         ((2, 12, 30, 33), torch.contiguous_format, torch.float64, "silu"),     # double lanes
+         ((2, 9, 5, 6), torch.channels_last, torch.float32, "leaky_relu"),      # NSC, grouped
+         ((2, 40, 3, 5), torch.channels_last, torch.float32, "silu"),           # NSC, 8-channel blocks
+         ((2, 16, 4, 4), torch.contiguous_format, torch.bfloat16, "relu"),
+         ((3, 8, 6, 6), torch.contiguous_format, torch.float16, "silu")]
+for shape, fmt, dtype, act in cases:
+    # wide values: SiLU's exp meets both ends of its range
+    x = (torch.randn(shape) * 3 + 2).to(dtype).contiguous(memory_format=fmt)
+    dy = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
+    C = shape[1]
+    w, b = torch.rand(C) * 40 + 0.5, torch.randn(C) * 30
+    f = o.l2bn_forward(x, w, b, None, None, 1e-5, 1e-12, True, act, 0.1)
+    e = o.l2bn_forward(x, w, b, f[1] + 0.5, f[2] * 2, 1e-5, 1e-12, False, act, 0.1)
+    stats, rows = o.l2bn_stats(x, 1e-12, False)
+    fin = o.l2bn_finish(x, stats, rows[None], w, b, None, None, 1e-5, 1e-12, False, act, 0.1)
+    sums, grows = o.l2bn_grad_stats(dy, x, fin[3], act, 0.1)
+    out += [*f, *e, *o.l2bn_backward(dy, x, w, f[3], True, act, 0.1),
+            *o.l2bn_backward(dy, x, w, e[3], False, act, 0.1), stats, rows, *fin, sums, grows,
+            *o.l2bn_grad_finish(dy, x, w, fin[3], sums, grows, grows, act, 0.1),
+            *o.l2bn_sample_stats(x)]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_baseline_and_avx2_builds_agree_bitwise(tmp_path):
+    """The CPU kernels are compiled twice (baseline ISA and AVX2, chosen at run time;
+    NORMKERNELS_CPU_ISA=baseline forces the baseline); their lanes do the same IEEE operations in
+    the same order as the scalar code, so the two builds agree bit for bit (and the baseline build
+    is as correct as the one the other tests check)."""
+    import subprocess
+    import sys
+    _need_native(torch.device("cpu"))
+    script = tmp_path / "isa.py"
+    script.write_text(_ISA_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(L.__file__)))  # this normkernels
+    results = []
+    for isa in ("baseline", "native"):
+        env = dict(os.environ, NORMKERNELS_CPU_ISA=isa, OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        out = tmp_path / f"{isa}.pt"
+        subprocess.run([sys.executable, str(script), str(out)], check=True, env=env)
+        results.append(torch.load(out))
+    assert len(results[0]) == len(results[1]) > 0
+    for a, r in zip(*results):
+        assert torch.equal(a, r)
+
+
 # --------------------------------------------------------------------------- opcheck / compile
 def test_opcheck_every_op(device):
     ops = _need_native(device)
