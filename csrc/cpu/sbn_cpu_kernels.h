@@ -148,6 +148,22 @@ NK_INLINE V8<T> act_v(const V8<T>& pre, T slope) {
     return pre;
   }
 }
+// Lanes l >= 8 - r (-1), the others 0: of the last 8 values of a span whose last r < 8 values
+// are left after its whole vectors, the lanes not done yet (the span's end is then one overlapping
+// vector instead of r scalar steps, which would branch per value for a masked activation).
+template <typename T>
+NK_INLINE M8<T> last_lanes(int64_t r) {
+  M8<T> m;
+  for (int l = 0; l < 8; ++l) m[l] = l >= 8 - r ? -1 : 0;
+  return m;
+}
+// Lanes at odd positions (-1): with a vector starting at an even column, the odd columns.
+template <typename T>
+NK_INLINE M8<T> odd_lanes() {
+  M8<T> m;
+  for (int l = 0; l < 8; ++l) m[l] = (l & 1) ? -1 : 0;
+  return m;
+}
 // lanes j < cw of src[c0 + j], the others 0
 template <typename T>
 NK_INLINE V8<T> lanes8(const T* src, int64_t c0, int cw) {
@@ -584,6 +600,11 @@ void fwd_apply(const scalar_t* x, scalar_t* y, const FwdTab<acc_t>& ft, acc_t sl
         }
         for (; i + 8 <= HW; i += 8)
           store8<acc_t>(py + i, act_v<A>(av * (load8<acc_t>(px + i) - kv) + bv, slope));
+        if (i < HW && HW - 8 >= head) {  // the last 8 values again: those already written get
+          const int64_t j = HW - 8;       // the same value (the same formula) once more
+          store8<acc_t>(py + j, act_v<A>(av * (load8<acc_t>(px + j) - kv) + bv, slope));
+          continue;
+        }
         for (; i < HW; ++i) {
           const acc_t pre = a * (static_cast<acc_t>(px[i]) - k) + bc;
           py[i] = static_cast<scalar_t>(act_forward(A, pre, slope));
@@ -632,6 +653,10 @@ int64_t grad_nchw(const scalar_t* dy, const scalar_t* x, const FwdTab<acc_t>& ft
   const acc_t* Bp = ft.b.data();
   const acc_t* T0p = ft.T0.data();
   const NBlocks nb = n_blocks(N, C);
+  // each plane's values past its whole vectors: one overlapping vector when the plane has 8
+  const int64_t rest = (HW - head) % 8;
+  const bool vec_tail = rest > 0 && HW >= 8;
+  const M8<acc_t> tail = last_lanes<acc_t>(rest);
   at::parallel_for(0, nb.count * C, grain_for(2 * nb.size * HW), [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) {
       const int64_t blk = task / C, c = task % C;
@@ -669,6 +694,14 @@ int64_t grad_nchw(const scalar_t* dy, const scalar_t* x, const FwdTab<acc_t>& ft
           const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + i));
           u += g;
           vv += g * t;
+        }
+        if (vec_tail) {  // lanes of values >= i (off row 0: i >= head), the others masked out
+          const V zero = {};
+          const V t = load8<acc_t>(px + HW - 8) - kv;
+          const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + HW - 8));
+          u += tail ? g : zero;
+          vv += tail ? g * t : zero;
+          i = HW;
         }
         for (; i < HW; ++i) {
           const acc_t t = static_cast<acc_t>(px[i]) - k;
@@ -893,6 +926,7 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab
   } else if (lay == Layout::NCS) {
     using V = V8<acc_t>;
     const int64_t ts = ft.ts, head = std::min(ts, HW);
+    const M8<acc_t> odd = odd_lanes<acc_t>();
     at::parallel_for(0, N * C, grain_for(2 * HW), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t c = r % C;
@@ -901,12 +935,12 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab
                     ca = bt.cA[c];
         const acc_t* t0 = ft.T0.data() + c * ts;
         const acc_t* t1 = bt.T1.data() + c * ts;
+        const V kv = splat(k), av = splat(a), bv = splat(bc), dv = splat(cdy), tv = splat(ct);
         if (!need_row) {  // eval: dx = c_dy g (the other terms are 0 in eval)
           const scalar_t* px = x + r * HW;
           const scalar_t* pd = dy + r * HW;
           scalar_t* pdx = dx + r * HW;
-          const V kv = splat(k), av = splat(a), bv = splat(bc), dv = splat(cdy), tv = splat(ct),
-                  sv = splat(cs);
+          const V sv = splat(cs);
           int64_t i = 0;
           for (; i + 8 <= head; i += 8) {
             const V t = load8<acc_t>(px + i) - kv;
@@ -918,6 +952,12 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab
             const acc_t g = grad_of<A>(a * t + t0[i], slope, static_cast<acc_t>(pd[i]));
             pdx[i] = static_cast<scalar_t>(cdy * g + ct * t + (cs + t1[i]));
           }
+          for (; i + 8 <= HW; i += 8) {
+            const V t = load8<acc_t>(px + i) - kv;
+            const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + i));
+            store8<acc_t>(pdx + i, dv * g + tv * t + sv);
+          }
+          if (i < HW && HW - 8 >= head) i = HW - 8;  // overlapping: the same values again
           for (; i + 8 <= HW; i += 8) {
             const V t = load8<acc_t>(px + i) - kv;
             const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + i));
@@ -947,15 +987,22 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab
             }
             continue;
           }
-          acc_t ofs[kL];
-          for (int j = 0; j < kL; ++j) ofs[j] = (j & 1) ? od : ev;
+          // vectors from even columns, then (W >= 8) the row's last 8 values overlapping: the
+          // values written already get the same value again
+          const V ofe = odd ? splat(od) : splat(ev), ofo = odd ? splat(ev) : splat(od);
           int64_t w = 0;
-          for (; w + kL <= W; w += kL)
-            for (int j = 0; j < kL; ++j) {
-              const acc_t t = static_cast<acc_t>(px[w + j]) - k;
-              const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(pd[w + j]));
-              pdx[w + j] = static_cast<scalar_t>(cdy * g + ct * t + ofs[j]);
-            }
+          for (; w + 8 <= W; w += 8) {
+            const V t = load8<acc_t>(px + w) - kv;
+            const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + w));
+            store8<acc_t>(pdx + w, dv * g + tv * t + ofe);
+          }
+          if (w < W && W >= 8) {
+            const int64_t j = W - 8;
+            const V t = load8<acc_t>(px + j) - kv;
+            const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + j));
+            store8<acc_t>(pdx + j, dv * g + tv * t + ((j & 1) ? ofo : ofe));
+            w = W;
+          }
           for (; w < W; ++w) {
             const acc_t t = static_cast<acc_t>(px[w]) - k;
             const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(pd[w]));
