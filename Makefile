@@ -35,7 +35,7 @@ study: setup
 results: setup
 	$(PYTHON) -m normkernels bench --e2e --write-results benchmarks/results
 
-# GPU readiness (issue #11; H4). One prepared command for a fresh GPU machine, at most 5 minutes:
+# GPU readiness (issue #11). One prepared command for a fresh GPU machine, at most 5 minutes:
 # build for sm_90 only, the CUDA and Triton tests, the benchmark, the ResNet-50 step and the Triton
 # AOT compile, each stage with its own timeout; results + log into $(GPU_CHECK_OUT) (default
 # benchmarks/results). Without a GPU: a rehearsal of the same plumbing in under a minute (CI runs

@@ -89,7 +89,7 @@
 // (N = 0) is valid for sbn_stats / the grad ops (a process of a group with no samples); the finish
 // ops need N_all > 0.
 //
-// H3's interpreted Triton entries (normkernels/triton/sbn.py, CPU tensors under TRITON_INTERPRET=1)
+// The interpreted Triton entries (normkernels/triton/sbn.py, CPU tensors under TRITON_INTERPRET=1)
 // take and return exactly what the forward ops do and are differentiable (autograd.Function):
 //   interpreted_sbn(x, weight, bias, mean, var, eps, fft_norm, act, act_param)
 //       -> (y, batch_mean, batch_var, saved)

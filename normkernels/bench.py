@@ -76,7 +76,7 @@ CIFAR_SHAPES = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)]
 CPU_BATCH = {"resnet50": 8, "cifar": 16}          # CPU: same C, H, W with a smaller batch
 CPU_BATCH_QUICK = {"resnet50": 4, "cifar": 8}
 QUICK_SHAPES = {"resnet50": [(64, 1024, 14, 14)], "cifar": [(128, 128, 16, 16)]}
-# the CPU targets of the layer issues (PLAN section 5, issue #13): `--quick` on a CPU measures these
+# the CPU targets of issues #10 and #13: `--quick` on a CPU measures these
 CPU_TARGET_SHAPES = [(32, 128, 28, 28), (16, 256, 8, 8), (8, 2048, 7, 7)]
 
 OPS = ("bn", "l2bn", "sbn", "bnsbn", "bn+relu", "l2bn+relu", "sbn+relu", "bnsbn+relu")

@@ -147,8 +147,8 @@ class _BatchNormSync(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- the synchronized ops
-# These four have the contracts of normkernels.ops.l2bn.l2bn_sync, ops.sbn.sbn_sync / bnsbn_sync
-# (PLAN section 2): when those land, the three nk ones are replaced by them one for one.
+# The nk layers' math lives with their ops (one gather forward, one all_reduce backward, over the
+# same pieces as the single-process ops); plain BatchNorm's is here.
 
 l2bn_sync = _l2bn.l2bn_sync
 sbn_sync = _sbn.sbn_sync

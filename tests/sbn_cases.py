@@ -14,7 +14,7 @@ TOL = {torch.float64: 1e-11, torch.float32: 1e-5, torch.float16: 6e-3, torch.bfl
 
 
 def native(device) -> str:
-    """The backend that runs the dispatcher ops on `device`: the C++ kernels on CPU, H3's Triton
+    """The backend that runs the dispatcher ops on `device`: the C++ kernels on CPU, the Triton
     kernels (registered onto the same schemas) on CUDA."""
     return "cpp" if device.type == "cpu" else "triton"
 

@@ -68,22 +68,38 @@ def _cxx_std():
     return "c++20" if "-std=c++20" in inspect.getsource(ce) else "c++17"
 
 
-@pytest.mark.parametrize("source", SOURCES, ids=os.path.basename)
-def test_nvcc_compiles(source, tmp_path):
+@pytest.fixture(scope="module")
+def nvcc_runs(tmp_path_factory):
+    """source -> (command, CompletedProcess-like result, object path): every source compiled at
+    once, one nvcc per source in parallel (each is one compilation unit, and the torch headers
+    alone take a minute to parse)."""
     nvcc = _nvcc()
     import torch.utils.cpp_extension as ce
 
-    stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
+    tmp = tmp_path_factory.mktemp("nvcc")
+    stub = tmp / "stub" / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
-    includes = [str(tmp_path / "stub")] + ce.include_paths() + [sysconfig.get_paths()["include"]]
-    cmd = [nvcc, "-arch=sm_90", f"-std={_cxx_std()}", "-Xptxas", "-v", "-c", source, "-o",
-           str(tmp_path / "out.o")]
-    cmd += list(ce.COMMON_NVCC_FLAGS) + ["-DWITH_CUDA", "-DTORCH_EXTENSION_NAME=_C"]
-    cmd += [f"-I{p}" for p in includes]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    includes = [str(tmp / "stub")] + ce.include_paths() + [sysconfig.get_paths()["include"]]
+    procs = {}
+    for source in SOURCES:
+        obj = tmp / (os.path.basename(source) + ".o")
+        cmd = [nvcc, "-arch=sm_90", f"-std={_cxx_std()}", "-Xptxas", "-v", "-c", source, "-o", str(obj)]
+        cmd += list(ce.COMMON_NVCC_FLAGS) + ["-DWITH_CUDA", "-DTORCH_EXTENSION_NAME=_C"]
+        cmd += [f"-I{p}" for p in includes]
+        procs[source] = (cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), obj)
+    runs = {}
+    for source, (cmd, p, obj) in procs.items():
+        out, err = p.communicate(timeout=900)
+        runs[source] = (cmd, subprocess.CompletedProcess(cmd, p.returncode, out, err), obj)
+    return runs
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=os.path.basename)
+def test_nvcc_compiles(source, nvcc_runs):
+    cmd, proc, obj = nvcc_runs[source]
     assert proc.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr[-8000:]}"
-    assert (tmp_path / "out.o").stat().st_size > 0
+    assert obj.stat().st_size > 0
     # no warnings from our own source (torch headers may warn)
     own = [l for l in proc.stderr.splitlines() if os.path.basename(source) in l and "warning" in l]
     assert not own, "\n".join(own)

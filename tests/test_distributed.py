@@ -14,7 +14,7 @@ from torch import nn
 import normkernels as nk
 import normkernels.distributed as nkd
 from normkernels.distributed import convert_sync
-from test_modules import sbn_literal
+from references import sbn_reference
 
 WORLD = 2
 # name -> (layer factory, input width W); odd W drops SBN's alternating-sum term.
@@ -132,10 +132,10 @@ def check_fft_norm_against_torch_fft(rank):
             y = layer(xl)
             if fused_bn:
                 z = nn.functional.batch_norm(xs, None, None, layer.weight, layer.bias, True)
-                ref, mean, var = sbn_literal(z, layer.sbn_weight, layer.sbn_bias, 1e-5, fft_norm)
+                ref, mean, var = sbn_reference(z, layer.sbn_weight, layer.sbn_bias, eps=1e-5, fft_norm=fft_norm)
                 running = layer.sbn_running_mean, layer.sbn_running_var
             else:
-                ref, mean, var = sbn_literal(xs, layer.weight, layer.bias, 1e-3, fft_norm)
+                ref, mean, var = sbn_reference(xs, layer.weight, layer.bias, eps=1e-3, fft_norm=fft_norm)
                 running = layer.running_mean, layer.running_var
             torch.testing.assert_close(y, ref[local], msg=f"{fft_norm} {fused_bn}")
             (y * ref[local].detach()).sum().backward()

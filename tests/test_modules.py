@@ -177,33 +177,21 @@ def test_l2bn_keeps_its_statistics_when_loading_batchnorm_ones():
 
 
 # ---------------------------------------------------------------- fft_norm (#12.9)
-# These compare with torch.fft's own norm= and need the functional layer's fft_norm (H2).
-
-def sbn_literal(x, weight, bias, eps=1e-5, fft_norm="backward", mean=None, var=None):
-    """SBN with torch.fft's norm=fft_norm: (y, mean, biased var) of the normalized spectrum."""
-    C, (H, W) = x.shape[1], x.shape[-2:]
-    X = torch.fft.rfft2(x, norm=fft_norm)
-    if mean is None:
-        mean = X.mean(dim=(0, 2, 3))
-        var = (X - mean.view(1, C, 1, 1)).abs().square().mean(dim=(0, 2, 3))
-    Y = (X - mean.view(1, C, 1, 1)) / torch.sqrt(var.view(1, C, 1, 1) + eps)
-    Y = Y * weight.view(1, C, 1, 1) + bias.view(1, C, 1, 1)
-    return torch.fft.irfft2(Y, s=(H, W), norm=fft_norm), mean, var
-
+# These compare with torch.fft's own norm= (the literal definition per mode).
 
 @pytest.mark.parametrize("fft_norm", ["backward", "ortho", "forward"])
 @pytest.mark.parametrize("algorithm", ["parseval", "fft"])
 def test_sbn_fft_norm_matches_torch_fft(fft_norm, algorithm):
     layer = randomize_affine(nk.SpectralBatchNorm2d(3, eps=1e-3, algorithm=algorithm, fft_norm=fft_norm).double())
     x = rand(4, 3, 6, 5, seed=10, mean=1.0)
-    y_ref, mean, var = sbn_literal(x, layer.weight, layer.bias, 1e-3, fft_norm)
+    y_ref, mean, var = sbn_reference(x, layer.weight, layer.bias, eps=1e-3, fft_norm=fft_norm)
     torch.testing.assert_close(layer(x), y_ref)
     rm, rv = reference_running([(mean, var)], 0.1, 4 * 6 * 3)
     torch.testing.assert_close(layer.running_mean, rm)  # statistics of the normalized spectrum
     torch.testing.assert_close(layer.running_var, rv)
     layer.eval()
     x2 = rand(2, 3, 6, 5, seed=11)
-    expected = sbn_literal(x2, layer.weight, layer.bias, 1e-3, fft_norm, layer.running_mean, layer.running_var)[0]
+    expected = sbn_reference(x2, layer.weight, layer.bias, layer.running_mean, layer.running_var, 1e-3, fft_norm)[0]
     torch.testing.assert_close(layer(x2), expected)
 
 
@@ -212,7 +200,7 @@ def test_bn_sbn_fft_norm_matches_torch_fft(fft_norm):
     layer = randomize_affine(nk.BatchNormSBN2d(3, fft_norm=fft_norm).double())
     x = rand(4, 3, 6, 6, seed=12, mean=2.0)
     z = nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True)
-    torch.testing.assert_close(layer(x), sbn_literal(z, layer.sbn_weight, layer.sbn_bias, 1e-5, fft_norm)[0])
+    torch.testing.assert_close(layer(x), sbn_reference(z, layer.sbn_weight, layer.sbn_bias, eps=1e-5, fft_norm=fft_norm)[0])
 
 
 def test_sbn_ortho_has_batchnorm_scale():

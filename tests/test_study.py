@@ -9,6 +9,8 @@ from torch import nn
 import normkernels as nk
 from normkernels import models, study
 
+from model_zoo import import_torchvision
+
 
 # ----------------------------------------------------------------------------- models
 
@@ -59,7 +61,7 @@ def test_torchvision_compatible_resnets():
 
 
 def test_resnet_state_dict_matches_torchvision():
-    tv = pytest.importorskip("torchvision")
+    tv = import_torchvision()  # installed by `make setup`: never skipped
     for ours, theirs in ((models.resnet50(), tv.models.resnet50()),
                          (models.resnet18(), tv.models.resnet18())):
         a, b = ours.state_dict(), theirs.state_dict()
