@@ -979,17 +979,32 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab
           row_raq<false>(px, W, k, R, Aa, Q);
           const acc_t base_r = cs + cr * R, alt = ca * Aa;
           const acc_t ev = base_r + alt, od = base_r - alt;
+          // vectors from even columns, then (W >= 8) the row's last 8 values overlapping: the
+          // values written already get the same value again. Row 0 adds T0 to pre and T1 to dx
+          // (their tables have W rounded up to 8 entries).
+          const V ofe = odd ? splat(od) : splat(ev), ofo = odd ? splat(ev) : splat(od);
           if (h == 0) {
-            for (int64_t w = 0; w < W; ++w) {
+            int64_t w = 0;
+            for (; w + 8 <= W; w += 8) {
+              const V t = load8<acc_t>(px + w) - kv;
+              const V g = grad_v<A>(av * t + load8<acc_t>(t0 + w), slope, load8<acc_t>(pd + w));
+              store8<acc_t>(pdx + w, dv * g + tv * t + (ofe + load8<acc_t>(t1 + w)));
+            }
+            if (w < W && W >= 8) {
+              const int64_t j = W - 8;
+              const V t = load8<acc_t>(px + j) - kv;
+              const V g = grad_v<A>(av * t + load8<acc_t>(t0 + j), slope, load8<acc_t>(pd + j));
+              store8<acc_t>(pdx + j,
+                            dv * g + tv * t + (((j & 1) ? ofo : ofe) + load8<acc_t>(t1 + j)));
+              w = W;
+            }
+            for (; w < W; ++w) {
               const acc_t t = static_cast<acc_t>(px[w]) - k;
               const acc_t g = grad_of<A>(a * t + t0[w], slope, static_cast<acc_t>(pd[w]));
               pdx[w] = static_cast<scalar_t>(cdy * g + ct * t + (((w & 1) ? od : ev) + t1[w]));
             }
             continue;
           }
-          // vectors from even columns, then (W >= 8) the row's last 8 values overlapping: the
-          // values written already get the same value again
-          const V ofe = odd ? splat(od) : splat(ev), ofo = odd ? splat(ev) : splat(od);
           int64_t w = 0;
           for (; w + 8 <= W; w += 8) {
             const V t = load8<acc_t>(px + w) - kv;
