@@ -200,25 +200,44 @@ void with_act(Act a, F&& f) {
 
 // ============================================================================== coefficient tables
 
+// How the NCHW passes walk a map, which decides the layout of the tables below. "Lanes": blocks of
+// 8 channels of one sample transposed into an L1 buffer (lane = channel), so that row sums are
+// vertical vector adds and every per-channel coefficient is one vector, whatever W: the training
+// backward apply on maps up to kLaneBwd values (the statistics pass does so up to kTMax, in the
+// kernels; larger maps have rows long enough for the row kernels, and the transposes' extra
+// buffer traffic costs more than they save: measured at 28x28). Otherwise "planes": contiguous
+// 8-vectors along each plane. NHWC: "pixels".
+constexpr int64_t kLaneBwd = 256;
+inline bool lanes_bwd(Layout lay, int64_t HW, bool need_row) {
+  return lay == Layout::NCS && need_row && HW <= kLaneBwd;
+}
+enum class Tab { Planes, Lanes, Pixels };
+inline Tab tab_of(Layout lay, bool lanes) {
+  return lay == Layout::NSC ? Tab::Pixels : (lanes ? Tab::Lanes : Tab::Planes);
+}
+inline int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
+
 // Forward-apply coefficients in acc (saved[:, :5] of either layer, `stride` doubles per channel):
 // pre = cx (x - K) + add, add = b off row 0 and T0[c, w] = b (1 - Pr[w]) + u Pr[w] + v Pi[w] on
-// row 0 (Pr = delta_w0, Pi[0] = 0). NCHW: T0 is [c*ts + q] for the first ts = W rounded up to 8
+// row 0 (Pr = delta_w0, Pi[0] = 0). K, cx, b have C rounded up to 8 entries (0 past C: a block of
+// lanes loads whole vectors). T0 of Planes is [c*ts + q] for the first ts = W rounded up to 8
 // values of each plane (q >= W: row 1 already, add = b), so the kernels read whole 8-vectors of
-// offsets from the plane's start; NHWC: [w*C + c].
+// offsets from the plane's start; of Lanes [w*cs + c] (cs = C rounded up to 8, 0 past C); of
+// Pixels [w*cs + c] (cs = C).
 template <typename acc_t>
 struct FwdTab {
   std::vector<acc_t> K, cx, b, T0;
-  int64_t ts;
+  int64_t ts, cs;
 };
-
-inline int64_t head_len(int64_t W) { return (W + 7) / 8 * 8; }
 
 template <typename acc_t>
 FwdTab<acc_t> fwd_tab(const double* coef, int64_t stride, int64_t C, int64_t W,
-                      const RowConsts& rc, Layout lay) {
-  const int64_t ts = lay == Layout::NCS ? head_len(W) : W;
-  FwdTab<acc_t> t{std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<acc_t>(C),
-                  std::vector<acc_t>(C * ts), ts};
+                      const RowConsts& rc, Tab kind) {
+  const int64_t Cp = pad8(C);
+  const int64_t ts = kind == Tab::Planes ? pad8(W) : W;
+  const int64_t cs = kind == Tab::Lanes ? Cp : C;
+  FwdTab<acc_t> t{std::vector<acc_t>(Cp), std::vector<acc_t>(Cp), std::vector<acc_t>(Cp),
+                  std::vector<acc_t>(kind == Tab::Planes ? C * ts : W * cs), ts, cs};
   for (int64_t c = 0; c < C; ++c) {
     const double* r = coef + c * stride;
     t.K[c] = static_cast<acc_t>(r[SavedCol::K]);
@@ -227,14 +246,14 @@ FwdTab<acc_t> fwd_tab(const double* coef, int64_t stride, int64_t C, int64_t W,
     for (int64_t q = 0; q < ts; ++q) {
       const double t0 = q >= W ? r[SavedCol::b]
                                : (q == 0 ? r[SavedCol::u] : r[SavedCol::b]) + r[SavedCol::v] * rc.pi[q];
-      t.T0[lay == Layout::NCS ? c * ts + q : q * C + c] = static_cast<acc_t>(t0);
+      t.T0[kind == Tab::Planes ? c * ts + q : q * cs + c] = static_cast<acc_t>(t0);
     }
   }
   return t;
 }
 
 // Backward-apply coefficients: dx = c_dy g + c_t t + cst + c_R R + c_A A (-1)^w + [h == 0] T1[c, w],
-// T1 = u Re D(w) + v Im D(w) (layout as T0; NCHW entries q >= W are 0).
+// T1 = u Re D(w) + v Im D(w) (layout as T0; Planes entries q >= W are 0; channel arrays as K).
 template <typename acc_t>
 struct BwdTab {
   std::vector<acc_t> cdy, ct, cR, cA, cst, T1;
@@ -242,10 +261,13 @@ struct BwdTab {
 
 template <typename acc_t>
 BwdTab<acc_t> bwd_tab(const std::vector<BackCoef>& bc, int64_t C, int64_t W, const RowConsts& rc,
-                      Layout lay) {
-  const int64_t ts = lay == Layout::NCS ? head_len(W) : W;
-  BwdTab<acc_t> t{std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<acc_t>(C),
-                  std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<acc_t>(C * ts)};
+                      Tab kind) {
+  const int64_t Cp = pad8(C);
+  const int64_t ts = kind == Tab::Planes ? pad8(W) : W;
+  const int64_t cs = kind == Tab::Lanes ? Cp : C;
+  BwdTab<acc_t> t{std::vector<acc_t>(Cp), std::vector<acc_t>(Cp), std::vector<acc_t>(Cp),
+                  std::vector<acc_t>(Cp), std::vector<acc_t>(Cp),
+                  std::vector<acc_t>(kind == Tab::Planes ? C * ts : W * cs)};
   for (int64_t c = 0; c < C; ++c) {
     const BackCoef& k = bc[c];
     t.cdy[c] = static_cast<acc_t>(k.c_dy);
@@ -254,7 +276,7 @@ BwdTab<acc_t> bwd_tab(const std::vector<BackCoef>& bc, int64_t C, int64_t W, con
     t.cA[c] = static_cast<acc_t>(k.c_A);
     t.cst[c] = static_cast<acc_t>(k.cst);
     for (int64_t q = 0; q < ts; ++q)
-      t.T1[lay == Layout::NCS ? c * ts + q : q * C + c] =
+      t.T1[kind == Tab::Planes ? c * ts + q : q * cs + c] =
           q >= W ? acc_t(0) : static_cast<acc_t>(k.u * rc.re_d[q] + k.v * rc.im_d[q]);
   }
   return t;
@@ -350,7 +372,7 @@ Tensor apply_forward(const X4& v, const double* coef, int64_t stride, const RowC
   if (v.x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const FwdTab<acc_t> ft = fwd_tab<acc_t>(coef, stride, v.C, v.W, rc, v.layout);
+    const FwdTab<acc_t> ft = fwd_tab<acc_t>(coef, stride, v.C, v.W, rc, tab_of(v.layout, false));
     with_act(act, [&](auto tag) {
       constexpr Act A = decltype(tag)::value;
       NK_CALL(fwd_apply<A>, v.x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), ft,
@@ -370,7 +392,7 @@ void grad_sums(const X4& v, const Tensor& dy, const double* coef, int64_t stride
   int64_t nblk = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const FwdTab<acc_t> ft = fwd_tab<acc_t>(coef, stride, C, v.W, rc, v.layout);
+    const FwdTab<acc_t> ft = fwd_tab<acc_t>(coef, stride, C, v.W, rc, tab_of(v.layout, false));
     const std::vector<acc_t> pi = cast_vec<acc_t>(rc.pi);
     const scalar_t* xp = v.x.const_data_ptr<scalar_t>();
     const scalar_t* dp = dy.const_data_ptr<scalar_t>();
@@ -392,8 +414,9 @@ Tensor apply_backward(const X4& v, const Tensor& dy, const double* coef, int64_t
   if (v.x.numel() == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const FwdTab<acc_t> ft = fwd_tab<acc_t>(coef, stride, v.C, v.W, rc, v.layout);
-    const BwdTab<acc_t> bt = bwd_tab<acc_t>(bc, v.C, v.W, rc, v.layout);
+    const Tab kind = tab_of(v.layout, lanes_bwd(v.layout, v.H * v.W, need_row));
+    const FwdTab<acc_t> ft = fwd_tab<acc_t>(coef, stride, v.C, v.W, rc, kind);
+    const BwdTab<acc_t> bt = bwd_tab<acc_t>(bc, v.C, v.W, rc, kind);
     with_act(act, [&](auto tag) {
       constexpr Act A = decltype(tag)::value;
       NK_CALL(bwd_apply<A>, dy.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(),

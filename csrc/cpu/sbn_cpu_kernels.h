@@ -4,7 +4,8 @@
 // includer provides ATen, FwdTab / BwdTab, Act, NK_AVX2 = 0 / 1).
 //
 // Layouts: NCHW (contiguous) and NHWC (channels_last).
-// NCHW row reductions on small maps (statistics up to kTMax values, backward apply up to kTMaxBwd):
+// NCHW row reductions on small maps (statistics up to kTMax values, the training backward apply up
+// to sbn_cpu.cpp's kLaneBwd):
 //   lanes = 8 consecutive channels of one sample. Their 8 planes are one contiguous block; it is
 //   transposed into an L1 buffer buf[e*8 + j] (e = h*W + w, j = channel) by 8x8 register
 //   transposes (AVX2, float) or scalar copies, so every row reduction (R, A per row: the cost of
@@ -22,9 +23,6 @@ constexpr int kL = 8;             // lane accumulators of the row / span loops
 constexpr int64_t kCB = 64;       // NHWC reductions: channels per task
 constexpr int64_t kChunk = 1024;  // elements per lane summed in acc before a flush to double
 constexpr int64_t kTMax = 4096;   // NCHW statistics: largest map processed transposed
-// NCHW backward apply: largest map whose row sums come from a transposed block (which then stays
-// in L1 beside the plane being written; wider rows are reduced well by the row kernel anyway)
-constexpr int64_t kTMaxBwd = 256;
 constexpr int64_t kTasks = 64;    // reductions: sample blocks are cut to give about this many tasks
 
 template <typename acc_t>
@@ -84,26 +82,87 @@ template <typename T>
 NK_INLINE T hsum(const V8<T>& v) {
   return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
-// g = act'(pre) dy lane by lane, with csrc/activation.h's scalar formula
-template <Act A, typename T>
-NK_INLINE V8<T> grad_v(const V8<T>& pre, T slope, const V8<T>& dy) {
-  if constexpr (A == Act::Identity) {
-    return dy;
+// The activations on 8 lanes: csrc/activation.h's formulas written as vector operations (the same
+// IEEE operations in the same order, so a lane equals the scalar function bit for bit), with
+// selects instead of branches. SiLU's exp for float is exp_float_host on vectors; for double it
+// stays the scalar std::exp per lane.
+NK_INLINE V8<float> exp_v(const V8<float>& x) {
+  using V = V8<float>;
+  using I = M8<float>;
+  const V hi = splat(88.7228f), lo = splat(-87.3365f);
+  const V xc = x > hi ? hi : (x < lo ? lo : x);
+  const V shifter = splat(12582912.0f);
+  const V n = (xc * splat(1.44269504088896341f) + shifter) - shifter;
+  const V r = (xc - n * splat(0.693359375f)) - n * splat(-2.12194440e-4f);
+  V p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  const I ni = __builtin_convertvector(n, I), n1 = ni / 2;
+  const I b1 = (n1 + 127) << 23, b2 = (ni - n1 + 127) << 23;
+  V s1, s2;
+  __builtin_memcpy(&s1, &b1, sizeof(s1));
+  __builtin_memcpy(&s2, &b2, sizeof(s2));
+  const V e = (p * s1) * s2;
+  return x > hi ? splat(static_cast<float>(INFINITY)) : (x < lo ? splat(0.0f) : e);
+}
+template <typename T>
+NK_INLINE V8<T> sigmoid_v(const V8<T>& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return splat(1.0f) / (splat(1.0f) + exp_v(-v));
   } else {
-    V8<T> g;
-    for (int j = 0; j < 8; ++j) g[j] = act_backward(A, T(pre[j]), slope, T(dy[j]));
-    return g;
+    V8<T> s;
+    for (int j = 0; j < 8; ++j) s[j] = act_sigmoid(T(v[j]));
+    return s;
   }
 }
+// g = act'(pre) dy
+template <Act A, typename T>
+NK_INLINE V8<T> grad_v(const V8<T>& pre, T slope, const V8<T>& dy) {
+  const V8<T> zero = {};
+  if constexpr (A == Act::ReLU) {
+    return pre > zero ? dy : zero;
+  } else if constexpr (A == Act::LeakyReLU) {
+    return dy * (pre > zero ? splat(T(1)) : splat(slope));
+  } else if constexpr (A == Act::SiLU) {
+    const V8<T> s = sigmoid_v<T>(pre);
+    return dy * s * (splat(T(1)) + pre * (splat(T(1)) - s));
+  } else {
+    return dy;
+  }
+}
+// act(pre)
 template <Act A, typename T>
 NK_INLINE V8<T> act_v(const V8<T>& pre, T slope) {
-  if constexpr (A == Act::Identity) {
-    return pre;
+  const V8<T> zero = {};
+  if constexpr (A == Act::ReLU) {
+    return pre < zero ? zero : pre;  // NaN stays NaN
+  } else if constexpr (A == Act::LeakyReLU) {
+    return pre * (pre > zero ? splat(T(1)) : splat(slope));
+  } else if constexpr (A == Act::SiLU) {
+    return pre * sigmoid_v<T>(pre);
   } else {
-    V8<T> y;
-    for (int j = 0; j < 8; ++j) y[j] = act_forward(A, T(pre[j]), slope);
-    return y;
+    return pre;
   }
+}
+// Lanes l >= 8 - r (-1), the others 0: of the last 8 values of a span whose last r < 8 values
+// are left after its whole vectors, the lanes not done yet (the span's end is then one overlapping
+// vector instead of r scalar steps, which would branch per value for a masked activation).
+template <typename T>
+NK_INLINE M8<T> last_lanes(int64_t r) {
+  M8<T> m;
+  for (int l = 0; l < 8; ++l) m[l] = l >= 8 - r ? -1 : 0;
+  return m;
+}
+// Lanes at odd positions (-1): with a vector starting at an even column, the odd columns.
+template <typename T>
+NK_INLINE M8<T> odd_lanes() {
+  M8<T> m;
+  for (int l = 0; l < 8; ++l) m[l] = (l & 1) ? -1 : 0;
+  return m;
 }
 // lanes j < cw of src[c0 + j], the others 0
 template <typename T>
@@ -127,6 +186,28 @@ inline NBlocks n_blocks(int64_t N, int64_t channel_tasks) {
 
 // ------------------------------------------------------------------------------ 8-plane transposes
 
+#if NK_AVX2
+// r[i] <- column i of the 8x8 matrix whose rows are r[0..7] (its own inverse)
+NK_INLINE void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+#endif
+
 // buf[e*8 + j] = p[j*HW + e] for the cw <= 8 planes at p (lanes >= cw: 0).
 template <typename scalar_t, typename acc_t>
 inline void gather_planes(const scalar_t* p, int64_t HW, int cw, acc_t* buf) {
@@ -135,27 +216,11 @@ inline void gather_planes(const scalar_t* p, int64_t HW, int cw, acc_t* buf) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (cw == 8) {
       for (; e + 8 <= HW; e += 8) {
-        __m256 r0 = _mm256_loadu_ps(p + e), r1 = _mm256_loadu_ps(p + HW + e);
-        __m256 r2 = _mm256_loadu_ps(p + 2 * HW + e), r3 = _mm256_loadu_ps(p + 3 * HW + e);
-        __m256 r4 = _mm256_loadu_ps(p + 4 * HW + e), r5 = _mm256_loadu_ps(p + 5 * HW + e);
-        __m256 r6 = _mm256_loadu_ps(p + 6 * HW + e), r7 = _mm256_loadu_ps(p + 7 * HW + e);
-        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-        const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-        const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-        const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-        const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-        const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-        const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-        const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        __m256 r[8];
+        for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(p + j * HW + e);
+        transpose8(r);
         float* o = reinterpret_cast<float*>(buf) + e * 8;
-        _mm256_storeu_ps(o, _mm256_permute2f128_ps(s0, s4, 0x20));
-        _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(s1, s5, 0x20));
-        _mm256_storeu_ps(o + 16, _mm256_permute2f128_ps(s2, s6, 0x20));
-        _mm256_storeu_ps(o + 24, _mm256_permute2f128_ps(s3, s7, 0x20));
-        _mm256_storeu_ps(o + 32, _mm256_permute2f128_ps(s0, s4, 0x31));
-        _mm256_storeu_ps(o + 40, _mm256_permute2f128_ps(s1, s5, 0x31));
-        _mm256_storeu_ps(o + 48, _mm256_permute2f128_ps(s2, s6, 0x31));
-        _mm256_storeu_ps(o + 56, _mm256_permute2f128_ps(s3, s7, 0x31));
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(o + 8 * j, r[j]);
       }
     }
   }
@@ -164,6 +229,29 @@ inline void gather_planes(const scalar_t* p, int64_t HW, int cw, acc_t* buf) {
     acc_t* o = buf + e * 8;
     for (int j = 0; j < cw; ++j) o[j] = static_cast<acc_t>(p[j * HW + e]);
     for (int j = cw; j < 8; ++j) o[j] = acc_t(0);
+  }
+}
+
+// p[j*HW + e] = buf[e*8 + j] for the cw <= 8 planes at p: the inverse of gather_planes.
+template <typename scalar_t, typename acc_t>
+inline void scatter_planes(const acc_t* buf, int64_t HW, int cw, scalar_t* p) {
+  int64_t e = 0;
+#if NK_AVX2
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (cw == 8) {
+      for (; e + 8 <= HW; e += 8) {
+        __m256 r[8];
+        const float* i = reinterpret_cast<const float*>(buf) + e * 8;
+        for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(i + 8 * j);
+        transpose8(r);
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(p + j * HW + e, r[j]);
+      }
+    }
+  }
+#endif
+  for (; e < HW; ++e) {
+    const acc_t* i = buf + e * 8;
+    for (int j = 0; j < cw; ++j) p[j * HW + e] = static_cast<scalar_t>(i[j]);
   }
 }
 
@@ -249,7 +337,7 @@ int64_t stats_nchw_t(const scalar_t* x, const acc_t* K, const acc_t* ReD, const 
       const int64_t n_end = std::min(N, (blk + 1) * nb.size);
       for (int64_t n = blk * nb.size; n < n_end; ++n) {
         gather_planes(x + (n * C + c0) * HW, HW, cw, buf.data());
-        V l1 = {}, l2 = {}, lr = {}, la = {}, a0 = {}, a1 = {};
+        V l1 = {}, l2 = {}, l2o = {}, lr = {}, la = {}, a0 = {}, a1 = {};
         for (int64_t h = 0; h < H; ++h) {
           const acc_t* row = buf.data() + h * W * 8;
           V ev = {}, od = {};
@@ -260,7 +348,7 @@ int64_t stats_nchw_t(const scalar_t* x, const acc_t* K, const acc_t* ReD, const 
               ev += t0;
               od += t1;
               l2 += t0 * t0;
-              l2 += t1 * t1;
+              l2o += t1 * t1;
               a0 += t0 * ReD[w];
               a0 += t1 * ReD[w + 1];
               a1 += t0 * ImD[w];
@@ -279,7 +367,7 @@ int64_t stats_nchw_t(const scalar_t* x, const acc_t* K, const acc_t* ReD, const 
               ev += t0;
               od += t1;
               l2 += t0 * t0;
-              l2 += t1 * t1;
+              l2o += t1 * t1;
             }
             if (w < W) {
               const V t0 = load8<acc_t>(row + w * 8) - k;
@@ -292,6 +380,7 @@ int64_t stats_nchw_t(const scalar_t* x, const acc_t* K, const acc_t* ReD, const 
           lr += R * R;
           la += Aa * Aa;
         }
+        l2 += l2o;
         for (int j = 0; j < 8; ++j) {
           s1[j] += l1[j];
           s2[j] += l2[j];
@@ -511,6 +600,11 @@ void fwd_apply(const scalar_t* x, scalar_t* y, const FwdTab<acc_t>& ft, acc_t sl
         }
         for (; i + 8 <= HW; i += 8)
           store8<acc_t>(py + i, act_v<A>(av * (load8<acc_t>(px + i) - kv) + bv, slope));
+        if (i < HW && HW - 8 >= head) {  // the last 8 values again: those already written get
+          const int64_t j = HW - 8;       // the same value (the same formula) once more
+          store8<acc_t>(py + j, act_v<A>(av * (load8<acc_t>(px + j) - kv) + bv, slope));
+          continue;
+        }
         for (; i < HW; ++i) {
           const acc_t pre = a * (static_cast<acc_t>(px[i]) - k) + bc;
           py[i] = static_cast<scalar_t>(act_forward(A, pre, slope));
@@ -559,6 +653,10 @@ int64_t grad_nchw(const scalar_t* dy, const scalar_t* x, const FwdTab<acc_t>& ft
   const acc_t* Bp = ft.b.data();
   const acc_t* T0p = ft.T0.data();
   const NBlocks nb = n_blocks(N, C);
+  // each plane's values past its whole vectors: one overlapping vector when the plane has 8
+  const int64_t rest = (HW - head) % 8;
+  const bool vec_tail = rest > 0 && HW >= 8;
+  const M8<acc_t> tail = last_lanes<acc_t>(rest);
   at::parallel_for(0, nb.count * C, grain_for(2 * nb.size * HW), [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) {
       const int64_t blk = task / C, c = task % C;
@@ -596,6 +694,14 @@ int64_t grad_nchw(const scalar_t* dy, const scalar_t* x, const FwdTab<acc_t>& ft
           const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + i));
           u += g;
           vv += g * t;
+        }
+        if (vec_tail) {  // lanes of values >= i (off row 0: i >= head), the others masked out
+          const V zero = {};
+          const V t = load8<acc_t>(px + HW - 8) - kv;
+          const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + HW - 8));
+          u += tail ? g : zero;
+          vv += tail ? g * t : zero;
+          i = HW;
         }
         for (; i < HW; ++i) {
           const acc_t t = static_cast<acc_t>(px[i]) - k;
@@ -746,86 +852,66 @@ int64_t grad(const scalar_t* dy, const scalar_t* x, const FwdTab<acc_t>& ft, con
 // ============================================================================== backward apply
 // dx = c_dy g + c_t t + cst [+ c_R R + c_A A (-1)^w] + [h == 0] T1[c, w], g = act'(pre) dy.
 
-// NCHW, small maps, training: the row sums R, A of 8 channels of a sample from their transposed
-// block (vertical adds, whatever W), then each plane's dx in one contiguous pass over x and dy with
-// a per-element offset row built from (R, A) with one 8-vector store per 8 values of a row.
+// NCHW, small maps, training (lanes_bwd): x and dy of 8 channels of a sample transposed (lane =
+// channel); per row the row sums R, A (vertical adds, whatever W), then dx of the row into dy's
+// buffer in place, which is transposed back into dx.
 template <Act A, typename scalar_t, typename acc_t>
-void bwd_nchw_small(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab<acc_t>& ft,
-                    const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H,
-                    int64_t W) {
+void bwd_nchw_t(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab<acc_t>& ft,
+                const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H,
+                int64_t W) {
   using V = V8<acc_t>;
-  const int64_t HW = H * W, ncb = (C + 7) / 8, ts = ft.ts, head = std::min(ts, HW);
-  const int64_t rowv = (W + 7) / 8;  // 8-vectors per row of offsets
-  M8<acc_t> odd_w;                   // lanes at odd w (rows start at w = 0; 8 is even)
-  for (int j = 0; j < 8; ++j) odd_w[j] = (j & 1) ? -1 : 0;
-  at::parallel_for(0, N * ncb, grain_for(24 * HW), [&](int64_t b, int64_t e) {
-    std::vector<acc_t> bx(HW * 8), ofs(HW + 8 * rowv), ev(H * 8), od(H * 8);
+  const int64_t HW = H * W, ncb = (C + 7) / 8, cs = ft.cs;
+  at::parallel_for(0, N * ncb, grain_for(3 * 8 * HW), [&](int64_t b, int64_t e) {
+    std::vector<acc_t> bx(HW * 8), bd(HW * 8);
     for (int64_t task = b; task < e; ++task) {
       const int64_t n = task / ncb, c0 = (task % ncb) * 8;
       const int cw = static_cast<int>(std::min<int64_t>(8, C - c0));
       const int64_t off = (n * C + c0) * HW;
-      // the 8 planes' row offsets cst + c_R R + c_A A (-1)^w (lane = plane): ev[h] for even w,
-      // od[h] for odd w
       gather_planes(x + off, HW, cw, bx.data());
-      const V kl = lanes8(ft.K.data(), c0, cw), csl = lanes8(bt.cst.data(), c0, cw);
-      const V crl = lanes8(bt.cR.data(), c0, cw), cal = lanes8(bt.cA.data(), c0, cw);
+      gather_planes(dy + off, HW, cw, bd.data());
+      const V k = load8<acc_t>(ft.K.data() + c0), a = load8<acc_t>(ft.cx.data() + c0);
+      const V add = load8<acc_t>(ft.b.data() + c0);
+      const V cdy = load8<acc_t>(bt.cdy.data() + c0), ct = load8<acc_t>(bt.ct.data() + c0);
+      const V cst = load8<acc_t>(bt.cst.data() + c0), cR = load8<acc_t>(bt.cR.data() + c0);
+      const V cA = load8<acc_t>(bt.cA.data() + c0);
+      const acc_t* T0 = ft.T0.data() + c0;
+      const acc_t* T1 = bt.T1.data() + c0;
       for (int64_t h = 0; h < H; ++h) {
         const acc_t* rx = bx.data() + h * W * 8;
-        V e_ = {}, o_ = {};
+        acc_t* rd = bd.data() + h * W * 8;
+        V ev = {}, od = {};
         int64_t w = 0;
         for (; w + 1 < W; w += 2) {
-          e_ += load8<acc_t>(rx + w * 8) - kl;
-          o_ += load8<acc_t>(rx + w * 8 + 8) - kl;
+          ev += load8<acc_t>(rx + w * 8) - k;
+          od += load8<acc_t>(rx + w * 8 + 8) - k;
         }
-        if (w < W) e_ += load8<acc_t>(rx + w * 8) - kl;
-        const V R = e_ + o_, Aa = e_ - o_;
-        const V base = csl + crl * R, alt = cal * Aa;
-        store8<acc_t>(ev.data() + h * 8, base + alt);
-        store8<acc_t>(od.data() + h * 8, base - alt);
-      }
-      for (int j = 0; j < cw; ++j) {
-        const int64_t c = c0 + j;
-        const acc_t k = ft.K[c], a = ft.cx[c], bc = ft.b[c];
-        const acc_t cdy = bt.cdy[c], ct = bt.ct[c];
-        const acc_t* t0 = ft.T0.data() + c * ts;
-        const acc_t* t1 = bt.T1.data() + c * ts;
-        // this plane's offset of every element, row by row (a row's last vector runs into the
-        // next row, which overwrites it); then + T1 on row 0 (T1 is 0 past W)
-        for (int64_t h = 0; h < H; ++h) {
-          const V pat = odd_w ? splat(od[h * 8 + j]) : splat(ev[h * 8 + j]);
-          acc_t* o = ofs.data() + h * W;
-          for (int64_t q = 0; q < rowv; ++q) store8<acc_t>(o + 8 * q, pat);
+        if (w < W) ev += load8<acc_t>(rx + w * 8) - k;
+        const V R = ev + od, Aa = ev - od;
+        const V base = cst + cR * R, alt = cA * Aa;
+        const V oe = base + alt, oo = base - alt;  // offsets of even / odd columns
+        if (h == 0) {
+          for (w = 0; w < W; ++w) {
+            const V t = load8<acc_t>(rx + w * 8) - k;
+            const V g = grad_v<A>(a * t + load8<acc_t>(T0 + w * cs), slope, load8<acc_t>(rd + w * 8));
+            store8<acc_t>(rd + w * 8,
+                          cdy * g + ct * t + (((w & 1) ? oo : oe) + load8<acc_t>(T1 + w * cs)));
+          }
+          continue;
         }
-        for (int64_t q = 0; q < rowv; ++q)
-          store8<acc_t>(ofs.data() + 8 * q, load8<acc_t>(ofs.data() + 8 * q) +
-                                                load8<acc_t>(t1 + 8 * q));
-        const scalar_t* px = x + off + j * HW;
-        const scalar_t* pd = dy + off + j * HW;
-        scalar_t* pdx = dx + off + j * HW;
-        const acc_t* pof = ofs.data();
-        const V kv = splat(k), av = splat(a), bv = splat(bc), dv = splat(cdy), tv = splat(ct);
-        int64_t i = 0;
-        for (; i + 8 <= head; i += 8) {
-          const V t = load8<acc_t>(px + i) - kv;
-          const V g = grad_v<A>(av * t + load8<acc_t>(t0 + i), slope, load8<acc_t>(pd + i));
-          store8<acc_t>(pdx + i, dv * g + tv * t + load8<acc_t>(pof + i));
+        for (w = 0; w + 1 < W; w += 2) {
+          const V t0 = load8<acc_t>(rx + w * 8) - k, t1 = load8<acc_t>(rx + w * 8 + 8) - k;
+          const V g0 = grad_v<A>(a * t0 + add, slope, load8<acc_t>(rd + w * 8));
+          const V g1 = grad_v<A>(a * t1 + add, slope, load8<acc_t>(rd + w * 8 + 8));
+          store8<acc_t>(rd + w * 8, cdy * g0 + ct * t0 + oe);
+          store8<acc_t>(rd + w * 8 + 8, cdy * g1 + ct * t1 + oo);
         }
-        for (; i < head; ++i) {
-          const acc_t t = static_cast<acc_t>(px[i]) - k;
-          const acc_t g = grad_of<A>(a * t + t0[i], slope, static_cast<acc_t>(pd[i]));
-          pdx[i] = static_cast<scalar_t>(cdy * g + ct * t + pof[i]);
-        }
-        for (; i + 8 <= HW; i += 8) {
-          const V t = load8<acc_t>(px + i) - kv;
-          const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + i));
-          store8<acc_t>(pdx + i, dv * g + tv * t + load8<acc_t>(pof + i));
-        }
-        for (; i < HW; ++i) {
-          const acc_t t = static_cast<acc_t>(px[i]) - k;
-          const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(pd[i]));
-          pdx[i] = static_cast<scalar_t>(cdy * g + ct * t + pof[i]);
+        if (w < W) {
+          const V t = load8<acc_t>(rx + w * 8) - k;
+          const V g = grad_v<A>(a * t + add, slope, load8<acc_t>(rd + w * 8));
+          store8<acc_t>(rd + w * 8, cdy * g + ct * t + oe);
         }
       }
+      scatter_planes(bd.data(), HW, cw, dx + off);
     }
   });
 }
@@ -835,11 +921,12 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab
                const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H, int64_t W,
                Layout lay, bool need_row) {
   const int64_t HW = H * W;
-  if (lay == Layout::NCS && need_row && HW <= kTMaxBwd) {
-    bwd_nchw_small<A>(dy, x, dx, ft, bt, slope, N, C, H, W);
+  if (lanes_bwd(lay, HW, need_row)) {
+    bwd_nchw_t<A>(dy, x, dx, ft, bt, slope, N, C, H, W);
   } else if (lay == Layout::NCS) {
     using V = V8<acc_t>;
     const int64_t ts = ft.ts, head = std::min(ts, HW);
+    const M8<acc_t> odd = odd_lanes<acc_t>();
     at::parallel_for(0, N * C, grain_for(2 * HW), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t c = r % C;
@@ -848,12 +935,12 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab
                     ca = bt.cA[c];
         const acc_t* t0 = ft.T0.data() + c * ts;
         const acc_t* t1 = bt.T1.data() + c * ts;
+        const V kv = splat(k), av = splat(a), bv = splat(bc), dv = splat(cdy), tv = splat(ct);
         if (!need_row) {  // eval: dx = c_dy g (the other terms are 0 in eval)
           const scalar_t* px = x + r * HW;
           const scalar_t* pd = dy + r * HW;
           scalar_t* pdx = dx + r * HW;
-          const V kv = splat(k), av = splat(a), bv = splat(bc), dv = splat(cdy), tv = splat(ct),
-                  sv = splat(cs);
+          const V sv = splat(cs);
           int64_t i = 0;
           for (; i + 8 <= head; i += 8) {
             const V t = load8<acc_t>(px + i) - kv;
@@ -865,6 +952,12 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab
             const acc_t g = grad_of<A>(a * t + t0[i], slope, static_cast<acc_t>(pd[i]));
             pdx[i] = static_cast<scalar_t>(cdy * g + ct * t + (cs + t1[i]));
           }
+          for (; i + 8 <= HW; i += 8) {
+            const V t = load8<acc_t>(px + i) - kv;
+            const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + i));
+            store8<acc_t>(pdx + i, dv * g + tv * t + sv);
+          }
+          if (i < HW && HW - 8 >= head) i = HW - 8;  // overlapping: the same values again
           for (; i + 8 <= HW; i += 8) {
             const V t = load8<acc_t>(px + i) - kv;
             const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + i));
@@ -886,23 +979,45 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab
           row_raq<false>(px, W, k, R, Aa, Q);
           const acc_t base_r = cs + cr * R, alt = ca * Aa;
           const acc_t ev = base_r + alt, od = base_r - alt;
+          // vectors from even columns, then (W >= 8) the row's last 8 values overlapping: the
+          // values written already get the same value again. Row 0 adds T0 to pre and T1 to dx
+          // (their tables have W rounded up to 8 entries).
+          const V ofe = odd ? splat(od) : splat(ev), ofo = odd ? splat(ev) : splat(od);
           if (h == 0) {
-            for (int64_t w = 0; w < W; ++w) {
+            int64_t w = 0;
+            for (; w + 8 <= W; w += 8) {
+              const V t = load8<acc_t>(px + w) - kv;
+              const V g = grad_v<A>(av * t + load8<acc_t>(t0 + w), slope, load8<acc_t>(pd + w));
+              store8<acc_t>(pdx + w, dv * g + tv * t + (ofe + load8<acc_t>(t1 + w)));
+            }
+            if (w < W && W >= 8) {
+              const int64_t j = W - 8;
+              const V t = load8<acc_t>(px + j) - kv;
+              const V g = grad_v<A>(av * t + load8<acc_t>(t0 + j), slope, load8<acc_t>(pd + j));
+              store8<acc_t>(pdx + j,
+                            dv * g + tv * t + (((j & 1) ? ofo : ofe) + load8<acc_t>(t1 + j)));
+              w = W;
+            }
+            for (; w < W; ++w) {
               const acc_t t = static_cast<acc_t>(px[w]) - k;
               const acc_t g = grad_of<A>(a * t + t0[w], slope, static_cast<acc_t>(pd[w]));
               pdx[w] = static_cast<scalar_t>(cdy * g + ct * t + (((w & 1) ? od : ev) + t1[w]));
             }
             continue;
           }
-          acc_t ofs[kL];
-          for (int j = 0; j < kL; ++j) ofs[j] = (j & 1) ? od : ev;
           int64_t w = 0;
-          for (; w + kL <= W; w += kL)
-            for (int j = 0; j < kL; ++j) {
-              const acc_t t = static_cast<acc_t>(px[w + j]) - k;
-              const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(pd[w + j]));
-              pdx[w + j] = static_cast<scalar_t>(cdy * g + ct * t + ofs[j]);
-            }
+          for (; w + 8 <= W; w += 8) {
+            const V t = load8<acc_t>(px + w) - kv;
+            const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + w));
+            store8<acc_t>(pdx + w, dv * g + tv * t + ofe);
+          }
+          if (w < W && W >= 8) {
+            const int64_t j = W - 8;
+            const V t = load8<acc_t>(px + j) - kv;
+            const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + j));
+            store8<acc_t>(pdx + j, dv * g + tv * t + ((j & 1) ? ofo : ofe));
+            w = W;
+          }
           for (; w < W; ++w) {
             const acc_t t = static_cast<acc_t>(px[w]) - k;
             const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(pd[w]));
