@@ -20,12 +20,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define NK_SBN_HAVE_AVX2 1
-#include <immintrin.h>
-#else
-#define NK_SBN_HAVE_AVX2 0
-#endif
 
 #if defined(__GNUC__)
 // the kernels' 8-lane vector types cross internal (inlined) function boundaries only
@@ -35,6 +29,10 @@
 #include "../activation.h"
 #include "../common.h"
 #include "../sbn_finalize.h"
+#include "isa.h"
+#if NK_HAVE_AVX2_BUILD
+#include <immintrin.h>  // the AVX2 build's register transposes
+#endif
 
 namespace normkernels {
 namespace sbn {
@@ -289,43 +287,10 @@ BwdTab<acc_t> bwd_tab(const std::vector<BackCoef>& bc, int64_t C, int64_t W, con
 #define NK_INLINE inline
 #endif
 
-// The same kernel source (sbn_cpu_kernels.h) compiled for the baseline ISA and, on x86-64 GCC, for
-// AVX2 (8-wide float vectors and register transposes); the AVX2 build runs when the CPU has it.
-namespace k_default {
-#define NK_AVX2 0
-#include "sbn_cpu_kernels.h"
-#undef NK_AVX2
-}  // namespace k_default
-#if NK_SBN_HAVE_AVX2
-#pragma GCC push_options
-#pragma GCC target("avx2")
-namespace k_avx2 {
-#define NK_AVX2 1
-#include "sbn_cpu_kernels.h"
-#undef NK_AVX2
-}  // namespace k_avx2
-#pragma GCC pop_options
-#endif
-
-// NORMKERNELS_CPU_ISA=baseline forces the baseline build (tests compare the two builds).
-bool use_avx2() {
-#if NK_SBN_HAVE_AVX2
-  static const bool ok = [] {
-    const char* isa = std::getenv("NORMKERNELS_CPU_ISA");
-    return __builtin_cpu_supports("avx2") && !(isa && std::string(isa) == "baseline");
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
-
-// NK_CALL(f, args...): f of the AVX2 build when the CPU has AVX2, else of the baseline build.
-#if NK_SBN_HAVE_AVX2
-#define NK_CALL(fn, ...) (use_avx2() ? k_avx2::fn(__VA_ARGS__) : k_default::fn(__VA_ARGS__))
-#else
-#define NK_CALL(fn, ...) k_default::fn(__VA_ARGS__)
-#endif
+// The same kernel source compiled for the baseline ISA and AVX2 (8-wide float vectors and
+// register transposes), chosen at run time by NK_CALL (isa.h).
+#define NK_ISA_KERNELS "sbn_cpu_kernels.h"
+#include "isa_builds.h"
 
 // The statistics pass: rows (C, 8) = [N, K, S1, S2, SR, SA, SD0, SD1] of this batch.
 void stats_rows(const X4& v, const RowConsts& rc, double* rows) {

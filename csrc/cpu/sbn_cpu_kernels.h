@@ -84,30 +84,13 @@ NK_INLINE T hsum(const V8<T>& v) {
 }
 // The activations on 8 lanes: csrc/activation.h's formulas written as vector operations (the same
 // IEEE operations in the same order, so a lane equals the scalar function bit for bit), with
-// selects instead of branches. SiLU's exp for float is exp_float_host on vectors; for double it
-// stays the scalar std::exp per lane.
+// selects instead of branches. SiLU's exp for float is activation.h's exp_float_lanes on these
+// vectors (the lanes' form of exp_float_host); for double it stays the scalar std::exp per lane.
+struct TruncToLanes {
+  M8<float> operator()(const V8<float>& n) const { return __builtin_convertvector(n, M8<float>); }
+};
 NK_INLINE V8<float> exp_v(const V8<float>& x) {
-  using V = V8<float>;
-  using I = M8<float>;
-  const V hi = splat(88.7228f), lo = splat(-87.3365f);
-  const V xc = x > hi ? hi : (x < lo ? lo : x);
-  const V shifter = splat(12582912.0f);
-  const V n = (xc * splat(1.44269504088896341f) + shifter) - shifter;
-  const V r = (xc - n * splat(0.693359375f)) - n * splat(-2.12194440e-4f);
-  V p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * r * r + r + splat(1.0f);
-  const I ni = __builtin_convertvector(n, I), n1 = ni / 2;
-  const I b1 = (n1 + 127) << 23, b2 = (ni - n1 + 127) << 23;
-  V s1, s2;
-  __builtin_memcpy(&s1, &b1, sizeof(s1));
-  __builtin_memcpy(&s2, &b2, sizeof(s2));
-  const V e = (p * s1) * s2;
-  return x > hi ? splat(static_cast<float>(INFINITY)) : (x < lo ? splat(0.0f) : e);
+  return exp_float_lanes<V8<float>, M8<float>>(x, TruncToLanes{});
 }
 template <typename T>
 NK_INLINE V8<T> sigmoid_v(const V8<T>& v) {
@@ -143,7 +126,13 @@ NK_INLINE V8<T> act_v(const V8<T>& pre, T slope) {
   } else if constexpr (A == Act::LeakyReLU) {
     return pre * (pre > zero ? splat(T(1)) : splat(slope));
   } else if constexpr (A == Act::SiLU) {
-    return pre * sigmoid_v<T>(pre);
+    if constexpr (std::is_same_v<T, float>) {
+      return pre / (splat(1.0f) + exp_v(-pre));  // activation.h: pre / act_sigmoid_den(pre)
+    } else {
+      V8<T> y;
+      for (int j = 0; j < 8; ++j) y[j] = act_forward(Act::SiLU, T(pre[j]), T(0));
+      return y;
+    }
   } else {
     return pre;
   }
