@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from normkernels.ops import l2bn as L
 from references import l2bn_reference
+from cpu_isa import outputs_per_isa
 
 ACTS = ["identity", "relu", "leaky_relu", "silu"]
 SLOPE = 0.1
@@ -529,20 +530,8 @@ def test_baseline_and_avx2_builds_agree_bitwise(tmp_path):
     NORMKERNELS_CPU_ISA=baseline forces the baseline); their lanes do the same IEEE operations in
     the same order as the scalar code, so the two builds agree bit for bit (and the baseline build
     is as correct as the one the other tests check)."""
-    import subprocess
-    import sys
     _need_native(torch.device("cpu"))
-    script = tmp_path / "isa.py"
-    script.write_text(_ISA_SCRIPT)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(L.__file__)))  # this normkernels
-    results = []
-    for isa in ("baseline", "native"):
-        env = dict(os.environ, NORMKERNELS_CPU_ISA=isa, OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-        out = tmp_path / f"{isa}.pt"
-        subprocess.run([sys.executable, str(script), str(out)], check=True, env=env)
-        results.append(torch.load(out))
-    assert len(results[0]) == len(results[1]) > 0
+    results = outputs_per_isa(_ISA_SCRIPT, tmp_path)
     for a, r in zip(*results):
         assert torch.equal(a, r)
 

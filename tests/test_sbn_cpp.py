@@ -8,6 +8,7 @@ from torch.profiler import profile
 
 from normkernels.ops import sbn as S
 from sbn_cases import F64, gen, leaf, make_params, make_x, require_native
+from cpu_isa import outputs_per_isa
 
 OPS = ("sbn_stats", "sbn_finish", "sbn_forward", "sbn_grad_stats", "sbn_grad_finish",
        "sbn_backward", "bnsbn_finish", "bnsbn_forward", "bnsbn_grad_finish", "bnsbn_backward")
@@ -467,19 +468,7 @@ torch.save(out, sys.argv[1])
 def test_baseline_and_avx2_builds_agree_bitwise(tmp_path):
     """The pass kernels are compiled twice (baseline ISA and AVX2, chosen at run time); their lanes
     do the same IEEE operations in the same order, so the two builds agree bit for bit."""
-    import os
-    import subprocess
-    import sys
     require_native(torch.device("cpu"))
-    script = tmp_path / "isa.py"
-    script.write_text(_ISA_SCRIPT)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(S.__file__)))  # this normkernels
-    results = []
-    for isa in ("baseline", "native"):
-        env = dict(os.environ, NORMKERNELS_CPU_ISA=isa, OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-        out = tmp_path / f"{isa}.pt"
-        subprocess.run([sys.executable, str(script), str(out)], check=True, env=env)
-        results.append(torch.load(out))
+    results = outputs_per_isa(_ISA_SCRIPT, tmp_path)
     for a, r in zip(*results):
         assert torch.equal(a, r)
