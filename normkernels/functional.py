@@ -36,14 +36,11 @@ def check_input(x, ranks: tuple[int, ...], layer: str) -> None:
 
 def check_channel_tensors(x, layer: str, **tensors) -> None:
     """Per-channel parameters/buffers must have shape (C,) and live on x's device."""
-    c = x.shape[1]
-    dev = x.device
+    shape, dev = x.shape[1:2], x.device  # one comparison each per tensor: this runs every call
     for name, t in tensors.items():
-        if t is None:
-            continue
-        if t.dim() != 1 or t.shape[0] != c:
-            raise ValueError(f"{layer}: {name} has shape {tuple(t.shape)} but the input has C={c} channels")
-        if t.device != dev:
+        if t is not None and (t.shape != shape or t.device != dev):
+            if t.shape != shape:
+                raise ValueError(f"{layer}: {name} has shape {tuple(t.shape)} but the input has C={x.shape[1]} channels")
             raise ValueError(f"{layer}: {name} is on {t.device} but the input is on {dev}")
 
 
