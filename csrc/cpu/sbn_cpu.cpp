@@ -205,9 +205,11 @@ void with_act(Act a, F&& f) {
 // kernels; larger maps have rows long enough for the row kernels, and the transposes' extra
 // buffer traffic costs more than they save: measured at 28x28). Otherwise "planes": contiguous
 // 8-vectors along each plane. NHWC: "pixels".
+// Maps of width 8 are the exception (planes, bwd_nchw_w8): each row is one vector of its plane,
+// so only x needs transposing (for the row sums), not dy and dx: measured at 8x8.
 constexpr int64_t kLaneBwd = 256;
-inline bool lanes_bwd(Layout lay, int64_t HW, bool need_row) {
-  return lay == Layout::NCS && need_row && HW <= kLaneBwd;
+inline bool lanes_bwd(Layout lay, int64_t H, int64_t W, bool need_row) {
+  return lay == Layout::NCS && need_row && H * W <= kLaneBwd && W != 8;
 }
 enum class Tab { Planes, Lanes, Pixels };
 inline Tab tab_of(Layout lay, bool lanes) {
@@ -379,7 +381,7 @@ Tensor apply_backward(const X4& v, const Tensor& dy, const double* coef, int64_t
   if (v.x.numel() == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Tab kind = tab_of(v.layout, lanes_bwd(v.layout, v.H * v.W, need_row));
+    const Tab kind = tab_of(v.layout, lanes_bwd(v.layout, v.H, v.W, need_row));
     const FwdTab<acc_t> ft = fwd_tab<acc_t>(coef, stride, v.C, v.W, rc, kind);
     const BwdTab<acc_t> bt = bwd_tab<acc_t>(bc, v.C, v.W, rc, kind);
     with_act(act, [&](auto tag) {

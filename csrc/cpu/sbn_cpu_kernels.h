@@ -905,13 +905,89 @@ void bwd_nchw_t(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTa
   });
 }
 
+// NCHW training backward apply on maps of width 8 (planes tables): each row is one 8-vector of
+// its plane, so dy and dx are used in place (bwd_nchw_t transposes x, dy and dx). Only the row
+// sums R, A reduce across a vector: AVX2 float transposes t = x - K of 8 rows at a time (lane =
+// row), the other rows / builds sum each row's lanes; both in the order ev = ((t0 + t2) + t4) + t6,
+// od = ((t1 + t3) + t5) + t7, so the builds agree bit for bit.
+template <Act A, typename scalar_t, typename acc_t>
+void bwd_nchw_w8(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab<acc_t>& ft,
+                 const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H) {
+  using V = V8<acc_t>;
+  const int64_t HW = H * 8, ts = ft.ts;
+  const M8<acc_t> odd = odd_lanes<acc_t>();
+  at::parallel_for(0, N * C, grain_for(3 * HW), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t c = r % C;
+      const acc_t cs = bt.cst[c], cr = bt.cR[c], ca = bt.cA[c];
+      const V kv = splat(ft.K[c]), av = splat(ft.cx[c]), bv = splat(ft.b[c]);
+      const V dv = splat(bt.cdy[c]), tv = splat(bt.ct[c]);
+      const V T0 = load8<acc_t>(ft.T0.data() + c * ts), T1 = load8<acc_t>(bt.T1.data() + c * ts);
+      const scalar_t* px = x + r * HW;
+      const scalar_t* pd = dy + r * HW;
+      scalar_t* pdx = dx + r * HW;
+      // dx of row h from its t and its offsets of = [ev, od, ev, od, ...] (+ row 0's tables)
+      auto row = [&](int64_t h, const V& t, const V& of) {
+        if (h == 0) {
+          const V g = grad_v<A>(av * t + T0, slope, load8<acc_t>(pd));
+          store8<acc_t>(pdx, dv * g + tv * t + (of + T1));
+        } else {
+          const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + h * 8));
+          store8<acc_t>(pdx + h * 8, dv * g + tv * t + of);
+        }
+      };
+      int64_t h = 0;
+#if NK_AVX2
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        // pairs [ev_h, od_h] of rows h = 0, 1, 4, 5 (lo) / 2, 3, 6, 7 (hi), broadcast per row
+        static const __m256i kPair[4] = {_mm256_setr_epi32(0, 1, 0, 1, 0, 1, 0, 1),
+                                         _mm256_setr_epi32(2, 3, 2, 3, 2, 3, 2, 3),
+                                         _mm256_setr_epi32(4, 5, 4, 5, 4, 5, 4, 5),
+                                         _mm256_setr_epi32(6, 7, 6, 7, 6, 7, 6, 7)};
+        for (; h + 8 <= H; h += 8) {
+          V t[8];
+          __m256 m[8];
+          for (int j = 0; j < 8; ++j) {
+            t[j] = load8<acc_t>(px + (h + j) * 8) - kv;
+            m[j] = (__m256)t[j];
+          }
+          transpose8(m);  // m[w] = column w of the 8 rows
+          V ev = (V)m[0] + (V)m[2], od = (V)m[1] + (V)m[3];
+          ev += (V)m[4];
+          od += (V)m[5];
+          ev += (V)m[6];
+          od += (V)m[7];
+          const V R = ev + od, Aa = ev - od;
+          const V base = splat(cs) + splat(cr) * R, alt = splat(ca) * Aa;
+          const __m256 oe = (__m256)(base + alt), oo = (__m256)(base - alt);
+          const __m256 lo = _mm256_unpacklo_ps(oe, oo), hi = _mm256_unpackhi_ps(oe, oo);
+          for (int j = 0; j < 8; ++j) {
+            const __m256 src = (j & 2) ? hi : lo;
+            const int q = (j & 1) | ((j & 4) >> 1);
+            row(h + j, t[j], (V)_mm256_permutevar8x32_ps(src, kPair[q]));
+          }
+        }
+      }
+#endif
+      for (; h < H; ++h) {
+        const V t = load8<acc_t>(px + h * 8) - kv;
+        const acc_t ev = ((t[0] + t[2]) + t[4]) + t[6], od = ((t[1] + t[3]) + t[5]) + t[7];
+        const acc_t base = cs + cr * (ev + od), alt = ca * (ev - od);
+        row(h, t, odd ? splat(base - alt) : splat(base + alt));
+      }
+    }
+  });
+}
+
 template <Act A, typename scalar_t, typename acc_t>
 void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab<acc_t>& ft,
                const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H, int64_t W,
                Layout lay, bool need_row) {
   const int64_t HW = H * W;
-  if (lanes_bwd(lay, HW, need_row)) {
+  if (lanes_bwd(lay, H, W, need_row)) {
     bwd_nchw_t<A>(dy, x, dx, ft, bt, slope, N, C, H, W);
+  } else if (lay == Layout::NCS && need_row && W == 8) {
+    bwd_nchw_w8<A>(dy, x, dx, ft, bt, slope, N, C, H);
   } else if (lay == Layout::NCS) {
     using V = V8<acc_t>;
     const int64_t ts = ft.ts, head = std::min(ts, HW);
