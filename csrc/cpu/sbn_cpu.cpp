@@ -205,11 +205,15 @@ void with_act(Act a, F&& f) {
 // kernels; larger maps have rows long enough for the row kernels, and the transposes' extra
 // buffer traffic costs more than they save: measured at 28x28). Otherwise "planes": contiguous
 // 8-vectors along each plane. NHWC: "pixels".
-// Maps of width 8 are the exception (planes, bwd_nchw_w8): each row is one vector of its plane,
-// so only x needs transposing (for the row sums), not dy and dx: measured at 8x8.
+// Exceptions (planes, bwd_nchw_w8 / bwd_nchw_small): maps of width 8, and maps of at most 8 rows
+// of 2-7 values (16 values at least): their rows fit one transpose of x (for the row sums), so dy
+// and dx need none: measured at 8x8 and 7x7.
 constexpr int64_t kLaneBwd = 256;
+inline bool small_bwd(int64_t H, int64_t W) {
+  return W >= 2 && W < 8 && H <= 8 && H * W >= 16;
+}
 inline bool lanes_bwd(Layout lay, int64_t H, int64_t W, bool need_row) {
-  return lay == Layout::NCS && need_row && H * W <= kLaneBwd && W != 8;
+  return lay == Layout::NCS && need_row && H * W <= kLaneBwd && W != 8 && !small_bwd(H, W);
 }
 enum class Tab { Planes, Lanes, Pixels };
 inline Tab tab_of(Layout lay, bool lanes) {

@@ -979,6 +979,116 @@ void bwd_nchw_w8(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdT
   });
 }
 
+// NCHW training backward apply on maps of H <= 8 rows of W < 8 values (small_bwd; planes tables):
+// the plane's HW values are walked as contiguous 8-vectors (the last one overlapping), dy and dx in
+// place. The row sums: AVX2 float transposes the H rows of t = x - K (lane = row; rows past the
+// plane's end are shifted down from its last vector), the other builds sum each row in scalars; both
+// as ev = ((t0 + t2) + t4) + ..., od = ((t1 + t3) + ...) from column 0 / 1. Each vector then takes
+// its values' row offsets by the (row, column parity) of its lanes, tables of (H, W) only.
+template <Act A, typename scalar_t, typename acc_t>
+void bwd_nchw_small(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab<acc_t>& ft,
+                    const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H,
+                    int64_t W) {
+  using V = V8<acc_t>;
+  const int64_t HW = H * W, ts = ft.ts;
+  const int64_t nv = (HW + 7) / 8;  // vectors of a plane; vector p starts at pos[p]
+  int64_t pos[8];
+  int32_t rowi[8][8];  // row of lane l of vector p
+  M8<acc_t> par[8];    // lanes of odd columns
+  for (int64_t p = 0; p < nv; ++p) {
+    pos[p] = std::min<int64_t>(p * 8, HW - 8);
+    for (int l = 0; l < 8; ++l) {
+      const int64_t i = pos[p] + l;
+      rowi[p][l] = static_cast<int32_t>(i / W);
+      par[p][l] = (i % W) & 1 ? -1 : 0;
+    }
+  }
+  at::parallel_for(0, N * C, grain_for(3 * HW), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t c = r % C;
+      const acc_t cs = bt.cst[c], cr = bt.cR[c], ca = bt.cA[c];
+      const V kv = splat(ft.K[c]), av = splat(ft.cx[c]), bv = splat(ft.b[c]);
+      const V dv = splat(bt.cdy[c]), tv = splat(bt.ct[c]);
+      const scalar_t* px = x + r * HW;
+      const scalar_t* pd = dy + r * HW;
+      scalar_t* pdx = dx + r * HW;
+      alignas(32) acc_t oe[8] = {}, oo[8] = {};  // offsets of even / odd columns per row
+      bool done = false;
+#if NK_AVX2
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        const __m256 last = _mm256_loadu_ps(px + HW - 8);
+        __m256 m[8];
+        for (int64_t h = 0; h < 8; ++h) {
+          if (h >= H) {
+            m[h] = _mm256_setzero_ps();
+          } else if (h * W + 8 <= HW) {
+            m[h] = (__m256)(load8<acc_t>(px + h * W) - kv);
+          } else {  // lane j = value h*W + j, found at lane j + s of the last vector
+            const int s = static_cast<int>(h * W - (HW - 8));
+            const __m256i idx = _mm256_min_epi32(
+                _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(s)),
+                _mm256_set1_epi32(7));
+            m[h] = (__m256)((V)_mm256_permutevar8x32_ps(last, idx) - kv);
+          }
+        }
+        transpose8(m);  // m[w] = column w of the rows
+        V ev = (V)m[0], od = (V)m[1];
+        for (int64_t w = 2; w < W; ++w) {
+          if (w & 1)
+            od += (V)m[w];
+          else
+            ev += (V)m[w];
+        }
+        const V R = ev + od, Aa = ev - od;
+        const V base = splat(cs) + splat(cr) * R, alt = splat(ca) * Aa;
+        store8<acc_t>(oe, base + alt);
+        store8<acc_t>(oo, base - alt);
+        done = true;
+      }
+#endif
+      if (!done) {
+        for (int64_t h = 0; h < H; ++h) {
+          const scalar_t* q = px + h * W;
+          acc_t ev = static_cast<acc_t>(q[0]) - ft.K[c], od = static_cast<acc_t>(q[1]) - ft.K[c];
+          for (int64_t w = 2; w < W; ++w) {
+            if (w & 1)
+              od += static_cast<acc_t>(q[w]) - ft.K[c];
+            else
+              ev += static_cast<acc_t>(q[w]) - ft.K[c];
+          }
+          const acc_t base = cs + cr * (ev + od), alt = ca * (ev - od);
+          oe[h] = base + alt;
+          oo[h] = base - alt;
+        }
+      }
+      for (int64_t p = 0; p < nv; ++p) {
+        const int64_t i = pos[p];
+        V of;
+#if NK_AVX2
+        if constexpr (std::is_same_v<acc_t, float>) {
+          const __m256i ri = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rowi[p]));
+          const V ve = (V)_mm256_permutevar8x32_ps(_mm256_loadu_ps(oe), ri);
+          const V vo = (V)_mm256_permutevar8x32_ps(_mm256_loadu_ps(oo), ri);
+          of = par[p] ? vo : ve;
+        } else
+#endif
+        {
+          for (int l = 0; l < 8; ++l) of[l] = par[p][l] ? oo[rowi[p][l]] : oe[rowi[p][l]];
+        }
+        const V t = load8<acc_t>(px + i) - kv;
+        if (p == 0) {  // row 0 and the rest of its vector: the tables (b / 0 past W)
+          const V g = grad_v<A>(av * t + load8<acc_t>(ft.T0.data() + c * ts), slope,
+                                load8<acc_t>(pd));
+          store8<acc_t>(pdx, dv * g + tv * t + (of + load8<acc_t>(bt.T1.data() + c * ts)));
+        } else {
+          const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + i));
+          store8<acc_t>(pdx + i, dv * g + tv * t + of);
+        }
+      }
+    }
+  });
+}
+
 template <Act A, typename scalar_t, typename acc_t>
 void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab<acc_t>& ft,
                const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H, int64_t W,
@@ -988,6 +1098,8 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab
     bwd_nchw_t<A>(dy, x, dx, ft, bt, slope, N, C, H, W);
   } else if (lay == Layout::NCS && need_row && W == 8) {
     bwd_nchw_w8<A>(dy, x, dx, ft, bt, slope, N, C, H);
+  } else if (lay == Layout::NCS && need_row && small_bwd(H, W)) {
+    bwd_nchw_small<A>(dy, x, dx, ft, bt, slope, N, C, H, W);
   } else if (lay == Layout::NCS) {
     using V = V8<acc_t>;
     const int64_t ts = ft.ts, head = std::min(ts, HW);
