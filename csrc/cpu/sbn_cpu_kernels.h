@@ -10,6 +10,9 @@
 //   transposed into an L1 buffer buf[e*8 + j] (e = h*W + w, j = channel) by 8x8 register
 //   transposes (AVX2, float) or scalar copies, so every row reduction (R, A per row: the cost of
 //   SBN over BatchNorm) is a vertical vector add, whatever W.
+//   Exception: the training backward apply on maps of width 8, or of <= 8 rows of 2-7 values
+//   (sbn_cpu.cpp small_bwd), stays on the planes (bwd_nchw_w8 / bwd_nchw_small): their rows fit
+//   one transpose of x for the row sums, so dy and dx are not transposed at all.
 // NCHW, larger maps: rows reduced straight from x in kL lane accumulators.
 // NCHW elementwise passes and gradient sums: contiguous 8-vectors along each plane; the first
 //   vectors of a plane take row 0's offsets from tables padded to whole vectors (FwdTab::ts).
