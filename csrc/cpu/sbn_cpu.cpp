@@ -205,9 +205,15 @@ void with_act(Act a, F&& f) {
 // kernels; larger maps have rows long enough for the row kernels, and the transposes' extra
 // buffer traffic costs more than they save: measured at 28x28). Otherwise "planes": contiguous
 // 8-vectors along each plane. NHWC: "pixels".
+// Exceptions (planes, bwd_nchw_w8 / bwd_nchw_small): maps of width 8, and maps of at most 8 rows
+// of 2-7 values (16 values at least): their rows fit one transpose of x (for the row sums), so dy
+// and dx need none: measured at 8x8 and 7x7.
 constexpr int64_t kLaneBwd = 256;
-inline bool lanes_bwd(Layout lay, int64_t HW, bool need_row) {
-  return lay == Layout::NCS && need_row && HW <= kLaneBwd;
+inline bool small_bwd(int64_t H, int64_t W) {
+  return W >= 2 && W < 8 && H <= 8 && H * W >= 16;
+}
+inline bool lanes_bwd(Layout lay, int64_t H, int64_t W, bool need_row) {
+  return lay == Layout::NCS && need_row && H * W <= kLaneBwd && W != 8 && !small_bwd(H, W);
 }
 enum class Tab { Planes, Lanes, Pixels };
 inline Tab tab_of(Layout lay, bool lanes) {
@@ -379,7 +385,7 @@ Tensor apply_backward(const X4& v, const Tensor& dy, const double* coef, int64_t
   if (v.x.numel() == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Tab kind = tab_of(v.layout, lanes_bwd(v.layout, v.H * v.W, need_row));
+    const Tab kind = tab_of(v.layout, lanes_bwd(v.layout, v.H, v.W, need_row));
     const FwdTab<acc_t> ft = fwd_tab<acc_t>(coef, stride, v.C, v.W, rc, kind);
     const BwdTab<acc_t> bt = bwd_tab<acc_t>(bc, v.C, v.W, rc, kind);
     with_act(act, [&](auto tag) {

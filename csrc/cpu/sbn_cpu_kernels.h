@@ -10,6 +10,9 @@
 //   transposed into an L1 buffer buf[e*8 + j] (e = h*W + w, j = channel) by 8x8 register
 //   transposes (AVX2, float) or scalar copies, so every row reduction (R, A per row: the cost of
 //   SBN over BatchNorm) is a vertical vector add, whatever W.
+//   Exception: the training backward apply on maps of width 8, or of <= 8 rows of 2-7 values
+//   (sbn_cpu.cpp small_bwd), stays on the planes (bwd_nchw_w8 / bwd_nchw_small): their rows fit
+//   one transpose of x for the row sums, so dy and dx are not transposed at all.
 // NCHW, larger maps: rows reduced straight from x in kL lane accumulators.
 // NCHW elementwise passes and gradient sums: contiguous 8-vectors along each plane; the first
 //   vectors of a plane take row 0's offsets from tables padded to whole vectors (FwdTab::ts).
@@ -905,13 +908,201 @@ void bwd_nchw_t(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTa
   });
 }
 
+// NCHW training backward apply on maps of width 8 (planes tables): each row is one 8-vector of
+// its plane, so dy and dx are used in place (bwd_nchw_t transposes x, dy and dx). Only the row
+// sums R, A reduce across a vector: AVX2 float transposes t = x - K of 8 rows at a time (lane =
+// row), the other rows / builds sum each row's lanes; both in the order ev = ((t0 + t2) + t4) + t6,
+// od = ((t1 + t3) + t5) + t7, so the builds agree bit for bit.
+template <Act A, typename scalar_t, typename acc_t>
+void bwd_nchw_w8(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab<acc_t>& ft,
+                 const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H) {
+  using V = V8<acc_t>;
+  const int64_t HW = H * 8, ts = ft.ts;
+  const M8<acc_t> odd = odd_lanes<acc_t>();
+  at::parallel_for(0, N * C, grain_for(3 * HW), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t c = r % C;
+      const acc_t cs = bt.cst[c], cr = bt.cR[c], ca = bt.cA[c];
+      const V kv = splat(ft.K[c]), av = splat(ft.cx[c]), bv = splat(ft.b[c]);
+      const V dv = splat(bt.cdy[c]), tv = splat(bt.ct[c]);
+      const V T0 = load8<acc_t>(ft.T0.data() + c * ts), T1 = load8<acc_t>(bt.T1.data() + c * ts);
+      const scalar_t* px = x + r * HW;
+      const scalar_t* pd = dy + r * HW;
+      scalar_t* pdx = dx + r * HW;
+      // dx of row h from its t and its offsets of = [ev, od, ev, od, ...] (+ row 0's tables)
+      auto row = [&](int64_t h, const V& t, const V& of) {
+        if (h == 0) {
+          const V g = grad_v<A>(av * t + T0, slope, load8<acc_t>(pd));
+          store8<acc_t>(pdx, dv * g + tv * t + (of + T1));
+        } else {
+          const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + h * 8));
+          store8<acc_t>(pdx + h * 8, dv * g + tv * t + of);
+        }
+      };
+      int64_t h = 0;
+#if NK_AVX2
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        // pairs [ev_h, od_h] of rows h = 0, 1, 4, 5 (lo) / 2, 3, 6, 7 (hi), broadcast per row
+        static const __m256i kPair[4] = {_mm256_setr_epi32(0, 1, 0, 1, 0, 1, 0, 1),
+                                         _mm256_setr_epi32(2, 3, 2, 3, 2, 3, 2, 3),
+                                         _mm256_setr_epi32(4, 5, 4, 5, 4, 5, 4, 5),
+                                         _mm256_setr_epi32(6, 7, 6, 7, 6, 7, 6, 7)};
+        for (; h + 8 <= H; h += 8) {
+          V t[8];
+          __m256 m[8];
+          for (int j = 0; j < 8; ++j) {
+            t[j] = load8<acc_t>(px + (h + j) * 8) - kv;
+            m[j] = (__m256)t[j];
+          }
+          transpose8(m);  // m[w] = column w of the 8 rows
+          V ev = (V)m[0] + (V)m[2], od = (V)m[1] + (V)m[3];
+          ev += (V)m[4];
+          od += (V)m[5];
+          ev += (V)m[6];
+          od += (V)m[7];
+          const V R = ev + od, Aa = ev - od;
+          const V base = splat(cs) + splat(cr) * R, alt = splat(ca) * Aa;
+          const __m256 oe = (__m256)(base + alt), oo = (__m256)(base - alt);
+          const __m256 lo = _mm256_unpacklo_ps(oe, oo), hi = _mm256_unpackhi_ps(oe, oo);
+          for (int j = 0; j < 8; ++j) {
+            const __m256 src = (j & 2) ? hi : lo;
+            const int q = (j & 1) | ((j & 4) >> 1);
+            row(h + j, t[j], (V)_mm256_permutevar8x32_ps(src, kPair[q]));
+          }
+        }
+      }
+#endif
+      for (; h < H; ++h) {
+        const V t = load8<acc_t>(px + h * 8) - kv;
+        const acc_t ev = ((t[0] + t[2]) + t[4]) + t[6], od = ((t[1] + t[3]) + t[5]) + t[7];
+        const acc_t base = cs + cr * (ev + od), alt = ca * (ev - od);
+        row(h, t, odd ? splat(base - alt) : splat(base + alt));
+      }
+    }
+  });
+}
+
+// NCHW training backward apply on maps of H <= 8 rows of W < 8 values (small_bwd; planes tables):
+// the plane's HW values are walked as contiguous 8-vectors (the last one overlapping), dy and dx in
+// place. The row sums: AVX2 float transposes the H rows of t = x - K (lane = row; rows past the
+// plane's end are shifted down from its last vector), the other builds sum each row in scalars; both
+// as ev = ((t0 + t2) + t4) + ..., od = ((t1 + t3) + ...) from column 0 / 1. Each vector then takes
+// its values' row offsets by the (row, column parity) of its lanes, tables of (H, W) only.
+template <Act A, typename scalar_t, typename acc_t>
+void bwd_nchw_small(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab<acc_t>& ft,
+                    const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H,
+                    int64_t W) {
+  using V = V8<acc_t>;
+  const int64_t HW = H * W, ts = ft.ts;
+  const int64_t nv = (HW + 7) / 8;  // vectors of a plane; vector p starts at pos[p]
+  int64_t pos[8];
+  int32_t rowi[8][8];  // row of lane l of vector p
+  M8<acc_t> par[8];    // lanes of odd columns
+  for (int64_t p = 0; p < nv; ++p) {
+    pos[p] = std::min<int64_t>(p * 8, HW - 8);
+    for (int l = 0; l < 8; ++l) {
+      const int64_t i = pos[p] + l;
+      rowi[p][l] = static_cast<int32_t>(i / W);
+      par[p][l] = (i % W) & 1 ? -1 : 0;
+    }
+  }
+  at::parallel_for(0, N * C, grain_for(3 * HW), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t c = r % C;
+      const acc_t cs = bt.cst[c], cr = bt.cR[c], ca = bt.cA[c];
+      const V kv = splat(ft.K[c]), av = splat(ft.cx[c]), bv = splat(ft.b[c]);
+      const V dv = splat(bt.cdy[c]), tv = splat(bt.ct[c]);
+      const scalar_t* px = x + r * HW;
+      const scalar_t* pd = dy + r * HW;
+      scalar_t* pdx = dx + r * HW;
+      alignas(32) acc_t oe[8] = {}, oo[8] = {};  // offsets of even / odd columns per row
+      bool done = false;
+#if NK_AVX2
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        const __m256 last = _mm256_loadu_ps(px + HW - 8);
+        __m256 m[8];
+        for (int64_t h = 0; h < 8; ++h) {
+          if (h >= H) {
+            m[h] = _mm256_setzero_ps();
+          } else if (h * W + 8 <= HW) {
+            m[h] = (__m256)(load8<acc_t>(px + h * W) - kv);
+          } else {  // lane j = value h*W + j, found at lane j + s of the last vector
+            const int s = static_cast<int>(h * W - (HW - 8));
+            const __m256i idx = _mm256_min_epi32(
+                _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(s)),
+                _mm256_set1_epi32(7));
+            m[h] = (__m256)((V)_mm256_permutevar8x32_ps(last, idx) - kv);
+          }
+        }
+        transpose8(m);  // m[w] = column w of the rows
+        V ev = (V)m[0], od = (V)m[1];
+        for (int64_t w = 2; w < W; ++w) {
+          if (w & 1)
+            od += (V)m[w];
+          else
+            ev += (V)m[w];
+        }
+        const V R = ev + od, Aa = ev - od;
+        const V base = splat(cs) + splat(cr) * R, alt = splat(ca) * Aa;
+        store8<acc_t>(oe, base + alt);
+        store8<acc_t>(oo, base - alt);
+        done = true;
+      }
+#endif
+      if (!done) {
+        for (int64_t h = 0; h < H; ++h) {
+          const scalar_t* q = px + h * W;
+          acc_t ev = static_cast<acc_t>(q[0]) - ft.K[c], od = static_cast<acc_t>(q[1]) - ft.K[c];
+          for (int64_t w = 2; w < W; ++w) {
+            if (w & 1)
+              od += static_cast<acc_t>(q[w]) - ft.K[c];
+            else
+              ev += static_cast<acc_t>(q[w]) - ft.K[c];
+          }
+          const acc_t base = cs + cr * (ev + od), alt = ca * (ev - od);
+          oe[h] = base + alt;
+          oo[h] = base - alt;
+        }
+      }
+      for (int64_t p = 0; p < nv; ++p) {
+        const int64_t i = pos[p];
+        V of;
+#if NK_AVX2
+        if constexpr (std::is_same_v<acc_t, float>) {
+          const __m256i ri = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rowi[p]));
+          const V ve = (V)_mm256_permutevar8x32_ps(_mm256_loadu_ps(oe), ri);
+          const V vo = (V)_mm256_permutevar8x32_ps(_mm256_loadu_ps(oo), ri);
+          of = par[p] ? vo : ve;
+        } else
+#endif
+        {
+          for (int l = 0; l < 8; ++l) of[l] = par[p][l] ? oo[rowi[p][l]] : oe[rowi[p][l]];
+        }
+        const V t = load8<acc_t>(px + i) - kv;
+        if (p == 0) {  // row 0 and the rest of its vector: the tables (b / 0 past W)
+          const V g = grad_v<A>(av * t + load8<acc_t>(ft.T0.data() + c * ts), slope,
+                                load8<acc_t>(pd));
+          store8<acc_t>(pdx, dv * g + tv * t + (of + load8<acc_t>(bt.T1.data() + c * ts)));
+        } else {
+          const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + i));
+          store8<acc_t>(pdx + i, dv * g + tv * t + of);
+        }
+      }
+    }
+  });
+}
+
 template <Act A, typename scalar_t, typename acc_t>
 void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab<acc_t>& ft,
                const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H, int64_t W,
                Layout lay, bool need_row) {
   const int64_t HW = H * W;
-  if (lanes_bwd(lay, HW, need_row)) {
+  if (lanes_bwd(lay, H, W, need_row)) {
     bwd_nchw_t<A>(dy, x, dx, ft, bt, slope, N, C, H, W);
+  } else if (lay == Layout::NCS && need_row && W == 8) {
+    bwd_nchw_w8<A>(dy, x, dx, ft, bt, slope, N, C, H);
+  } else if (lay == Layout::NCS && need_row && small_bwd(H, W)) {
+    bwd_nchw_small<A>(dy, x, dx, ft, bt, slope, N, C, H, W);
   } else if (lay == Layout::NCS) {
     using V = V8<acc_t>;
     const int64_t ts = ft.ts, head = std::min(ts, HW);
