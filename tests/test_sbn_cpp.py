@@ -452,7 +452,10 @@ for shape, fmt, dtype, act in [((3, 10, 7, 7), torch.contiguous_format, torch.fl
                                ((2, 9, 8, 6), torch.contiguous_format, torch.float64, "silu"),
                                ((2, 12, 30, 33), torch.contiguous_format, torch.float32, "identity"),
                                ((2, 9, 5, 6), torch.channels_last, torch.float32, "leaky_relu"),
-                               ((2, 16, 4, 4), torch.contiguous_format, torch.bfloat16, "relu")]:
+                               ((2, 16, 4, 4), torch.contiguous_format, torch.bfloat16, "relu"),
+                               ((2, 11, 8, 8), torch.contiguous_format, torch.float32, "silu"),
+                               ((2, 3, 3, 8), torch.contiguous_format, torch.float32, "leaky_relu"),
+                               ((1, 1, 7, 7), torch.contiguous_format, torch.float32, "relu")]:
     x = (torch.randn(shape) * 3 + 2).to(dtype).contiguous(memory_format=fmt)
     dy = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
     w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])

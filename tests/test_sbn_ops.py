@@ -91,6 +91,8 @@ CASES = {
     "H_W_1": dict(shape=(6, 3, 1, 1)),
     "C_1": dict(shape=(4, 1, 3, 5)),
     "C_10": dict(shape=(3, 10, 5, 6)),     # a full block of 8 channels (the transposed kernels)
+    "map_8x8": dict(shape=(3, 10, 8, 8)),   # rows of one 8-vector (the width-8 backward)
+    "map_7x7": dict(shape=(2, 9, 7, 7)),    # small maps read as overlapping 8-vectors
     "large_map": dict(shape=(2, 3, 64, 70), layout="channels_last"),
     "large_map_nchw": dict(shape=(2, 3, 65, 67)),   # maps above kTMax: the row kernels
     "W_2": dict(shape=(3, 2, 4, 2)),
