@@ -4,11 +4,11 @@ group's rows, sbn_sync / bnsbn_sync, opcheck of every op, torch.compile(fullgrap
 backward, thread-count determinism and one leaf op per top-level op on CPU."""
 import pytest
 import torch
-from torch.profiler import profile
 
 from normkernels.ops import sbn as S
 from sbn_cases import F64, gen, leaf, make_params, make_x, require_native
 from cpu_isa import outputs_per_isa
+from op_count import leaf_ops
 
 OPS = ("sbn_stats", "sbn_finish", "sbn_forward", "sbn_grad_stats", "sbn_grad_finish",
        "sbn_backward", "bnsbn_finish", "bnsbn_forward", "bnsbn_grad_finish", "bnsbn_backward")
@@ -351,39 +351,6 @@ def test_torch_compile_fullgraph_forward_and_backward(device, ops, layer):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
-# the counting of ../shared/tools/overhead.py: dispatcher ops that contain no other counted op
-# (what becomes one kernel launch each on a GPU), views and allocations not counted
-_SKIP = ("view", "as_strided", "detach", "alias", "unsqueeze", "squeeze", "expand", "split", "unbind",
-         "select", "slice", "permute", "transpose", "aten::t", "empty", "resolve_", "lift",
-         "_unsafe_view", "reshape", "flatten", "narrow", "chunk", "real", "imag", "view_as", "set_",
-         "contiguous", "result_type", "is_", "size", "stride", "numel", "dim", "_shape_as_tensor",
-         "unfold")
-
-
-def _counted(name):
-    return (name.startswith("aten::") or name.startswith("normkernels::")) and not any(
-        name == s or name.startswith("aten::" + s) or s in name.split("::", 1)[1][: len(s)]
-        for s in _SKIP)
-
-
-def _leaf_ops(fn):
-    with profile() as prof:
-        fn()
-    evs = [e for e in prof.events() if _counted(e.name)]
-    ids = {id(e) for e in evs}
-
-    def inner(e):
-        stack = list(e.cpu_children)
-        while stack:
-            c = stack.pop()
-            if id(c) in ids:
-                return True
-            stack.extend(c.cpu_children)
-        return False
-
-    return sorted(e.name for e in evs if not inner(e))
-
-
 def test_each_top_level_op_is_one_leaf_op_on_cpu():
     require_native(torch.device("cpu"))
     o = torch.ops.normkernels
@@ -404,7 +371,7 @@ def test_each_top_level_op_is_one_leaf_op_on_cpu():
         "bnsbn_backward": lambda: o.bnsbn_backward(dy, x, bsv, True, "ortho", "relu", 0.0),
     }
     for name, call in calls.items():
-        assert _leaf_ops(call) == ["normkernels::" + name.split("(")[0]], name
+        assert leaf_ops(call) == ["normkernels::" + name.split("(")[0]], name
     # through autograd: one op forward, one op backward (+ autograd's gradient accumulation)
     xx, ww, bb = leaf(x), leaf(w), leaf(b)
     y = [None]
@@ -413,8 +380,8 @@ def test_each_top_level_op_is_one_leaf_op_on_cpu():
         y[0] = S.spectral_batch_norm(xx, ww, bb, None, None, 1e-5, "parseval", "backward", "relu",
                                      0.0, "cpp")[0]
 
-    assert _leaf_ops(fwd) == ["normkernels::sbn_forward"]
-    bwd = _leaf_ops(lambda: y[0].backward(dy))
+    assert leaf_ops(fwd) == ["normkernels::sbn_forward"]
+    bwd = leaf_ops(lambda: y[0].backward(dy))
     assert bwd.count("normkernels::sbn_backward") == 1 and len(bwd) <= 3, bwd
 
 
