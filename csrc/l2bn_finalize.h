@@ -103,7 +103,7 @@ struct SampleScale {
 // sqrt_d = sqrt(C*S) with rescale (u has unit RMS), 1 without (unit norm).
 C10_HOST_DEVICE inline SampleScale sample_scale(double nrm2, double l2_eps, double sqrt_d) {
   const double nrm = ::sqrt(nrm2);
-  const bool clamped = !(nrm >= l2_eps);
+  const bool clamped = nrm < l2_eps;  // a NaN norm is not clamped: it propagates, as in F.normalize
   const double r = (clamped ? l2_eps : nrm) / sqrt_d;
   return SampleScale{r, 1.0 / r, clamped ? static_cast<double>(INFINITY) : nrm};
 }

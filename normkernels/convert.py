@@ -212,9 +212,23 @@ def insert_sbn(model: nn.Module, stages: Iterable = (3, 4), fuse: bool = True, *
     def enter(m):  # never a second SBN: not into pairs that already have one
         return not isinstance(m, (NormThenSBN2d, BatchNormSBN2d))
 
+    inserted = []
+
+    def counted_swap(m, name):
+        new = swap(m, name)
+        if new is not None:
+            inserted.append(name)
+        return new
+
     for base, stage in targets.items():
         for name, child in list(stage.named_children()):
-            setattr(stage, name, _replace(child, swap, f"{base}.{name}.", enter))
+            setattr(stage, name, _replace(child, counted_swap, f"{base}.{name}.", enter))
+    if not inserted:
+        norms = sorted({type(m).__name__ for stage in targets.values() for m in stage.modules()
+                        if isinstance(m, (_NormBase, _BatchNorm))})
+        warnings.warn(f"insert_sbn: no layer to put an SBN after in {tuple(targets)}: the norms there are "
+                      f"{', '.join(norms) or 'none'} (an SBN goes after BatchNorm2d, SyncBatchNorm, timm's "
+                      "BatchNormAct2d and L2BatchNorm2d; layers with SBN already are left alone)", stacklevel=2)
     _warn_fresh("insert_sbn: SBN state freshly initialised", fresh,
                 "Checkpoints of the plain model load strictly (SBN's keys keep these initial values).")
     return model

@@ -79,6 +79,34 @@ def reducer_for(process_group=None):
     return Reducer(process_group)
 
 
+class _Agreed:
+    """A reducer whose gather also carries what this process computes (the layer kind and, for
+    the spectral layers, the map size) in the same collective: processes that disagree would mix
+    statistics of different meanings, so every process raises instead (all see the same rows)."""
+
+    _KINDS = {"l2bn": 1.0, "sbn": 2.0, "bnsbn": 3.0}
+
+    def __init__(self, reducer, layer: str, kind: str, *sizes: int):
+        self.reducer, self.layer = reducer, layer
+        self.key = (self._KINDS[kind],) + tuple(float(s) for s in sizes)
+        self.rank, self.size = reducer.rank, reducer.size
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        k = len(self.key)
+        rows = self.reducer.gather(torch.cat([t.reshape(-1), t.new_tensor(self.key)]))
+        keys = rows[:, -k:]
+        if not bool((keys == keys[:1]).all()):
+            kinds = {v: n for n, v in self._KINDS.items()}
+            seen = [(kinds.get(r[0], "?"),) + tuple(int(v) for v in r[1:]) for r in keys.tolist()]
+            raise RuntimeError(f"{self.layer}: the processes of the group run different layers or map sizes "
+                               f"at this synchronized call: {seen} (layer kind, H, W per process); "
+                               "SBN statistics only combine over maps of one size")
+        return rows[:, :-k].reshape((rows.shape[0],) + tuple(t.shape))
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self.reducer.all_reduce(t)
+
+
 # --------------------------------------------------------------------------- validation
 def _check_input(x, ranks, layer):
     """functional.check_input, except that an empty batch (N = 0) is allowed: in a synchronized
@@ -177,7 +205,7 @@ def _l2bn_forward(layer, input, reducer):
     be = _backend.resolve("l2bn", layer.backend, input)
     y, mean, var, count = l2bn_sync(input, layer.weight, layer.bias, float(layer.eps), float(layer.l2_eps),
                                     bool(layer.rescale), F_nk.check_activation(layer._activation),
-                                    float(layer._negative_slope), be, reducer)
+                                    float(layer._negative_slope), be, _Agreed(reducer, name, "l2bn"))
     _check_global_count(count, input, name)
     if tracked:
         F_nk.update_running_stats(layer.running_mean, layer.running_var, mean.detach(), var.detach(), layer.momentum,
@@ -195,7 +223,8 @@ def _sbn_forward(layer, input, reducer):
                                running_var=layer.running_var if tracked else None)
     be = _backend.resolve("sbn", layer.backend, input)
     y, mean, var, count = sbn_sync(input, layer.weight, layer.bias, float(layer.eps), layer.fft_norm,
-                                   F_nk.check_activation(layer._activation), float(layer._negative_slope), be, reducer)
+                                   F_nk.check_activation(layer._activation), float(layer._negative_slope), be,
+                                   _Agreed(reducer, name, "sbn", *input.shape[2:]))
     _check_global_count(count, input, name)
     if tracked:
         F_nk.update_running_stats(layer.running_mean, layer.running_var, mean.detach(), var.detach(), layer.momentum,
@@ -215,7 +244,8 @@ def _bnsbn_forward(layer, input, reducer):
     be = _backend.resolve("sbn", layer.backend, input)
     y, bm, bv, sm, sv, bn_count, sbn_count = bnsbn_sync(
         input, layer.weight, layer.bias, layer.sbn_weight, layer.sbn_bias, float(layer.eps), float(layer.sbn_eps),
-        layer.fft_norm, F_nk.check_activation(layer._activation), float(layer._negative_slope), be, reducer)
+        layer.fft_norm, F_nk.check_activation(layer._activation), float(layer._negative_slope), be,
+        _Agreed(reducer, name, "bnsbn", *input.shape[2:]))
     _check_global_count(min(bn_count, sbn_count), input, name)
     if tracked:
         F_nk.update_running_stats(layer.running_mean, layer.running_var, bm.detach(), bv.detach(), layer.momentum,
@@ -248,10 +278,10 @@ class _Sync:
         super().__init__(*args, **kwargs)
         self.process_group = process_group
 
-    def forward(self, input):
+    def _forward(self, input):
         reducer = reducer_for(self.process_group) if self.training else None
         if reducer is None:
-            return super().forward(input)
+            return super()._forward(input)
         y = self._sync_forward(input, reducer)
         if self._unfused:  # NormAct layers whose activation / drop runs as a module
             y = self.act(self.drop(y))

@@ -30,7 +30,7 @@ def check_input(x, ranks: tuple[int, ...], layer: str) -> None:
         raise ValueError(f"{layer}: expected a {want} input, got a {x.dim()}-d input of shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{layer}: expected a float16, bfloat16, float32 or float64 input, got {x.dtype}")
-    if x.numel() == 0:
+    if x.numel() == 0 and x.shape[0] != 0:  # an empty batch (N = 0) is BatchNorm's no-op: empty_batch()
         raise ValueError(f"{layer}: got an empty input of shape {tuple(x.shape)}")
 
 
@@ -55,8 +55,26 @@ def check_batch_stats(count: int, x, layer: str) -> None:
 def check_running(running_mean, running_var, training: bool, layer: str) -> None:
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{layer}: pass both running_mean and running_var, or neither")
-    if not training and running_mean is None:
-        raise ValueError(f"{layer}: running_mean and running_var are required when training=False")
+    if running_mean is None:
+        if not training:
+            raise ValueError(f"{layer}: running_mean and running_var are required when training=False")
+        return
+    if running_mean.requires_grad or running_var.requires_grad:  # as F.batch_norm refuses them
+        raise RuntimeError(f"{layer}: running_mean and running_var are statistics, not parameters: "
+                           "they cannot have requires_grad=True")
+    if training and (running_mean.real if running_mean.is_complex() else running_mean).dtype != running_var.dtype:
+        raise TypeError(f"{layer}: running_mean ({running_mean.dtype}) and running_var ({running_var.dtype}) "
+                        "must have the same precision (a complex mean: complex64 with float32, complex128 "
+                        "with float64)")
+
+
+def empty_batch(input, counters) -> torch.Tensor:
+    """N = 0 in training or eval, as nn.BatchNorm does: an empty output (still part of the
+    autograd graph), the running statistics untouched and each given batch counter + 1."""
+    for count in counters:
+        if count is not None:
+            count.add_(1)
+    return input.clone()
 
 
 def check_momentum(momentum, num_batches_tracked, layer: str) -> None:
@@ -106,6 +124,7 @@ def _as_real(mean):
     return None if mean is None else torch.view_as_real(mean)
 
 
+@torch.fx.wrap  # torch.fx records a layer call as one leaf call, never traces into it
 def l2_batch_norm(
     input,
     running_mean,
@@ -139,6 +158,8 @@ def l2_batch_norm(
     update = training and running_mean is not None
     if update:
         check_momentum(momentum, num_batches_tracked, layer)
+    if input.shape[0] == 0:
+        return empty_batch(input, (num_batches_tracked,) if update else ())
     count = input.numel() // input.shape[1]
     if training:
         check_batch_stats(count, input, layer)
@@ -151,6 +172,7 @@ def l2_batch_norm(
     return y
 
 
+@torch.fx.wrap  # torch.fx records a layer call as one leaf call, never traces into it
 def spectral_batch_norm(
     input,
     running_mean,
@@ -187,6 +209,8 @@ def spectral_batch_norm(
     update = training and running_mean is not None
     if update:
         check_momentum(momentum, num_batches_tracked, layer)
+    if input.shape[0] == 0:
+        return empty_batch(input, (num_batches_tracked,) if update else ())
     count = spectral_count(input)
     if training:
         check_batch_stats(count, input, layer)
@@ -200,6 +224,7 @@ def spectral_batch_norm(
     return y
 
 
+@torch.fx.wrap  # torch.fx records a layer call as one leaf call, never traces into it
 def batch_norm_sbn(
     input,
     bn_running_mean,
@@ -245,6 +270,8 @@ def batch_norm_sbn(
     if update:
         check_momentum(bn_momentum, bn_num_batches_tracked, layer)
         check_momentum(sbn_momentum, sbn_num_batches_tracked, layer)
+    if input.shape[0] == 0:
+        return empty_batch(input, (bn_num_batches_tracked, sbn_num_batches_tracked) if update else ())
     bn_count = input.numel() // input.shape[1]
     sbn_count = spectral_count(input)
     if training:

@@ -56,6 +56,23 @@ def _is_trained(module, prefix: str = "") -> bool:
                 or (getattr(module, prefix + "running_var") != 1).any().item())
 
 
+def _spectral_stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype of SBN's running statistics for a module of `dtype`: float64 for float64,
+    else float32 (a complex mean is at least complex64: there is no complex bfloat16, and
+    complex32 lacks most ops). BN's and L2BN's statistics follow the module's dtype as
+    nn.BatchNorm's do."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.fx.wrap
+def _layer_call(layer: nn.Module, input):
+    """One call of a layer, as torch.fx records it: a leaf call_function on the layer (like
+    torchvision's wrapped ops), so that tracing never looks inside it, a traced model still
+    follows the layer's train()/eval() at run time, and fx conv+BN folding never mistakes the
+    layer for BatchNorm."""
+    return layer._forward(input)
+
+
 class _NormBase(nn.Module):
     """BatchNorm's parameters and buffers (one set, or two for BN+SBN: prefixes "" and "sbn_")."""
 
@@ -90,8 +107,10 @@ class _NormBase(nn.Module):
             self.register_parameter(prefix + "bias", None)
         if self.track_running_stats:
             real = dtype or torch.get_default_dtype()
-            mean_dtype = (torch.promote_types(real, torch.complex64) if prefix + "running_mean" in self._complex_buffers
-                          else real)
+            spectral = prefix + "running_mean" in self._complex_buffers
+            if spectral:
+                real = _spectral_stat_dtype(real)
+            mean_dtype = torch.promote_types(real, torch.complex64) if spectral else real
             self.register_buffer(prefix + "running_mean", torch.zeros(n, device=device, dtype=mean_dtype))
             self.register_buffer(prefix + "running_var", torch.ones(n, device=device, dtype=real))
             self.register_buffer(prefix + "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
@@ -100,10 +119,12 @@ class _NormBase(nn.Module):
                 self.register_buffer(prefix + name, None)
 
     def _apply(self, fn, recurse=True):
-        # Module.to(dtype) would cast a complex running mean to a real dtype (dropping its
-        # imaginary part) and .double() would leave it complex64. Convert its two parts like a
-        # real buffer instead, then rejoin them at the matching complex precision.
-        held_names = [n for n in self._complex_buffers if self._buffers.get(n) is not None]
+        # SBN's statistics (a complex mean and its variance) are cast apart from the rest:
+        # Module.to(dtype) would drop a complex mean's imaginary part and .double() would leave
+        # it complex64, and there is no complex bfloat16. Each part goes through fn like a real
+        # buffer, at the dtype rule of _spectral_stat_dtype, from its full-precision value.
+        held_names = [p + k for p in self._state_prefixes if p + "running_mean" in self._complex_buffers
+                      for k in ("running_mean", "running_var") if self._buffers.get(p + k) is not None]
         if not held_names:
             return super()._apply(fn, recurse)
         buffers = self._buffers
@@ -115,11 +136,21 @@ class _NormBase(nn.Module):
             rest = dict(buffers)
             buffers.clear()
             buffers.update({k: held[k] if k in held else rest[k] for k in order})
-        for name, mean in held.items():
-            re, im = fn(mean.real.contiguous()), fn(mean.imag.contiguous())
-            cplx = torch.promote_types(re.dtype, torch.complex64)
-            buffers[name] = torch.complex(re.to(cplx.to_real()), im.to(cplx.to_real()))
+
+        def cast(part):
+            moved = fn(part.contiguous())
+            real = _spectral_stat_dtype(moved.dtype)
+            return moved if moved.dtype == real else part.to(device=moved.device, dtype=real)
+
+        for name, t in held.items():
+            buffers[name] = torch.complex(cast(t.real), cast(t.imag)) if t.is_complex() else cast(t)
         return self
+
+    def forward(self, input):
+        return _layer_call(self, input)
+
+    def _forward(self, input):  # the layer's computation (each layer's own)
+        raise NotImplementedError
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -149,8 +180,29 @@ class _NormBase(nn.Module):
                 key = prefix + p + "num_batches_tracked"
                 if key not in state_dict and prefix + p + "running_mean" in state_dict:
                     state_dict[key] = torch.tensor(0, dtype=torch.long, device=self.num_batches_tracked.device)
+            self._keep_spectral_stats_of_real_checkpoints(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _keep_spectral_stats_of_real_checkpoints(self, state_dict, prefix) -> None:
+        """A real running mean where this layer's is complex comes from a BatchNorm (a plain-BN
+        checkpoint loaded where BN became SBN): its statistics are of x, not of the spectrum
+        (copied in, the eval output would be ~8x too large at 8x8). The layer keeps its own
+        and a FreshStateWarning names them."""
+        keys = []
+        for name in self._complex_buffers:
+            mean = state_dict.get(prefix + name)
+            if mean is not None and not mean.is_complex():
+                group = name[: -len("running_mean")]
+                for k in ("running_mean", "running_var", "num_batches_tracked"):
+                    if prefix + group + k in state_dict:
+                        state_dict[prefix + group + k] = getattr(self, group + k).detach()
+                        keys.append(prefix + group + k)
+        if keys:
+            warnings.warn(FreshStateWarning(
+                f"{type(self).__name__} '{prefix[:-1]}': the checkpoint's running statistics are BatchNorm's "
+                f"(a real running_mean), not of the spectrum; kept the layer's own: {', '.join(keys)}. "
+                f"Re-estimate them with nk.recalibrate(model, batches) before eval.", keys), stacklevel=5)
 
 
 # ------------------------------------------------------------------------------------ L2BN
@@ -182,8 +234,9 @@ class _L2BatchNorm(_NormBase):
         self.rescale = rescale
         self.backend = backend
 
-    def forward(self, input):
-        if not isinstance(input, torch.Tensor) or input.dim() not in self._ranks:
+    def _forward(self, input):
+        # (an fx Proxy passes: torch.fx records the functional call below as one leaf call)
+        if isinstance(input, torch.Tensor) and input.dim() not in self._ranks:
             F_nk.check_input(input, self._ranks, type(self).__name__)
         if self.training and not self.track_running_stats:
             return F_nk.l2_batch_norm(input, None, None, self.weight, self.bias, True, self.momentum, self.eps,
@@ -274,7 +327,7 @@ class SpectralBatchNorm2d(_NormBase):
         self.fft_norm = fft_norm
         self.backend = backend
 
-    def forward(self, input):
+    def _forward(self, input):
         if self.training and not self.track_running_stats:
             return F_nk.spectral_batch_norm(input, None, None, self.weight, self.bias, True, self.momentum, self.eps,
                                             self.algorithm, self.backend, fft_norm=self.fft_norm,
@@ -323,7 +376,7 @@ class BatchNormSBN2d(_NormBase):
         self.fft_norm = fft_norm
         self.backend = backend
 
-    def forward(self, input):
+    def _forward(self, input):
         if self.training and not self.track_running_stats:
             return F_nk.batch_norm_sbn(input, None, None, None, None, self.weight, self.bias, self.sbn_weight,
                                        self.sbn_bias, True, self.momentum, self.sbn_momentum, self.eps, self.sbn_eps,
@@ -543,8 +596,8 @@ class _NormAct:
         self._set_act(_make_act(apply_act, act_layer, act_kwargs, inplace),
                       drop_layer() if drop_layer is not None else None)
 
-    def forward(self, input):
-        y = super().forward(input)
+    def _forward(self, input):
+        y = super()._forward(input)
         if self._unfused:
             y = self.act(self.drop(y))
         return y

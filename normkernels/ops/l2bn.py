@@ -175,7 +175,7 @@ def _sample_scale(m: Tensor, m2: Tensor, s: int, l2_eps: float, rescale: bool):
     """(r, inv_r, nrm): sample scale, its inverse and the norm (+inf where clamped), (N,) each."""
     c = m.shape[1]
     nrm = (m2 + s * m * m).sum(dim=1).sqrt()
-    clamped = ~(nrm >= l2_eps)
+    clamped = nrm < l2_eps  # a NaN norm propagates (F.normalize), never counts as clamped
     sqrt_d = math.sqrt(c * s) if rescale else 1.0
     r = torch.where(clamped, torch.full_like(nrm, l2_eps), nrm) / sqrt_d
     return r, 1.0 / r, torch.where(clamped, torch.full_like(nrm, math.inf), nrm)

@@ -62,7 +62,14 @@ def running_stats_update(running_mean: Tensor, running_var: Tensor,
                          batch_var: Tensor, momentum: float, unbias: float) -> None:
     """The update: the C++ op where the extension has a kernel for the buffers' device, else the
     torch fallback."""
-    if _EXT and running_var.device.type in ("cpu", "cuda"):
+    # Under torch.compile the update is plain aten ops (inductor fuses them into one kernel):
+    # inductor cannot functionalize a custom op that mutates a complex tensor ("auto_functionalized_v2
+    # was not removed"), and a symbolic batch size in the op's float `unbias` would be frozen at
+    # its first value under dynamic=True (a silently wrong running variance).
+    if torch.compiler.is_compiling():
+        running_stats_update_torch(running_mean, running_var, num_batches_tracked, batch_mean,
+                                   batch_var, momentum, unbias)
+    elif _EXT and running_var.device.type in ("cpu", "cuda"):
         torch.ops.normkernels.running_stats_update_(running_mean, running_var, num_batches_tracked,
                                                     batch_mean, batch_var, momentum, unbias)
     else:

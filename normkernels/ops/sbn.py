@@ -733,7 +733,9 @@ def sbn_fft_forward(x: Tensor, weight: _OPT, bias: _OPT, mean: _OPT, var: _OPT, 
         Yr, st = _triton_sbn().sbn_fft_spectral_forward(torch.view_as_real(X).contiguous(),
                                                         weight, bias, stats, eps)
         Y = torch.view_as_complex(Yr)
-        m, bvar = st[:, :2].contiguous(), st[:, 2].contiguous()
+        # copies: with C = 1 both slices are already contiguous views of st, and the outputs
+        # of a custom op may not alias each other
+        m, bvar = st[:, :2].clone(), st[:, 2].clone()
     else:
         if mean is None:
             mu = X.mean((0, 2, 3))
