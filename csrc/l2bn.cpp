@@ -1,5 +1,5 @@
 // L2BN ops: schemas, the layouts they exchange, shared host checks, and the Python module init of
-// normkernels._C. Math: csrc/l2bn_finalize.h (DESIGN.md section 3). Kernels: csrc/cpu/l2bn_cpu.cpp,
+// normkernels._C. Math: csrc/l2bn_finalize.h (docs/DESIGN.md section 3). Kernels: csrc/cpu/l2bn_cpu.cpp,
 // csrc/cuda/l2bn_cuda.cu; autograd: csrc/autograd/l2bn_autograd.cpp; fake kernels and the torch
 // oracle with the same contracts: normkernels/ops/l2bn.py.
 //

@@ -1,4 +1,4 @@
-// L2BN's O(N*C) finalize math (DESIGN.md section 3), written once as inline host+device functions
+// L2BN's O(N*C) finalize math (docs/DESIGN.md section 3), written once as inline host+device functions
 // in float64 and called by the CPU finalize (csrc/cpu/l2bn_cpu.cpp) and by the CUDA finalize
 // kernel (csrc/cuda/l2bn_cuda.cu) -- the pattern of aten/src/ATen/native/cuda/Normalization.cuh.
 // The loops (which thread owns which sample / channel, the summation order) belong to each device;

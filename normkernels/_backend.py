@@ -29,9 +29,19 @@ def _probe_extension() -> tuple[bool, bool]:
     return True, has_cuda
 
 
+def _register_triton() -> bool:
+    """The Triton host functions of SBN and BN+SBN become the CUDA kernels of the C++ ops
+    (normkernels.triton.sbn.register_kernels; a schema mismatch raises)."""
+    if not (_EXTENSION and importlib.util.find_spec("triton") is not None):
+        return False
+    from .triton import sbn as triton_sbn
+    triton_sbn.register_kernels("cuda")
+    return True
+
+
 # Probed once at import, so that backend choice is plain constants to torch.compile.
 _EXTENSION, _EXTENSION_CUDA = _probe_extension()
-_TRITON = importlib.util.find_spec("triton") is not None
+_TRITON = _register_triton()
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -50,8 +60,17 @@ def triton_available() -> bool:
 
 
 def triton_interpreted() -> bool:
-    """TRITON_INTERPRET=1 at import: Triton kernels then run (slowly) on CPU tensors."""
+    """TRITON_INTERPRET=1 at import: Triton kernels can then run (slowly) on CPU tensors."""
     return _TRITON_INTERPRET
+
+
+def triton_on_cpu() -> bool:
+    """The SBN ops' CPU kernels are the Triton host functions (normkernels.triton.sbn.on_cpu(),
+    under TRITON_INTERPRET=1: the tests' way of running a GPU call's path on the CPU)."""
+    if not (_TRITON and _TRITON_INTERPRET):
+        return False
+    from .triton import sbn as triton_sbn
+    return triton_sbn.registered_on_cpu()
 
 
 def backends() -> dict[str, bool]:
@@ -60,7 +79,7 @@ def backends() -> dict[str, bool]:
     return {
         "cuda": extension_has_cuda() and gpu,
         "cpp": extension_loaded(),
-        "triton": triton_available() and (gpu or triton_interpreted()),
+        "triton": triton_available() and (gpu or triton_on_cpu()),
         "torch": True,
     }
 
@@ -83,9 +102,10 @@ def _usable(backend: str, x: torch.Tensor) -> str | None:
     if backend == "triton":
         if not triton_available():
             return "triton is not installed"
-        if dev == "cuda" or (dev == "cpu" and triton_interpreted()):
+        if dev == "cuda" or (dev == "cpu" and triton_on_cpu()):
             return None
-        return f"backend 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU), got a {dev} tensor"
+        return (f"backend 'triton' needs a CUDA tensor, got a {dev} tensor (CPU tensors only inside "
+                "normkernels.triton.sbn.on_cpu() under TRITON_INTERPRET=1)")
     raise AssertionError(backend)
 
 

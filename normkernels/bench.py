@@ -8,7 +8,7 @@ One table comes out: for each op (torch's BatchNorm2d baseline, L2BN, SBN, BN+SB
 dtype and pass (``fwd`` = a training-mode forward, ``fwd+bwd`` = forward then the gradients of
 the input and the affine parameters), the time of every implementation, its ratio to
 nn.BatchNorm2d on the same tensor in the same run, the bandwidth it achieves counted with the
-minimal traffic of the pass (forward 3x the tensor's bytes, forward+backward 8x, DESIGN.md §5),
+minimal traffic of the pass (forward 3x the tensor's bytes, forward+backward 8x, docs/DESIGN.md §5),
 that bandwidth as a percentage of a device-to-device copy measured in the same run, and the peak
 memory of the pass relative to BatchNorm's.
 
@@ -117,7 +117,7 @@ def suite_shapes(device: str, quick: bool = False, families=("resnet50", "cifar"
 
 
 # ---------------------------------------------------------------------------------------------
-# eager references (the literal definitions of DESIGN.md §1)
+# eager references (the literal definitions of docs/DESIGN.md §1)
 
 class L2BNComposite(nn.BatchNorm2d):
     """L2BN as the paper writes it: F.normalize over each sample, then nn.BatchNorm2d."""

@@ -11,8 +11,9 @@ as with nn.SyncBatchNorm). Uneven and empty (N = 0) local batches are allowed: a
 still joins both collectives and returns an empty output and zero parameter gradients.
 Eval mode (running statistics) does no collective.
 
-The math is the single-process code in normkernels/ops (``sync=`` argument of the internal
-implementation functions); this module provides the reducer, the modules and convert_sync.
+The math is the ops' own (normkernels/ops: ``l2bn_sync``, ``sbn_sync`` and ``bnsbn_sync`` run
+the single-process pieces on the gathered rows); this module provides the reducer, the modules
+and convert_sync.
 
     model = normkernels.distributed.convert_sync(model)        # before wrapping in DDP
     model = torch.nn.parallel.DistributedDataParallel(model)

@@ -224,20 +224,18 @@ def test_bad_arguments_raise_clear_errors(device, backend):
         run(x, None, None, None, None, "dft", backend)
 
 
-def test_triton_on_cpu_routes_to_the_interpreted_entry(monkeypatch):
-    """backend 'triton' on a CPU tensor calls normkernels.triton's interpreted_sbn with the
-    forward op's arguments and returns its first three outputs."""
+def test_triton_on_cpu_goes_through_the_op(monkeypatch):
+    """backend 'triton' calls the dispatcher op (whose CUDA kernel is the Triton host function,
+    or its CPU kernel inside normkernels.triton.sbn.on_cpu()), with the forward op's arguments,
+    and returns its first three outputs."""
     calls = []
 
-    class Stub:
-        @staticmethod
-        def interpreted_sbn(*args):
-            calls.append(args)
-            x = args[0]
-            return x * 2, x.new_zeros(x.shape[1], 2), x.new_ones(x.shape[1]), None
+    def forward(*args):
+        calls.append(args)
+        x = args[0]
+        return x * 2, x.new_zeros(x.shape[1], 2), x.new_ones(x.shape[1]), x.new_zeros(x.shape[1], 10)
 
-    monkeypatch.setattr(S, "_triton_sbn", lambda: Stub)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(S, "_SBN_FORWARD", forward)
     x = torch.randn(2, 3, 4, 5)
     y, m, v = run(x, None, None, None, None, "parseval", "triton", "ortho", "relu", 0.5)
     assert torch.equal(y, x * 2) and m.shape == (3, 2) and v.shape == (3,)

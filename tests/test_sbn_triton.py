@@ -23,6 +23,19 @@ from normkernels.triton import sbn as K  # noqa: E402
 from references import bn_sbn_reference, sbn_reference  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+OPS = torch.ops.normkernels
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_kernels_on_this_device():
+    """Every call below goes down the path of a CUDA call: the C++ op and its C++ autograd, then
+    the Triton host functions, registered as the CUDA kernels (normkernels/_backend.py) and, on a
+    machine without a GPU, as the CPU kernels for this module (run by the interpreter)."""
+    if DEV.type == "cuda":
+        yield
+        return
+    with K.on_cpu():
+        yield
 F64 = torch.float64
 SLOPE = 0.2
 
@@ -85,7 +98,7 @@ def run_sbn(shape, dtype=torch.float32, layout="nchw", train=True, affine=True,
         scale = {"backward": 1.0, "ortho": hw ** -0.5, "forward": 1.0 / hw}[norm]
         mean = (torch.randn(C, 2, generator=gen, dtype=F64) * scale * 3).to(DEV, torch.float32)
         var = ((torch.rand(C, generator=gen, dtype=F64) + 0.5) * hw * scale ** 2).to(DEV, torch.float32)
-    y, bm, bv, saved = K.interpreted_sbn(x, w, b, mean, var, 1e-5, norm, act, SLOPE)
+    y, bm, bv, saved = OPS.sbn_forward(x, w, b, mean, var, 1e-5, norm, act, SLOPE)
     assert y.dtype == dtype and y.shape == x.shape
     if layout == "channels_last":
         assert y.is_contiguous(memory_format=torch.channels_last)
@@ -136,7 +149,7 @@ def run_bnsbn(shape, dtype=torch.float32, layout="nchw", train=True, affine=True
                  (torch.rand(C, generator=gen, dtype=F64) + 0.5).to(DEV),
                  (torch.randn(C, 2, generator=gen, dtype=F64) * scale).to(DEV),
                  ((torch.rand(C, generator=gen, dtype=F64) + 0.5) * hw * scale ** 2).to(DEV)]
-    out = K.interpreted_bnsbn(x, bw, bb, stats[0], stats[1], sw, sb, stats[2], stats[3], 1e-5,
+    out = OPS.bnsbn_forward(x, bw, bb, stats[0], stats[1], sw, sb, stats[2], stats[3], 1e-5,
                               1e-5, norm, act, SLOPE)
     y, bm, bv, sm, sv, saved = out
     assert saved.shape == (C, 26) and y.dtype == dtype
@@ -236,7 +249,7 @@ def test_kink_gradient_is_torchs(act):
     x.requires_grad_()
     mean = torch.zeros(C, 2, dtype=F64, device=DEV)
     var = torch.ones(C, dtype=F64, device=DEV)
-    y, *_ = K.interpreted_sbn(x, None, None, mean, var, 1e-5, "backward", act, SLOPE)
+    y, *_ = OPS.sbn_forward(x, None, None, mean, var, 1e-5, "backward", act, SLOPE)
     pre = x.detach() / math.sqrt(1.0 + 1e-5)
     assert torch.equal(y.detach()[x.detach() == 0], torch.zeros_like(pre[x.detach() == 0]))
     y.backward(torch.ones_like(y))
@@ -258,7 +271,7 @@ def test_gradcheck_sbn():
     x = torch.randn(2, 2, 3, 4, generator=gen, dtype=F64).to(DEV).requires_grad_()
     w = (torch.rand(2, generator=gen, dtype=F64) + 0.5).to(DEV).requires_grad_()
     b = torch.randn(2, generator=gen, dtype=F64).to(DEV).requires_grad_()
-    f = lambda x, w, b: K.interpreted_sbn(x, w, b, None, None, 1e-5, "ortho", "silu", SLOPE)[0]
+    f = lambda x, w, b: OPS.sbn_forward(x, w, b, None, None, 1e-5, "ortho", "silu", SLOPE)[0]
     assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=True)
 
 
@@ -275,7 +288,7 @@ def test_gradcheck_bnsbn(train):
                                       torch.rand(C, dtype=F64, device=DEV) + 5]
 
     def f(x, bw, bb, sw, sb):
-        return K.interpreted_bnsbn(x, bw, bb, stats[0], stats[1], sw, sb, stats[2], stats[3],
+        return OPS.bnsbn_forward(x, bw, bb, stats[0], stats[1], sw, sb, stats[2], stats[3],
                                    1e-5, 1e-5, "forward", "leaky_relu", SLOPE)[0]
 
     assert torch.autograd.gradcheck(f, (x, *ps), fast_mode=True)
@@ -490,17 +503,15 @@ SCHEMAS = {
 
 def test_register_kernels_onto_the_op_schemas():
     """The op schemas of csrc/sbn.cpp (SCHEMAS) in a scratch namespace: every host function
-    registers onto its schema (a schema with other argument names is left alone) and runs through
-    the dispatcher (registered for CPU here, where the interpreter can run it)."""
+    registers onto its schema and runs through the dispatcher (registered for CPU here, where the
+    interpreter can run it); a schema with other arguments, or none, raises."""
     ns = "nk_triton_test"
     lib = torch.library.Library(ns, "FRAGMENT")
     for name, sig in SCHEMAS.items():
         lib.define(name + sig)
-    lib.define("sbn_backward_other(Tensor dy) -> Tensor")
     try:
-        names = K.register_cuda_kernels(namespace=ns, device_type="cpu")
-        assert names == sorted(SCHEMAS)
-        assert K.register_cuda_kernels(namespace=ns, device_type="cpu") == names   # idempotent
+        reg = K.register_kernels("cpu", namespace=ns)
+        assert K.register_kernels("cpu", namespace=ns) is reg   # idempotent
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::sbn_forward", "CPU")
         x = make_x((2, 3, 4, 5), torch.float32, seed=20)
         ops = getattr(torch.ops, ns)
@@ -512,4 +523,34 @@ def test_register_kernels_onto_the_op_schemas():
                                "identity", 0.0)
         assert out[5].shape == (3, 26)
     finally:
+        K._LIBRARIES.pop((ns, "cpu"), None)
         del lib
+    for ns, schema in (("nk_triton_other", "sbn_backward(Tensor dy) -> Tensor"), ("nk_triton_none", None)):
+        other = torch.library.Library(ns, "FRAGMENT")
+        for name, sig in SCHEMAS.items():
+            if name != "sbn_backward":
+                other.define(name + sig)
+        if schema:
+            other.define(schema)
+        with pytest.raises(RuntimeError, match="sbn_backward"):
+            K.register_kernels("cpu", namespace=ns)
+        assert (ns, "cpu") not in K._LIBRARIES
+        del other
+
+
+@pytest.mark.skipif(DEV.type == "cuda", reason="the CPU registration is the no-GPU stand-in")
+def test_on_cpu_replaces_the_cpu_kernels_and_restores_them():
+    """Inside on_cpu() (this module) the ops' CPU kernels are the Triton host functions; after
+    it, the C++ ones again, and backend 'triton' refuses CPU tensors."""
+    import normkernels as nk
+    from normkernels import _backend
+    dump = lambda: torch._C._dispatch_dump("normkernels::sbn_forward")
+    assert "triton" in dump().split("CPU:")[1].splitlines()[0] and _backend.backends()["triton"]
+    lib = K._LIBRARIES.pop(("normkernels", "cpu"))
+    lib._destroy()
+    try:
+        assert "sbn_cpu.cpp" in dump().split("CPU:")[1].splitlines()[0]
+        with pytest.raises(RuntimeError, match="on_cpu"):
+            nk.SpectralBatchNorm2d(3, backend="triton")(torch.randn(2, 3, 4, 4))
+    finally:
+        K._LIBRARIES[("normkernels", "cpu")] = K.register_kernels("cpu")

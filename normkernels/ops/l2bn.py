@@ -1,5 +1,5 @@
 """L2BN op: l2-normalize each sample (the whole flattened (C, *spatial) vector), then batch norm,
-then an optional activation (DESIGN.md section 3, issue #13).
+then an optional activation (docs/DESIGN.md section 3, issue #13).
 
 One dispatcher op per direction, everything in compiled code (csrc/l2bn.cpp documents the
 schemas and the layouts of ``stats``, ``rows``, ``saved`` and ``sums``; csrc/l2bn_finalize.h the

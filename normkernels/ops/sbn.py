@@ -16,7 +16,7 @@ gradient sums, fft_norm, the activation) are documented once, in csrc/sbn.cpp. T
   them) and the synchronized training functions ``sbn_sync`` / ``bnsbn_sync``
   (normkernels/distributed.py).
 
-The math (DESIGN.md section 2; the C++ of csrc/sbn_finalize.h is the same formulas)
+The math (docs/DESIGN.md section 2; the C++ of csrc/sbn_finalize.h is the same formulas)
 ----------------------------------------------------------------------------------
 Per channel, X = rfft2(x) (N, H, Wr), Wr = W//2 + 1, M = N H Wr; D(w) = sum_{l<Wr} exp(-2 pi i l w/W);
 Pr = irfft2(ones), Pi = irfft2(1j ones) are zero off row 0 and Pr[0, :] = delta_w0. Parseval:
@@ -666,7 +666,8 @@ torch.library.register_autograd("normkernels::torch_bnsbn_forward", _bnsbn_bwd,
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton (normkernels/triton/sbn.py): CUDA kernels, interpreted entries on CPU, fft spectral passes
+# Triton (normkernels/triton/sbn.py): the literal FFT path's spectral passes (the parseval ops'
+# Triton kernels are registered onto the ops by normkernels/_backend.py)
 # ----------------------------------------------------------------------------------------------
 
 _TRITON_MOD = None
@@ -683,15 +684,6 @@ def _triton_sbn():
             except ImportError:
                 pass
     return _TRITON_MOD or None
-
-
-def _interpreted(name: str):
-    mod = _triton_sbn()
-    fn = getattr(mod, name, None) if mod is not None else None
-    if fn is None or os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError(f"backend 'triton' on a CPU tensor needs triton, TRITON_INTERPRET=1 and "
-                           f"normkernels.triton's {name}")
-    return fn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -833,11 +825,9 @@ _TORCH_SBN_FORWARD = torch.ops.normkernels.torch_sbn_forward.default
 _TORCH_BNSBN_FORWARD = torch.ops.normkernels.torch_bnsbn_forward.default
 
 
-def _native(x: Tensor, backend: str, op, interpreted: str):
-    """The forward op of a concrete backend ("cpp" / "cuda" / "triton" -> the dispatcher op;
-    "triton" on a CPU tensor -> the interpreted Triton entry)."""
-    if backend == "triton" and x.device.type == "cpu":
-        return _interpreted(interpreted)
+def _native(backend: str, op):
+    """The dispatcher op of a concrete backend: "cpp" (CPU) or "triton" (CUDA, or CPU tensors
+    inside normkernels.triton.sbn.on_cpu()) run the same op, whose kernel the device picks."""
     if not _HAS_C:
         raise RuntimeError(f"backend {backend!r} needs the C++ extension normkernels._C, which is "
                            "not built (pip install --no-build-isolation -e .); use backend 'torch'")
@@ -858,7 +848,7 @@ def spectral_batch_norm(x: Tensor, weight: _OPT, bias: _OPT, mean: _OPT, var: _O
         if backend == "torch":
             fwd = _TORCH_SBN_FORWARD
         else:
-            fwd = _native(x, backend, _SBN_FORWARD if _HAS_C else None, "interpreted_sbn")
+            fwd = _native(backend, _SBN_FORWARD if _HAS_C else None)
         y, m, v, _ = fwd(x, weight, bias, mean, var, eps, fft_norm, act, act_param)
         return y, m, v
     if algorithm == "fft":
@@ -880,7 +870,7 @@ def batch_norm_sbn(x: Tensor, bn_weight: _OPT, bn_bias: _OPT, bn_mean: _OPT, bn_
     if backend == "torch":
         fwd = _TORCH_BNSBN_FORWARD
     else:
-        fwd = _native(x, backend, _BNSBN_FORWARD if _HAS_C else None, "interpreted_bnsbn")
+        fwd = _native(backend, _BNSBN_FORWARD if _HAS_C else None)
     y, bm, bv, sm, sv, _ = fwd(x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias,
                                sbn_mean, sbn_var, bn_eps, sbn_eps, fft_norm, act, act_param)
     return y, bm, bv, sm, sv
@@ -1004,14 +994,3 @@ def bnsbn_sync(x: Tensor, bn_w: _OPT, bn_b: _OPT, sbn_w: _OPT, sbn_b: _OPT, bn_e
                                          _pieces(backend), reducer, info)
     n, H, W = info["n"], x.shape[2], x.shape[3]
     return y, bm, bv, sm, sv, n * H * W, n * H * (W // 2 + 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# the Triton host functions as the CUDA kernels of the C++ schemas
-# ----------------------------------------------------------------------------------------------
-
-if _HAS_C and importlib.util.find_spec("triton") is not None:
-    try:
-        _triton_sbn().register_cuda_kernels()
-    except (ImportError, AttributeError):  # no Triton module (yet), or an older one
-        pass

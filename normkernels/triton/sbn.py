@@ -4,10 +4,10 @@
 What is here
 ------------
 * The host functions of the ops of csrc/sbn.cpp, one per op, with exactly the C++ schemas'
-  arguments (``IMPL``: name -> function; ``register_cuda_kernels()`` registers them as the CUDA
-  kernels of ``normkernels::<name>`` when those schemas exist).
-* ``interpreted_sbn`` / ``interpreted_bnsbn``: autograd over the forward and backward host
-  functions, the test vehicle of backend "triton" on CPU tensors under TRITON_INTERPRET=1.
+  arguments (``IMPL``: name -> function; ``register_kernels()`` registers them as the CUDA
+  kernels of ``normkernels::<name>``, raising on a schema mismatch). Autograd is the ops' own
+  (csrc/autograd): under TRITON_INTERPRET=1, ``on_cpu()`` makes these functions the ops' CPU
+  kernels, so tests run a CUDA call's whole path on CPU tensors.
 * The literal FFT path's spectral passes (``sbn_fft_spectral_forward`` / ``_backward``).
 
 Every launch goes through ``normkernels.triton.launch.launch`` and every host function runs on
@@ -57,7 +57,7 @@ from normkernels.triton.sbn_kernels import (
 __all__ = [
     "sbn_stats", "sbn_finish", "sbn_forward", "sbn_grad_stats", "sbn_grad_finish", "sbn_backward",
     "bnsbn_finish", "bnsbn_forward", "bnsbn_grad_finish", "bnsbn_backward", "IMPL",
-    "register_cuda_kernels", "interpreted_sbn", "interpreted_bnsbn", "sbn_fft_spectral_forward",
+    "register_kernels", "on_cpu", "registered_on_cpu", "sbn_fft_spectral_forward",
     "sbn_fft_spectral_backward", "FFT_NORMS", "SBN_SAVED", "BNSBN_SAVED",
 ]
 
@@ -634,103 +634,64 @@ IMPL = {
 # registration as the CUDA kernels of the C++ schemas
 # ----------------------------------------------------------------------------------------------
 
-_REGISTERED: dict = {}
+_LIBRARIES: dict = {}  # (namespace, device type) -> the torch.library.Library holding the kernels
 
 
-def register_cuda_kernels(namespace: str = "normkernels", device_type: str = "cuda") -> list:
-    """Register each host function of IMPL as the ``device_type`` kernel of
-    ``<namespace>::<name>`` (torch.library.register_kernel), for the ops whose schema exists with
-    exactly the function's argument names; others are left alone (no extension built, or a
-    different schema). Idempotent. Returns the names registered (now or before)."""
+def register_kernels(device_type: str = "cuda", namespace: str = "normkernels"):
+    """Register every host function of IMPL as the ``device_type`` kernel of
+    ``<namespace>::<name>``, onto the op schemas of csrc/sbn.cpp. A missing schema, or one whose
+    arguments are not the function's, raises (a GPU call must never fall through to a kernel of
+    another contract). Idempotent; returns the torch.library.Library that holds the kernels.
+
+    normkernels/_backend.py registers them for "cuda" at import. For "cpu" (only with
+    TRITON_INTERPRET=1) they replace the C++ CPU kernels, so that a CPU test runs the very path of
+    a CUDA call: the C++ op and its C++ autograd, then these host functions, then the kernels in
+    the interpreter (``on_cpu()``)."""
     import inspect
-    try:
-        import normkernels._C  # noqa: F401  (defines the schemas)
-    except (ImportError, OSError):  # not built: no schema to register onto
-        pass
+    key = (namespace, device_type)
+    if key in _LIBRARIES:
+        return _LIBRARIES[key]
     ns = getattr(torch.ops, namespace)
-    for name, fn in IMPL.items():
-        key = (namespace, device_type, name)
-        if key in _REGISTERED:
-            continue
-        try:
-            schema = getattr(ns, name).default._schema
-        except (AttributeError, RuntimeError):
-            continue
-        if [a.name for a in schema.arguments] != list(inspect.signature(fn).parameters):
-            continue
-        torch.library.register_kernel(f"{namespace}::{name}", device_type, fn)
-        _REGISTERED[key] = fn
-    return sorted(k[2] for k in _REGISTERED if k[:2] == (namespace, device_type))
+    lib = torch.library.Library(namespace, "IMPL")
+    try:
+        for name, fn in IMPL.items():
+            try:
+                schema = getattr(ns, name).default._schema
+            except (AttributeError, RuntimeError):
+                raise RuntimeError(f"register_kernels: {namespace}::{name} has no schema (is normkernels._C "
+                                   "built?)") from None
+            want, have = [a.name for a in schema.arguments], list(inspect.signature(fn).parameters)
+            if want != have:
+                raise RuntimeError(f"register_kernels: {namespace}::{name} takes ({', '.join(want)}) but its "
+                                   f"Triton host function takes ({', '.join(have)})")
+            lib.impl(name, fn, {"cuda": "CUDA", "cpu": "CPU"}[device_type])
+    except BaseException:
+        lib._destroy()
+        raise
+    _LIBRARIES[key] = lib
+    return lib
 
 
-# ----------------------------------------------------------------------------------------------
-# autograd over the host functions (backend "triton" on CPU tensors under TRITON_INTERPRET=1)
-# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def on_cpu(namespace: str = "normkernels"):
+    """Within: the ops' CPU kernels are these host functions, run by the Triton interpreter
+    (TRITON_INTERPRET=1), and backend "triton" takes CPU tensors; after: the C++ kernels again."""
+    import os
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set before triton is imported)")
+    import warnings
+    with warnings.catch_warnings():  # replacing the C++ CPU kernels is the point here
+        warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel")
+        lib = register_kernels("cpu", namespace)
+    try:
+        yield lib
+    finally:
+        _LIBRARIES.pop((namespace, "cpu"), None)
+        lib._destroy()
 
 
-def _grad_as(g, t, needed: bool):
-    return g.to(t.dtype) if needed and t is not None else None
-
-
-class _SBNFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, eps, fft_norm, act, act_param):
-        y, bm, bv, saved = sbn_forward(x, weight, bias, mean, var, eps, fft_norm, act, act_param)
-        ctx.save_for_backward(x, saved)
-        ctx.cfg = (mean is None, fft_norm, act, act_param)
-        ctx.params = (weight, bias)
-        ctx.mark_non_differentiable(bm, bv, saved)
-        ctx.set_materialize_grads(False)
-        return y, bm, bv, saved
-
-    @staticmethod
-    def backward(ctx, dy, *unused):
-        if dy is None:
-            return (None,) * 9
-        x, saved = ctx.saved_tensors
-        dx, dw, db = sbn_backward(dy, x, saved, *ctx.cfg)
-        need = ctx.needs_input_grad
-        weight, bias = ctx.params
-        return (dx if need[0] else None, _grad_as(dw, weight, need[1]),
-                _grad_as(db, bias, need[2])) + (None,) * 6
-
-
-def interpreted_sbn(x, weight, bias, mean, var, eps, fft_norm, act, act_param):
-    """sbn_forward with autograd through sbn_backward: (y, batch_mean, batch_var, saved)."""
-    return _SBNFunction.apply(x, weight, bias, mean, var, eps, fft_norm, act, act_param)
-
-
-class _BNSBNFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias, sbn_mean,
-                sbn_var, bn_eps, sbn_eps, fft_norm, act, act_param):
-        out = bnsbn_forward(x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias,
-                            sbn_mean, sbn_var, bn_eps, sbn_eps, fft_norm, act, act_param)
-        ctx.save_for_backward(x, out[5])
-        ctx.cfg = (bn_mean is None, fft_norm, act, act_param)
-        ctx.params = (bn_weight, bn_bias, sbn_weight, sbn_bias)
-        ctx.mark_non_differentiable(*out[1:])
-        ctx.set_materialize_grads(False)
-        return out
-
-    @staticmethod
-    def backward(ctx, dy, *unused):
-        if dy is None:
-            return (None,) * 14
-        x, saved = ctx.saved_tensors
-        dx, dbw, dbb, dsw, dsb = bnsbn_backward(dy, x, saved, *ctx.cfg)
-        need = ctx.needs_input_grad
-        bw, bb, sw, sb = ctx.params
-        return (dx if need[0] else None, _grad_as(dbw, bw, need[1]), _grad_as(dbb, bb, need[2]),
-                None, None, _grad_as(dsw, sw, need[5]), _grad_as(dsb, sb, need[6])) + (None,) * 7
-
-
-def interpreted_bnsbn(x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias, sbn_mean,
-                      sbn_var, bn_eps, sbn_eps, fft_norm, act, act_param):
-    """bnsbn_forward with autograd through bnsbn_backward:
-    (y, bn_mean, bn_var, sbn_mean (C, 2), sbn_var, saved)."""
-    return _BNSBNFunction.apply(x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias,
-                                sbn_mean, sbn_var, bn_eps, sbn_eps, fft_norm, act, act_param)
+def registered_on_cpu(namespace: str = "normkernels") -> bool:
+    return (namespace, "cpu") in _LIBRARIES
 
 
 class _FFTPlan:
