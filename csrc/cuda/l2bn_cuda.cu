@@ -23,16 +23,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/detail/IntegerDivider.cuh>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAMacros.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cooperative_groups.h>
 #include <torch/library.h>
-
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -41,12 +32,15 @@
 
 #include "../activation.h"
 #include "../l2bn.h"
+#include "launch.h"
 
 namespace normkernels {
 namespace l2bn {
 namespace {
 
 namespace cg = cooperative_groups;
+using cuda::launch;
+using cuda::launch_cooperative;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -478,10 +472,9 @@ void launch_stats(const View3& v, const PassPlan& pl, acc_t* mean, acc_t* m2, ac
   constexpr int V = vec_size<scalar_t>();
   if (!pl.nsc) {
     const int64_t rows = v.N * v.C;
-#define L2BN_STATS_NCS(T)                                                                      \
-  stats_ncs_kernel<scalar_t, acc_t, T><<<pl.grid, kThreads, 0, stream>>>(x, mean, m2, partial, \
-                                                                         rows, v.S, pl.splits, \
-                                                                         pl.seg_len)
+#define L2BN_STATS_NCS(T)                                                                   \
+  launch(&stats_ncs_kernel<scalar_t, acc_t, T>, pl.grid, kThreads, stream, x, mean, m2, partial, \
+         rows, v.S, pl.splits, pl.seg_len)
     switch (pl.team) {
       case 4: L2BN_STATS_NCS(4); break;
       case 8: L2BN_STATS_NCS(8); break;
@@ -491,13 +484,12 @@ void launch_stats(const View3& v, const PassPlan& pl, acc_t* mean, acc_t* m2, ac
     }
 #undef L2BN_STATS_NCS
   } else if (pl.vec == V) {
-    stats_nsc_kernel<scalar_t, acc_t, V><<<pl.grid, kThreads, 0, stream>>>(
-        x, mean, m2, partial, v.N, v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
+    launch(&stats_nsc_kernel<scalar_t, acc_t, V>, pl.grid, kThreads, stream, x, mean, m2, partial,
+           v.N, v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
   } else {
-    stats_nsc_kernel<scalar_t, acc_t, 1><<<pl.grid, kThreads, 0, stream>>>(
-        x, mean, m2, partial, v.N, v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
+    launch(&stats_nsc_kernel<scalar_t, acc_t, 1>, pl.grid, kThreads, stream, x, mean, m2, partial,
+           v.N, v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename acc_t>
@@ -507,9 +499,9 @@ void launch_sums(const View3& v, const PassPlan& pl, const scalar_t* dy, PassCoe
   constexpr int V = vec_size<scalar_t>();
   if (!pl.nsc) {
     const int64_t rows = v.N * v.C;
-#define L2BN_SUMS_NCS(T)                                                                    \
-  sums_ncs_kernel<scalar_t, acc_t, T><<<pl.grid, kThreads, 0, stream>>>(                 \
-      dy, x, pc, q, p, partial, rows, v.S, pl.splits, pl.seg_len, vec_ok)
+#define L2BN_SUMS_NCS(T)                                                                   \
+  launch(&sums_ncs_kernel<scalar_t, acc_t, T>, pl.grid, kThreads, stream, dy, x, pc, q, p,  \
+         partial, rows, v.S, pl.splits, pl.seg_len, vec_ok)
     switch (pl.team) {
       case 4: L2BN_SUMS_NCS(4); break;
       case 8: L2BN_SUMS_NCS(8); break;
@@ -519,13 +511,12 @@ void launch_sums(const View3& v, const PassPlan& pl, const scalar_t* dy, PassCoe
     }
 #undef L2BN_SUMS_NCS
   } else if (pl.vec == V) {
-    sums_nsc_kernel<scalar_t, acc_t, V><<<pl.grid, kThreads, 0, stream>>>(
-        dy, x, pc, q, p, partial, v.N, v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
+    launch(&sums_nsc_kernel<scalar_t, acc_t, V>, pl.grid, kThreads, stream, dy, x, pc, q, p,
+           partial, v.N, v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
   } else {
-    sums_nsc_kernel<scalar_t, acc_t, 1><<<pl.grid, kThreads, 0, stream>>>(
-        dy, x, pc, q, p, partial, v.N, v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
+    launch(&sums_nsc_kernel<scalar_t, acc_t, 1>, pl.grid, kThreads, stream, dy, x, pc, q, p,
+           partial, v.N, v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ------------------------------------------------------------------------------- finalize
@@ -835,8 +826,7 @@ void launch_finalize(void (*kernel)(Params), Params prm, int64_t N, int64_t C, b
                                                            (C + kFinTileC - 1) / kFinTileC), 1);
   if (!both) {
     prm.phase = 0;
-    kernel<<<bounded_grid(work), kThreads, 0, stream>>>(prm);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(kernel, bounded_grid(work), kThreads, stream, prm);
     return;
   }
   static int resident_per_sm = -1;  // per kernel instantiation (same device kind assumed)
@@ -849,16 +839,12 @@ void launch_finalize(void (*kernel)(Params), Params prm, int64_t N, int64_t C, b
   if (device_info().cooperative && resident_per_sm > 0) {
     prm.phase = -1;
     const int64_t grid = std::min<int64_t>(work, sm_count() * resident_per_sm);
-    void* args[] = {&prm};
-    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
-                                               dim3(static_cast<unsigned>(grid)), dim3(kThreads),
-                                               args, 0, stream));
+    launch_cooperative(kernel, grid, kThreads, stream, prm);
     return;
   }
   for (int phase = 0; phase < 2; ++phase) {
     prm.phase = phase;
-    kernel<<<bounded_grid(work), kThreads, 0, stream>>>(prm);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(kernel, bounded_grid(work), kThreads, stream, prm);
   }
 }
 
@@ -945,10 +931,9 @@ void launch_apply(const View3& v, const scalar_t* dy, const ApplyCoefs<acc_t>& a
     constexpr int V = decltype(v_tag)::value;
     const int64_t groups = numel / V;
     const int64_t grid = bounded_grid(std::max<int64_t>((groups + kThreads - 1) / kThreads, 1));
-    apply_kernel<scalar_t, acc_t, index_t, NSC, BWD, V><<<grid, kThreads, 0, stream>>>(
-        x, dy, ac, o, static_cast<index_t>(numel), static_cast<index_t>(v.C), Div<index_t>(v.S),
-        Div<index_t>(v.C), Div<index_t>(v.S * v.C));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(&apply_kernel<scalar_t, acc_t, index_t, NSC, BWD, V>, grid, kThreads, stream, x, dy, ac,
+           o, static_cast<index_t>(numel), static_cast<index_t>(v.C), Div<index_t>(v.S),
+           Div<index_t>(v.C), Div<index_t>(v.S * v.C));
   };
   auto with_v = [&](auto index_tag, auto nsc_tag) {
     if (vec)
@@ -1362,7 +1347,7 @@ Bwd grad_finish_cuda(const at::Tensor& dy_in, const at::Tensor& x,
 }  // namespace l2bn
 }  // namespace normkernels
 
-TORCH_LIBRARY_IMPL(normkernels, CUDA, m) {
+TORCH_LIBRARY_IMPL(NORMKERNELS_LIBRARY, NORMKERNELS_CUDA_KEY, m) {
   m.impl("l2bn_forward", &normkernels::l2bn::forward_cuda);
   m.impl("l2bn_backward", &normkernels::l2bn::backward_cuda);
   m.impl("l2bn_stats", &normkernels::l2bn::stats_cuda);
