@@ -817,7 +817,7 @@ __global__ void __launch_bounds__(kThreads) bwd_finalize_kernel(BwdFinalize<acc_
 }
 
 // Launch a finalize kernel: both phases in one cooperative launch (grid bounded by what can be
-// co-resident, cached per kernel), or phase 0 alone, or two plain launches without cooperative
+// co-resident on this device), or phase 0 alone, or two plain launches without cooperative
 // launch support.
 template <typename Params>
 void launch_finalize(void (*kernel)(Params), Params prm, int64_t N, int64_t C, bool both,
@@ -829,13 +829,7 @@ void launch_finalize(void (*kernel)(Params), Params prm, int64_t N, int64_t C, b
     launch(kernel, bounded_grid(work), kThreads, stream, prm);
     return;
   }
-  static int resident_per_sm = -1;  // per kernel instantiation (same device kind assumed)
-  if (resident_per_sm < 0) {
-    int nb = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &nb, reinterpret_cast<const void*>(kernel), kThreads, 0));
-    resident_per_sm = nb;
-  }
+  const int resident_per_sm = cuda::resident_blocks(kernel, kThreads);  // of this device
   if (device_info().cooperative && resident_per_sm > 0) {
     prm.phase = -1;
     const int64_t grid = std::min<int64_t>(work, sm_count() * resident_per_sm);
