@@ -19,7 +19,6 @@
 // The emulated kernels register for CPU tensors under a test-only library (same schemas).
 #define NORMKERNELS_CUDA_KEY CPU
 #else
-#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>

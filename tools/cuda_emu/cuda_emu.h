@@ -181,6 +181,3 @@ struct EmuStream {
 inline EmuStream getCurrentCUDAStream() { return {}; }
 }  // namespace cuda
 }  // namespace c10
-
-// the integer divider is plain host/device C++ (its device-only branch needs __CUDA_ARCH__)
-#include <ATen/cuda/detail/IntegerDivider.cuh>
