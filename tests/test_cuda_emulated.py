@@ -26,7 +26,7 @@ from references import l2bn_reference
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
                                 "cuda_emu"))
-import build as cuda_emu_build  # noqa: E402
+import emu_build  # noqa: E402
 
 ACTS = ["identity", "relu", "leaky_relu", "silu"]
 SLOPE = 0.1
@@ -36,7 +36,7 @@ TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bflo
 
 @pytest.fixture(scope="module")
 def emu():
-    return cuda_emu_build.load()
+    return emu_build.load()
 
 
 @pytest.fixture(autouse=True)

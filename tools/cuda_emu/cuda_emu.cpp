@@ -329,7 +329,8 @@ void grid_sync() {
   w.threads[slot].state = State::AtGridSync;
   if (++w.grid_arrived == w.live) {
     w.grid_arrived = 0;
-    const int gen = w.grid_gen++;
+    // what follows a grid sync is a new phase: it starts ascending, as a block does
+    const int gen = 1 + w.grid_gen++;
     for (size_t b = 0; b < w.blocks.size(); ++b)
       release(w, w.blocks[b], static_cast<int>(b) * w.block_threads, w.block_threads,
               State::AtGridSync, gen, false);

@@ -4,8 +4,9 @@
 // Execution model. Every thread of a block is a host thread (a pooled pthread); exactly one runs
 // at a time and hands over at synchronization points only (a baton), in a fixed order, so a run
 // is deterministic and a missing barrier shows the same way every time. A block's threads start
-// in ascending order; the threads released by a barrier resume in descending, then ascending,
-// then descending order...; a warp released by its shuffle runs on before any other thread: a
+// in ascending order (so do the threads released by a grid sync); the threads released by a
+// __syncthreads resume in descending, then ascending, then descending order...; a warp released
+// by its shuffle runs on before any other thread: a
 // reader that runs ahead of the writers, and a writer (a warp) that runs ahead into the next
 // round before the readers, both happen within a round or two.
 //   __syncthreads()         barrier over the block's live threads
