@@ -457,9 +457,9 @@ def main(argv=None) -> int:
     c.log.close()
     print()
     for r in c.results:       # printed last: only the tail of the output comes back from a GPU run
-        print(f"gpu-check: {r['stage']:6s} {r['status']:4s} {r['seconds']:6.1f} s  {r['detail']}")
-    print(f"gpu-check: files  {len(files)} in {out_dir}: {' '.join(files)}")
-    print(f"gpu-check: total  {time.monotonic() - c.start:.0f} s, "
+        print(f"gpu-check: {r['stage']:7s} {r['status']:4s} {r['seconds']:6.1f} s  {r['detail']}")
+    print(f"gpu-check: files   {len(files)} in {out_dir}: {' '.join(files)}")
+    print(f"gpu-check: total   {time.monotonic() - c.start:.0f} s, "
           f"{sum(r['status'] == 'ok' for r in c.results)}/{len(c.results)} stages ok"
           f"{' (rehearsal: no GPU)' if not gpu else ''}")
     return 0 if all(r["status"] == "ok" for r in c.results) else 1
