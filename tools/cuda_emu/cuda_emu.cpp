@@ -87,6 +87,8 @@ struct Warp {
 struct Block {
   int64_t index = 0;
   int live = 0, arrived = 0, gen = 0;
+  const char* barrier_file = nullptr;  // the __syncthreads the first arrival of this round is at
+  int barrier_line = 0;
   std::vector<Warp> warps;
   std::deque<int> runq;        // slots ready to run, in the order they run
   std::vector<char> shared;    // this block's __shared__ bytes while another block runs
@@ -94,6 +96,7 @@ struct Block {
 
 struct Thread {
   State state = State::Ready;
+  const char* shuffle = "";  // which shuffle it waits at (for the deadlock report)
   bool started = false;
   int block = 0;  // index into Wave::blocks
   int tid = 0;
@@ -146,7 +149,7 @@ std::string where(const Wave& w) {
     const Thread& t = w.threads[s];
     if (t.state == State::Done) continue;
     os << "\n  block " << w.blocks[t.block].index << " thread " << t.tid << ": at "
-       << state_name(t.state);
+       << (t.state == State::AtShuffle ? t.shuffle : state_name(t.state));
     ++shown;
   }
   return os.str();
@@ -238,7 +241,6 @@ void thread_main(int slot) {
         fail(w, "in block " + std::to_string(w.blocks[t.block].index) + " thread " +
                     std::to_string(t.tid) + ": " + err);
     }
-    const bool was_waiting = t.state != State::Running && t.state != State::Ready;
     t.state = State::Done;
     --w.live;
     Block& blk = w.blocks[t.block];
@@ -247,7 +249,6 @@ void thread_main(int slot) {
       if (w.live == 0) g_host_cv.notify_all();
       continue;
     }
-    (void)was_waiting;
     // CUDA requires every thread of the block (of the grid) at __syncthreads (grid sync)
     if (blk.arrived > 0 || w.grid_arrived > 0) {
       fail(w, "a thread exited while others wait at a barrier:" + where(w));
@@ -307,11 +308,19 @@ void run_wave(Wave& w) {
 
 ThreadCtx& ctx() { return t_ctx; }
 
-void syncthreads() {
+void syncthreads(const char* file, int line) {
   std::unique_lock<std::mutex> lk(g_mu);
   Wave& w = *g_wave;
   const int slot = t_ctx.slot;
   Block& blk = w.blocks[w.threads[slot].block];
+  if (blk.arrived == 0) {
+    blk.barrier_file = file;
+    blk.barrier_line = line;
+  } else if (line != blk.barrier_line || std::strcmp(file, blk.barrier_file) != 0) {
+    lk.unlock();
+    TORCH_CHECK(false, "divergent __syncthreads: this thread at ", file, ":", line, ", others at ",
+                blk.barrier_file, ":", blk.barrier_line);
+  }
   w.threads[slot].state = State::AtBarrier;
   if (++blk.arrived == blk.live) {
     blk.arrived = 0;
@@ -349,11 +358,11 @@ uint64_t warp_exchange(uint64_t mine, int src_lane, const char* what) {
   const int buf = wp.gen % 2;
   wp.words[buf][lane] = mine;
   w.threads[slot].state = State::AtShuffle;
+  w.threads[slot].shuffle = what;
   if (++wp.arrived == 32) {
     wp.arrived = 0;
     release(w, blk, b * w.block_threads + (tid / 32) * 32, 32, State::AtShuffle, wp.gen++, true);
   }
-  (void)what;
   wait_turn(lk, slot);
   return src_lane < 0 ? mine : wp.words[buf][src_lane];
 }

@@ -9,7 +9,7 @@
 // by its shuffle runs on before any other thread: a
 // reader that runs ahead of the writers, and a writer (a warp) that runs ahead into the next
 // round before the readers, both happen within a round or two.
-//   __syncthreads()         barrier over the block's live threads
+//   __syncthreads()         barrier over the block's threads, all at the same call
 //   __shfl_*_sync(...)      per-warp exchange with barrier semantics (all 32 lanes, full mask)
 //   this_grid().sync()      barrier over every thread of a cooperative launch
 //   __shared__              static storage in one linker section, saved and restored per block
@@ -87,7 +87,9 @@ struct ThreadCtx {
 };
 ThreadCtx& ctx();  // the calling emulated thread's
 
-void syncthreads();
+// file:line of the __syncthreads call: CUDA leaves a barrier reached from different places
+// undefined (hardware counts arrivals at any of them); here it fails the launch
+void syncthreads(const char* file, int line);
 void grid_sync();
 // Exchange of 8-byte words within the warp: every lane gives `mine`, gets the word of lane
 // src_of(lane) (its own where src_of returns -1).
@@ -125,7 +127,7 @@ inline int lane_id() { return static_cast<int>(ctx().thread_idx.x % 32); }
 #define blockDim (::nk_emu::ctx().block_dim)
 #define gridDim (::nk_emu::ctx().grid_dim)
 
-inline void __syncthreads() { ::nk_emu::syncthreads(); }
+#define __syncthreads() ::nk_emu::syncthreads(__FILE__, __LINE__)
 
 // The shuffles of CUDA's programming guide (full mask only: the kernels here use no other).
 inline void nk_emu_check_mask(unsigned mask, int width) {
