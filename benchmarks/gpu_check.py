@@ -1,23 +1,36 @@
-"""The prepared GPU check (issue #11): `make gpu-check`, one command, at most 5 minutes wall.
+"""The prepared GPU check (issues #11, #19): `make gpu-check`, one command that fits the ~7 minutes a
+lent GPU machine gives one command (the device session's timeout_s ~420 s).
 
-On a machine with a CUDA GPU (the H200 lent now and then: torch 2.11 + triton 3.6, 16 cores,
+On a machine with a CUDA GPU (the H100 / H200 lent now and then: torch 2.11 + triton 3.6, 16 cores,
 no package registry, so nothing is installed), in this order, each stage a subprocess with its
-own timeout, so a hang or a failure in one still leaves the others' results:
+own cap; the caps add up to less than the deadline, so every stage gets its time whatever the
+others do, and a hang or a failure in one still leaves the others' results:
 
-    env      nvidia-smi, torch/triton/nvcc versions
-    build    python setup.py build_ext --inplace with TORCH_CUDA_ARCH_LIST=9.0,
-             NORMKERNELS_FORCE_CUDA=1, MAX_JOBS=<all cores>; checks the CUDA kernels registered
-    tests    the CUDA and Triton tests on the GPU: pytest tests -k "cuda or triton" (the op tests'
-             [cuda] cases of the `device` fixture, tests marked cuda, the Triton tests) minus the
-             CPU-side compile checks; pytest-xdist and pytest-timeout when installed
-    bench    python -m normkernels bench on the ResNet-50 shapes, float32 and bfloat16, fwd and
-             fwd+bwd (x BN, % of copy bandwidth, peak memory), the fused-ReLU rows included
-             (without torch.compile: its compiles alone would take the 5 minutes; `make bench`
-             has them)
-    e2e      the ResNet-50 training step per variant (bench --e2e-only)
-    aot      tests/test_triton_compile.py's enumeration compiled by the machine's own triton
-             (3.6, its ptxas 12.8: the registers and spills of the cubins it really runs), on all
-             cores, in the time the other stages left (what it compiled by then is reported)
+    stage    cap (s)  what
+    env        10     nvidia-smi, torch/triton/nvcc versions
+    aot        50     tests/test_triton_compile.py's enumeration compiled by the machine's own
+                      triton (3.6, its ptxas 12.8: the registers and spills of the cubins it really
+                      runs), on all cores. First: the compiles land in Triton's cache, which the
+                      tests and the bench then hit instead of compiling cold (the ResNet-50 shapes
+                      of the bench are in the enumeration)
+    build     130     python setup.py build_ext --inplace with TORCH_CUDA_ARCH_LIST=9.0,
+                      NORMKERNELS_FORCE_CUDA=1, MAX_JOBS=<all cores>; checks the CUDA kernels
+                      registered
+    tests      60     the op tests on the GPU (TEST_SELECTION: the [cuda] cases of the L2BN, SBN,
+                      BN+SBN and running-stats op tests, and test_sbn_triton.py), without the
+                      torch.compile and opcheck tests (inductor compiles would take the minute)
+    bench      55     python -m normkernels bench: nk vs torch (BatchNorm2d) for L2BN, SBN, BN+SBN
+                      at the four ResNet-50 stage shapes, small to large, float32 and bfloat16,
+                      fwd and fwd+bwd
+    e2e        35     the ResNet-50 training step per variant (bench --e2e-only)
+    compile    45     the torch.compile rows of the same table (the eager references compiled by
+                      inductor), small shapes first: what fits in its cap
+    total     385     DEADLINE_S = 400: the summary and files are written in the remaining seconds
+
+A stage that outlives its cap gets SIGTERM, then SIGKILL 5 s later (its whole process group).
+Every results file is written whole or not at all (a temporary file, then os.replace), the
+bench's checkpoints included (they go through atomic_write_outputs below): a stage stopped
+mid-write leaves the previous complete table, never a truncated one.
 
 Files (GPU_CHECK_OUT, default benchmarks/results; 4 files): <device>.json (the bench records,
 the header carrying the exact command, device, versions and every stage's outcome), <device>.md
@@ -25,12 +38,12 @@ the header carrying the exact command, device, versions and every stage's outcom
 The last lines printed are one summary line per stage, `gpu-check: <stage> <status> ...` (only
 the tail of the output comes back from the GPU machine).
 
-Without a GPU the same command is a rehearsal of the plumbing (under a minute, CPU): the build
+Without a GPU the same command is a rehearsal of the plumbing (about a minute, CPU): the build
 stage verifies the extension already built (import, registered ops) instead of rebuilding, the
-tests stage runs the cuda-marked selection (all skip on a CPU: it proves the invocation and the
-parsing), bench and e2e run tiny CPU shapes, aot compiles a smoke subset. Its files are named
-rehearsal-<device>.* so that committed results are never overwritten. CI runs the rehearsal
-(tests/test_gpu_check.py).
+tests stage runs the GPU selection restricted to cuda-marked tests (all skip on a CPU: it proves
+the invocation and the parsing), bench, compile and e2e run tiny CPU shapes, aot compiles a smoke
+subset. Its files are named rehearsal-<device>.* so that committed results are never
+overwritten. CI runs the rehearsal (tests/test_gpu_check.py).
 
     make gpu-check                                  # or: python benchmarks/gpu_check.py
     GPU_CHECK_OUT=/tmp/out make gpu-check
@@ -43,27 +56,94 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEADLINE_S = 290            # the whole check: 5 minutes wall on the GPU machine, less a margin
+# The whole check; the device session's command timeout is ~420 s, and the summary lines (printed
+# last) must come back.
+DEADLINE_S = 400
+TERM_GRACE_S = 5            # SIGTERM, then SIGKILL this much later
 
-# stage -> timeout in seconds (GPU, rehearsal), each cut to what is left of DEADLINE_S
-# (aot last: it gets what the others leave, up to its cap, and reports what it compiled by then).
-# The build's is the largest: nvcc alone takes ~2 minutes for csrc/cuda/l2bn_cuda.cu on the 2-core
-# development VM (one compilation unit: all cores do not help it), and every later stage needs it.
-TIMEOUTS = {"env": (10, 15), "build": (150, 20), "tests": (60, 30), "bench": (45, 40), "e2e": (25, 40),
-            "aot": (120, 40)}
+# stage -> cap in seconds (GPU, rehearsal), in the order the stages run. The GPU caps add up to
+# less than DEADLINE_S (tests/test_gpu_check.py checks it), each is also cut to what is left.
+# The build's is the largest: nvcc takes ~2 minutes for csrc/cuda/l2bn_cuda.cu on the 2-core
+# development VM (one compilation unit: more cores do not help it).
+TIMEOUTS = {"env": (10, 15), "aot": (50, 40), "build": (130, 20), "tests": (60, 30), "bench": (55, 40),
+            "e2e": (35, 40), "compile": (45, 40)}
 STAGES = tuple(TIMEOUTS)
-RESNET50 = "64x256x56x56,64x512x28x28,64x1024x14x14,64x2048x7x7"
-TEST_SELECTION = ["-k", "(cuda or triton) and not test_cuda_compile", "-m", "not gpu_compile"]
+# ResNet-50's four stage shapes, small to large (a stage cut short keeps the small ones)
+RESNET50 = "64x2048x7x7,64x1024x14x14,64x512x28x28,64x256x56x56"
+BENCH_OPS = "l2bn,sbn,bnsbn"   # with bn (torch's BatchNorm2d, the baseline of every ratio)
+TEST_FILES = ["tests/test_l2bn_ops.py", "tests/test_running_stats.py", "tests/test_sbn_ops.py",
+              "tests/test_bn_sbn_ops.py", "tests/test_sbn_triton.py"]
+TEST_SELECTION = TEST_FILES + ["-k", "(cuda or test_sbn_triton) and not torch_compile and not opcheck"]
+
+# Runs normkernels.bench with its result writes made atomic (the bench checkpoints its JSON and
+# table after every measurement; a stage stopped mid-write must not truncate them).
+BENCH_RUNNER = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+from normkernels import bench
+sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
+from gpu_check import atomic_write_outputs
+bench.write_outputs = atomic_write_outputs
+sys.exit(bench.main(sys.argv[1:]))
+"""
+
+
+def atomic_write(path: str, text: str):
+    """Write path whole or not at all."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_outputs(records, json_path=None, md_path=None, png_path=None) -> dict:
+    """normkernels.bench.write_outputs with every file replaced atomically."""
+    from normkernels import bench
+    written = {}
+    for path in (json_path, md_path, png_path):
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+    if json_path:        # the format of bench.write_outputs: one record per line
+        atomic_write(json_path, "[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
+        written["json"] = json_path
+    if md_path:
+        atomic_write(md_path, bench.render_markdown(records))
+        written["md"] = md_path
+    if png_path:
+        tmp = f"{png_path}.tmp{os.getpid()}.png"
+        if bench.plot_ratios(records, tmp):
+            os.replace(tmp, png_path)
+            written["png"] = png_path
+    return written
 
 
 def _has(module: str) -> bool:
     import importlib.util
     return importlib.util.find_spec(module) is not None
+
+
+def stop(proc: subprocess.Popen) -> str:
+    """Stop a stage's process group: SIGTERM (a Python stage unwinds, a result being replaced stays
+    whole), SIGKILL after TERM_GRACE_S. Returns the output it left."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        out, _ = proc.communicate(timeout=TERM_GRACE_S)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, _ = proc.communicate()
+    return out or ""
 
 
 class Check:
@@ -72,6 +152,7 @@ class Check:
         self.log = open(log_path, "a", buffering=1)
         self.start = time.monotonic()
         self.results: list[dict] = []
+        self.extra_records: list[dict] = []   # e2e and compile rows, merged by finish()
 
     def remaining(self) -> float:
         return DEADLINE_S - (time.monotonic() - self.start)
@@ -80,7 +161,7 @@ class Check:
         """Run one command of a stage, its output into the log; (returncode or None on timeout,
         output text, seconds)."""
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        timeout = max(1.0, min(timeout or TIMEOUTS[name][self.rehearsal], self.remaining()))
+        timeout = max(1.0, min(timeout or TIMEOUTS[name][self.rehearsal], self.remaining() - TERM_GRACE_S))
         self.log.write(f"\n===== {name}: {shlex.join(argv)}  (timeout {timeout:.0f} s"
                        f"{', env ' + ' '.join(f'{k}={v}' for k, v in (env or {}).items()) if env else ''})\n")
         t0 = time.monotonic()
@@ -91,9 +172,7 @@ class Check:
             out, _ = proc.communicate(timeout=timeout)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            out, _ = proc.communicate()
-            rc = None
+            out, rc = stop(proc), None
         self.log.write(out or "")
         self.log.write(f"===== {name}: {'timed out' if rc is None else f'exit {rc}'} after "
                        f"{time.monotonic() - t0:.1f} s\n")
@@ -179,43 +258,45 @@ def _pytest_counts(out: str) -> dict:
 
 def stage_tests(c: Check, gpu: bool):
     # a module that fails to import must not stop the others (it still counts as an error)
-    argv = [sys.executable, "-m", "pytest", "tests", "-p", "no:cacheprovider", "-rfE", "--tb=short", "-q",
-            "--continue-on-collection-errors"]
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfE", "--tb=short", "-q",
+            "--continue-on-collection-errors"] + TEST_SELECTION
     if gpu:
-        argv += TEST_SELECTION + ["-v"]
-        if _has("xdist"):
-            argv += ["-n", str(min(8, len(os.sched_getaffinity(0))))]
+        argv += ["-v"]
+        if _has("xdist"):   # one file per worker: each worker compiles its own file's kernels
+            argv += ["-n", str(min(8, len(os.sched_getaffinity(0)))), "--dist", "loadfile"]
         if _has("pytest_timeout"):
-            argv += ["--timeout", "60"]
+            argv += ["--timeout", "30"]
     else:
-        argv += ["-m", "cuda"]         # rehearsal: every selected test skips on a CPU
+        argv += ["-m", "cuda"]         # rehearsal: the same files and -k; every [cuda] case skips
     rc, out, s = c.run("tests", argv)
     n = _pytest_counts(out)
     summary = ", ".join(f"{v} {k}" for k, v in n.items() if v) or "no test ran"
     ok = rc == 0 or (rc == 5 and not gpu)
-    selection = "rehearsal -m cuda" if not gpu else "-k 'cuda or triton'"
+    selection = "rehearsal -m cuda" if not gpu else "the op tests' [cuda] cases and test_sbn_triton.py"
     c.record("tests", ok and (n.get("passed", 0) > 0 or not gpu), s,
              f"{summary} ({selection}{'' if rc is not None else ', ' + _why(rc, s) + ', counts so far'})", out)
 
 
-def _bench_argv(gpu: bool, paths: dict, e2e: bool) -> list[str]:
+def _bench_argv(gpu: bool, paths: dict, stage: str) -> list[str]:
     # the plot is drawn once, from the merged records, by finish()
-    argv = [sys.executable, "-m", "normkernels", "bench", "--no-progress", "--json", paths["json"], "--md", paths["md"],
+    argv = [sys.executable, "-c", BENCH_RUNNER, "--no-progress", "--json", paths["json"], "--md", paths["md"],
             "--no-plot"]
-    if e2e:
+    if stage == "e2e":
         if gpu:
             return argv + ["--e2e-only", "--device", "cuda", "--dtype", "float32,bfloat16", "--quick",
-                           "--e2e-rep-ms", "500"]
+                           "--e2e-rep-ms", "300"]
         # one thread: OpenMP threads on a loaded 2-core CI machine wait for each other for ms;
         # two variants (plain, and SBN inserted by normkernels.convert): the plumbing, not numbers
         return argv + ["--e2e-only", "--device", "cpu", "--dtype", "float32", "--quick", "--e2e-size", "2x32",
                        "--e2e-rep-ms", "50", "--e2e-variants", "bn,bn+sbn4", "--threads", "1", "--no-memory"]
+    impls = "nk" if stage == "bench" else "compile"   # (bn's torch row always comes first)
     if gpu:
-        # no torch.compile rows: ~10-20 s of compiling each would not fit the 5 minutes
         return argv + ["--device", "cuda", "--shapes", RESNET50, "--dtype", "float32,bfloat16", "--quick",
-                       "--rep-ms", "50", "--impls", "nk,nk-fft,two-modules,eager,nk-fused,nk+relu,torch+relu"]
-    return argv + ["--device", "cpu", "--shapes", "2x4x8x8", "--dtype", "float32", "--quick", "--threads", "1",
-                   "--rep-ms", "20", "--impls", "nk,nk-fft,nk-fused,nk+relu,torch+relu"]
+                       "--rep-ms", "50", "--ops", BENCH_OPS, "--impls", impls]
+    argv += ["--device", "cpu", "--shapes", "2x4x8x8", "--dtype", "float32", "--quick", "--threads", "1",
+             "--rep-ms", "20", "--impls", impls]
+    # rehearsal of compile: one inductor compile (L2BN forward), the rest is the same plumbing
+    return argv + (["--ops", BENCH_OPS] if stage == "bench" else ["--ops", "l2bn", "--passes", "fwd"])
 
 
 def _records(path: str) -> list:
@@ -226,22 +307,26 @@ def _records(path: str) -> list:
         return []
 
 
-def stage_bench(c: Check, gpu: bool, stem: str, e2e: bool):
-    name = "e2e" if e2e else "bench"
+def stage_bench(c: Check, gpu: bool, stem: str, name: str):
+    """bench: into the results' files; e2e and compile: into scratch files, merged by finish()."""
+    e2e = name == "e2e"
     paths = {k: f"{stem}.{k}" for k in ("json", "md")}
-    if e2e:   # written to scratch names, merged into the bench's files by finish()
-        paths = {k: os.path.join(c.out_dir, f".e2e-scratch.{k}") for k in ("json", "md")}
-    rc, out, s = c.run(name, _bench_argv(gpu, paths, e2e))
+    if name != "bench":
+        paths = {k: os.path.join(c.out_dir, f".{name}-scratch.{k}") for k in ("json", "md")}
+    rc, out, s = c.run(name, _bench_argv(gpu, paths, name))
     recs = [r for r in _records(paths["json"]) if "op" in r]
+    if name == "compile":   # its bn rows repeat the bench's
+        recs = [r for r in recs if r["impl"] == "compile"]
     timed = [r for r in recs if r.get("ms") is not None]
     detail = f"{len(timed)}/{len(recs)} measurements"
     if timed and not e2e:
         bn = [r for r in timed if r["op"] == "bn" and r.get("pct_copy")]
-        best = [r for r in timed if r["op"] != "bn" and r["impl"] in ("nk", "nk-fused") and r.get("ratio_bn")]
+        best = [r for r in timed if r["op"] != "bn" and r["impl"] in ("nk", "compile") and r.get("ratio_bn")]
         if bn:
             detail += f"; BN at {min(r['pct_copy'] for r in bn):.0f}-{max(r['pct_copy'] for r in bn):.0f}% of copy"
         if best:
-            detail += f"; nk x BN {min(r['ratio_bn'] for r in best):.2f}-{max(r['ratio_bn'] for r in best):.2f}"
+            detail += (f"; {best[0]['impl']} x BN {min(r['ratio_bn'] for r in best):.2f}-"
+                       f"{max(r['ratio_bn'] for r in best):.2f}")
     if timed and e2e:
         short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
         detail += "; step x BN " + ", ".join(f"{r['impl']} {short.get(r['dtype'], r['dtype'])} {r['ratio_bn']:.2f}"
@@ -251,12 +336,14 @@ def stage_bench(c: Check, gpu: bool, stem: str, e2e: bool):
         detail += f"; {len(errors)} failed, e.g. {errors[0]['op']}/{errors[0]['impl']}: {errors[0].get('error', '')[:120]}"
     if rc != 0:
         detail += f"; {_why(rc, s)}"
-    if e2e:
-        c.e2e_records = recs
+    if name != "bench":
+        c.extra_records += recs
         for p in paths.values():
             if os.path.exists(p):
                 os.remove(p)
-    c.record(name, rc == 0 and bool(timed) and not errors, s, detail, out)
+    # compile: what fits in its cap is its result (the first rows are enough)
+    finished = rc == 0 or (name == "compile" and rc is None)
+    c.record(name, finished and bool(timed) and not errors, s, detail, out)
 
 
 def stage_aot(c: Check, gpu: bool):
@@ -295,15 +382,15 @@ def _command(argv) -> str:
 
 
 def finish(c: Check, stem: str, argv, device: str):
-    """Merge the e2e records into the bench JSON, add the stage outcomes to its header, and
-    re-render the Markdown (stage table first) and the plot."""
+    """Merge the e2e and compile records into the bench JSON, add the stage outcomes to its header,
+    and re-render the Markdown (stage table first) and the plot."""
     sys.path.insert(0, ROOT)
     from normkernels import bench
     records = _records(stem + ".json")
     if not records:
         records = [{"type": "header", "device": device}]
     head = records[0]
-    records = [head] + [r for r in records[1:] if "op" in r] + list(getattr(c, "e2e_records", []))
+    records = [head] + [r for r in records[1:] if "op" in r] + c.extra_records
     for r in records[1:]:
         r.pop("ratio_bn", None)
     bench._add_ratios(records)
@@ -311,15 +398,14 @@ def finish(c: Check, stem: str, argv, device: str):
     head["command"] = _command(argv)
     head["device"] = head.get("device") or device
     head["gpu_check"] = {"rehearsal": c.rehearsal, "stages": c.results, "wall_s": round(time.monotonic() - c.start, 1)}
-    bench.write_outputs(records, stem + ".json", None, None)
+    atomic_write_outputs(records, stem + ".json")
     lines = [f"# gpu-check{' rehearsal' if c.rehearsal else ''}: {head['device']}", "",
              f"- command: `{head['command']}`", "", "| stage | status | s | detail |", "|---|---|---:|---|"]
     lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r['detail']} |" for r in c.results]
     if getattr(c, "aot_summary", ""):
         lines += ["", "Triton AOT compile on this machine:", "", "```", c.aot_summary, "```"]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n\n" + bench.render_markdown(records))
-    bench.plot_ratios(records, stem + ".png")
+    atomic_write(stem + ".md", "\n".join(lines) + "\n\n" + bench.render_markdown(records))
+    atomic_write_outputs(records, png_path=stem + ".png")
 
 
 def main(argv=None) -> int:
@@ -357,8 +443,8 @@ def main(argv=None) -> int:
                 stage_build(c, gpu)
             elif stage == "tests":
                 stage_tests(c, gpu)
-            elif stage in ("bench", "e2e"):
-                stage_bench(c, gpu, stem, stage == "e2e")
+            elif stage in ("bench", "e2e", "compile"):
+                stage_bench(c, gpu, stem, stage)
             elif stage == "aot":
                 stage_aot(c, gpu)
         except Exception as e:                # a broken stage must not take the others down
@@ -371,9 +457,9 @@ def main(argv=None) -> int:
     c.log.close()
     print()
     for r in c.results:       # printed last: only the tail of the output comes back from a GPU run
-        print(f"gpu-check: {r['stage']:6s} {r['status']:4s} {r['seconds']:6.1f} s  {r['detail']}")
-    print(f"gpu-check: files  {len(files)} in {out_dir}: {' '.join(files)}")
-    print(f"gpu-check: total  {time.monotonic() - c.start:.0f} s, "
+        print(f"gpu-check: {r['stage']:7s} {r['status']:4s} {r['seconds']:6.1f} s  {r['detail']}")
+    print(f"gpu-check: files   {len(files)} in {out_dir}: {' '.join(files)}")
+    print(f"gpu-check: total   {time.monotonic() - c.start:.0f} s, "
           f"{sum(r['status'] == 'ok' for r in c.results)}/{len(c.results)} stages ok"
           f"{' (rehearsal: no GPU)' if not gpu else ''}")
     return 0 if all(r["status"] == "ok" for r in c.results) else 1

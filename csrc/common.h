@@ -4,6 +4,13 @@
 
 #include <algorithm>
 
+// The dispatcher namespace of the ops that the CUDA files and their shared host code define.
+// The CPU-emulated build of csrc/cuda/ (tools/cuda_emu, tests/test_cuda_emulated.py) registers the
+// same schemas under normkernels_cuda_emu, beside the real library.
+#ifndef NORMKERNELS_LIBRARY
+#define NORMKERNELS_LIBRARY normkernels
+#endif
+
 namespace normkernels {
 
 // Memory layout of x seen as (N, C, S), S = prod(spatial):

@@ -99,7 +99,7 @@ at::Tensor checked_rows_all(const at::Tensor& rows_all, int64_t fields, const Vi
 
 // FRAGMENT rather than TORCH_LIBRARY so that other layers' .cpp files (SBN, ...) and the Python
 // torch.library.custom_op registrations can add ops to the same "normkernels" namespace.
-TORCH_LIBRARY_FRAGMENT(normkernels, m) {
+TORCH_LIBRARY_FRAGMENT(NORMKERNELS_LIBRARY, m) {
   // The whole layer, one op per direction (Autograd kernel: forward saves x and saved).
   // mean/var None: training (batch statistics); given: eval with them. batch_mean / batch_var
   // (C,) acc: the statistics used (biased batch variance in training).

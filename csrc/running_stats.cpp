@@ -14,6 +14,7 @@
 // fake kernel and torch fallback: normkernels/ops/running_stats.py.
 #include <torch/library.h>
 
+#include "common.h"
 #include "running_stats.h"
 
 namespace normkernels {
@@ -76,7 +77,7 @@ Args check(const at::Tensor& running_mean, const at::Tensor& running_var,
 }  // namespace running_stats
 }  // namespace normkernels
 
-TORCH_LIBRARY_FRAGMENT(normkernels, m) {
+TORCH_LIBRARY_FRAGMENT(NORMKERNELS_LIBRARY, m) {
   m.def(
       "running_stats_update_(Tensor(a!) running_mean, Tensor(b!) running_var, "
       "Tensor(c!)? num_batches_tracked, Tensor batch_mean, Tensor batch_var, float momentum, "

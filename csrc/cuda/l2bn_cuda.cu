@@ -4,10 +4,11 @@
 // for each n an S x C row-major block). Accumulation in float (double for double x); the
 // finalize computes in float64 with the functions of csrc/l2bn_finalize.h (shared with the CPU).
 //
-// Passes. NCS: a team of TEAM lanes per (row, segment): TEAM in {4, 8, 16, 32} for short rows (a
-// warp or less per row, several rows per block), a whole 256-thread block for long rows, which
-// are cut into segments when there are too few rows to fill the GPU. Each row is realigned on
-// its own: scalar head up to the first 16-byte boundary, 16-byte vector body, scalar tail. NSC: a
+// Passes. NCS: a team of TEAM lanes per (row, segment): TEAM in {4, 8, 16, 32} for rows of up to
+// 1024 16-byte vectors (a warp or less per row, several rows per block, no block barrier: 56x56
+// maps included), a whole 256-thread block for longer rows, which are cut into segments when
+// there are too few rows to fill the GPU. Each row is realigned on its own: scalar head up to
+// the first 16-byte boundary, 16-byte vector body, scalar tail. NSC: a
 // block covers (channel vectors) x (spatial lanes); channel vectors are 16-byte loads when C is a
 // multiple of the vector width. Statistics are shifted sums (shift = the row's first value, the
 // same for all its segments): no divide per element; segments are combined with Chan's formula
@@ -16,23 +17,16 @@
 // Finalize: ONE kernel per direction (cooperative launch, one grid-wide barrier between its
 // per-sample and per-channel phases; two plain launches where cooperative launch is missing). It
 // folds in the combine of the segment partials.
-// Apply: flat grid-stride over 16-byte vectors (per-element row index by a precomputed divider),
-// scalar when the pointers are not equally aligned. The activation is a kernel argument (uniform
-// over the grid, so its branch costs nothing next to the memory traffic) rather than a template
-// parameter: four times fewer kernels to compile.
+// Apply: the work items and teams of the passes; a work item loads its rows' coefficients once
+// (no per-element loads or index divisions), 16-byte vectors where the pointers allow. The
+// activation is a kernel argument (uniform over the grid, so its branch costs nothing next to the
+// memory traffic) rather than a template parameter: four times fewer kernels to compile.
+// Grids: one wave (SMs x the kernel's resident blocks on this device, from the occupancy
+// calculator per kernel and device); the grid-stride loops do the rest.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/detail/IntegerDivider.cuh>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAMacros.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cooperative_groups.h>
 #include <torch/library.h>
-
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -41,17 +35,19 @@
 
 #include "../activation.h"
 #include "../l2bn.h"
+#include "launch.h"
 
 namespace normkernels {
 namespace l2bn {
 namespace {
 
 namespace cg = cooperative_groups;
+using cuda::launch;
+using cuda::launch_cooperative;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kBlocksPerSm = 8;    // bound of the grid-stride grids
-constexpr int64_t kTeamMaxVecs = 256;  // NCS: rows of at most 256 vectors use a warp (or less)
+constexpr int64_t kTeamMaxVecs = 1024;  // NCS: rows of at most 1024 vectors use a warp (or less)
 constexpr int kFinTileC = 32;      // finalize per-channel phase: 32 channels x kWarps sample lanes
 
 template <typename T, int V>
@@ -84,8 +80,13 @@ const DeviceInfo& device_info() {
   return cache[dev];
 }
 int64_t sm_count() { return device_info().sms; }
-int64_t bounded_grid(int64_t blocks) {
-  return std::max<int64_t>(1, std::min<int64_t>(blocks, sm_count() * kBlocksPerSm));
+
+// Blocks of `kernel` for `blocks` blocks' worth of work: at most one wave on this device (its SMs
+// x the kernel's resident blocks per SM); grid-stride loops cover the rest without a tail wave.
+template <typename... Params>
+int64_t wave_grid(void (*kernel)(Params...), int64_t blocks) {
+  const int64_t resident = std::max(1, cuda::resident_blocks(kernel, kThreads));
+  return std::max<int64_t>(1, std::min<int64_t>(blocks, sm_count() * resident));
 }
 
 // Segments per row: enough work items to fill the GPU, segments of >= min_seg elements.
@@ -430,7 +431,7 @@ struct PassPlan {
   int tc, vec;       // NSC: channel vectors per block, vector width (1: scalar)
   int64_t ctiles;
   int64_t splits, seg_len;
-  int64_t items, grid;
+  int64_t items, blocks;  // blocks: enough for every work item at once (wave_grid bounds it)
 };
 
 template <typename scalar_t>
@@ -445,13 +446,13 @@ PassPlan plan_pass(const View3& v, bool vec_ok) {
       pl.splits = 1;
       pl.seg_len = v.S;
       pl.items = rows;
-      pl.grid = bounded_grid((rows + kThreads / pl.team - 1) / (kThreads / pl.team));
+      pl.blocks = (rows + kThreads / pl.team - 1) / (kThreads / pl.team);
     } else {
       pl.team = kThreads;
       pl.splits = choose_splits(rows, v.S, int64_t(kThreads) * V * 4);
       pl.seg_len = (v.S + pl.splits - 1) / pl.splits;
       pl.items = rows * pl.splits;
-      pl.grid = bounded_grid(pl.items);
+      pl.blocks = pl.items;
     }
     return pl;
   }
@@ -465,11 +466,20 @@ PassPlan plan_pass(const View3& v, bool vec_ok) {
   pl.splits = choose_splits(v.N * pl.ctiles, v.S, ts * 4);
   pl.seg_len = (v.S + pl.splits - 1) / pl.splits;
   pl.items = v.N * pl.ctiles * pl.splits;
-  pl.grid = bounded_grid(pl.items);
+  pl.blocks = pl.items;
   return pl;
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+bool same_phase16(const void* p, const void* q) {
+  return (reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(q)) % 16 == 0;
+}
+
+// A kThreads-thread launch of `kernel` on wave_grid(kernel, blocks) blocks.
+template <typename... Params, typename... Args>
+void launch_wave(void (*kernel)(Params...), int64_t blocks, cudaStream_t stream, Args&&... args) {
+  launch(kernel, wave_grid(kernel, blocks), kThreads, stream, std::forward<Args>(args)...);
+}
 
 template <typename scalar_t, typename acc_t>
 void launch_stats(const View3& v, const PassPlan& pl, acc_t* mean, acc_t* m2, acc_t* partial,
@@ -478,10 +488,9 @@ void launch_stats(const View3& v, const PassPlan& pl, acc_t* mean, acc_t* m2, ac
   constexpr int V = vec_size<scalar_t>();
   if (!pl.nsc) {
     const int64_t rows = v.N * v.C;
-#define L2BN_STATS_NCS(T)                                                                      \
-  stats_ncs_kernel<scalar_t, acc_t, T><<<pl.grid, kThreads, 0, stream>>>(x, mean, m2, partial, \
-                                                                         rows, v.S, pl.splits, \
-                                                                         pl.seg_len)
+#define L2BN_STATS_NCS(T)                                                               \
+  launch_wave(&stats_ncs_kernel<scalar_t, acc_t, T>, pl.blocks, stream, x, mean, m2, partial, \
+              rows, v.S, pl.splits, pl.seg_len)
     switch (pl.team) {
       case 4: L2BN_STATS_NCS(4); break;
       case 8: L2BN_STATS_NCS(8); break;
@@ -491,13 +500,12 @@ void launch_stats(const View3& v, const PassPlan& pl, acc_t* mean, acc_t* m2, ac
     }
 #undef L2BN_STATS_NCS
   } else if (pl.vec == V) {
-    stats_nsc_kernel<scalar_t, acc_t, V><<<pl.grid, kThreads, 0, stream>>>(
-        x, mean, m2, partial, v.N, v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
+    launch_wave(&stats_nsc_kernel<scalar_t, acc_t, V>, pl.blocks, stream, x, mean, m2, partial, v.N,
+                v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
   } else {
-    stats_nsc_kernel<scalar_t, acc_t, 1><<<pl.grid, kThreads, 0, stream>>>(
-        x, mean, m2, partial, v.N, v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
+    launch_wave(&stats_nsc_kernel<scalar_t, acc_t, 1>, pl.blocks, stream, x, mean, m2, partial, v.N,
+                v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename acc_t>
@@ -507,9 +515,9 @@ void launch_sums(const View3& v, const PassPlan& pl, const scalar_t* dy, PassCoe
   constexpr int V = vec_size<scalar_t>();
   if (!pl.nsc) {
     const int64_t rows = v.N * v.C;
-#define L2BN_SUMS_NCS(T)                                                                    \
-  sums_ncs_kernel<scalar_t, acc_t, T><<<pl.grid, kThreads, 0, stream>>>(                 \
-      dy, x, pc, q, p, partial, rows, v.S, pl.splits, pl.seg_len, vec_ok)
+#define L2BN_SUMS_NCS(T)                                                                \
+  launch_wave(&sums_ncs_kernel<scalar_t, acc_t, T>, pl.blocks, stream, dy, x, pc, q, p,        \
+              partial, rows, v.S, pl.splits, pl.seg_len, vec_ok)
     switch (pl.team) {
       case 4: L2BN_SUMS_NCS(4); break;
       case 8: L2BN_SUMS_NCS(8); break;
@@ -519,13 +527,12 @@ void launch_sums(const View3& v, const PassPlan& pl, const scalar_t* dy, PassCoe
     }
 #undef L2BN_SUMS_NCS
   } else if (pl.vec == V) {
-    sums_nsc_kernel<scalar_t, acc_t, V><<<pl.grid, kThreads, 0, stream>>>(
-        dy, x, pc, q, p, partial, v.N, v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
+    launch_wave(&sums_nsc_kernel<scalar_t, acc_t, V>, pl.blocks, stream, dy, x, pc, q, p, partial,
+                v.N, v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
   } else {
-    sums_nsc_kernel<scalar_t, acc_t, 1><<<pl.grid, kThreads, 0, stream>>>(
-        dy, x, pc, q, p, partial, v.N, v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
+    launch_wave(&sums_nsc_kernel<scalar_t, acc_t, 1>, pl.blocks, stream, dy, x, pc, q, p, partial,
+                v.N, v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ------------------------------------------------------------------------------- finalize
@@ -826,7 +833,7 @@ __global__ void __launch_bounds__(kThreads) bwd_finalize_kernel(BwdFinalize<acc_
 }
 
 // Launch a finalize kernel: both phases in one cooperative launch (grid bounded by what can be
-// co-resident, cached per kernel), or phase 0 alone, or two plain launches without cooperative
+// co-resident on this device), or phase 0 alone, or two plain launches without cooperative
 // launch support.
 template <typename Params>
 void launch_finalize(void (*kernel)(Params), Params prm, int64_t N, int64_t C, bool both,
@@ -835,137 +842,192 @@ void launch_finalize(void (*kernel)(Params), Params prm, int64_t N, int64_t C, b
                                                            (C + kFinTileC - 1) / kFinTileC), 1);
   if (!both) {
     prm.phase = 0;
-    kernel<<<bounded_grid(work), kThreads, 0, stream>>>(prm);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_wave(kernel, work, stream, prm);
     return;
   }
-  static int resident_per_sm = -1;  // per kernel instantiation (same device kind assumed)
-  if (resident_per_sm < 0) {
-    int nb = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &nb, reinterpret_cast<const void*>(kernel), kThreads, 0));
-    resident_per_sm = nb;
-  }
+  const int resident_per_sm = cuda::resident_blocks(kernel, kThreads);  // of this device
   if (device_info().cooperative && resident_per_sm > 0) {
     prm.phase = -1;
     const int64_t grid = std::min<int64_t>(work, sm_count() * resident_per_sm);
-    void* args[] = {&prm};
-    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
-                                               dim3(static_cast<unsigned>(grid)), dim3(kThreads),
-                                               args, 0, stream));
+    launch_cooperative(kernel, grid, kThreads, stream, prm);
     return;
   }
   for (int phase = 0; phase < 2; ++phase) {
     prm.phase = phase;
-    kernel<<<bounded_grid(work), kThreads, 0, stream>>>(prm);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_wave(kernel, work, stream, prm);
   }
 }
 
 // ------------------------------------------------------------------------------- apply
-// Forward y = act(pre); backward dx = x_coef g + dx_coef (x - center) + dx_offset. Flat over the
-// elements in groups of V (16-byte loads / stores when x, dy, out are 16-byte aligned); the row
-// of each element: i / S (NCS) or n C + c (NSC) by a precomputed divider.
-template <typename index_t>
-struct Div {  // 32-bit: multiply-shift divider; 64-bit: plain division
-  at::cuda::detail::IntDivider<uint32_t> d32;
-  int64_t d64;
-  __host__ Div(int64_t d) : d32(static_cast<uint32_t>(std::max<int64_t>(1, std::min<int64_t>(d, INT32_MAX)))), d64(std::max<int64_t>(d, 1)) {}
-  __device__ __forceinline__ index_t div(index_t i) const {
-    if constexpr (sizeof(index_t) == 4)
-      return d32.div(i);
-    else
-      return i / d64;
-  }
+// Forward y = act(pre); backward dx = x_coef g + dx_coef (x - center) + dx_offset. The work items
+// and teams of the passes (plan_pass); each work item loads its rows' coefficients once.
+template <typename acc_t>
+struct RowApply {  // the coefficients of one row
+  acc_t center, x_coef, offset, dx_coef, dx_offset;
 };
 
 template <typename acc_t>
 struct ApplyCoefs {
   PassCoefs<acc_t> f;
-  const acc_t* dx_coef;
+  const acc_t* dx_coef;    // backward only
   const acc_t* dx_offset;
+
+  template <bool BWD>
+  __device__ __forceinline__ RowApply<acc_t> row(int64_t i) const {
+    RowApply<acc_t> r{f.center[i], f.x_coef[i], f.offset[i], acc_t(0), acc_t(0)};
+    if constexpr (BWD) {
+      r.dx_coef = dx_coef[i];
+      r.dx_offset = dx_offset[i];
+    }
+    return r;
+  }
 };
 
-template <typename scalar_t, typename acc_t, typename index_t, bool NSC, bool BWD, int V>
-__global__ void __launch_bounds__(kThreads)
-    apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
-                 ApplyCoefs<acc_t> ac, scalar_t* __restrict__ out, index_t numel, index_t C,
-                 Div<index_t> div_s, Div<index_t> div_c, Div<index_t> div_sc) {
-  const index_t groups = numel / V;
-  const index_t stride = index_t(gridDim.x) * blockDim.x;
-  auto row_of = [&](index_t i) -> index_t {
-    if constexpr (NSC) {
-      return div_sc.div(i) * C + (i - div_c.div(i) * C);
-    } else {
-      return div_s.div(i);
-    }
-  };
-  auto one = [&](acc_t xv, acc_t dv, index_t row) -> scalar_t {
-    const acc_t ctr = ac.f.center[row], a = ac.f.x_coef[row], b = ac.f.offset[row];
-    if constexpr (!BWD) {
-      return static_cast<scalar_t>(act_forward<acc_t>(ac.f.act, pre_act<acc_t>(xv, ctr, a, b), ac.f.slope));
-    } else {
-      const acc_t g =
-          ac.f.act == Act::Identity ? dv : act_backward<acc_t>(ac.f.act, pre_act<acc_t>(xv, ctr, a, b), ac.f.slope, dv);
-      return static_cast<scalar_t>(a * g + ac.dx_coef[row] * (xv - ctr) + ac.dx_offset[row]);
-    }
-  };
-  for (index_t g = index_t(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
-    const index_t i0 = g * V;
-    const VecT<scalar_t, V> xv = reinterpret_cast<const VecT<scalar_t, V>*>(x)[g];
-    VecT<scalar_t, V> dv;
-    if constexpr (BWD) dv = reinterpret_cast<const VecT<scalar_t, V>*>(dy)[g];
-    VecT<scalar_t, V> ov;
-#pragma unroll
-    for (int k = 0; k < V; ++k)
-      ov.v[k] = one(static_cast<acc_t>(xv.v[k]), BWD ? static_cast<acc_t>(dv.v[k]) : acc_t(0),
-                    row_of(i0 + k));
-    reinterpret_cast<VecT<scalar_t, V>*>(out)[g] = ov;
+template <typename scalar_t, typename acc_t, bool BWD>
+__device__ __forceinline__ scalar_t apply_one(const ApplyCoefs<acc_t>& ac, const RowApply<acc_t>& r,
+                                              scalar_t xs, scalar_t ds) {
+  const acc_t xv = static_cast<acc_t>(xs);
+  if constexpr (!BWD) {
+    return static_cast<scalar_t>(
+        act_forward<acc_t>(ac.f.act, pre_act<acc_t>(xv, r.center, r.x_coef, r.offset), ac.f.slope));
+  } else {
+    const acc_t dv = static_cast<acc_t>(ds);
+    const acc_t pre = pre_act<acc_t>(xv, r.center, r.x_coef, r.offset);  // unused for identity
+    const acc_t g =
+        ac.f.act == Act::Identity ? dv : act_backward<acc_t>(ac.f.act, pre, ac.f.slope, dv);
+    return static_cast<scalar_t>(r.x_coef * g + r.dx_coef * (xv - r.center) + r.dx_offset);
   }
-  // tail (numel % V elements), by the first threads
-  const index_t t = groups * V + index_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t < numel)
-    out[t] = one(static_cast<acc_t>(x[t]), BWD ? static_cast<acc_t>(dy[t]) : acc_t(0), row_of(t));
+}
+
+// out[i] = f(p[i], q[i]) for the elements [a, b) of one row (q: BWD only), by a team: the order of
+// team_row (scalar head up to p's 16-byte boundary, 16-byte vectors, scalar tail); q and out must
+// have p's 16-byte phase when vec_ok.
+template <typename scalar_t, int TEAM, bool BWD, typename F>
+__device__ __forceinline__ void team_row_map(const scalar_t* p, const scalar_t* q, scalar_t* out,
+                                             int64_t a, int64_t b, int lane, bool vec_ok, F&& f) {
+  constexpr int V = vec_size<scalar_t>();
+  using Vec = VecT<scalar_t, V>;
+  const int64_t L = b - a;
+  int64_t head = L;
+  if (vec_ok) {
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(p + a);
+    head = int64_t(((16 - addr % 16) % 16) / sizeof(scalar_t));
+    if (head > L) head = L;
+  }
+  for (int64_t i = a + lane; i < a + head; i += TEAM) out[i] = f(p[i], BWD ? q[i] : scalar_t(0));
+  const int64_t nvec = (L - head) / V, v0 = a + head;
+  const Vec* pv = reinterpret_cast<const Vec*>(p + v0);
+  const Vec* qv = reinterpret_cast<const Vec*>(q + v0);
+  Vec* ov = reinterpret_cast<Vec*>(out + v0);
+  // one vector at a time: with two in flight around SiLU's IEEE division (a call on its slow
+  // path) ptxas spilled the loop state of the float kernels
+  for (int64_t i = lane; i < nvec; i += TEAM) {
+    const Vec xv = pv[i];
+    Vec dv, yv;
+    if constexpr (BWD) dv = qv[i];
+#pragma unroll
+    for (int k = 0; k < V; ++k) yv.v[k] = f(xv.v[k], BWD ? dv.v[k] : scalar_t(0));
+    ov[i] = yv;
+  }
+  for (int64_t i = v0 + nvec * V + lane; i < b; i += TEAM) out[i] = f(p[i], BWD ? q[i] : scalar_t(0));
+}
+
+// NCS: a team per (row, segment), as the statistics pass.
+template <typename scalar_t, typename acc_t, int TEAM, bool BWD>
+__global__ void __launch_bounds__(kThreads)
+    apply_ncs_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
+                     ApplyCoefs<acc_t> ac, scalar_t* __restrict__ out, int64_t rows, int64_t S,
+                     int64_t splits, int64_t seg_len, bool vec_ok) {
+  constexpr int TEAMS = kThreads / TEAM;
+  const int team = threadIdx.x / TEAM, lane = threadIdx.x % TEAM;
+  const int64_t items = rows * splits;
+  // no barrier inside: each team runs its own loop
+  for (int64_t item = int64_t(blockIdx.x) * TEAMS + team; item < items;
+       item += int64_t(gridDim.x) * TEAMS) {
+    const int64_t row = item / splits;
+    int64_t a, b;
+    segment(S, seg_len, item % splits, a, b);
+    const RowApply<acc_t> rc = ac.template row<BWD>(row);
+    team_row_map<scalar_t, TEAM, BWD>(x + row * S, BWD ? dy + row * S : nullptr, out + row * S, a,
+                                      b, lane, vec_ok, [&](scalar_t xv, scalar_t dv) {
+                                        return apply_one<scalar_t, acc_t, BWD>(ac, rc, xv, dv);
+                                      });
+  }
+}
+
+// NSC: a block is TC channel vectors x TS spatial lanes, as the statistics pass; a thread loads
+// the coefficients of its V channels once per work item.
+template <typename scalar_t, typename acc_t, int V, bool BWD>
+__global__ void __launch_bounds__(kThreads)
+    apply_nsc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
+                     ApplyCoefs<acc_t> ac, scalar_t* __restrict__ out, int64_t N, int64_t C,
+                     int64_t S, int TC, int64_t ctiles, int64_t splits, int64_t seg_len) {
+  using Vec = VecT<scalar_t, V>;
+  const int TS = kThreads / TC;
+  const int tc = threadIdx.x % TC, ts = threadIdx.x / TC;
+  const int64_t items = N * ctiles * splits;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t j = item % splits, t = item / splits;
+    const int64_t n = t / ctiles, c0 = ((t % ctiles) * TC + tc) * V;
+    if (c0 >= C) continue;  // no barrier in this loop
+    int64_t a, b;
+    segment(S, seg_len, j, a, b);
+    RowApply<acc_t> rc[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) rc[k] = ac.template row<BWD>(n * C + c0 + k);
+    const int64_t base = n * S * C + c0;
+    for (int64_t s = a + ts; s < b; s += TS) {
+      Vec xv, dv, yv;
+      if constexpr (V > 1) {
+        xv = *reinterpret_cast<const Vec*>(x + base + s * C);
+        if constexpr (BWD) dv = *reinterpret_cast<const Vec*>(dy + base + s * C);
+      } else {
+        xv.v[0] = x[base + s * C];
+        if constexpr (BWD) dv.v[0] = dy[base + s * C];
+      }
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        yv.v[k] = apply_one<scalar_t, acc_t, BWD>(ac, rc[k], xv.v[k], BWD ? dv.v[k] : scalar_t(0));
+      if constexpr (V > 1)
+        *reinterpret_cast<Vec*>(out + base + s * C) = yv;
+      else
+        out[base + s * C] = yv.v[0];
+    }
+  }
 }
 
 template <typename scalar_t, typename acc_t, bool BWD>
 void launch_apply(const View3& v, const scalar_t* dy, const ApplyCoefs<acc_t>& ac,
                   const at::Tensor& out, cudaStream_t stream) {
-  const int64_t numel = out.numel();
-  if (numel == 0) return;
-  constexpr int VV = vec_size<scalar_t>();
+  if (out.numel() == 0) return;
+  constexpr int V = vec_size<scalar_t>();
   const scalar_t* x = v.x.const_data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
-  const bool vec = aligned16(x) && aligned16(o) && (!BWD || aligned16(dy));
-  const bool nsc = v.layout == Layout::NSC;
-  const bool small = numel < (int64_t(1) << 31) - 64;
-  auto go = [&](auto index_tag, auto nsc_tag, auto v_tag) {
-    using index_t = decltype(index_tag);
-    constexpr bool NSC = decltype(nsc_tag)::value;
-    constexpr int V = decltype(v_tag)::value;
-    const int64_t groups = numel / V;
-    const int64_t grid = bounded_grid(std::max<int64_t>((groups + kThreads - 1) / kThreads, 1));
-    apply_kernel<scalar_t, acc_t, index_t, NSC, BWD, V><<<grid, kThreads, 0, stream>>>(
-        x, dy, ac, o, static_cast<index_t>(numel), static_cast<index_t>(v.C), Div<index_t>(v.S),
-        Div<index_t>(v.C), Div<index_t>(v.S * v.C));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  auto with_v = [&](auto index_tag, auto nsc_tag) {
-    if (vec)
-      go(index_tag, nsc_tag, std::integral_constant<int, VV>{});
-    else
-      go(index_tag, nsc_tag, std::integral_constant<int, 1>{});
-  };
-  auto with_layout = [&](auto index_tag) {
-    if (nsc)
-      with_v(index_tag, std::true_type{});
-    else
-      with_v(index_tag, std::false_type{});
-  };
-  if (small)
-    with_layout(uint32_t{});
-  else
-    with_layout(int64_t{});
+  // NCS rows realign per row when x, dy and out share their 16-byte phase; NSC needs all aligned
+  const bool vec_ok = v.layout == Layout::NCS
+                          ? same_phase16(x, o) && (!BWD || same_phase16(x, dy))
+                          : aligned16(x) && aligned16(o) && (!BWD || aligned16(dy));
+  const PassPlan pl = plan_pass<scalar_t>(v, vec_ok);
+  if (!pl.nsc) {
+    const int64_t rows = v.N * v.C;
+#define L2BN_APPLY_NCS(T)                                                               \
+  launch_wave(&apply_ncs_kernel<scalar_t, acc_t, T, BWD>, pl.blocks, stream, x, dy, ac, o,     \
+              rows, v.S, pl.splits, pl.seg_len, vec_ok)
+    switch (pl.team) {
+      case 4: L2BN_APPLY_NCS(4); break;
+      case 8: L2BN_APPLY_NCS(8); break;
+      case 16: L2BN_APPLY_NCS(16); break;
+      case 32: L2BN_APPLY_NCS(32); break;
+      default: L2BN_APPLY_NCS(kThreads); break;
+    }
+#undef L2BN_APPLY_NCS
+  } else if (pl.vec == V) {
+    launch_wave(&apply_nsc_kernel<scalar_t, acc_t, V, BWD>, pl.blocks, stream, x, dy, ac, o, v.N,
+                v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
+  } else {
+    launch_wave(&apply_nsc_kernel<scalar_t, acc_t, 1, BWD>, pl.blocks, stream, x, dy, ac, o, v.N,
+                v.C, v.S, pl.tc, pl.ctiles, pl.splits, pl.seg_len);
+  }
 }
 
 // ------------------------------------------------------------------------------- op bodies
@@ -1192,8 +1254,7 @@ at::Tensor run_sums(const Common& k, const at::Tensor& dy, const at::Tensor& sav
   const scalar_t* dp = dy.const_data_ptr<scalar_t>();
   const scalar_t* xp = v.x.const_data_ptr<scalar_t>();
   // NCS rows realign per row when x and dy share their 16-byte phase; NSC needs both aligned
-  const bool same_phase = (reinterpret_cast<uintptr_t>(xp) - reinterpret_cast<uintptr_t>(dp)) % 16 == 0;
-  const bool vec_ok = v.layout == Layout::NCS ? same_phase : aligned16(xp) && aligned16(dp);
+  const bool vec_ok = v.layout == Layout::NCS ? same_phase16(xp, dp) : aligned16(xp) && aligned16(dp);
   pl = plan_pass<scalar_t>(v, vec_ok);
   at::Tensor partial;
   if (v.N * v.C == 0 || v.S == 0) {
@@ -1362,7 +1423,7 @@ Bwd grad_finish_cuda(const at::Tensor& dy_in, const at::Tensor& x,
 }  // namespace l2bn
 }  // namespace normkernels
 
-TORCH_LIBRARY_IMPL(normkernels, CUDA, m) {
+TORCH_LIBRARY_IMPL(NORMKERNELS_LIBRARY, NORMKERNELS_CUDA_KEY, m) {
   m.impl("l2bn_forward", &normkernels::l2bn::forward_cuda);
   m.impl("l2bn_backward", &normkernels::l2bn::backward_cuda);
   m.impl("l2bn_stats", &normkernels::l2bn::stats_cuda);

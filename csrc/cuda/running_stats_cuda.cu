@@ -3,12 +3,11 @@
 // between), so f = 1 / (count + 1) needs no host sync and no second launch.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../common.h"
 #include "../running_stats.h"
+#include "launch.h"
 
 namespace normkernels {
 namespace running_stats {
@@ -46,11 +45,10 @@ void launch(const Args& a, double momentum, double unbias, cudaStream_t stream) 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.var.scalar_type(), "running_stats", [&] {
     using buf_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(a.batch_var.scalar_type(), "running_stats", [&] {
-      update_kernel<opmath_t, buf_t, scalar_t, buf_t, scalar_t><<<1, kThreads, 0, stream>>>(
-          a.mean.data_ptr<buf_t>(), a.batch_mean.const_data_ptr<scalar_t>(), a.mean.numel(),
-          a.var.data_ptr<buf_t>(), a.batch_var.const_data_ptr<scalar_t>(), a.var.numel(), count,
-          momentum, unbias);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(&update_kernel<opmath_t, buf_t, scalar_t, buf_t, scalar_t>, 1, kThreads, stream,
+                   a.mean.data_ptr<buf_t>(), a.batch_mean.const_data_ptr<scalar_t>(),
+                   a.mean.numel(), a.var.data_ptr<buf_t>(), a.batch_var.const_data_ptr<scalar_t>(),
+                   a.var.numel(), count, momentum, unbias);
     });
   });
 }
@@ -75,6 +73,6 @@ void update_cuda(const at::Tensor& running_mean, const at::Tensor& running_var,
 }  // namespace running_stats
 }  // namespace normkernels
 
-TORCH_LIBRARY_IMPL(normkernels, CUDA, m) {
+TORCH_LIBRARY_IMPL(NORMKERNELS_LIBRARY, NORMKERNELS_CUDA_KEY, m) {
   m.impl("running_stats_update_", &normkernels::running_stats::update_cuda);
 }
