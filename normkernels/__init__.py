@@ -13,6 +13,7 @@ statistics for DDP: normkernels.distributed.convert_sync. Importing normkernels 
 torch's and timm's BatchNorm converters see its layers (normkernels/_frameworks.py).
 """
 from . import functional
+from .ops import decompositions as _decompositions  # noqa: F401  (export/ONNX: eval ops -> aten)
 from ._backend import backends
 from .convert import (convert_bn_to_l2bn, freeze, fuse_bn_sbn, fuse_norm_act, insert_sbn, recalibrate, unfreeze,
                       unfuse_bn_sbn)

@@ -1,0 +1,259 @@
+"""Decompositions of the eval forward ops into plain aten ops (torch.export, ONNX; issue #17).
+
+In eval every layer is an elementwise map with per-channel coefficients (DESIGN.md section 7):
+
+  L2BN     y = act(k_c (x / r_n - mu_c) + beta_c)          r_n = max(||x_n||, l2_eps) (/ sqrt(D))
+  SBN      y = act(a_c x + [h == 0] ([w == 0] u_c + v_c Pi0[w]))          (DESIGN.md section 2)
+  BN+SBN   the same with x replaced by BN's affine p_c x + q_c
+
+so ``torch.export.export(model.eval(), ...).run_decompositions()`` can give only aten ops, and the
+saved program runs where normkernels is not installed.
+
+Mechanism: a Python CompositeImplicitAutograd kernel on each forward OpOverload
+(``op.py_impl(DispatchKey.CompositeImplicitAutograd)``). Why this one:
+  * export's default table (torch.export.default_decompositions(), also the base of the ONNX
+    exporter's table) is a fixed list of aten decompositions plus every functional op with a CIA
+    kernel, custom namespaces included (CustomDecompTable.materialize, torch 2.6 and later). A
+    register_decomposition into torch._decomp's global table is NOT in it (only the ONNX exporter
+    reads that table), so plain run_decompositions() would keep the ops.
+  * The kernel lives only in the Python dispatcher (py_kernels): the C++ dispatch table is
+    untouched, so eager calls, autograd and CUDA dispatch keep the compiled kernels; a C++ /
+    torch.library CIA kernel would also fill dispatch keys that have no kernel (CUDA without the
+    CUDA build, Meta, ...) and change eager behaviour there.
+  * torch.export keeps the ops in its first (pre-dispatch) graph, as for any custom op, so a user
+    who wants them (a backend with these kernels) deletes them from the table:
+        table = torch.export.default_decompositions(); del table[torch.ops.normkernels.sbn_forward.default]
+  * The kernels answer NotImplemented ("do not decompose": proxy, fake and functional modes all
+    read it that way) outside export and for training calls (mean None): torch.compile keeps the
+    ops and their fake kernels, and a training-mode export keeps the ops rather than fold a batch
+    statistic into a constant formula.
+The alternative of switching the module's eval path to these formulas while exporting would also
+work, but then no exported graph could keep the ops, and every entry point (functional, modules,
+direct op calls) would need the switch.
+
+The formulas compute in the accumulation dtype (float32 for float16/bfloat16/float32 inputs,
+float64 for float64), not the oracle's float64 finalize: deployment runtimes (TensorRT, CoreML,
+many ONNX execution providers) lack float64. SBN's running mean reaches the ops as its real
+(C, 2) [re, im] view and is read with real indexing only (ONNX has no complex tensors). The
+returned statistics and ``saved`` have the ops' shapes and dtypes; ``saved`` is read only by the
+backward, so in an inference graph it is dead code that export eliminates.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import l2bn as _l2bn
+from . import sbn as _sbn
+from ._act import act_forward
+
+__all__ = ["l2bn_eval", "sbn_eval", "bnsbn_eval", "pi_row", "DECOMPOSED_OPS", "register"]
+
+_CIA = torch._C.DispatchKey.CompositeImplicitAutograd
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _vec(t: Optional[Tensor], default: float, like: Tensor) -> Tensor:
+    """A (C,) parameter in like's dtype, or the constant default where it is absent."""
+    return torch.full_like(like, default) if t is None else t.to(like.dtype)
+
+
+def _chan(t: Tensor, ndim: int) -> Tensor:
+    """(C,) -> broadcastable against (N, C, *spatial)."""
+    return t.view((1, -1) + (1,) * (ndim - 2))
+
+
+# --------------------------------------------------------------------------------------- L2BN
+def l2bn_eval(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+              var: Tensor, eps: float, l2_eps: float, rescale: bool, act: str, act_param: float
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """normkernels::l2bn_forward with given statistics, in aten ops: (y, mean, var, saved).
+
+    The per-sample scale is the oracle's (l2bn.py stats_pass_torch and _sample_scale: the norm
+    from per-row means and centered sums, clamped at l2_eps), then BN's affine with the running
+    statistics, pre = x_coef (x - center) + offset as the kernels apply it."""
+    n, c = x.shape[0], x.shape[1]
+    acc = _acc(x)
+    xa = x.to(acc)
+    s = math.prod(x.shape[2:])
+    center, m2 = _l2bn.stats_pass_torch(x)                   # (N, C) acc each
+    r, inv_r, nrm = _l2bn._sample_scale(center, m2, s, l2_eps, rescale)
+    mu, v = mean.to(acc), var.to(acc)
+    inv_s = torch.rsqrt(v + eps)
+    k = inv_s * _vec(weight, 1.0, inv_s)
+    cen = center * inv_r[:, None] - mu                       # (N, C): mean of u_n minus mu
+    x_coef = k * inv_r[:, None]
+    offset = k * cen + _vec(bias, 0.0, inv_s)
+    nd = x.dim()
+    view = (n, c) + (1,) * (nd - 2)
+    pre = (xa - center.view(view)) * x_coef.view(view) + offset.view(view)
+    y = act_forward(pre, act, act_param).to(x.dtype)
+    n_all = torch.full((1,), n, dtype=acc, device=x.device)
+    saved = torch.cat([center.reshape(-1), m2.reshape(-1), x_coef.reshape(-1), offset.reshape(-1),
+                       cen.reshape(-1), r, nrm, inv_s, n_all])
+    return y, mu.clone(), v.clone(), saved
+
+
+# --------------------------------------------------------------------------------------- SBN
+def pi_row(W: int, dtype: torch.dtype, device) -> Tensor:
+    """Pi[0, :] = irfft2(1j * ones(H, W//2 + 1), s=(H, W))[0, :], in aten ops: irfft drops the
+    imaginary part of the self-conjugate columns l = 0 and l = W/2 and doubles the others, so
+    Pi[0, w] = -(2/W) sum_{l=1}^{(W-1)//2} sin(2 pi (l w mod W) / W). Built from arange, not
+    from a tensor constant (a decomposition cannot add constants to an exported program); the
+    integer mod keeps sin's argument below 2 pi, so float32 gives ~1e-7.
+    (ops/sbn.py row_consts derives the same row with torch.fft; the tests compare them.)"""
+    L = (W - 1) // 2
+    w = torch.arange(W, device=device)
+    if L == 0:
+        return torch.zeros(W, dtype=dtype, device=device)
+    lw = (torch.arange(1, L + 1, device=device)[:, None] * w[None, :]) % W
+    return torch.sin(lw.to(dtype) * (2.0 * math.pi / W)).sum(0) * (-2.0 / W)
+
+
+def _sbn_terms(a: Tensor, u: Tensor, v: Tensor, x: Tensor) -> Tensor:
+    """The additive row-0 pattern of SBN, (C, W) -> (1, C, 1, W) to add to row h = 0:
+    [w == 0] u + v Pi0[w] (Pr is the delta at (0, 0))."""
+    W = x.shape[3]
+    pi = pi_row(W, a.dtype, x.device)
+    delta = (torch.arange(W, device=x.device) == 0).to(a.dtype)
+    return (u[:, None] * delta + v[:, None] * pi)[None, :, None, :]
+
+
+def _sbn_apply(xa: Tensor, scale: Tensor, shift: Tensor, row0: Tensor) -> Tensor:
+    """scale_c x + shift_c, plus row0 on row h = 0 (concatenated, not written in place: the
+    graph stays free of index_put / scatter)."""
+    pre = xa * _chan(scale, 4) + _chan(shift, 4)
+    return torch.cat([pre[:, :, :1, :] + row0, pre[:, :, 1:, :]], dim=2)
+
+
+def _sbn_coefs(x: Tensor, weight, bias, mean: Tensor, var: Tensor, eps: float, fft_norm: str,
+               acc: torch.dtype):
+    """SBN's eval coefficients from running statistics stored in the fft_norm scale (ops/sbn.py
+    docstring: the m-normalized layer is the "backward" formulas with gamma h, beta h, eps/f^2,
+    h = 1/f): a = gamma / sqrt(var_m + eps), u = (beta - a Re mu_m)/f, v = -a Im mu_m / f.
+    Returns (a, u, v, mr, mi, s) with mr, mi, s in the "backward" scale (saved's columns)."""
+    H, W = x.shape[2], x.shape[3]
+    f = _sbn.fft_scale(fft_norm, H, W)
+    m = mean.to(acc)
+    vm = var.to(acc)
+    a = _vec(weight, 1.0, vm) * torch.rsqrt(vm + eps)
+    u = (_vec(bias, 0.0, vm) - a * m[:, 0]) / f
+    v = -a * m[:, 1] / f
+    return a, u, v, m[:, 0] / f, m[:, 1] / f, torch.sqrt(vm + eps) / f
+
+
+def _n_col(x: Tensor, like: Tensor) -> Tensor:
+    return torch.full_like(like, 1.0) * x.shape[0]
+
+
+def sbn_eval(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+             var: Tensor, eps: float, fft_norm: str, act: str, act_param: float
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """normkernels::sbn_forward with given statistics (mean (C, 2) [re, im]), in aten ops:
+    (y, mean, var, saved (C, 10) float64 [K, cx, b, u, v, mr, mi, s, a, N] with K = b = 0)."""
+    acc = _acc(x)
+    a, u, v, mr, mi, s = _sbn_coefs(x, weight, bias, mean, var, eps, fft_norm, acc)
+    y = act_forward(_sbn_apply(x.to(acc), a, torch.zeros_like(a), _sbn_terms(a, u, v, x)), act,
+                    act_param).to(x.dtype)
+    z = torch.zeros_like(a)
+    saved = torch.stack([z, a, z, u, v, mr, mi, s, a, _n_col(x, a)], 1).to(torch.float64)
+    return y, mean.to(acc, copy=True), var.to(acc, copy=True), saved
+
+
+def bnsbn_eval(x: Tensor, bn_weight, bn_bias, bn_mean: Tensor, bn_var: Tensor, sbn_weight,
+               sbn_bias, sbn_mean: Tensor, sbn_var: Tensor, bn_eps: float, sbn_eps: float,
+               fft_norm: str, act: str, act_param: float):
+    """normkernels::bnsbn_forward with given statistics, in aten ops: BN's affine z = p x + q,
+    then SBN of z, folded into one scale and shift: y = act(a p x + a q + row-0 pattern).
+    Returns (y, bn_mean, bn_var, sbn_mean, sbn_var, saved (C, 26) float64: the columns the
+    eval oracle fills, the batch sums zero)."""
+    acc = _acc(x)
+    mb, vb = bn_mean.to(acc), bn_var.to(acc)
+    sd = torch.sqrt(vb + bn_eps)
+    p = _vec(bn_weight, 1.0, vb) / sd
+    q = _vec(bn_bias, 0.0, vb) - p * mb
+    a, u, v, mr, mi, s = _sbn_coefs(x, sbn_weight, sbn_bias, sbn_mean, sbn_var, sbn_eps, fft_norm,
+                                    acc)
+    y = act_forward(_sbn_apply(x.to(acc), a * p, a * q, _sbn_terms(a, u, v, x)), act,
+                    act_param).to(x.dtype)
+    # saved as ops/sbn.py _torch_bnsbn_eval lays it out: shift K = BN's mean, Kz = BN's bias
+    kz = _vec(bn_bias, 0.0, vb)
+    b = a * kz
+    z6 = torch.zeros((x.shape[1], 12), dtype=acc, device=x.device)
+    head = torch.stack([mb, a * p, b, u + b, v, p, sd, kz, mr, mi, s, a, mb, _n_col(x, a)], 1)
+    saved = torch.cat([head, z6], 1).to(torch.float64)
+    return (y, bn_mean.to(acc, copy=True), bn_var.to(acc, copy=True),
+            sbn_mean.to(acc, copy=True), sbn_var.to(acc, copy=True), saved)
+
+
+def _fft_eval(x, weight, bias, mean, var, eps, fft_norm, backend):
+    """normkernels::sbn_fft_forward (the literal path; no activation) in eval: the same layer."""
+    y, m, v, _ = sbn_eval(x, weight, bias, mean, var, eps, fft_norm, "identity", 0.0)
+    return y, m, v
+
+
+# --------------------------------------------------------------------------------------- registration
+def _eval_only(formula, stat_index: int):
+    """The CIA kernel: the formula while exporting with given statistics, else NotImplemented
+    (keep the op; see the module docstring)."""
+    def kernel(*args, **kwargs):
+        if kwargs or args[stat_index] is None or not torch.compiler.is_exporting():
+            return NotImplemented
+        return formula(*args)
+    kernel.__name__ = formula.__name__ + "_decomposition"
+    return kernel
+
+
+DECOMPOSED_OPS: list = []
+
+# The autograd keys of the devices these ops run on; see _autograd_hook.
+_AUTOGRAD_KEYS = tuple(getattr(torch._C.DispatchKey, k) for k in
+                       ("AutogradCPU", "AutogradCUDA", "AutogradMeta", "AutogradXPU", "AutogradMPS")
+                       if hasattr(torch._C.DispatchKey, k))
+
+
+def _autograd_hook(op, key):
+    """The op's kernel for an autograd key in the Python dispatcher (active only while tracing):
+    apply whatever CIA kernel run_decompositions has installed (ours, or its "preserve" marker
+    where the user deleted the op from the table), else the compiled autograd kernel.
+
+    Needed because torch (2.13) decomposes a custom op's CIA kernel only where autograd itself
+    would have (no kernel for the device: proxy_tensor's autograd_would_have_decomposed), and
+    these ops have CPU / CUDA kernels. Decomposing at the autograd key, above functionalization
+    and the tracer, is where run_decompositions decomposes aten's CIA ops too. The first export
+    graph still records the op: pre-dispatch tracing takes it at the PreDispatch key, above this
+    one (here it only computes the output metadata)."""
+    def kernel(*args, **kwargs):
+        out = op.decompose(*args, **kwargs) if torch.compiler.is_exporting() else NotImplemented
+        if out is NotImplemented:
+            return op._op_dk(key, *args, **kwargs)
+        return out
+    return kernel
+
+
+def register() -> None:
+    """Attach the decompositions to every forward op that exists (idempotent)."""
+    o = torch.ops.normkernels
+    table = [("torch_l2bn_forward", l2bn_eval, 3), ("torch_sbn_forward", sbn_eval, 3),
+             ("torch_bnsbn_forward", bnsbn_eval, 3), ("sbn_fft_forward", _fft_eval, 3)]
+    if _l2bn._EXT:
+        table.append(("l2bn_forward", l2bn_eval, 3))
+    if _sbn._HAS_C:
+        table += [("sbn_forward", sbn_eval, 3), ("bnsbn_forward", bnsbn_eval, 3)]
+    for name, formula, stat_index in table:
+        op = getattr(o, name).default
+        if op in DECOMPOSED_OPS:
+            continue
+        op.py_impl(_CIA)(_eval_only(formula, stat_index))
+        for key in _AUTOGRAD_KEYS:
+            op.py_impl(key)(_autograd_hook(op, key))
+        DECOMPOSED_OPS.append(op)
+
+
+register()
