@@ -9,27 +9,29 @@ In eval every layer is an elementwise map with per-channel coefficients (DESIGN.
 so ``torch.export.export(model.eval(), ...).run_decompositions()`` can give only aten ops, and the
 saved program runs where normkernels is not installed.
 
-Mechanism: a Python CompositeImplicitAutograd kernel on each forward OpOverload
-(``op.py_impl(DispatchKey.CompositeImplicitAutograd)``). Why this one:
-  * export's default table (torch.export.default_decompositions(), also the base of the ONNX
-    exporter's table) is a fixed list of aten decompositions plus every functional op with a CIA
-    kernel, custom namespaces included (CustomDecompTable.materialize, torch 2.6 and later). A
-    register_decomposition into torch._decomp's global table is NOT in it (only the ONNX exporter
-    reads that table), so plain run_decompositions() would keep the ops.
-  * The kernel lives only in the Python dispatcher (py_kernels): the C++ dispatch table is
-    untouched, so eager calls, autograd and CUDA dispatch keep the compiled kernels; a C++ /
-    torch.library CIA kernel would also fill dispatch keys that have no kernel (CUDA without the
-    CUDA build, Meta, ...) and change eager behaviour there.
-  * torch.export keeps the ops in its first (pre-dispatch) graph, as for any custom op, so a user
-    who wants them (a backend with these kernels) deletes them from the table:
-        table = torch.export.default_decompositions(); del table[torch.ops.normkernels.sbn_forward.default]
-  * The kernels answer NotImplemented ("do not decompose": proxy, fake and functional modes all
-    read it that way) outside export and for training calls (mean None): torch.compile keeps the
-    ops and their fake kernels, and a training-mode export keeps the ops rather than fold a batch
-    statistic into a constant formula.
-The alternative of switching the module's eval path to these formulas while exporting would also
-work, but then no exported graph could keep the ops, and every entry point (functional, modules,
-direct op calls) would need the switch.
+Mechanism: a kernel at each forward op's autograd keys (AutogradCPU, AutogradCUDA, ...) in the
+Python dispatcher, ``op.py_impl(DispatchKey.AutogradCPU)``, that while exporting
+(torch.compiler.is_exporting()) an eval call (statistics given) returns the formula in aten ops,
+and otherwise calls the op's compiled autograd kernel. Why this one:
+  * The Python dispatcher is active only while tracing: eager calls never see these kernels, and
+    the C++ dispatch table is untouched.
+  * torch.export records a custom op at the PreDispatch key, above autograd, so the exported
+    program keeps normkernels' ops (here the formula only computes the output metadata); the
+    retrace of run_decompositions() (with any table, the ONNX exporter's too) dispatches through
+    the autograd key, above functionalization and the tracer, and the ops become aten ops. That
+    is where run_decompositions decomposes aten's own CompositeImplicitAutograd ops.
+  * A CompositeImplicitAutograd kernel (the route for custom ops that export's default table
+    knows) does not work for ops with device kernels: torch 2.13 applies a custom op's CIA
+    kernel only where autograd would have (no kernel for the device), and inductor then sees the
+    op in its decomposition table and refuses to fall back to it ("both a fallback and a decomp
+    for same op"), so torch.compile would break. A register_decomposition into torch._decomp's
+    table reaches only the ONNX exporter, not run_decompositions()' default table.
+  * torch.compile sees no difference: outside export the kernel falls through to the compiled
+    autograd kernel, and training calls (mean None) always do (a batch statistic is not an eval
+    formula; a training-mode export keeps the op).
+  * Switching the modules' eval path to these formulas while exporting would also work, but no
+    exported graph could then keep the ops, and every entry point (modules, functional, the ops
+    called directly) would need the switch. To keep them here: ``with keep_ops(): ...``.
 
 The formulas compute in the accumulation dtype (float32 for float16/bfloat16/float32 inputs,
 float64 for float64), not the oracle's float64 finalize: deployment runtimes (TensorRT, CoreML,
@@ -40,6 +42,7 @@ backward, so in an inference graph it is dead code that export eliminates.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -50,9 +53,8 @@ from . import l2bn as _l2bn
 from . import sbn as _sbn
 from ._act import act_forward
 
-__all__ = ["l2bn_eval", "sbn_eval", "bnsbn_eval", "pi_row", "DECOMPOSED_OPS", "register"]
+__all__ = ["l2bn_eval", "sbn_eval", "bnsbn_eval", "pi_row", "keep_ops", "DECOMPOSED_OPS", "register"]
 
-_CIA = torch._C.DispatchKey.CompositeImplicitAutograd
 
 
 def _acc(x: Tensor) -> torch.dtype:
@@ -199,60 +201,59 @@ def _fft_eval(x, weight, bias, mean, var, eps, fft_norm, backend):
 
 
 # --------------------------------------------------------------------------------------- registration
-def _eval_only(formula, stat_index: int):
-    """The CIA kernel: the formula while exporting with given statistics, else NotImplemented
-    (keep the op; see the module docstring)."""
+_KEEP = [False]
+
+
+@contextlib.contextmanager
+def keep_ops():
+    """Within it, exports keep normkernels' ops (for a runtime that has these kernels, e.g. an
+    AOTInductor build linking normkernels._C): run_decompositions() leaves them as they are."""
+    _KEEP.append(True)
+    try:
+        yield
+    finally:
+        _KEEP.pop()
+
+
+# The autograd keys of the devices these ops run on (each op's compiled autograd kernel is
+# registered at the alias key Autograd, which covers them all).
+_AUTOGRAD_KEYS = tuple(getattr(torch._C.DispatchKey, k) for k in
+                       ("AutogradCPU", "AutogradCUDA", "AutogradMeta", "AutogradXPU", "AutogradMPS")
+                       if hasattr(torch._C.DispatchKey, k))
+_AUTOGRAD = torch._C.DispatchKey.Autograd
+
+
+def _autograd_kernel(op, formula):
+    """The op's Python-dispatcher kernel at an autograd key: the eval formula while exporting,
+    else the compiled autograd kernel (see the module docstring)."""
     def kernel(*args, **kwargs):
-        if kwargs or args[stat_index] is None or not torch.compiler.is_exporting():
-            return NotImplemented
-        return formula(*args)
-    kernel.__name__ = formula.__name__ + "_decomposition"
+        if (not kwargs and args[3] is not None and not _KEEP[-1]
+                and torch.compiler.is_exporting()):
+            return formula(*args)
+        return op._op_dk(_AUTOGRAD, *args, **kwargs)
+    kernel.__name__ = f"{formula.__name__}_when_exporting"
     return kernel
 
 
 DECOMPOSED_OPS: list = []
 
-# The autograd keys of the devices these ops run on; see _autograd_hook.
-_AUTOGRAD_KEYS = tuple(getattr(torch._C.DispatchKey, k) for k in
-                       ("AutogradCPU", "AutogradCUDA", "AutogradMeta", "AutogradXPU", "AutogradMPS")
-                       if hasattr(torch._C.DispatchKey, k))
-
-
-def _autograd_hook(op, key):
-    """The op's kernel for an autograd key in the Python dispatcher (active only while tracing):
-    apply whatever CIA kernel run_decompositions has installed (ours, or its "preserve" marker
-    where the user deleted the op from the table), else the compiled autograd kernel.
-
-    Needed because torch (2.13) decomposes a custom op's CIA kernel only where autograd itself
-    would have (no kernel for the device: proxy_tensor's autograd_would_have_decomposed), and
-    these ops have CPU / CUDA kernels. Decomposing at the autograd key, above functionalization
-    and the tracer, is where run_decompositions decomposes aten's CIA ops too. The first export
-    graph still records the op: pre-dispatch tracing takes it at the PreDispatch key, above this
-    one (here it only computes the output metadata)."""
-    def kernel(*args, **kwargs):
-        out = op.decompose(*args, **kwargs) if torch.compiler.is_exporting() else NotImplemented
-        if out is NotImplemented:
-            return op._op_dk(key, *args, **kwargs)
-        return out
-    return kernel
-
 
 def register() -> None:
-    """Attach the decompositions to every forward op that exists (idempotent)."""
+    """Attach the decompositions to every forward op that exists (idempotent). Argument 3 of
+    each op is its (first) running mean: None in training."""
     o = torch.ops.normkernels
-    table = [("torch_l2bn_forward", l2bn_eval, 3), ("torch_sbn_forward", sbn_eval, 3),
-             ("torch_bnsbn_forward", bnsbn_eval, 3), ("sbn_fft_forward", _fft_eval, 3)]
+    table = [("torch_l2bn_forward", l2bn_eval), ("torch_sbn_forward", sbn_eval),
+             ("torch_bnsbn_forward", bnsbn_eval), ("sbn_fft_forward", _fft_eval)]
     if _l2bn._EXT:
-        table.append(("l2bn_forward", l2bn_eval, 3))
+        table.append(("l2bn_forward", l2bn_eval))
     if _sbn._HAS_C:
-        table += [("sbn_forward", sbn_eval, 3), ("bnsbn_forward", bnsbn_eval, 3)]
-    for name, formula, stat_index in table:
+        table += [("sbn_forward", sbn_eval), ("bnsbn_forward", bnsbn_eval)]
+    for name, formula in table:
         op = getattr(o, name).default
         if op in DECOMPOSED_OPS:
             continue
-        op.py_impl(_CIA)(_eval_only(formula, stat_index))
         for key in _AUTOGRAD_KEYS:
-            op.py_impl(key)(_autograd_hook(op, key))
+            op.py_impl(key)(_autograd_kernel(op, formula))
         DECOMPOSED_OPS.append(op)
 
 
