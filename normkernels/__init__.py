@@ -21,10 +21,10 @@ from .modules import (BatchNormSBN2d, BatchNormSBNAct2d, FreshStateWarning, L2Ba
                       L2BatchNormAct2d, NormThenSBN2d, SpectralBatchNorm2d, SpectralBatchNormAct2d)
 from . import distributed  # noqa: E402  (after the modules it wraps)
 from . import _frameworks
+from .version import __version__
 
 _frameworks.install()
 
-__version__ = "0.1.0"
 __all__ = [
     "L2BatchNorm1d", "L2BatchNorm2d", "SpectralBatchNorm2d", "BatchNormSBN2d", "NormThenSBN2d",
     "L2BatchNormAct2d", "SpectralBatchNormAct2d", "BatchNormSBNAct2d", "FreshStateWarning",
