@@ -56,7 +56,6 @@ from ._act import act_forward
 __all__ = ["l2bn_eval", "sbn_eval", "bnsbn_eval", "pi_row", "keep_ops", "DECOMPOSED_OPS", "register"]
 
 
-
 def _acc(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -187,9 +186,9 @@ def bnsbn_eval(x: Tensor, bn_weight, bn_bias, bn_mean: Tensor, bn_var: Tensor, s
     # saved as ops/sbn.py _torch_bnsbn_eval lays it out: shift K = BN's mean, Kz = BN's bias
     kz = _vec(bn_bias, 0.0, vb)
     b = a * kz
-    z6 = torch.zeros((x.shape[1], 12), dtype=acc, device=x.device)
     head = torch.stack([mb, a * p, b, u + b, v, p, sd, kz, mr, mi, s, a, mb, _n_col(x, a)], 1)
-    saved = torch.cat([head, z6], 1).to(torch.float64)
+    batch_sums = torch.zeros((x.shape[1], 12), dtype=acc, device=x.device)
+    saved = torch.cat([head, batch_sums], 1).to(torch.float64)
     return (y, bn_mean.to(acc, copy=True), bn_var.to(acc, copy=True),
             sbn_mean.to(acc, copy=True), sbn_var.to(acc, copy=True), saved)
 
