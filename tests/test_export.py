@@ -307,13 +307,17 @@ def test_ops_can_be_kept_and_training_calls_are_not_decomposed():
     with D.keep_ops():
         assert "normkernels.sbn_forward.default" in _non_aten(ep.run_decompositions().graph_module)
     assert _non_aten(ep.run_decompositions().graph_module) == []
+    with torch.inference_mode():  # no autograd keys: the decomposition must not depend on them
+        assert _non_aten(torch.export.export(m, (x,)).run_decompositions().graph_module) == []
     ep_train = torch.export.export(m.train(), (x,))
     assert "normkernels.sbn_forward.default" in _non_aten(ep_train.run_decompositions().graph_module)
 
 
 def test_decompositions_leave_the_dispatch_table_alone():
-    """They live in the Python dispatcher (active only while tracing): no kernel is added to the
-    C++ dispatch table, so eager calls, autograd and torch.compile reach the compiled kernels."""
+    """They are kernels for export's tracer in the Python dispatcher (active only while
+    tracing): no kernel is added to the C++ dispatch table, so eager calls, autograd and
+    torch.compile reach the compiled kernels (tests/test_sbn_cpp.py and test_l2bn_ops.py
+    compile them with inductor)."""
     for op in D.DECOMPOSED_OPS:
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")
         assert torch.compiler.is_exporting() is False

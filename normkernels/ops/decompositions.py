@@ -9,26 +9,26 @@ In eval every layer is an elementwise map with per-channel coefficients (DESIGN.
 so ``torch.export.export(model.eval(), ...).run_decompositions()`` can give only aten ops, and the
 saved program runs where normkernels is not installed.
 
-Mechanism: a kernel at each forward op's autograd keys (AutogradCPU, AutogradCUDA, ...) in the
-Python dispatcher, ``op.py_impl(DispatchKey.AutogradCPU)``, that while exporting
-(torch.compiler.is_exporting()) an eval call (statistics given) returns the formula in aten ops,
-and otherwise calls the op's compiled autograd kernel. Why this one:
-  * The Python dispatcher is active only while tracing: eager calls never see these kernels, and
-    the C++ dispatch table is untouched.
-  * torch.export records a custom op at the PreDispatch key, above autograd, so the exported
-    program keeps normkernels' ops (here the formula only computes the output metadata); the
-    retrace of run_decompositions() (with any table, the ONNX exporter's too) dispatches through
-    the autograd key, above functionalization and the tracer, and the ops become aten ops. That
-    is where run_decompositions decomposes aten's own CompositeImplicitAutograd ops.
+Mechanism: a kernel for the tracer of an export, ``op.py_impl(ProxyTorchDispatchMode)``: where the
+tracer meets one of these ops during the post-dispatch retrace of run_decompositions() (any table,
+the ONNX exporter's too) and the call is an eval call (statistics given), it traces the formula
+instead of recording the op; everywhere else it records the op as usual. Why this one:
+  * torch.export.export's own graph is traced pre-dispatch (mode.pre_dispatch), where the op is
+    recorded, so the exported program keeps normkernels' ops like any custom op; only
+    run_decompositions() turns them into aten ops.
+  * It holds under every grad mode (the tracer sees the op under torch.inference_mode() too,
+    where autograd keys are skipped), and nothing else changes: the Python dispatcher that
+    consults it is active only while tracing (eager never sees it, the C++ dispatch table is
+    untouched), and torch.compile's tracer (not exporting) records the op as before.
   * A CompositeImplicitAutograd kernel (the route for custom ops that export's default table
     knows) does not work for ops with device kernels: torch 2.13 applies a custom op's CIA
-    kernel only where autograd would have (no kernel for the device), and inductor then sees the
-    op in its decomposition table and refuses to fall back to it ("both a fallback and a decomp
-    for same op"), so torch.compile would break. A register_decomposition into torch._decomp's
-    table reaches only the ONNX exporter, not run_decompositions()' default table.
-  * torch.compile sees no difference: outside export the kernel falls through to the compiled
-    autograd kernel, and training calls (mean None) always do (a batch statistic is not an eval
-    formula; a training-mode export keeps the op).
+    kernel only where autograd would have (no kernel for the device), and inductor then finds
+    the op in its decomposition table and refuses to fall back to it ("both a fallback and a
+    decomp for same op"): torch.compile breaks. register_decomposition into torch._decomp's
+    table reaches only the ONNX exporter, not run_decompositions()' default table. A kernel at
+    the autograd keys works but misses inference_mode.
+  * Training calls (mean None) are recorded as the op (a batch statistic is no eval formula;
+    a training-mode export keeps the ops).
   * Switching the modules' eval path to these formulas while exporting would also work, but no
     exported graph could then keep the ops, and every entry point (modules, functional, the ops
     called directly) would need the switch. To keep them here: ``with keep_ops(): ...``.
@@ -48,6 +48,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
 
 from . import l2bn as _l2bn
 from . import sbn as _sbn
@@ -214,22 +215,16 @@ def keep_ops():
         _KEEP.pop()
 
 
-# The autograd keys of the devices these ops run on (each op's compiled autograd kernel is
-# registered at the alias key Autograd, which covers them all).
-_AUTOGRAD_KEYS = tuple(getattr(torch._C.DispatchKey, k) for k in
-                       ("AutogradCPU", "AutogradCUDA", "AutogradMeta", "AutogradXPU", "AutogradMPS")
-                       if hasattr(torch._C.DispatchKey, k))
-_AUTOGRAD = torch._C.DispatchKey.Autograd
-
-
-def _autograd_kernel(op, formula):
-    """The op's Python-dispatcher kernel at an autograd key: the eval formula while exporting,
-    else the compiled autograd kernel (see the module docstring)."""
-    def kernel(*args, **kwargs):
-        if (not kwargs and args[3] is not None and not _KEEP[-1]
+def _tracer_kernel(op, formula):
+    """The op's kernel for ProxyTorchDispatchMode (called with the mode popped, as its
+    __torch_dispatch__ would be): the formula traced by that mode in an eval call of a
+    post-dispatch export trace, else the mode's own handling (record the op)."""
+    def kernel(mode, *args, **kwargs):
+        if (not kwargs and args[3] is not None and not _KEEP[-1] and not mode.pre_dispatch
                 and torch.compiler.is_exporting()):
-            return formula(*args)
-        return op._op_dk(_AUTOGRAD, *args, **kwargs)
+            with mode:
+                return formula(*args)
+        return mode.__torch_dispatch__(op, (), args, kwargs)
     kernel.__name__ = f"{formula.__name__}_when_exporting"
     return kernel
 
@@ -251,8 +246,7 @@ def register() -> None:
         op = getattr(o, name).default
         if op in DECOMPOSED_OPS:
             continue
-        for key in _AUTOGRAD_KEYS:
-            op.py_impl(key)(_autograd_kernel(op, formula))
+        op.py_impl(ProxyTorchDispatchMode)(_tracer_kernel(op, formula))
         DECOMPOSED_OPS.append(op)
 
 
