@@ -11,7 +11,7 @@ export MAX_JOBS ?= 2
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
 	@$(PYTHON) -c "import triton" 2>/dev/null || $(PIP) "triton>=3.6"
-	@$(PIP) setuptools wheel ninja numpy tqdm matplotlib scikit-learn pytest expecttest pytest-benchmark pyyaml pillow
+	@$(PIP) setuptools wheel ninja numpy tqdm matplotlib scikit-learn pytest expecttest pytest-benchmark pyyaml pillow onnx onnxscript onnxruntime build
 	@# torchvision + timm for tests/test_integration_*.py (their pure-Python model code; tests/model_zoo.py
 	@# imports torchvision's CUDA wheel on the CPU torch); --no-deps keeps the installed torch.
 	@$(PYTHON) -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('torchvision') and u.find_spec('timm')))" \

@@ -1,7 +1,9 @@
 """Build normkernels and its C++/CUDA extension normkernels._C.
 
-Install with `pip install --no-build-isolation -e .` so the build uses the torch already
-installed (an isolated build would fetch torch again).
+Install with `pip install --no-build-isolation .` (or `-e .`) so the build uses the torch already
+installed: the extension must be compiled against the torch it will run with, and an isolated
+build environment has no torch (pip would fetch another one, gigabytes, of another build). A
+build without torch stops at once with a message that says so; making an sdist needs no torch.
 
 The extension is always built from csrc/*.cpp + csrc/cpu/*.cpp + csrc/autograd/*.cpp;
 csrc/cuda/*.cu are added when
@@ -14,10 +16,29 @@ torch was built with CUDA and a CUDA toolkit is found (CUDA_HOME), or when force
 """
 import glob
 import os
+import re
+import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The commands that compile the extension (the others, sdist and metadata, need no torch).
+_BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "bdist", "bdist_egg", "install", "develop",
+                   "editable_wheel"}
+NO_TORCH = """normkernels: cannot build the C++ extension: torch is not importable in this build
+environment. pip builds in an isolated environment without your torch; build against the
+installed torch instead:
+
+    pip install --no-build-isolation .            (or: pip install --no-build-isolation -e .)
+    python -m build --wheel --no-isolation
+
+(torch>=2.11 must be installed first; NORMKERNELS_NO_EXT=1 builds a pure-PyTorch package.)"""
+
+
+def _version():
+    """normkernels/version.py's __version__, read as text (importing the package needs torch)."""
+    with open(os.path.join(ROOT, "normkernels", "version.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
 def _env_flag(name):
@@ -27,7 +48,12 @@ def _env_flag(name):
 def _ext_modules():
     if _env_flag("NORMKERNELS_NO_EXT"):
         return [], {}
-    import torch
+    try:
+        import torch
+    except ImportError:
+        if _BUILD_COMMANDS.intersection(sys.argv[1:]):
+            raise SystemExit(NO_TORCH) from None
+        return [], {}  # sdist / metadata only
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     def rel(pattern):
@@ -73,13 +99,13 @@ ext_modules, cmdclass = _ext_modules()
 
 setup(
     name="normkernels",
-    version="0.1.0",
+    version=_version(),
     description="Fused normalization layers for convolutional networks (L2BN, SBN, BN+SBN)",
     packages=find_packages(include=["normkernels", "normkernels.*"]),
     python_requires=">=3.10",
-    install_requires=["numpy"],
+    install_requires=["torch>=2.11", "numpy"],
     extras_require={
-        "test": ["pytest", "expecttest"],
+        "test": ["pytest", "expecttest", "onnx", "onnxscript", "onnxruntime", "build"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
         "study": ["scikit-learn", "matplotlib", "tqdm"],
     },

@@ -13,6 +13,7 @@ statistics for DDP: normkernels.distributed.convert_sync. Importing normkernels 
 torch's and timm's BatchNorm converters see its layers (normkernels/_frameworks.py).
 """
 from . import functional
+from .ops import decompositions as _decompositions  # noqa: F401  (export/ONNX: eval ops -> aten)
 from ._backend import backends
 from .convert import (convert_bn_to_l2bn, freeze, fuse_bn_sbn, fuse_norm_act, insert_sbn, recalibrate, unfreeze,
                       unfuse_bn_sbn)
@@ -20,10 +21,10 @@ from .modules import (BatchNormSBN2d, BatchNormSBNAct2d, FreshStateWarning, L2Ba
                       L2BatchNormAct2d, NormThenSBN2d, SpectralBatchNorm2d, SpectralBatchNormAct2d)
 from . import distributed  # noqa: E402  (after the modules it wraps)
 from . import _frameworks
+from .version import __version__
 
 _frameworks.install()
 
-__version__ = "0.1.0"
 __all__ = [
     "L2BatchNorm1d", "L2BatchNorm2d", "SpectralBatchNorm2d", "BatchNormSBN2d", "NormThenSBN2d",
     "L2BatchNormAct2d", "SpectralBatchNormAct2d", "BatchNormSBNAct2d", "FreshStateWarning",

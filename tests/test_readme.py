@@ -36,6 +36,26 @@ def test_ddp_example_runs_under_gloo_on_two_processes(tmp_path):
     assert "trained 2 processes: loss" in run.stdout
 
 
+def test_deploy_example_runs_and_its_files_load_without_normkernels(tmp_path, monkeypatch):
+    """The Deploy section's example as written; then model.pt2 runs in a process that never
+    imports normkernels, and model.onnx in onnxruntime, at another batch size."""
+    [block] = [b for b in python_blocks() if "torch.export.save" in b]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    check = (
+        "import sys, torch, onnxruntime as ort\n"
+        "x = torch.randn(3, 3, 64, 64)\n"
+        "y = torch.export.load('model.pt2').module()(x)\n"
+        "s = ort.InferenceSession('model.onnx', providers=['CPUExecutionProvider'])\n"
+        "z = s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]\n"
+        "assert 'normkernels' not in sys.modules and y.shape == z.shape\n"
+        "assert (y - torch.from_numpy(z)).abs().max() < 1e-4\n"
+        "print('deployed ok')\n")
+    run = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert run.returncode == 0 and "deployed ok" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+
+
 # ---------------------------------------------------------------- command line (#12.10)
 
 def test_help_lists_the_commands(capsys):
