@@ -147,16 +147,20 @@ def _norm_factors(fft_norm: str, H: int, W: int) -> tuple[float, float, float, f
 def _row_consts(W: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(3, W) [Re D, Im D, Pi[0, :]] in ``dtype`` on ``device``, cached: D(w) = sum_{l < Wr}
     exp(-2 pi i l w / W) (the DFT of the indicator of l < Wr), Pi[0, :] = irfft(1j * ones(Wr), W)
-    (Pr[0, :] = irfft(ones) = delta_w0 is used as such by the kernels)."""
+    = -(2/W) sum_{0 < l < W/2} sin(2 pi l w / W) (irfft drops the imaginary parts of the bins l = 0
+    and l = W/2). Pr[0, :] = irfft(ones) = delta_w0 is used as such by the kernels. Computed on
+    the device itself (no copy from pageable host memory: a first call may run inside CUDA graph
+    capture); tests/test_sbn_triton.py checks them against the oracle's torch.fft derivation."""
     key = (W, str(device), dtype)
     hit = _CONSTS.get(key)
     if hit is None:
         Wr = W // 2 + 1
-        ind = torch.zeros(W, dtype=torch.complex128)
-        ind[:Wr] = 1.0
-        D = torch.fft.fft(ind)
-        pi = torch.fft.irfft(1j * torch.ones(Wr, dtype=torch.complex128), n=W)
-        hit = torch.stack([D.real, D.imag, pi]).to(device=device, dtype=dtype).contiguous()
+        lw = torch.outer(torch.arange(W, device=device), torch.arange(Wr, device=device)) % W
+        angle = (2 * math.pi / W) * lw.to(torch.float64)                          # (W, Wr), in [0, 2 pi)
+        re_d, im_d = angle.cos().sum(1), -angle.sin().sum(1)
+        inner = angle[:, 1:(W + 1) // 2]                                         # 0 < l < W/2
+        pi = -(2.0 / W) * inner.sin().sum(1)
+        hit = torch.stack([re_d, im_d, pi]).to(dtype).contiguous()
         _CONSTS[key] = hit
     return hit
 
