@@ -62,7 +62,10 @@ def check_running(running_mean, running_var, training: bool, layer: str) -> None
     if running_mean.requires_grad or running_var.requires_grad:  # as F.batch_norm refuses them
         raise RuntimeError(f"{layer}: running_mean and running_var are statistics, not parameters: "
                            "they cannot have requires_grad=True")
-    if training and running_mean.dtype.to_real() != running_var.dtype:
+    mean_dtype = running_mean.dtype  # a complex mean's parts: float32 (complex64) or float64
+    if mean_dtype in (torch.complex64, torch.complex128):
+        mean_dtype = torch.float32 if mean_dtype == torch.complex64 else torch.float64
+    if training and mean_dtype != running_var.dtype:
         raise TypeError(f"{layer}: running_mean ({running_mean.dtype}) and running_var ({running_var.dtype}) "
                         "must have the same precision (a complex mean: complex64 with float32, complex128 "
                         "with float64)")
