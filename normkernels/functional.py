@@ -18,7 +18,7 @@ __all__ = ["l2_batch_norm", "spectral_batch_norm", "batch_norm_sbn"]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ALGORITHMS = ("auto", "parseval", "fft")
 ACTIVATIONS = (None, "identity", "relu", "leaky_relu", "silu")
-FFT_NORMS = ("backward", "ortho", "forward")
+from .ops.sbn_layout import FFT_NORMS  # noqa: E402
 _SHAPES = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)"}
 
 

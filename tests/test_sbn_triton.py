@@ -472,33 +472,8 @@ def test_bad_input_gives_clear_errors():
         K.sbn_backward(x, x, torch.zeros(3, 10, device=DEV), True, "backward", "relu", 0.0)
 
 
-SCHEMAS = {
-    "sbn_stats": "(Tensor x) -> Tensor",
-    "sbn_finish": "(Tensor x, Tensor rows_all, Tensor? weight, Tensor? bias, float eps, "
-                  "str fft_norm, str act, float act_param) -> (Tensor, Tensor, Tensor, Tensor)",
-    "sbn_forward": "(Tensor x, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? var, "
-                   "float eps, str fft_norm, str act, float act_param) "
-                   "-> (Tensor, Tensor, Tensor, Tensor)",
-    "sbn_grad_stats": "(Tensor dy, Tensor x, Tensor saved, str act, float act_param) -> Tensor",
-    "sbn_grad_finish": "(Tensor dy, Tensor x, Tensor saved, Tensor gsums_local, "
-                       "Tensor gsums_all, bool training, str fft_norm, str act, "
-                       "float act_param) -> (Tensor, Tensor, Tensor)",
-    "sbn_backward": "(Tensor dy, Tensor x, Tensor saved, bool training, str fft_norm, str act, "
-                    "float act_param) -> (Tensor, Tensor, Tensor)",
-    "bnsbn_finish": "(Tensor x, Tensor rows_all, int rank, Tensor? bn_weight, Tensor? bn_bias, "
-                    "Tensor? sbn_weight, Tensor? sbn_bias, float bn_eps, float sbn_eps, "
-                    "str fft_norm, str act, float act_param) "
-                    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    "bnsbn_forward": "(Tensor x, Tensor? bn_weight, Tensor? bn_bias, Tensor? bn_mean, "
-                     "Tensor? bn_var, Tensor? sbn_weight, Tensor? sbn_bias, Tensor? sbn_mean, "
-                     "Tensor? sbn_var, float bn_eps, float sbn_eps, str fft_norm, str act, "
-                     "float act_param) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    "bnsbn_grad_finish": "(Tensor dy, Tensor x, Tensor saved, Tensor gsums_local, "
-                         "Tensor gsums_all, bool training, str fft_norm, str act, "
-                         "float act_param) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-    "bnsbn_backward": "(Tensor dy, Tensor x, Tensor saved, bool training, str fft_norm, "
-                      "str act, float act_param) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-}
+# The op schemas of csrc/sbn.cpp, as the dispatcher has them (for a scratch namespace below).
+SCHEMAS = {name: str(getattr(OPS, name).default._schema).split("::", 1)[1][len(name):] for name in K.IMPL}
 
 
 def test_register_kernels_onto_the_op_schemas():

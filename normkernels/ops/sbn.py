@@ -58,13 +58,7 @@ __all__ = ["spectral_batch_norm", "batch_norm_sbn", "sbn_sync", "bnsbn_sync",
 
 _F64 = torch.float64
 _OPT = Optional[Tensor]
-FFT_NORMS = ("backward", "ortho", "forward")
-# column layouts (csrc/sbn.cpp)
-ROWS = ("N", "K", "S1", "S2", "SR", "SA", "SD0", "SD1")
-SBN_SAVED = ("K", "cx", "b", "u", "v", "mr", "mi", "s", "a", "N_all")
-BNSBN_SAVED = ("K", "cx", "b", "u", "v", "p", "sd", "Kz", "mr", "mi", "s", "a", "mbn", "N_all",
-               "S1", "S2", "SR", "SA", "SD0", "SD1", "L1", "L2", "LR", "LA", "LD0", "LD1")
-GSUMS = ("Sdy", "Gt", "G0", "G1")
+from .sbn_layout import BNSBN_SAVED, FFT_NORMS, GSUMS, ROWS, SBN_SAVED  # noqa: E402  (the column layouts)
 
 try:  # registers torch.ops.normkernels.sbn_* (csrc/sbn.cpp)
     import normkernels._C  # noqa: F401

@@ -46,11 +46,8 @@ import triton.language as tl
 
 
 
-FFT_NORMS = ("backward", "ortho", "forward")
-# saved columns: the layout of csrc/sbn.cpp's op contract (normkernels/ops/sbn.py has the same)
-SBN_SAVED = ("K", "cx", "b", "u", "v", "mr", "mi", "s", "a", "N_all")
-BNSBN_SAVED = ("K", "cx", "b", "u", "v", "p", "sd", "Kz", "mr", "mi", "s", "a", "mbn", "N_all",
-               "S1", "S2", "SR", "SA", "SD0", "SD1", "L1", "L2", "LR", "LA", "LD0", "LD1")
+from normkernels.ops.sbn_layout import BNSBN_SAVED, FFT_NORMS, SBN_SAVED  # noqa: E402,F401  (the column layouts)
+
 _NS = 7      # statistics partials per chunk: [K, S1, S2, SR, SA, SD0, SD1]
 _NG = 4      # gradient partials per chunk: [sum g, sum g t, G0, G1]
 _NCOEF = 6   # backward apply coefficients: [c_t, c_R, c_A, cst, u, v] (dy's is cx)
