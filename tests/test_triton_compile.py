@@ -10,7 +10,7 @@ pointers and integers divisible by 16, constexpr 1 for integers equal to 1) is t
 and its cubin read with triton's bundled cuobjdump: registers, stack frame, local-memory
 instructions (STL/LDL = spills). The tests fail on a compile error, on spills, on a launched
 kernel of normkernels/triton that no recorded launch reaches, and on a difference between the
-JIT's binder and the rules written out in launch.explicit_specialisation. The summary (registers
+JIT's binder and the rules written out in tools/triton_aot.py's explicit_specialisation. The summary (registers
 and spills per kernel) is printed at the end of the pytest run; the full table:
 
     python tests/test_triton_compile.py [--json out.json] [--jobs N] [--quick | --smoke]
@@ -64,6 +64,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # tools/triton_aot.py: the ahead-of-time compile
 
 pytestmark = pytest.mark.gpu_compile
 
@@ -249,9 +250,9 @@ def launched_kernels() -> dict:
 
 
 def specialisation_mismatches(launches) -> list[str]:
-    """Launches where launch.explicit_specialisation disagrees with the JIT's own binder (the
+    """Launches where triton_aot.explicit_specialisation disagrees with the JIT's own binder (the
     attributes compared by their content: triton 3.9 also lists empty ones for constexprs)."""
-    from normkernels.triton.launch import explicit_specialisation, launch_key, specialise
+    from triton_aot import explicit_specialisation, launch_key, specialise
     out, seen, bound = [], set(), set()
     for r in launches:
         lk = launch_key(r)            # launches the binder cannot tell apart: checked once
@@ -337,7 +338,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
     import triton
 
-    from normkernels.triton import launch
+    import triton_aot as launch
     t0 = time.perf_counter()
     launches, calls = record_all(args.quick, args.smoke)
     record_s = time.perf_counter() - t0
