@@ -23,7 +23,7 @@ test: setup
 	$(PYTHON) -m pytest tests -q -p no:cacheprovider
 
 bench: setup
-	$(PYTHON) -m normkernels bench --quick
+	$(PYTHON) benchmarks/bench.py --quick
 
 bench-suite: setup
 	$(PYTHON) -m pytest benchmarks -q --benchmark-only
@@ -33,7 +33,7 @@ study: setup
 
 # Regenerate the committed results for this machine's device.
 results: setup
-	$(PYTHON) -m normkernels bench --e2e --write-results benchmarks/results
+	$(PYTHON) benchmarks/bench.py --e2e --write-results benchmarks/results
 
 # GPU readiness (issues #11, #19). One prepared command for a fresh GPU machine that fits the ~7
 # minutes a lent machine gives one command (deadline 400 s): the Triton AOT compile first (it fills

@@ -6,8 +6,8 @@
 
 Options (all optional): --nk-device cuda|cpu|auto, --nk-dtypes float32,bfloat16,
 --nk-ops bn,l2bn,sbn,bnsbn, --nk-impls nk,eager,..., --nk-shapes resnet50,cifar,NxCxHxW,
---nk-passes fwd,fwd+bwd, --nk-quick. The cases and the timing primitives are normkernels.bench's,
-so the suite and `python -m normkernels bench` measure the same thing.
+--nk-passes fwd,fwd+bwd, --nk-quick. The cases and the timing primitives are benchmarks/bench.py's,
+so the suite and `python benchmarks/bench.py` measure the same thing.
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)  # bench.py
 
-from normkernels import bench  # noqa: E402
+import bench  # noqa: E402
 
 DEFAULTS = {"--nk-device": "auto", "--nk-dtypes": None, "--nk-ops": ",".join(bench.OPS), "--nk-impls": None,
             "--nk-shapes": None, "--nk-passes": ",".join(bench.PASSES), "--nk-quick": False}

@@ -19,7 +19,7 @@ others do, and a hang or a failure in one still leaves the others' results:
     tests      60     the op tests on the GPU (TEST_SELECTION: the [cuda] cases of the L2BN, SBN,
                       BN+SBN and running-stats op tests, and test_sbn_triton.py), without the
                       torch.compile and opcheck tests (inductor compiles would take the minute)
-    bench      55     python -m normkernels bench: nk vs torch (BatchNorm2d) for L2BN, SBN, BN+SBN
+    bench      55     python benchmarks/bench.py: nk vs torch (BatchNorm2d) for L2BN, SBN, BN+SBN
                       at the four ResNet-50 stage shapes, small to large, float32 and bfloat16,
                       fwd and fwd+bwd
     e2e        35     the ResNet-50 training step per variant (bench --e2e-only)
@@ -81,13 +81,13 @@ TEST_FILES = ["tests/test_l2bn_ops.py", "tests/test_running_stats.py", "tests/te
               "tests/test_bn_sbn_ops.py", "tests/test_sbn_triton.py"]
 TEST_SELECTION = TEST_FILES + ["-k", "(cuda or test_sbn_triton) and not torch_compile and not opcheck"]
 
-# Runs normkernels.bench with its result writes made atomic (the bench checkpoints its JSON and
+# Runs benchmarks/bench.py with its result writes made atomic (the bench checkpoints its JSON and
 # table after every measurement; a stage stopped mid-write must not truncate them).
 BENCH_RUNNER = """
 import os, sys
 sys.path.insert(0, os.getcwd())
-from normkernels import bench
 sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
+import bench
 from gpu_check import atomic_write_outputs
 bench.write_outputs = atomic_write_outputs
 sys.exit(bench.main(sys.argv[1:]))
@@ -103,8 +103,8 @@ def atomic_write(path: str, text: str):
 
 
 def atomic_write_outputs(records, json_path=None, md_path=None, png_path=None) -> dict:
-    """normkernels.bench.write_outputs with every file replaced atomically."""
-    from normkernels import bench
+    """benchmarks/bench.py.write_outputs with every file replaced atomically."""
+    import bench
     written = {}
     for path in (json_path, md_path, png_path):
         if path and os.path.dirname(path):
@@ -385,7 +385,7 @@ def finish(c: Check, stem: str, argv, device: str):
     """Merge the e2e and compile records into the bench JSON, add the stage outcomes to its header,
     and re-render the Markdown (stage table first) and the plot."""
     sys.path.insert(0, ROOT)
-    from normkernels import bench
+    import bench
     records = _records(stem + ".json")
     if not records:
         records = [{"type": "header", "device": device}]
@@ -421,7 +421,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, ROOT)
     import torch
     gpu = torch.cuda.is_available() and not args.rehearsal
-    from normkernels.bench import device_tag
+    from bench import device_tag
     device = torch.cuda.get_device_name() if gpu else "cpu"
     tag = device_tag("cuda" if gpu else "cpu")
     out_dir = os.path.abspath(os.environ.get("GPU_CHECK_OUT") or os.path.join(ROOT, "benchmarks", "results"))

@@ -1,9 +1,10 @@
 """Forward+backward medians of every layer at the CPU target shapes, timed in turn (one layer after
 the other, round after round) so that a slow phase of a shared machine falls on all of them alike.
-A cross-check of the table of `python -m normkernels bench`, which times each layer in a block.
+A cross-check of the table of `python benchmarks/bench.py`, which times each layer in a block.
 
     python benchmarks/interleaved.py [N,C,H,W ...]      # default: the three CPU target shapes
 """
+import os
 import statistics
 import sys
 import time
@@ -12,7 +13,9 @@ import torch
 from torch import nn
 
 import normkernels as nk
-from normkernels.bench import CPU_TARGET_SHAPES
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/bench.py, also when imported
+from bench import CPU_TARGET_SHAPES  # noqa: E402
 
 LAYERS = {"L2BN": (nk.L2BatchNorm2d, nk.L2BatchNormAct2d),
           "SBN": (nk.SpectralBatchNorm2d, nk.SpectralBatchNormAct2d),

@@ -1,4 +1,4 @@
-"""Turn a results JSON (from `python -m normkernels bench --json ...`) into its Markdown table and
+"""Turn a results JSON (from `python benchmarks/bench.py --json ...`) into its Markdown table and
 the PNG plot of the ratios to torch's BatchNorm.
 
     python benchmarks/render.py benchmarks/results/cpu-2core.json
@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from normkernels.bench import plot_ratios, render_markdown  # noqa: E402
+from bench import plot_ratios, render_markdown  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from normkernels import bench
+import bench
 
 _bn_ms = {}
 

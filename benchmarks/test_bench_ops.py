@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from normkernels import bench
+import bench
 
 
 def test_layer(benchmark, timed, case, device, quick, copy_gbps, bench_inputs, baseline_ms):

@@ -1,10 +1,10 @@
-"""Command line: `python -m normkernels {bench,study} [options]` (also the `normkernels` script)."""
+"""Command line: `python -m normkernels study [options]` (also the `normkernels` script). The
+benchmarks are a development tool outside the package: `python benchmarks/bench.py`."""
 from __future__ import annotations
 
 import sys
 
 COMMANDS = {
-    "bench": ("the benchmark table: each layer against nn.BatchNorm2d on this device", "bench"),
     "study": ("the representation study: BN, BN+SBN, L2BN and no norm on a small CNN", "study"),
 }
 USAGE = "usage: python -m normkernels [-h] [--version] {" + ",".join(COMMANDS) + "} [options]"
@@ -34,10 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     extra = COMMANDS[command][1]
     try:
-        if command == "bench":
-            from .bench import main as run
-        else:
-            from .study import main as run
+        from .study import main as run
         return run(rest) or 0
     except ModuleNotFoundError as e:
         # an optional dependency of the command (pip install 'normkernels[<extra>]' brings them)

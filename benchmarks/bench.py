@@ -1,8 +1,8 @@
 """Benchmarks: every layer against torch's BatchNorm and against the bandwidth limit.
 
-    python -m normkernels bench                      # short run on whatever device is present
-    python -m normkernels bench --quick              # a few minutes on a 2-core CPU
-    python -m normkernels bench --json r.json --md r.md --e2e
+    python benchmarks/bench.py                      # short run on whatever device is present
+    python benchmarks/bench.py --quick              # a few minutes on a 2-core CPU
+    python benchmarks/bench.py --json r.json --md r.md --e2e
 
 One table comes out: for each op (torch's BatchNorm2d baseline, L2BN, SBN, BN+SBN), shape,
 dtype and pass (``fwd`` = a training-mode forward, ``fwd+bwd`` = forward then the gradients of
@@ -42,9 +42,6 @@ from __future__ import annotations
 
 import os
 import sys
-
-if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)   # run as a script: normkernels/triton must not shadow the real triton
 
 import argparse
 import ctypes
@@ -539,7 +536,7 @@ def header(device: str, copy_gbps: float | None, argv) -> dict:
         backends = "unavailable: " + _error(e)
     return {"type": "header", "device": _device_name(device), "torch": torch.__version__,
             "triton": triton_version, "copy_gbps": copy_gbps,
-            "command": "python -m normkernels bench " + " ".join(argv),
+            "command": "python benchmarks/bench.py " + " ".join(argv),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "backends": backends, "loadavg_start": _loadavg()}
 
@@ -725,7 +722,7 @@ def _parse_shapes(text: str | None, device: str, quick: bool) -> list[tuple]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m normkernels bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: cuda when present)")
     p.add_argument("--dtype", default=None,
                    help="comma list of float32,bfloat16,float16 (default: float32,bfloat16 on GPU, float32 on CPU)")
