@@ -58,7 +58,7 @@ __all__ = ["spectral_batch_norm", "batch_norm_sbn", "sbn_sync", "bnsbn_sync",
 
 _F64 = torch.float64
 _OPT = Optional[Tensor]
-from .sbn_layout import BNSBN_SAVED, FFT_NORMS, GSUMS, ROWS, SBN_SAVED  # noqa: E402  (the column layouts)
+from .sbn_layout import BNSBN_SAVED, FFT_NORMS, SBN_SAVED  # noqa: E402  (the column layouts)
 
 try:  # registers torch.ops.normkernels.sbn_* (csrc/sbn.cpp)
     import normkernels._C  # noqa: F401
