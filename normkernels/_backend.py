@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -34,8 +35,12 @@ def _register_triton() -> bool:
     (normkernels.triton.sbn.register_kernels; a schema mismatch raises)."""
     if not (_EXTENSION and importlib.util.find_spec("triton") is not None):
         return False
-    from .triton import sbn as triton_sbn
-    triton_sbn.register_kernels("cuda")
+    try:
+        from .triton import sbn as triton_sbn
+    except ImportError as e:  # a triton install that does not import: no Triton backend, said once
+        warnings.warn(f"normkernels: backend 'triton' is unavailable (importing triton failed: {e})")
+        return False
+    triton_sbn.register_kernels("cuda")  # a schema mismatch raises: never a kernel of another contract
     return True
 
 
