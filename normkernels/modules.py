@@ -235,8 +235,7 @@ class _L2BatchNorm(_NormBase):
         self.backend = backend
 
     def _forward(self, input):
-        # (an fx Proxy passes: torch.fx records the functional call below as one leaf call)
-        if isinstance(input, torch.Tensor) and input.dim() not in self._ranks:
+        if not isinstance(input, torch.Tensor) or input.dim() not in self._ranks:
             F_nk.check_input(input, self._ranks, type(self).__name__)
         if self.training and not self.track_running_stats:
             return F_nk.l2_batch_norm(input, None, None, self.weight, self.bias, True, self.momentum, self.eps,
