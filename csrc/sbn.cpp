@@ -34,104 +34,73 @@
 //   one); the finish ops combine them exactly by re-centering to the shift K of the first process
 //   with N > 0 (sbn_finalize.h combine_rows).
 //
-// Forward-apply coefficients saved[:, :5] = [K, cx, b, u, v] (both layers):
+// One family: BN+SBN is the op; SBN is it with the BN stage off (bn = false: z = x, i.e. p = 1,
+// Kz = K). Every formula below is the BN+SBN one; with the BN stage off the BN parameters and
+// statistics must be None, bn_eps is ignored, and BN's outputs (bn_mean, bn_var, dbn_weight,
+// dbn_bias) are empty (0,) tensors in acc.
+//
+// Forward-apply coefficients saved[:, :5] = [K, cx, b, u, v]:
 //   pre = cx (x - K) + b                                          rows h > 0
 //   pre = cx (x - K) + b (1 - Pr[w]) + u Pr[w] + v Pi[w]           row h = 0
 //
-// SBN saved: (C, 10) float64 [K, cx, b, u, v, mr, mi, s, a, N_all]
-//   mr, mi: the spectral mean in the "backward" scale; s = sqrt(var + eps_eff) ("backward"-scale
-//   var); a = gamma_eff / s = h gamma / s (the coefficient of x in pre; = gamma / s for "backward");
-//   N_all: the group's sample count. (SBN: cx = a, b = a K, u = beta_eff + a (K - mr), v = -a mi.)
-//
-// BN+SBN saved: (C, 26) float64
+// saved: (C, 26) float64 (csrc/sbn_finalize.h SavedCol; normkernels/ops/sbn_layout.py)
 //   [K, cx, b, u, v, p, sd, Kz, mr, mi, s, a, mbn, N_all,
 //    S1, S2, SR, SA, SD0, SD1,    the group's sums of t at K
 //    L1, L2, LR, LA, LD0, LD1]    this process's sums of t at K (= the group's when P == 1)
-//   BN: mbn, sd = sqrt(var_bn + bn_eps), p = bn_gamma / sd; z = BN(x) = p (x - K) + Kz; the SBN
-//   part as for SBN on z with shift Kz (mr, mi, s, a of z). cx = a p. In eval the sums are 0 and
-//   K is bn_mean rounded to acc.
+//   BN stage: mbn, sd = sqrt(var_bn + bn_eps), p = bn_gamma / sd; z = BN(x) = p (x - K) + Kz
+//   (BN stage off: p = sd = 1, Kz = K, mbn = K); SBN part on z with shift Kz: mr, mi the spectral
+//   mean in the "backward" scale, s = sqrt(var + eps_eff), a = gamma_eff / s; cx = a p; N_all: the
+//   group's sample count. In eval the sums are 0; K is bn_mean rounded to acc (BN stage on) or 0.
 //
-// Gradient sums (sbn_grad_stats; both layers): (C, 4) float64 [Sdy, Gt, G0, G1]
+// Gradient sums (sbn_grad_stats): (C, 4) float64 [Sdy, Gt, G0, G1]
 //   = [sum g, sum g t, sum_{n,w} g[n, c, 0, w] Pr[w], sum_{n,w} g[n, c, 0, w] Pi[w]],
 //   g = act'(pre) dy, t = x - K, K and pre from saved[:, :5].
 //
-// Ops
+// Ops (one per direction, plus the pieces of the synchronized path)
 // ---
 // sbn_stats(x) -> rows (C, 8)
-// sbn_finish(x, rows_all, weight?, bias?, eps, fft_norm, act, act_param)
-//     -> (y, batch_mean (C, 2) acc [re, im], batch_var (C,) acc, saved (C, 10))
-//   training statistics of the group (biased: over M coefficients), m-scale.
-// sbn_forward(x, weight?, bias?, mean?, var?, eps, fft_norm, act, act_param) -> as sbn_finish
-//   mean (C, 2) [re, im] and var (C,) None: training = sbn_finish(x, sbn_stats(x)[None]);
-//   given (m-scale): eval with them (K = 0, no statistics pass); batch_mean / batch_var are
-//   then the given statistics.
+// sbn_finish(x, rows_all, rank, bn, bn_weight?, bn_bias?, sbn_weight?, sbn_bias?, bn_eps, sbn_eps,
+//            fft_norm, act, act_param)
+//     -> (y, bn_mean (C,), bn_var (C,) biased, sbn_mean (C, 2) [re, im], sbn_var (C,), saved)
+//   training statistics of the group (biased: BN's over N H W, SBN's over M coefficients),
+//   m-scale; rank: this process's row of rows_all (for the L columns).
+// sbn_forward(x, bn, bn_weight?, bn_bias?, bn_mean?, bn_var?, sbn_weight?, sbn_bias?, sbn_mean?,
+//             sbn_var?, bn_eps, sbn_eps, fft_norm, act, act_param) -> as sbn_finish
+//   statistics all None (training: = sbn_finish(x, sbn_stats(x)[None], 0, ...)) or all given
+//   (eval, m-scale; no statistics pass; the outputs are then the given statistics).
 // sbn_grad_stats(dy, x, saved, act, act_param) -> gsums (C, 4)
-//   reads saved[:, :5] only, so BN+SBN uses it as is.
-// sbn_grad_finish(dy, x, saved, gsums_local, gsums_all, training, fft_norm, act, act_param)
-//     -> (dx, dweight (C,) acc, dbias (C,) acc)
-//   dx from gsums_all (the group's: summed over processes) and N_all; dweight / dbias are this
-//   process's share (from gsums_local).
-// sbn_backward(dy, x, saved, training, fft_norm, act, act_param) -> (dx, dweight, dbias)
+// sbn_grad_finish(dy, x, saved, gsums_local, gsums_all, bn, training, fft_norm, act, act_param)
+//     -> (dx, dbn_weight, dbn_bias, dsbn_weight, dsbn_bias)   (C,) acc each ((0,) with bn off)
+//   dx from gsums_all (the group's: summed over processes) and N_all; the parameter gradients
+//   are this process's share (from gsums_local).
+// sbn_backward(dy, x, saved, bn, training, fft_norm, act, act_param) -> (the same five)
 //   = sbn_grad_finish(dy, x, saved, g, g, ...) with g = sbn_grad_stats(dy, x, saved, ...).
-// bnsbn_finish(x, rows_all, rank, bn_weight?, bn_bias?, sbn_weight?, sbn_bias?, bn_eps, sbn_eps,
-//              fft_norm, act, act_param)
-//     -> (y, bn_mean (C,), bn_var (C,) biased, sbn_mean (C, 2), sbn_var (C,), saved (C, 26))
-//   rank: this process's row of rows_all (for the L columns).
-// bnsbn_forward(x, bn_weight?, bn_bias?, bn_mean?, bn_var?, sbn_weight?, sbn_bias?, sbn_mean?,
-//               sbn_var?, bn_eps, sbn_eps, fft_norm, act, act_param) -> as bnsbn_finish
-//   statistics all None (training) or all given (eval; no statistics pass, shift K = bn_mean
-//   rounded to acc, so that z = p (x - K) + Kz has no cancellation for data with a large mean).
-// bnsbn_grad_finish(dy, x, saved, gsums_local, gsums_all, training, fft_norm, act, act_param)
-//     -> (dx, dbn_weight, dbn_bias, dsbn_weight, dsbn_bias)   (C,) acc each
-// bnsbn_backward(dy, x, saved, training, fft_norm, act, act_param) -> (the same five)
 //
 // Every top-level CPU op is one leaf op (its passes and finalize in one C++ call). An empty batch
 // (N = 0) is valid for sbn_stats / the grad ops (a process of a group with no samples); the finish
-// ops need N_all > 0.
-//
-// The interpreted Triton entries (normkernels/triton/sbn.py, CPU tensors under TRITON_INTERPRET=1)
-// take and return exactly what the forward ops do and are differentiable (autograd.Function):
-//   interpreted_sbn(x, weight, bias, mean, var, eps, fft_norm, act, act_param)
-//       -> (y, batch_mean, batch_var, saved)
-//   interpreted_bnsbn(x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias, sbn_mean,
-//                     sbn_var, bn_eps, sbn_eps, fft_norm, act, act_param)
-//       -> (y, bn_mean, bn_var, sbn_mean, sbn_var, saved)
+// ops need N_all > 0. Inputs are validated once, in normkernels/functional.py; the kernels check
+// only what would otherwise read out of bounds (shapes, devices, dtypes).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(normkernels, m) {
   m.def("sbn_stats(Tensor x) -> Tensor rows");
   m.def(
-      "sbn_finish(Tensor x, Tensor rows_all, Tensor? weight, Tensor? bias, float eps, "
-      "str fft_norm, str act, float act_param) "
-      "-> (Tensor y, Tensor batch_mean, Tensor batch_var, Tensor saved)");
+      "sbn_finish(Tensor x, Tensor rows_all, int rank, bool bn, Tensor? bn_weight, "
+      "Tensor? bn_bias, Tensor? sbn_weight, Tensor? sbn_bias, float bn_eps, float sbn_eps, "
+      "str fft_norm, str act, float act_param) -> (Tensor y, Tensor bn_mean, Tensor bn_var, "
+      "Tensor sbn_mean, Tensor sbn_var, Tensor saved)");
   m.def(
-      "sbn_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? var, float eps, "
-      "str fft_norm, str act, float act_param) "
-      "-> (Tensor y, Tensor batch_mean, Tensor batch_var, Tensor saved)");
-  m.def("sbn_grad_stats(Tensor dy, Tensor x, Tensor saved, str act, float act_param) -> Tensor");
-  m.def(
-      "sbn_grad_finish(Tensor dy, Tensor x, Tensor saved, Tensor gsums_local, Tensor gsums_all, "
-      "bool training, str fft_norm, str act, float act_param) "
-      "-> (Tensor dx, Tensor dweight, Tensor dbias)");
-  m.def(
-      "sbn_backward(Tensor dy, Tensor x, Tensor saved, bool training, str fft_norm, str act, "
-      "float act_param) -> (Tensor dx, Tensor dweight, Tensor dbias)");
-  m.def(
-      "bnsbn_finish(Tensor x, Tensor rows_all, int rank, Tensor? bn_weight, Tensor? bn_bias, "
-      "Tensor? sbn_weight, Tensor? sbn_bias, float bn_eps, float sbn_eps, str fft_norm, str act, "
-      "float act_param) -> (Tensor y, Tensor bn_mean, Tensor bn_var, Tensor sbn_mean, "
-      "Tensor sbn_var, Tensor saved)");
-  m.def(
-      "bnsbn_forward(Tensor x, Tensor? bn_weight, Tensor? bn_bias, Tensor? bn_mean, "
+      "sbn_forward(Tensor x, bool bn, Tensor? bn_weight, Tensor? bn_bias, Tensor? bn_mean, "
       "Tensor? bn_var, Tensor? sbn_weight, Tensor? sbn_bias, Tensor? sbn_mean, Tensor? sbn_var, "
       "float bn_eps, float sbn_eps, str fft_norm, str act, float act_param) -> (Tensor y, "
       "Tensor bn_mean, Tensor bn_var, Tensor sbn_mean, Tensor sbn_var, Tensor saved)");
+  m.def("sbn_grad_stats(Tensor dy, Tensor x, Tensor saved, str act, float act_param) -> Tensor");
   m.def(
-      "bnsbn_grad_finish(Tensor dy, Tensor x, Tensor saved, Tensor gsums_local, "
-      "Tensor gsums_all, bool training, str fft_norm, str act, float act_param) -> (Tensor dx, "
-      "Tensor dbn_weight, Tensor dbn_bias, Tensor dsbn_weight, Tensor dsbn_bias)");
+      "sbn_grad_finish(Tensor dy, Tensor x, Tensor saved, Tensor gsums_local, "
+      "Tensor gsums_all, bool bn, bool training, str fft_norm, str act, float act_param) -> "
+      "(Tensor dx, Tensor dbn_weight, Tensor dbn_bias, Tensor dsbn_weight, Tensor dsbn_bias)");
   m.def(
-      "bnsbn_backward(Tensor dy, Tensor x, Tensor saved, bool training, str fft_norm, str act, "
-      "float act_param) -> (Tensor dx, Tensor dbn_weight, Tensor dbn_bias, Tensor dsbn_weight, "
-      "Tensor dsbn_bias)");
+      "sbn_backward(Tensor dy, Tensor x, Tensor saved, bool bn, bool training, str fft_norm, "
+      "str act, float act_param) -> (Tensor dx, Tensor dbn_weight, Tensor dbn_bias, "
+      "Tensor dsbn_weight, Tensor dsbn_bias)");
 }
