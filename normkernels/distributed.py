@@ -11,9 +11,10 @@ as with nn.SyncBatchNorm). Uneven and empty (N = 0) local batches are allowed: a
 still joins both collectives and returns an empty output and zero parameter gradients.
 Eval mode (running statistics) does no collective.
 
-The math is the ops' own (normkernels/ops: ``l2bn_sync``, ``sbn_sync`` and ``bnsbn_sync`` run
-the single-process pieces on the gathered rows); this module provides the reducer, the modules
-and convert_sync.
+The math is the ops' own: ``l2bn_sync`` (normkernels/ops/l2bn.py) and the SBN family's
+functional entry with a reducer (functional.spectral_family -> normkernels/ops/sbn.py) run the
+single-process pieces on the gathered rows; this module provides the reducer, the modules and
+convert_sync.
 
     model = normkernels.distributed.convert_sync(model)        # before wrapping in DDP
     model = torch.nn.parallel.DistributedDataParallel(model)
@@ -37,7 +38,6 @@ from . import functional as F_nk
 from .modules import (BatchNormSBN2d, BatchNormSBNAct2d, L2BatchNorm1d, L2BatchNorm2d, L2BatchNormAct2d,
                       SpectralBatchNorm2d, SpectralBatchNormAct2d)
 from .ops import l2bn as _l2bn
-from .ops import sbn as _sbn
 
 __all__ = ["Reducer", "SyncL2BatchNorm1d", "SyncL2BatchNorm2d", "SyncSpectralBatchNorm2d", "SyncBatchNormSBN2d",
            "SyncL2BatchNormAct2d", "SyncSpectralBatchNormAct2d", "SyncBatchNormSBNAct2d", "SyncBatchNorm",
@@ -180,8 +180,6 @@ class _BatchNormSync(torch.autograd.Function):
 # same pieces as the single-process ops); plain BatchNorm's is here.
 
 l2bn_sync = _l2bn.l2bn_sync
-sbn_sync = _sbn.sbn_sync
-bnsbn_sync = _sbn.bnsbn_sync
 
 
 def batch_norm_sync(x, weight, bias, eps, reducer):
@@ -214,46 +212,14 @@ def _l2bn_forward(layer, input, reducer):
     return y
 
 
-def _sbn_forward(layer, input, reducer):
+def _spectral_forward(layer, input, reducer):
+    """The SBN family's synchronized training forward: the layer's own functional call
+    (functional.spectral_family) with the group's reducer."""
     name = type(layer).__name__
-    _check_input(input, (4,), name)
-    _check_algorithm(layer.algorithm)
-    tracked = _tracked(layer)
-    F_nk.check_channel_tensors(input, name, weight=layer.weight, bias=layer.bias,
-                               running_mean=layer.running_mean if tracked else None,
-                               running_var=layer.running_var if tracked else None)
-    be = _backend.resolve("sbn", layer.backend, input)
-    y, mean, var, count = sbn_sync(input, layer.weight, layer.bias, float(layer.eps), layer.fft_norm,
-                                   F_nk.check_activation(layer._activation), float(layer._negative_slope), be,
-                                   _Agreed(reducer, name, "sbn", *input.shape[2:]))
-    _check_global_count(count, input, name)
-    if tracked:
-        F_nk.update_running_stats(layer.running_mean, layer.running_var, mean.detach(), var.detach(), layer.momentum,
-                                  count, layer.num_batches_tracked)
-    return y
-
-
-def _bnsbn_forward(layer, input, reducer):
-    name = type(layer).__name__
-    _check_input(input, (4,), name)
-    tracked = _tracked(layer)
-    F_nk.check_channel_tensors(input, name, bn_weight=layer.weight, bn_bias=layer.bias, sbn_weight=layer.sbn_weight,
-                               sbn_bias=layer.sbn_bias, bn_running_mean=layer.running_mean if tracked else None,
-                               bn_running_var=layer.running_var if tracked else None,
-                               sbn_running_mean=layer.sbn_running_mean if tracked else None,
-                               sbn_running_var=layer.sbn_running_var if tracked else None)
-    be = _backend.resolve("sbn", layer.backend, input)
-    y, bm, bv, sm, sv, bn_count, sbn_count = bnsbn_sync(
-        input, layer.weight, layer.bias, layer.sbn_weight, layer.sbn_bias, float(layer.eps), float(layer.sbn_eps),
-        layer.fft_norm, F_nk.check_activation(layer._activation), float(layer._negative_slope), be,
-        _Agreed(reducer, name, "bnsbn", *input.shape[2:]))
-    _check_global_count(min(bn_count, sbn_count), input, name)
-    if tracked:
-        F_nk.update_running_stats(layer.running_mean, layer.running_var, bm.detach(), bv.detach(), layer.momentum,
-                                  bn_count, layer.num_batches_tracked)
-        F_nk.update_running_stats(layer.sbn_running_mean, layer.sbn_running_var, sm.detach(), sv.detach(),
-                                  layer.sbn_momentum, sbn_count, layer.sbn_num_batches_tracked)
-    return y
+    if isinstance(layer, SpectralBatchNorm2d):
+        _check_algorithm(layer.algorithm)
+    kind = "bnsbn" if isinstance(layer, BatchNormSBN2d) else "sbn"
+    return layer._family(input, _Agreed(reducer, name, kind, *getattr(input, "shape", ())[2:]), name)
 
 
 def _batch_norm_forward(layer, input, reducer):
@@ -311,7 +277,7 @@ class SyncL2BatchNorm2d(_Sync, L2BatchNorm2d):
 class SyncSpectralBatchNorm2d(_Sync, SpectralBatchNorm2d):
     """SpectralBatchNorm2d with its training statistics over a process group (None = WORLD).
     Only algorithm "parseval"/"auto" (the same math as "fft") can be synchronized."""
-    _sync_forward = _sbn_forward
+    _sync_forward = _spectral_forward
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -320,7 +286,7 @@ class SyncSpectralBatchNorm2d(_Sync, SpectralBatchNorm2d):
 
 class SyncBatchNormSBN2d(_Sync, BatchNormSBN2d):
     """BatchNormSBN2d with its training statistics (BN's and SBN's) over a process group."""
-    _sync_forward = _bnsbn_forward
+    _sync_forward = _spectral_forward
 
 
 class SyncL2BatchNormAct2d(_Sync, L2BatchNormAct2d):
@@ -330,7 +296,7 @@ class SyncL2BatchNormAct2d(_Sync, L2BatchNormAct2d):
 
 class SyncSpectralBatchNormAct2d(_Sync, SpectralBatchNormAct2d):
     """SpectralBatchNormAct2d with its training statistics over a process group (parseval only)."""
-    _sync_forward = _sbn_forward
+    _sync_forward = _spectral_forward
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -339,7 +305,7 @@ class SyncSpectralBatchNormAct2d(_Sync, SpectralBatchNormAct2d):
 
 class SyncBatchNormSBNAct2d(_Sync, BatchNormSBNAct2d):
     """BatchNormSBNAct2d with its training statistics over a process group (None = WORLD)."""
-    _sync_forward = _bnsbn_forward
+    _sync_forward = _spectral_forward
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -11,7 +11,9 @@ import torch
 from . import _backend
 from .ops import l2bn as _l2bn
 from .ops import running_stats as _rs
+from .ops import _act
 from .ops import sbn as _sbn
+from .ops import sbn_fft as _sbn_fft
 
 __all__ = ["l2_batch_norm", "spectral_batch_norm", "batch_norm_sbn"]
 
@@ -201,30 +203,9 @@ def spectral_batch_norm(
     output is ~1/sqrt(H*W) of BatchNorm's scale; "ortho" gives BatchNorm's scale; "forward").
     algorithm "auto"/"parseval" computes it without an FFT; "fft" is the literal rfft2 path.
     """
-    layer = "spectral_batch_norm"
-    check_input(input, (4,), layer)
-    check_channel_tensors(input, layer, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    check_running(running_mean, running_var, training, layer)
-    if running_mean is not None and not running_mean.is_complex():
-        raise TypeError(f"{layer}: running_mean must be complex (the spectral mean), got {running_mean.dtype}")
-    act = check_activation(activation, layer)
-    check_fft_norm(fft_norm, layer)
-    update = training and running_mean is not None
-    if update:
-        check_momentum(momentum, num_batches_tracked, layer)
-    if input.shape[0] == 0:
-        return empty_batch(input, (num_batches_tracked,) if update else ())
-    count = spectral_count(input)
-    if training:
-        check_batch_stats(count, input, layer)
-    algo = resolve_algorithm(algorithm)
-    be = _backend.resolve("sbn", backend, input)
-    mean, var = (None, None) if training else (_as_real(running_mean), running_var)
-    y, batch_mean, batch_var = _sbn.spectral_batch_norm(input, weight, bias, mean, var, float(eps), algo,
-                                                        fft_norm, act, float(negative_slope), be)
-    if update:
-        update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count, num_batches_tracked)
-    return y
+    return spectral_family(input, False, None, None, running_mean, running_var, None, None, weight, bias, training,
+                           None, momentum, 0.0, eps, backend, fft_norm, None, num_batches_tracked, activation,
+                           negative_slope, algorithm=algorithm)
 
 
 @torch.fx.wrap  # torch.fx records a layer call as one leaf call, never traces into it
@@ -254,42 +235,73 @@ def batch_norm_sbn(
     """BatchNorm followed by SpectralBatchNorm (then an activation), fused: one statistics pass
     and one elementwise pass. The BN and SBN arguments mean what they mean in F.batch_norm and
     spectral_batch_norm."""
-    layer = "batch_norm_sbn"
+    return spectral_family(input, True, bn_running_mean, bn_running_var, sbn_running_mean, sbn_running_var,
+                           bn_weight, bn_bias, sbn_weight, sbn_bias, training, bn_momentum, sbn_momentum, bn_eps,
+                           sbn_eps, backend, fft_norm, bn_num_batches_tracked, sbn_num_batches_tracked, activation,
+                           negative_slope)
+
+
+def spectral_family(input, bn: bool, bn_running_mean, bn_running_var, sbn_running_mean, sbn_running_var,
+                    bn_weight, bn_bias, sbn_weight, sbn_bias, training: bool, bn_momentum, sbn_momentum,
+                    bn_eps: float, sbn_eps: float, backend: str, fft_norm: str, bn_num_batches_tracked,
+                    sbn_num_batches_tracked, activation, negative_slope: float, *, algorithm: str = "parseval",
+                    reducer=None, layer: str | None = None):
+    """The SBN family's one entry: BN then SBN (bn=True, batch_norm_sbn), or SBN alone (bn=False,
+    spectral_batch_norm: the BN arguments are None). Validates, runs the family's op (or, with a
+    reducer, its synchronized pieces over the reducer's group: normkernels/distributed.py), then
+    updates the running statistics."""
+    layer = layer or ("batch_norm_sbn" if bn else "spectral_batch_norm")
+    sp = "sbn_" if bn else ""  # the SBN arguments' names in this layer's signature
     check_input(input, (4,), layer)
-    check_channel_tensors(
-        input, layer, bn_weight=bn_weight, bn_bias=bn_bias, sbn_weight=sbn_weight, sbn_bias=sbn_bias,
-        bn_running_mean=bn_running_mean, bn_running_var=bn_running_var,
-        sbn_running_mean=sbn_running_mean, sbn_running_var=sbn_running_var,
-    )
-    check_running(bn_running_mean, bn_running_var, training, layer)
+    check_channel_tensors(input, layer, **{
+        "bn_weight": bn_weight, "bn_bias": bn_bias, "bn_running_mean": bn_running_mean,
+        "bn_running_var": bn_running_var, sp + "weight": sbn_weight, sp + "bias": sbn_bias,
+        sp + "running_mean": sbn_running_mean, sp + "running_var": sbn_running_var})
+    if bn:
+        check_running(bn_running_mean, bn_running_var, training, layer)
+        if (bn_running_mean is None) != (sbn_running_mean is None):
+            raise ValueError(f"{layer}: the BN and SBN running statistics must be given together")
     check_running(sbn_running_mean, sbn_running_var, training, layer)
-    if (bn_running_mean is None) != (sbn_running_mean is None):
-        raise ValueError(f"{layer}: the BN and SBN running statistics must be given together")
     if sbn_running_mean is not None and not sbn_running_mean.is_complex():
-        raise TypeError(f"{layer}: sbn_running_mean must be complex, got {sbn_running_mean.dtype}")
+        raise TypeError(f"{layer}: {sp}running_mean must be complex (the spectral mean), got {sbn_running_mean.dtype}")
     act = check_activation(activation, layer)
     check_fft_norm(fft_norm, layer)
-    update = training and bn_running_mean is not None
+    algo = resolve_algorithm(algorithm)
+    update = training and sbn_running_mean is not None
     if update:
-        check_momentum(bn_momentum, bn_num_batches_tracked, layer)
+        if bn:
+            check_momentum(bn_momentum, bn_num_batches_tracked, layer)
         check_momentum(sbn_momentum, sbn_num_batches_tracked, layer)
-    if input.shape[0] == 0:
-        return empty_batch(input, (bn_num_batches_tracked, sbn_num_batches_tracked) if update else ())
-    bn_count = input.numel() // input.shape[1]
-    sbn_count = spectral_count(input)
-    if training:
-        check_batch_stats(min(bn_count, sbn_count), input, layer)
+    counters = (bn_num_batches_tracked, sbn_num_batches_tracked) if update else ()
+    if reducer is None:
+        if input.shape[0] == 0:
+            return empty_batch(input, counters)
+        if training:
+            check_batch_stats(spectral_count(input), input, layer)
     be = _backend.resolve("sbn", backend, input)
     if training:
         stats = (None, None, None, None)
     else:
         stats = (bn_running_mean, bn_running_var, _as_real(sbn_running_mean), sbn_running_var)
-    y, bn_mean, bn_var, sbn_mean, sbn_var = _sbn.batch_norm_sbn(
-        input, bn_weight, bn_bias, stats[0], stats[1], sbn_weight, sbn_bias, stats[2], stats[3], float(bn_eps),
-        float(sbn_eps), fft_norm, act, float(negative_slope), be)
+    if algo == "fft":
+        if bn or reducer is not None:
+            raise ValueError(f"{layer}: algorithm='fft' (the literal path) is SpectralBatchNorm2d's alone, without "
+                             "synchronized statistics; use algorithm='parseval' (the same math, the default 'auto')")
+        y, sbn_mean, sbn_var = _sbn_fft.sbn_fft_forward(input, sbn_weight, sbn_bias, stats[2], stats[3],
+                                                        float(sbn_eps), fft_norm, be)
+        y, bn_mean, bn_var, samples = _act.act_forward(y, act, float(negative_slope)), None, None, input.shape[0]
+    else:
+        y, bn_mean, bn_var, sbn_mean, sbn_var, samples = _sbn.forward(
+            input, bn, bn_weight, bn_bias, stats[0], stats[1], sbn_weight, sbn_bias, stats[2], stats[3],
+            float(bn_eps), float(sbn_eps), fft_norm, act, float(negative_slope), be, reducer)
+    h, w = input.shape[2], input.shape[3]
+    if reducer is not None and samples * h * (w // 2 + 1) <= 1:
+        raise ValueError(f"{layer}: expected more than 1 value per channel when training over the process group, "
+                         f"got {samples * h * (w // 2 + 1)} (local input of shape {tuple(input.shape)})")
     if update:
-        update_running_stats(bn_running_mean, bn_running_var, bn_mean, bn_var, bn_momentum, bn_count,
-                             bn_num_batches_tracked)
-        update_running_stats(sbn_running_mean, sbn_running_var, sbn_mean, sbn_var, sbn_momentum, sbn_count,
-                             sbn_num_batches_tracked)
+        if bn:
+            update_running_stats(bn_running_mean, bn_running_var, bn_mean, bn_var, bn_momentum, samples * h * w,
+                                 bn_num_batches_tracked)
+        update_running_stats(sbn_running_mean, sbn_running_var, sbn_mean, sbn_var, sbn_momentum,
+                             samples * h * (w // 2 + 1), sbn_num_batches_tracked)
     return y

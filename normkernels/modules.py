@@ -327,15 +327,16 @@ class SpectralBatchNorm2d(_NormBase):
         self.backend = backend
 
     def _forward(self, input):
-        if self.training and not self.track_running_stats:
-            return F_nk.spectral_batch_norm(input, None, None, self.weight, self.bias, True, self.momentum, self.eps,
-                                            self.algorithm, self.backend, fft_norm=self.fft_norm,
-                                            activation=self._activation, negative_slope=self._negative_slope)
-        return F_nk.spectral_batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                                        self.training or self.running_mean is None, self.momentum, self.eps,
-                                        self.algorithm, self.backend, fft_norm=self.fft_norm,
-                                        num_batches_tracked=self.num_batches_tracked, activation=self._activation,
-                                        negative_slope=self._negative_slope)
+        return self._family(input)
+
+    def _family(self, input, reducer=None, layer=None):
+        """SBN (functional.spectral_family with the BN stage off), over reducer's group if given."""
+        tracked = not (self.training and not self.track_running_stats)
+        mean, var, count = (self.running_mean, self.running_var, self.num_batches_tracked) if tracked else (None,) * 3
+        return F_nk.spectral_family(input, False, None, None, mean, var, None, None, self.weight, self.bias,
+                                    self.training or mean is None, None, self.momentum, 0.0, self.eps, self.backend,
+                                    self.fft_norm, None, count, self._activation, self._negative_slope,
+                                    algorithm=self.algorithm, reducer=reducer, layer=layer)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", algorithm={self.algorithm!r}, fft_norm={self.fft_norm!r}, "
@@ -376,18 +377,19 @@ class BatchNormSBN2d(_NormBase):
         self.backend = backend
 
     def _forward(self, input):
-        if self.training and not self.track_running_stats:
-            return F_nk.batch_norm_sbn(input, None, None, None, None, self.weight, self.bias, self.sbn_weight,
-                                       self.sbn_bias, True, self.momentum, self.sbn_momentum, self.eps, self.sbn_eps,
-                                       self.backend, fft_norm=self.fft_norm, activation=self._activation,
-                                       negative_slope=self._negative_slope)
-        return F_nk.batch_norm_sbn(input, self.running_mean, self.running_var, self.sbn_running_mean,
-                                   self.sbn_running_var, self.weight, self.bias, self.sbn_weight, self.sbn_bias,
-                                   self.training or self.running_mean is None, self.momentum, self.sbn_momentum,
-                                   self.eps, self.sbn_eps, self.backend, fft_norm=self.fft_norm,
-                                   bn_num_batches_tracked=self.num_batches_tracked,
-                                   sbn_num_batches_tracked=self.sbn_num_batches_tracked,
-                                   activation=self._activation, negative_slope=self._negative_slope)
+        return self._family(input)
+
+    def _family(self, input, reducer=None, layer=None):
+        """BN then SBN (functional.spectral_family), over reducer's group if given."""
+        tracked = not (self.training and not self.track_running_stats)
+        bn_state = (self.running_mean, self.running_var, self.num_batches_tracked) if tracked else (None,) * 3
+        sbn_state = (self.sbn_running_mean, self.sbn_running_var, self.sbn_num_batches_tracked) if tracked \
+            else (None,) * 3
+        return F_nk.spectral_family(input, True, bn_state[0], bn_state[1], sbn_state[0], sbn_state[1], self.weight,
+                                    self.bias, self.sbn_weight, self.sbn_bias, self.training or bn_state[0] is None,
+                                    self.momentum, self.sbn_momentum, self.eps, self.sbn_eps, self.backend,
+                                    self.fft_norm, bn_state[2], sbn_state[2], self._activation,
+                                    self._negative_slope, reducer=reducer, layer=layer)
 
     @classmethod
     def from_modules(cls, bn: nn.BatchNorm2d, sbn: SpectralBatchNorm2d | None = None, **kwargs) -> "BatchNormSBN2d":

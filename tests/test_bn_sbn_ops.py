@@ -1,4 +1,4 @@
-"""BN then SBN, fused (normkernels.ops.sbn.batch_norm_sbn), on every backend of the test's device
+"""BN then SBN, fused (the SBN family's op with the BN stage on, normkernels.ops.sbn.forward), on every backend of the test's device
 against the float64 literal (tests/references.py bn_sbn_reference: F.batch_norm, then rfft2 ->
 complex mean, modulus variance -> normalize, affine -> irfft2 with torch.fft's norm), followed by
 the activation. Backends: "native" (the C++ kernels on CPU, Triton on CUDA) and the torch oracle."""
@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from normkernels.ops import _act
+import normkernels.functional as F_nk
 from normkernels.ops import sbn as S
 from references import bn_sbn_reference
 from sbn_cases import F64, TOL, check, expected_format, gen, grads, leaf, make_params, make_x, resolve
@@ -16,8 +17,10 @@ BN_EPS, SBN_EPS = 1e-5, 2e-5
 
 def run(x, bw, bb, sw, sb, stats, backend, fft_norm="backward", act="identity", slope=0.1):
     bm, bv, sm, sv = stats if stats is not None else (None,) * 4
-    return S.batch_norm_sbn(x, bw, bb, bm, bv, sw, sb, sm, sv, BN_EPS, SBN_EPS, fft_norm, act, slope,
-                            backend)
+    if sm is not None and sm.is_complex():
+        sm = torch.view_as_real(sm)
+    return S.forward(x, True, bw, bb, bm, bv, sw, sb, sm, sv, BN_EPS, SBN_EPS, fft_norm, act, slope,
+                     backend)[:5]
 
 
 def eval_stats(C, device, g, fft_norm, HW, shift=0.0):
@@ -192,14 +195,20 @@ def test_eval_accepts_the_complex_running_mean(device):
 
 @pytest.mark.parametrize("backend", ["native", "torch"])
 def test_bad_arguments_raise_clear_errors(device, backend):
+    """functional is where the family's inputs are validated (the ops below it trust them)."""
     backend = resolve(backend, device)
     x = make_x((2, 3, 4, 5), torch.float32, device, gen(device))
-    with pytest.raises(ValueError, match="fft_norm"):
-        run(x, None, None, None, None, None, backend, fft_norm="unitary")
-    with pytest.raises(ValueError, match="act"):
-        run(x, None, None, None, None, None, backend, act="gelu")
     z = torch.zeros(3, device=device)
-    with pytest.raises(ValueError, match="all be given"):
-        run(x, None, None, None, None, (z, z + 1, None, z + 1), backend)
-    with pytest.raises((ValueError, RuntimeError), match="shape"):
-        run(x, None, None, torch.ones(2, device=device), None, None, backend)
+    zc = torch.zeros(3, device=device, dtype=torch.complex64)
+    fn = F_nk.batch_norm_sbn
+    with pytest.raises(ValueError, match="fft_norm"):
+        fn(x, None, None, None, None, training=True, backend=backend, fft_norm="unitary")
+    with pytest.raises(ValueError, match="activation"):
+        fn(x, None, None, None, None, training=True, backend=backend, activation="gelu")
+    with pytest.raises(ValueError, match="given together"):
+        fn(x, z, z + 1, None, None, training=False, backend=backend)
+    with pytest.raises(ValueError, match="shape"):
+        fn(x, None, None, None, None, None, None, torch.ones(2, device=device), training=True, backend=backend)
+    with pytest.raises(TypeError, match="complex"):
+        fn(x, z, z + 1, z, z + 1, training=False, backend=backend)
+    assert fn(x, z, z + 1, zc, z + 1, training=False, backend=backend).shape == x.shape

@@ -1,6 +1,6 @@
 """The column layouts of the SBN ops: Python's (normkernels/ops/sbn_layout.py, used by the oracle,
 the Triton code and the fakes) are the C++ header's (csrc/sbn_finalize.h: RowCol, SavedCol,
-BnSavedCol, GradCol, FftNorm), and the ops' outputs have those widths."""
+GradCol, FftNorm), and the ops' outputs have those widths."""
 import pathlib
 import re
 
@@ -23,9 +23,9 @@ def header_enum(struct: str) -> tuple:
 
 def test_columns_are_the_headers():
     assert layout.ROWS == header_enum("RowCol")
-    assert layout.SBN_SAVED == header_enum("SavedCol")
-    assert layout.BNSBN_SAVED == header_enum("BnSavedCol")
+    assert layout.SAVED == header_enum("SavedCol")
     assert layout.GSUMS == header_enum("GradCol")
+    assert layout.SAVED[:len(layout.APPLY)] == layout.APPLY
     body = re.search(r"enum class FftNorm : int {([^}]*)}", HEADER.read_text()).group(1)
     assert tuple(n.split("=")[0].strip().lower() for n in body.split(",")) == layout.FFT_NORMS
 
@@ -34,10 +34,8 @@ def test_ops_outputs_have_those_widths():
     ops = torch.ops.normkernels
     x = torch.randn(2, 3, 4, 5)
     assert ops.sbn_stats(x).shape == (3, len(layout.ROWS))
-    assert ops.sbn_forward(x, None, None, None, None, 1e-5, "backward", "identity", 0.0)[3].shape == (
-        3, len(layout.SBN_SAVED))
-    saved = ops.bnsbn_forward(x, None, None, None, None, None, None, None, None, 1e-5, 1e-5, "backward",
-                              "identity", 0.0)[5]
-    assert saved.shape == (3, len(layout.BNSBN_SAVED))
-    assert ops.sbn_grad_stats(x, x, ops.sbn_forward(x, None, None, None, None, 1e-5, "backward", "identity",
-                                                    0.0)[3], "identity", 0.0).shape == (3, len(layout.GSUMS))
+    for bn in (False, True):
+        saved = ops.sbn_forward(x, bn, None, None, None, None, None, None, None, None, 1e-5, 1e-5, "backward",
+                                "identity", 0.0)[5]
+        assert saved.shape == (3, len(layout.SAVED))
+        assert ops.sbn_grad_stats(x, x, saved, "identity", 0.0).shape == (3, len(layout.GSUMS))

@@ -1,4 +1,4 @@
-"""SBN (normkernels.ops.sbn.spectral_batch_norm) on every path of the test's device against the
+"""SBN (the SBN family's op with the BN stage off, normkernels.ops.sbn.forward) on every path of the test's device against the
 float64 torch.fft literal (tests/references.py sbn_reference: rfft2 -> complex mean, modulus
 variance -> normalize, affine -> irfft2, with torch.fft's norm), followed by the activation.
 
@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from normkernels.ops import _act
+import normkernels.functional as F_nk
 from normkernels.ops import sbn as S
+from normkernels.ops import sbn_fft
 from references import sbn_reference
 from sbn_cases import (F64, TOL, check, expected_format, gen, grads, leaf, make_params, make_x,
                        resolve)
@@ -19,8 +21,16 @@ PATHS = [("parseval", "native"), ("parseval", "torch"), ("fft", "native")]
 
 
 def run(x, w, b, mean, var, algorithm, backend, fft_norm="backward", act="identity", slope=0.1):
-    return S.spectral_batch_norm(x, w, b, mean, var, EPS, algorithm, fft_norm, act, slope,
-                                 backend)
+    """-> (y, batch_mean (C, 2), batch_var): the family's op with the BN stage off, or the FFT path."""
+    if mean is not None and mean.is_complex():
+        mean = torch.view_as_real(mean)
+    if algorithm == "fft":
+        y, m, v = sbn_fft.sbn_fft_forward(x, w, b, mean, var, EPS, fft_norm, backend)
+        return _act.act_forward(y, act, slope), m, v
+    y, bm, bv, m, v, _ = S.forward(x, False, None, None, None, None, w, b, mean, var, 0.0, EPS, fft_norm, act,
+                                   slope, backend)
+    assert bm.shape == bv.shape == (0,)  # no BN stage, no BN statistics
+    return y, m, v
 
 
 def literal(x, w, b, mean, var, fft_norm="backward", act="identity", slope=0.1):
@@ -210,33 +220,36 @@ def test_eval_accepts_the_complex_running_mean(device):
 
 @pytest.mark.parametrize("backend", ["native", "torch"])
 def test_bad_arguments_raise_clear_errors(device, backend):
+    """functional is where the family's inputs are validated (the ops below it trust them)."""
     backend = resolve(backend, device)
     x = make_x((2, 3, 4, 5), torch.float32, device, gen(device))
+    sbn = F_nk.spectral_batch_norm
     with pytest.raises(ValueError, match="fft_norm"):
-        run(x, None, None, None, None, "parseval", backend, fft_norm="unitary")
-    with pytest.raises(ValueError, match="act"):
-        run(x, None, None, None, None, "parseval", backend, act="gelu")
-    with pytest.raises(ValueError, match="mean and var"):
-        run(x, None, None, torch.zeros(3, 2, device=device), None, "parseval", backend)
-    with pytest.raises((ValueError, RuntimeError), match="shape"):
-        run(x, torch.ones(4, device=device), None, None, None, "parseval", backend)
+        sbn(x, None, None, training=True, backend=backend, fft_norm="unitary")
+    with pytest.raises(ValueError, match="activation"):
+        sbn(x, None, None, training=True, backend=backend, activation="gelu")
+    with pytest.raises(ValueError, match="running_mean and running_var"):
+        sbn(x, torch.zeros(3, device=device, dtype=torch.complex64), None, training=True, backend=backend)
+    with pytest.raises(ValueError, match="shape"):
+        sbn(x, None, None, torch.ones(4, device=device), training=True, backend=backend)
     with pytest.raises(ValueError, match="algorithm"):
-        run(x, None, None, None, None, "dft", backend)
+        sbn(x, None, None, training=True, algorithm="dft", backend=backend)
 
 
 def test_triton_on_cpu_goes_through_the_op(monkeypatch):
-    """backend 'triton' calls the dispatcher op (whose CUDA kernel is the Triton host function,
-    or its CPU kernel inside normkernels.triton.sbn.on_cpu()), with the forward op's arguments,
-    and returns its first three outputs."""
+    """backend 'triton' calls the family's dispatcher op (whose CUDA kernel is the Triton host
+    function, or its CPU kernel inside normkernels.triton.sbn.on_cpu()) with the BN stage off,
+    and returns its outputs."""
     calls = []
 
     def forward(*args):
         calls.append(args)
         x = args[0]
-        return x * 2, x.new_zeros(x.shape[1], 2), x.new_ones(x.shape[1]), x.new_zeros(x.shape[1], 10)
+        C = x.shape[1]
+        return x * 2, x.new_zeros(0), x.new_zeros(0), x.new_zeros(C, 2), x.new_ones(C), x.new_zeros(C, 26)
 
-    monkeypatch.setattr(S, "_SBN_FORWARD", forward)
+    monkeypatch.setattr(S, "_NATIVE", (forward,) + S._NATIVE[1:])
     x = torch.randn(2, 3, 4, 5)
     y, m, v = run(x, None, None, None, None, "parseval", "triton", "ortho", "relu", 0.5)
     assert torch.equal(y, x * 2) and m.shape == (3, 2) and v.shape == (3,)
-    assert calls[0][1:] == (None, None, None, None, EPS, "ortho", "relu", 0.5)
+    assert len(calls) == 1 and calls[0][1] is False and calls[0][12:] == ("ortho", "relu", 0.5)

@@ -52,9 +52,10 @@ from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
 
 from . import l2bn as _l2bn
 from . import sbn as _sbn
+from .sbn_oracle import fft_scale
 from ._act import act_forward
 
-__all__ = ["l2bn_eval", "sbn_eval", "bnsbn_eval", "pi_row", "keep_ops", "DECOMPOSED_OPS", "register"]
+__all__ = ["l2bn_eval", "sbn_family_eval", "pi_row", "keep_ops", "DECOMPOSED_OPS", "register"]
 
 
 def _acc(x: Tensor) -> torch.dtype:
@@ -141,7 +142,7 @@ def _sbn_coefs(x: Tensor, weight, bias, mean: Tensor, var: Tensor, eps: float, f
     h = 1/f): a = gamma / sqrt(var_m + eps), u = (beta - a Re mu_m)/f, v = -a Im mu_m / f.
     Returns (a, u, v, mr, mi, s) with mr, mi, s in the "backward" scale (saved's columns)."""
     H, W = x.shape[2], x.shape[3]
-    f = _sbn.fft_scale(fft_norm, H, W)
+    f = fft_scale(fft_norm, H, W)
     m = mean.to(acc)
     vm = var.to(acc)
     a = _vec(weight, 1.0, vm) * torch.rsqrt(vm + eps)
@@ -150,53 +151,40 @@ def _sbn_coefs(x: Tensor, weight, bias, mean: Tensor, var: Tensor, eps: float, f
     return a, u, v, m[:, 0] / f, m[:, 1] / f, torch.sqrt(vm + eps) / f
 
 
-def _n_col(x: Tensor, like: Tensor) -> Tensor:
-    return torch.full_like(like, 1.0) * x.shape[0]
-
-
-def sbn_eval(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
-             var: Tensor, eps: float, fft_norm: str, act: str, act_param: float
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """normkernels::sbn_forward with given statistics (mean (C, 2) [re, im]), in aten ops:
-    (y, mean, var, saved (C, 10) float64 [K, cx, b, u, v, mr, mi, s, a, N] with K = b = 0)."""
+def sbn_family_eval(x: Tensor, bn: bool, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias,
+                    sbn_mean: Tensor, sbn_var: Tensor, bn_eps: float, sbn_eps: float, fft_norm: str,
+                    act: str, act_param: float):
+    """normkernels::sbn_forward with given statistics, in aten ops: BN's affine z = p x + q (the
+    identity with the BN stage off), then SBN of z, folded into one scale and shift:
+    y = act(a p x + a q + row-0 pattern). Returns (y, bn_mean, bn_var, sbn_mean, sbn_var,
+    saved (C, 26) float64: the columns the eval oracle fills, the batch sums zero)."""
     acc = _acc(x)
-    a, u, v, mr, mi, s = _sbn_coefs(x, weight, bias, mean, var, eps, fft_norm, acc)
-    y = act_forward(_sbn_apply(x.to(acc), a, torch.zeros_like(a), _sbn_terms(a, u, v, x)), act,
-                    act_param).to(x.dtype)
-    z = torch.zeros_like(a)
-    saved = torch.stack([z, a, z, u, v, mr, mi, s, a, _n_col(x, a)], 1).to(torch.float64)
-    return y, mean.to(acc, copy=True), var.to(acc, copy=True), saved
-
-
-def bnsbn_eval(x: Tensor, bn_weight, bn_bias, bn_mean: Tensor, bn_var: Tensor, sbn_weight,
-               sbn_bias, sbn_mean: Tensor, sbn_var: Tensor, bn_eps: float, sbn_eps: float,
-               fft_norm: str, act: str, act_param: float):
-    """normkernels::bnsbn_forward with given statistics, in aten ops: BN's affine z = p x + q,
-    then SBN of z, folded into one scale and shift: y = act(a p x + a q + row-0 pattern).
-    Returns (y, bn_mean, bn_var, sbn_mean, sbn_var, saved (C, 26) float64: the columns the
-    eval oracle fills, the batch sums zero)."""
-    acc = _acc(x)
-    mb, vb = bn_mean.to(acc), bn_var.to(acc)
-    sd = torch.sqrt(vb + bn_eps)
-    p = _vec(bn_weight, 1.0, vb) / sd
-    q = _vec(bn_bias, 0.0, vb) - p * mb
-    a, u, v, mr, mi, s = _sbn_coefs(x, sbn_weight, sbn_bias, sbn_mean, sbn_var, sbn_eps, fft_norm,
-                                    acc)
-    y = act_forward(_sbn_apply(x.to(acc), a * p, a * q, _sbn_terms(a, u, v, x)), act,
-                    act_param).to(x.dtype)
-    # saved as ops/sbn.py _torch_bnsbn_eval lays it out: shift K = BN's mean, Kz = BN's bias
-    kz = _vec(bn_bias, 0.0, vb)
+    a, u, v, mr, mi, s = _sbn_coefs(x, sbn_weight, sbn_bias, sbn_mean, sbn_var, sbn_eps, fft_norm, acc)
+    zero, one = torch.zeros_like(a), torch.ones_like(a)
+    if bn:
+        mb, vb = bn_mean.to(acc), bn_var.to(acc)
+        sd = torch.sqrt(vb + bn_eps)
+        p = _vec(bn_weight, 1.0, vb) / sd
+        kz = _vec(bn_bias, 0.0, vb)        # saved as the eval oracle lays it out: shift = BN's mean
+        scale, shift = a * p, a * (kz - p * mb)
+        bn_out = (bn_mean.to(acc, copy=True), bn_var.to(acc, copy=True))
+    else:
+        mb, sd, p, kz = zero, one, one, zero
+        scale, shift = a, zero
+        bn_out = (x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc))
+    y = act_forward(_sbn_apply(x.to(acc), scale, shift, _sbn_terms(a, u, v, x)), act, act_param).to(x.dtype)
     b = a * kz
-    head = torch.stack([mb, a * p, b, u + b, v, p, sd, kz, mr, mi, s, a, mb, _n_col(x, a)], 1)
+    count = one * x.shape[0]
+    head = torch.stack([mb, a * p, b, u + b, v, p, sd, kz, mr, mi, s, a, mb, count], 1)
     batch_sums = torch.zeros((x.shape[1], 12), dtype=acc, device=x.device)
     saved = torch.cat([head, batch_sums], 1).to(torch.float64)
-    return (y, bn_mean.to(acc, copy=True), bn_var.to(acc, copy=True),
-            sbn_mean.to(acc, copy=True), sbn_var.to(acc, copy=True), saved)
+    return (y,) + bn_out + (sbn_mean.to(acc, copy=True), sbn_var.to(acc, copy=True), saved)
 
 
 def _fft_eval(x, weight, bias, mean, var, eps, fft_norm, backend):
     """normkernels::sbn_fft_forward (the literal path; no activation) in eval: the same layer."""
-    y, m, v, _ = sbn_eval(x, weight, bias, mean, var, eps, fft_norm, "identity", 0.0)
+    y, _, _, m, v, _ = sbn_family_eval(x, False, None, None, None, None, weight, bias, mean, var, 0.0, eps,
+                                       fft_norm, "identity", 0.0)
     return y, m, v
 
 
@@ -215,12 +203,12 @@ def keep_ops():
         _KEEP.pop()
 
 
-def _tracer_kernel(op, formula):
+def _tracer_kernel(op, formula, stat_arg: int):
     """The op's kernel for ProxyTorchDispatchMode (called with the mode popped, as its
     __torch_dispatch__ would be): the formula traced by that mode in an eval call of a
     post-dispatch export trace, else the mode's own handling (record the op)."""
     def kernel(mode, *args, **kwargs):
-        if (not kwargs and args[3] is not None and not _KEEP[-1] and not mode.pre_dispatch
+        if (not kwargs and args[stat_arg] is not None and not _KEEP[-1] and not mode.pre_dispatch
                 and torch.compiler.is_exporting()):
             with mode:
                 return formula(*args)
@@ -233,20 +221,20 @@ DECOMPOSED_OPS: list = []
 
 
 def register() -> None:
-    """Attach the decompositions to every forward op that exists (idempotent). Argument 3 of
-    each op is its (first) running mean: None in training."""
+    """Attach the decompositions to every forward op that exists (idempotent). Each op's
+    statistics argument (L2BN's mean, SBN's mean) is None in training."""
     o = torch.ops.normkernels
-    table = [("torch_l2bn_forward", l2bn_eval), ("torch_sbn_forward", sbn_eval),
-             ("torch_bnsbn_forward", bnsbn_eval), ("sbn_fft_forward", _fft_eval)]
+    table = [("torch_l2bn_forward", l2bn_eval, 3), ("torch_sbn_forward", sbn_family_eval, 8),
+             ("sbn_fft_forward", _fft_eval, 3)]
     if _l2bn._EXT:
-        table.append(("l2bn_forward", l2bn_eval))
+        table.append(("l2bn_forward", l2bn_eval, 3))
     if _sbn._HAS_C:
-        table += [("sbn_forward", sbn_eval), ("bnsbn_forward", bnsbn_eval)]
-    for name, formula in table:
+        table.append(("sbn_forward", sbn_family_eval, 8))
+    for name, formula, stat_arg in table:
         op = getattr(o, name).default
         if op in DECOMPOSED_OPS:
             continue
-        op.py_impl(ProxyTorchDispatchMode)(_tracer_kernel(op, formula))
+        op.py_impl(ProxyTorchDispatchMode)(_tracer_kernel(op, formula, stat_arg))
         DECOMPOSED_OPS.append(op)
 
 
