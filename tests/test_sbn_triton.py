@@ -1,4 +1,5 @@
-"""SBN / BN+SBN Triton kernels (normkernels/triton/sbn.py and sbn_kernels.py), run eagerly: on CPU tensors
+"""The SBN family's Triton kernels (normkernels/triton/sbn.py and sbn_kernels.py: BN+SBN, and SBN as
+BN+SBN with the BN stage off, bn=False), run eagerly: on CPU tensors
 under TRITON_INTERPRET=1 (set by conftest.py; small shapes, the interpreter is slow), on CUDA
 tensors when there is a GPU. Never through torch.compile or opcheck (not under the interpreter).
 
@@ -98,15 +99,17 @@ def run_sbn(shape, dtype=torch.float32, layout="nchw", train=True, affine=True,
         scale = {"backward": 1.0, "ortho": hw ** -0.5, "forward": 1.0 / hw}[norm]
         mean = (torch.randn(C, 2, generator=gen, dtype=F64) * scale * 3).to(DEV, torch.float32)
         var = ((torch.rand(C, generator=gen, dtype=F64) + 0.5) * hw * scale ** 2).to(DEV, torch.float32)
-    y, bm, bv, saved = OPS.sbn_forward(x, w, b, mean, var, 1e-5, norm, act, SLOPE)
+    y, bm, bv, sm, sv, saved = OPS.sbn_forward(x, False, None, None, None, None, w, b, mean, var,
+                                               1e-5, 1e-5, norm, act, SLOPE)
     assert y.dtype == dtype and y.shape == x.shape
     if layout == "channels_last":
         assert y.is_contiguous(memory_format=torch.channels_last)
     else:
         assert y.is_contiguous()
-    assert saved.shape == (C, 10) and saved.dtype == F64
+    assert saved.shape == (C, 26) and saved.dtype == F64
     acc = F64 if dtype == F64 else torch.float32
-    assert bm.shape == (C, 2) and bm.dtype == acc and bv.shape == (C,) and bv.dtype == acc
+    assert bm.shape == (0,) and bm.dtype == acc and bv.shape == (0,) and bv.dtype == acc
+    assert sm.shape == (C, 2) and sm.dtype == acc and sv.shape == (C,) and sv.dtype == acc
     dy = torch.randn(shape, generator=gen, dtype=F64).to(DEV, dtype)
     if dy_layout == "expanded":
         dy = torch.randn(1, C, 1, 1, generator=gen, dtype=F64).to(DEV, dtype).expand(shape)
@@ -121,8 +124,8 @@ def run_sbn(shape, dtype=torch.float32, layout="nchw", train=True, affine=True,
     ref = torch_act(ref, act, SLOPE)
     ref.backward(dy.to(F64))
     assert rel(y, ref) < tol, rel(y, ref)
-    assert rel(bm, torch.view_as_real(rm)) < tol
-    assert rel(bv, rv) < tol
+    assert rel(sm, torch.view_as_real(rm)) < tol
+    assert rel(sv, rv) < tol
     assert rel(x.grad, x64.grad) < 20 * tol, rel(x.grad, x64.grad)
     if affine:
         assert rel(w.grad, w64.grad) < 20 * tol, rel(w.grad, w64.grad)
@@ -149,8 +152,8 @@ def run_bnsbn(shape, dtype=torch.float32, layout="nchw", train=True, affine=True
                  (torch.rand(C, generator=gen, dtype=F64) + 0.5).to(DEV),
                  (torch.randn(C, 2, generator=gen, dtype=F64) * scale).to(DEV),
                  ((torch.rand(C, generator=gen, dtype=F64) + 0.5) * hw * scale ** 2).to(DEV)]
-    out = OPS.bnsbn_forward(x, bw, bb, stats[0], stats[1], sw, sb, stats[2], stats[3], 1e-5,
-                              1e-5, norm, act, SLOPE)
+    out = OPS.sbn_forward(x, True, bw, bb, stats[0], stats[1], sw, sb, stats[2], stats[3], 1e-5,
+                          1e-5, norm, act, SLOPE)
     y, bm, bv, sm, sv, saved = out
     assert saved.shape == (C, 26) and y.dtype == dtype
     dy = torch.randn(shape, generator=gen, dtype=F64).to(DEV, dtype)
@@ -249,7 +252,8 @@ def test_kink_gradient_is_torchs(act):
     x.requires_grad_()
     mean = torch.zeros(C, 2, dtype=F64, device=DEV)
     var = torch.ones(C, dtype=F64, device=DEV)
-    y, *_ = OPS.sbn_forward(x, None, None, mean, var, 1e-5, "backward", act, SLOPE)
+    y, *_ = OPS.sbn_forward(x, False, None, None, None, None, None, None, mean, var, 1e-5, 1e-5,
+                            "backward", act, SLOPE)
     pre = x.detach() / math.sqrt(1.0 + 1e-5)
     assert torch.equal(y.detach()[x.detach() == 0], torch.zeros_like(pre[x.detach() == 0]))
     y.backward(torch.ones_like(y))
@@ -271,7 +275,8 @@ def test_gradcheck_sbn():
     x = torch.randn(2, 2, 3, 4, generator=gen, dtype=F64).to(DEV).requires_grad_()
     w = (torch.rand(2, generator=gen, dtype=F64) + 0.5).to(DEV).requires_grad_()
     b = torch.randn(2, generator=gen, dtype=F64).to(DEV).requires_grad_()
-    f = lambda x, w, b: OPS.sbn_forward(x, w, b, None, None, 1e-5, "ortho", "silu", SLOPE)[0]
+    f = lambda x, w, b: OPS.sbn_forward(x, False, None, None, None, None, w, b, None, None, 1e-5,
+                                        1e-5, "ortho", "silu", SLOPE)[0]
     assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=True)
 
 
@@ -288,7 +293,7 @@ def test_gradcheck_bnsbn(train):
                                       torch.rand(C, dtype=F64, device=DEV) + 5]
 
     def f(x, bw, bb, sw, sb):
-        return OPS.bnsbn_forward(x, bw, bb, stats[0], stats[1], sw, sb, stats[2], stats[3],
+        return OPS.sbn_forward(x, True, bw, bb, stats[0], stats[1], sw, sb, stats[2], stats[3],
                                    1e-5, 1e-5, "forward", "leaky_relu", SLOPE)[0]
 
     assert torch.autograd.gradcheck(f, (x, *ps), fast_mode=True)
@@ -324,13 +329,14 @@ def test_deterministic(small_tiles, monkeypatch):
     x = make_x((6, 2, 4, 6), torch.float32, seed=16)
     dy = make_x((6, 2, 4, 6), torch.float32, seed=17)
     assert K._Plan(x).n_chunks > 2
-    a = K.sbn_forward(x, None, None, None, None, 1e-5, "backward", "relu", 0.0)
-    b = K.sbn_forward(x, None, None, None, None, 1e-5, "backward", "relu", 0.0)
+    a = K.sbn_forward(x, False, *[None] * 8, 1e-5, 1e-5, "backward", "relu", 0.0)
+    b = K.sbn_forward(x, False, *[None] * 8, 1e-5, 1e-5, "backward", "relu", 0.0)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
-    ga = K.bnsbn_backward(dy, x, K.bnsbn_forward(x, *[None] * 8, 1e-5, 1e-5, "ortho", "silu",
-                                                 0.0)[5], True, "ortho", "silu", 0.0)
-    gb = K.bnsbn_backward(dy, x, K.bnsbn_forward(x, *[None] * 8, 1e-5, 1e-5, "ortho", "silu",
-                                                 0.0)[5], True, "ortho", "silu", 0.0)
+    # every program of a channel computes the finalize itself: bit-identical coefficients
+    ga = K.sbn_backward(dy, x, K.sbn_forward(x, True, *[None] * 8, 1e-5, 1e-5, "ortho", "silu",
+                                             0.0)[5], True, True, "ortho", "silu", 0.0)
+    gb = K.sbn_backward(dy, x, K.sbn_forward(x, True, *[None] * 8, 1e-5, 1e-5, "ortho", "silu",
+                                             0.0)[5], True, True, "ortho", "silu", 0.0)
     assert all(torch.equal(u, v) for u, v in zip(ga, gb))
 
 
@@ -339,43 +345,40 @@ def test_deterministic(small_tiles, monkeypatch):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("op", ["sbn", "bnsbn"])
-def test_group_pieces_equal_whole_batch(op):
+@pytest.mark.parametrize("bn", [False, True], ids=["sbn", "bnsbn"])
+def test_group_pieces_equal_whole_batch(bn):
     gen = torch.Generator().manual_seed(18)
     shape = (5, 3, 4, 6)
     x = (torch.randn(shape, generator=gen, dtype=F64) * 2 + 7).to(DEV)
     dy = torch.randn(shape, generator=gen, dtype=F64).to(DEV)
     C = shape[1]
     ps = params(C, F64, 18, 2)
+    if not bn:
+        ps[0] = ps[1] = None
     parts = [x[:2], x[2:2], x[2:]]            # process 1 has no samples
     dys = [dy[:2], dy[2:2], dy[2:]]
     rows_all = torch.stack([K.sbn_stats(p) for p in parts])
     assert rows_all.shape == (3, C, 8) and rows_all[1].abs().sum() == 0
     assert torch.equal(rows_all[0, :, 0], torch.full((C,), 2.0, dtype=F64, device=DEV))
     act, norm = "silu", "ortho"
-    if op == "sbn":
-        whole = K.sbn_forward(x, ps[0], ps[1], None, None, 1e-5, norm, act, SLOPE)
-        outs = [K.sbn_finish(p, rows_all, ps[0], ps[1], 1e-5, norm, act, SLOPE) for p in parts]
-    else:
-        whole = K.bnsbn_forward(x, ps[0], ps[1], None, None, ps[2], ps[3], None, None, 1e-5,
-                                1e-5, norm, act, SLOPE)
-        outs = [K.bnsbn_finish(p, rows_all, r, *ps, 1e-5, 1e-5, norm, act, SLOPE)
-                for r, p in enumerate(parts)]
+    whole = K.sbn_forward(x, bn, ps[0], ps[1], None, None, ps[2], ps[3], None, None, 1e-5, 1e-5,
+                          norm, act, SLOPE)
+    outs = [K.sbn_finish(p, rows_all, r, bn, *ps, 1e-5, 1e-5, norm, act, SLOPE)
+            for r, p in enumerate(parts)]
     torch.testing.assert_close(torch.cat([o[0] for o in outs]), whole[0], rtol=1e-12, atol=1e-12)
     for k in range(1, len(whole) - 1):      # the statistics: the whole batch's on every process
         for o in outs:
             torch.testing.assert_close(o[k], whole[k], rtol=1e-12, atol=1e-12)
     gs = [K.sbn_grad_stats(d, p, o[-1], act, SLOPE) for d, p, o in zip(dys, parts, outs)]
     g_all = gs[0] + gs[1] + gs[2]
-    finish = K.sbn_grad_finish if op == "sbn" else K.bnsbn_grad_finish
-    backward = K.sbn_backward if op == "sbn" else K.bnsbn_backward
-    grads = [finish(d, p, o[-1], g, g_all, True, norm, act, SLOPE)
+    grads = [K.sbn_grad_finish(d, p, o[-1], g, g_all, bn, True, norm, act, SLOPE)
              for d, p, o, g in zip(dys, parts, outs, gs)]
-    ref = backward(dy, x, whole[-1], True, norm, act, SLOPE)
+    ref = K.sbn_backward(dy, x, whole[-1], bn, True, norm, act, SLOPE)
     torch.testing.assert_close(torch.cat([g[0] for g in grads]), ref[0], rtol=1e-10, atol=1e-12)
     for k in range(1, len(ref)):             # parameter gradients: the shares sum to the whole
         torch.testing.assert_close(sum(g[k] for g in grads), ref[k], rtol=1e-10, atol=1e-12)
-    assert all(g[k].abs().max() == 0 for g in grads[1:2] for k in range(1, len(ref)))
+    assert all(g[k].abs().max() == 0 for g in grads[1:2] for k in range(1, len(ref)) if g[k].numel())
+    assert all(g[k].shape == ((C,) if bn else (0,)) for g in grads for k in (1, 2))
 
 
 # ------------------------------------------------------------------------------------------
@@ -424,52 +427,58 @@ def _record(fn, *args):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_launches_per_call_on_meta_tensors(layout):
-    """ResNet-50 layer-4 shape on the meta device (no data, no sync possible): training
-    forward and backward are 3 launches each, eval forward 2."""
+    """ResNet-50 layer-4 shape on the meta device (no data, no sync possible): training forward
+    and backward are 2 launches each (a pass, then finalize + apply), eval forward 1, the same
+    with the BN stage on or off; the synchronized pieces: 2 for the sums, 1 for each finish."""
     x = torch.empty(64, 2048, 7, 7, device="meta", dtype=torch.bfloat16)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     C = x.shape[1]
     w = torch.empty(C, device="meta")
     m2, v = torch.empty(C, 2, device="meta"), torch.empty(C, device="meta")
-    names, out = _record(K.sbn_forward, x, w, w, None, None, 1e-5, "backward", "relu", 0.0)
-    assert names == ["_sbn_stats_kernel", "_sbn_finalize_kernel", "_sbn_fwd_apply_kernel"]
-    assert out[0].device.type == "meta" and out[3].shape == (C, 10)
-    names, _ = _record(K.sbn_forward, x, w, w, m2, v, 1e-5, "ortho", "silu", 0.0)
-    assert names == ["_sbn_finalize_kernel", "_sbn_fwd_apply_kernel"]
-    names, _ = _record(K.sbn_backward, x, x, out[3], True, "backward", "relu", 0.0)
-    assert names == ["_sbn_grad_stats_kernel", "_sbn_bwd_finalize_kernel",
-                     "_sbn_bwd_apply_kernel"]
-    names, out = _record(K.bnsbn_forward, x, w, w, None, None, w, w, None, None, 1e-5, 1e-5,
-                         "backward", "identity", 0.0)
-    assert names == ["_sbn_stats_kernel", "_bnsbn_finalize_kernel", "_sbn_fwd_apply_kernel"]
-    names, _ = _record(K.bnsbn_forward, x, w, w, v, v, w, w, m2, v, 1e-5, 1e-5, "backward",
-                       "identity", 0.0)
-    assert len(names) == 2
-    names, _ = _record(K.bnsbn_backward, x, x, out[5], False, "forward", "leaky_relu", 0.1)
-    assert names == ["_sbn_grad_stats_kernel", "_bnsbn_bwd_finalize_kernel",
-                     "_sbn_bwd_apply_kernel"]
+    g = torch.empty(C, 4, device="meta", dtype=F64)
+    for bn in (False, True):
+        bw, bm = (w, v) if bn else (None, None)
+        names, out = _record(K.sbn_forward, x, bn, bw, bw, None, None, w, w, None, None, 1e-5,
+                             1e-5, "backward", "relu", 0.0)
+        assert names == ["_stats_kernel", "_forward_kernel"]
+        assert out[0].device.type == "meta" and out[5].shape == (C, 26)
+        assert out[1].shape == ((C,) if bn else (0,))
+        names, _ = _record(K.sbn_forward, x, bn, bw, bw, bm, bm, w, w, m2, v, 1e-5, 1e-5, "ortho",
+                           "silu", 0.0)
+        assert names == ["_forward_kernel"]
+        for training in (True, False):
+            names, grads = _record(K.sbn_backward, x, x, out[5], bn, training, "forward",
+                                   "leaky_relu", 0.1)
+            assert names == ["_grad_stats_kernel", "_backward_kernel"]
+            assert grads[1].shape == ((C,) if bn else (0,)) and grads[3].shape == (C,)
+        rows = torch.empty(3, C, 8, device="meta", dtype=F64)
+        assert _record(K.sbn_finish, x, rows, 1, bn, bw, bw, w, w, 1e-5, 1e-5, "backward",
+                       "identity", 0.0)[0] == ["_forward_kernel"]
+        assert _record(K.sbn_grad_finish, x, x, out[5], g, g, bn, True, "backward", "identity",
+                       0.0)[0] == ["_backward_kernel"]
+    assert _record(K.sbn_stats, x)[0] == ["_stats_kernel", "_rows_kernel"]
+    assert _record(K.sbn_grad_stats, x, x, out[5], "relu", 0.0)[0] == ["_grad_stats_kernel",
+                                                                       "_rows_kernel"]
 
 
-def test_bad_input_gives_clear_errors():
+def test_operands_out_of_bounds_are_refused():
+    """Inputs are validated in normkernels/functional.py; the host functions only refuse what
+    would launch a kernel out of bounds or on another device."""
     x = torch.randn(2, 3, 4, 5, device=DEV)
-    with pytest.raises(ValueError, match="act must be one of"):
-        K.sbn_forward(x, None, None, None, None, 1e-5, "backward", "gelu", 0.0)
-    with pytest.raises(ValueError, match="fft_norm must be one of"):
-        K.sbn_forward(x, None, None, None, None, 1e-5, "unitary", "relu", 0.0)
-    with pytest.raises(ValueError, match="weight must have shape"):
-        K.sbn_forward(x, torch.ones(4, device=DEV), None, None, None, 1e-5, "backward", "relu",
-                      0.0)
-    with pytest.raises(ValueError, match="mean and var"):
-        K.sbn_forward(x, None, None, torch.zeros(3, 2, device=DEV), None, 1e-5, "backward",
-                      "relu", 0.0)
-    with pytest.raises(ValueError, match="4d input"):
+    with pytest.raises(RuntimeError, match="sbn_weight must be"):
+        K.sbn_forward(x, False, None, None, None, None, torch.ones(4, device=DEV), None, None,
+                      None, 1e-5, 1e-5, "backward", "relu", 0.0)
+    with pytest.raises(RuntimeError, match="x must be"):
         K.sbn_stats(x[0])
-    with pytest.raises(ValueError, match="rows_all must be"):
-        K.sbn_finish(x, torch.zeros(3, 8, dtype=F64, device=DEV), None, None, 1e-5, "backward",
-                     "relu", 0.0)
-    with pytest.raises(TypeError, match="saved must be"):
-        K.sbn_backward(x, x, torch.zeros(3, 10, device=DEV), True, "backward", "relu", 0.0)
+    with pytest.raises(RuntimeError, match="rows_all must be"):
+        K.sbn_finish(x, torch.zeros(1, 2, 8, dtype=F64, device=DEV), 0, False, None, None, None,
+                     None, 1e-5, 1e-5, "backward", "relu", 0.0)
+    with pytest.raises(RuntimeError, match="saved must be"):
+        K.sbn_backward(x, x, torch.zeros(3, 10, dtype=F64, device=DEV), False, True, "backward",
+                       "relu", 0.0)
+    with pytest.raises(RuntimeError, match="dy must be"):
+        K.sbn_grad_stats(x[:1], x, torch.zeros(3, 26, dtype=F64, device=DEV), "relu", 0.0)
 
 
 # The op schemas of csrc/sbn.cpp, as the dispatcher has them (for a scratch namespace below).
@@ -490,13 +499,13 @@ def test_register_kernels_onto_the_op_schemas():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::sbn_forward", "CPU")
         x = make_x((2, 3, 4, 5), torch.float32, seed=20)
         ops = getattr(torch.ops, ns)
-        y, bm, bv, saved = ops.sbn_forward(x, None, None, None, None, 1e-5, "ortho", "relu", 0.0)
-        direct = K.sbn_forward(x, None, None, None, None, 1e-5, "ortho", "relu", 0.0)
-        assert torch.equal(y, direct[0]) and torch.equal(saved, direct[3])
+        out = ops.sbn_forward(x, False, *[None] * 8, 1e-5, 1e-5, "ortho", "relu", 0.0)
+        direct = K.sbn_forward(x, False, *[None] * 8, 1e-5, 1e-5, "ortho", "relu", 0.0)
+        assert torch.equal(out[0], direct[0]) and torch.equal(out[5], direct[5])
         rows = ops.sbn_stats(x)[None]
-        out = ops.bnsbn_finish(x, rows, 0, None, None, None, None, 1e-5, 1e-5, "backward",
-                               "identity", 0.0)
-        assert out[5].shape == (3, 26)
+        out = ops.sbn_finish(x, rows, 0, True, None, None, None, None, 1e-5, 1e-5, "backward",
+                             "identity", 0.0)
+        assert out[5].shape == (3, 26) and out[1].shape == (3,)
     finally:
         K._LIBRARIES.pop((ns, "cpu"), None)
         del lib

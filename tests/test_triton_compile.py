@@ -16,14 +16,15 @@ and spills per kernel) is printed at the end of the pytest run; the full table:
     python tests/test_triton_compile.py [--json out.json] [--jobs N] [--quick | --smoke]
 
 What is recorded: every op of CONTRACT_OPS through IMPL of normkernels/triton/sbn.py (the host
-functions, named and called exactly as the C++ ops of csrc/sbn.cpp). The compiling is generic:
+functions, named and called exactly as the C++ ops of csrc/sbn.cpp), with the BN stage on
+(BN+SBN) and off (SBN). The compiling is generic:
 whatever was recorded is compiled.
 
 Shapes: ResNet-50's (64,256,56,56) (64,512,28,28) (64,1024,14,14) (64,2048,7,7) and CIFAR's
 (128,64,32,32); float32, bfloat16, float16, float64 (parameters in float32, and in the input's
 dtype for 16-bit inputs: a model.half()); contiguous and channels_last (the output gradient in
 either layout); training and eval; affine or not; every activation; every path: the Parseval
-ops, BN+SBN, the pieces of the synchronized path (P = 3 processes), the FFT path's spectral
+ops with the BN stage on and off, the pieces of the synchronized path (P = 3 processes), the FFT path's spectral
 kernels.
 
 Which ptxas compiles sm_90 (read this before comparing register counts with the GPU machine):
@@ -81,9 +82,8 @@ SYNC_PROCESSES = 3
 # function with the C++ op's signature; these are the ops recorded, by name. Every one must be in
 # IMPL: a missing one fails the test (edit this table if the contract changes).
 CONTRACT_OPS = ("sbn_stats", "sbn_finish", "sbn_forward", "sbn_grad_stats", "sbn_grad_finish",
-                "sbn_backward", "bnsbn_finish", "bnsbn_forward", "bnsbn_grad_finish",
-                "bnsbn_backward", "sbn_fft_spectral_forward", "sbn_fft_spectral_backward")
-SBN_SAVED, BNSBN_SAVED = 10, 26
+                "sbn_backward", "sbn_fft_spectral_forward", "sbn_fft_spectral_backward")
+SAVED_COLS, ROW_COLS, GSUM_COLS = 26, 8, 4   # csrc/sbn.cpp (normkernels/ops/sbn_layout.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,39 +124,32 @@ class Case:
 
 
 def contract_calls(impl: dict, c: Case):
-    """(op name, thunk) of every op of the contract for one case (csrc/sbn.cpp's arguments)."""
+    """(op name, thunk) of every op of the contract for one case (csrc/sbn.cpp's arguments), with
+    the BN stage on (BN+SBN) and off (SBN)."""
     x, dy, C, act, ap, fn = c.x, c.dy, c.C, c.act, c.act_param, c.fft_norm
-    w, b, bw, bb = c.param(), c.param(), c.param(), c.param()
     P = SYNC_PROCESSES
-    mean, var = (None, None) if c.training else (c.t(C, 2), c.t(C))
-    bmean, bvar = (None, None) if c.training else (c.t(C), c.t(C))
-    calls = [
-        ("sbn_backward", lambda: impl["sbn_backward"](dy, x, c.f64(C, SBN_SAVED), c.training, fn, act, ap)),
-        ("bnsbn_backward", lambda: impl["bnsbn_backward"](dy, x, c.f64(C, BNSBN_SAVED), c.training,
-                                                            fn, act, ap)),
-    ]
-    if c.dy_same:
-        calls += [
-            ("sbn_forward", lambda: impl["sbn_forward"](x, w, b, mean, var, 1e-5, fn, act, ap)),
-            ("bnsbn_forward", lambda: impl["bnsbn_forward"](x, bw, bb, bmean, bvar, w, b, mean, var,
-                                                              1e-5, 1e-5, fn, act, ap)),
-        ]
-    if c.training:     # the synchronized path: statistics of P processes, this one rank 1
-        calls += [
-            ("sbn_grad_stats", lambda: impl["sbn_grad_stats"](dy, x, c.f64(C, SBN_SAVED), act, ap)),
-            ("sbn_grad_finish", lambda: impl["sbn_grad_finish"](dy, x, c.f64(C, SBN_SAVED), c.f64(C, 4),
-                                                                  c.f64(C, 4), True, fn, act, ap)),
-            ("sbn_grad_stats", lambda: impl["sbn_grad_stats"](dy, x, c.f64(C, BNSBN_SAVED), act, ap)),
-            ("bnsbn_grad_finish", lambda: impl["bnsbn_grad_finish"](dy, x, c.f64(C, BNSBN_SAVED), c.f64(C, 4),
-                                                                      c.f64(C, 4), True, fn, act, ap)),
-        ]
+    calls = []
+    for bn in (True, False):
+        w, b = c.param(), c.param()
+        bw, bb = (c.param(), c.param()) if bn else (None, None)
+        mean, var = (None, None) if c.training else (c.t(C, 2), c.t(C))
+        bmean, bvar = (None, None) if c.training or not bn else (c.t(C), c.t(C))
+        calls.append(("sbn_backward", lambda bn=bn: impl["sbn_backward"](dy, x, c.f64(C, SAVED_COLS), bn,
+                                                                          c.training, fn, act, ap)))
         if c.dy_same:
-            calls += [
-                ("sbn_stats", lambda: impl["sbn_stats"](x)),
-                ("sbn_finish", lambda: impl["sbn_finish"](x, c.f64(P, C, 8), w, b, 1e-5, fn, act, ap)),
-                ("bnsbn_finish", lambda: impl["bnsbn_finish"](x, c.f64(P, C, 8), 1, bw, bb, w, b, 1e-5, 1e-5,
-                                                                fn, act, ap)),
-            ]
+            calls.append(("sbn_forward", lambda bn=bn, bw=bw, bb=bb, w=w, b=b, bmean=bmean, bvar=bvar, mean=mean,
+                          var=var: impl["sbn_forward"](x, bn, bw, bb, bmean, bvar, w, b, mean, var, 1e-5, 1e-5,
+                                                       fn, act, ap)))
+        if c.training:     # the synchronized path: statistics of P processes, this one rank 1
+            calls.append(("sbn_grad_finish", lambda bn=bn: impl["sbn_grad_finish"](
+                dy, x, c.f64(C, SAVED_COLS), c.f64(C, GSUM_COLS), c.f64(C, GSUM_COLS), bn, True, fn, act, ap)))
+            if c.dy_same:
+                calls.append(("sbn_finish", lambda bn=bn, bw=bw, bb=bb, w=w, b=b: impl["sbn_finish"](
+                    x, c.f64(P, C, ROW_COLS), 1, bn, bw, bb, w, b, 1e-5, 1e-5, fn, act, ap)))
+    if c.training:
+        calls.append(("sbn_grad_stats", lambda: impl["sbn_grad_stats"](dy, x, c.f64(C, SAVED_COLS), act, ap)))
+        if c.dy_same:
+            calls.append(("sbn_stats", lambda: impl["sbn_stats"](x)))
     return calls + fft_calls(impl, c)
 
 

@@ -1,24 +1,29 @@
-"""The CUDA implementation of the SBN and BN+SBN ops in Triton: host functions, one per op
+"""The CUDA implementation of the SBN family's ops in Triton: host functions, one per op
 (kernels: normkernels/triton/sbn_kernels.py; math and GPU design notes in its docstring).
 
 What is here
 ------------
 * The host functions of the ops of csrc/sbn.cpp, one per op, with exactly the C++ schemas'
   arguments (``IMPL``: name -> function; ``register_kernels()`` registers them as the CUDA
-  kernels of ``normkernels::<name>``, raising on a schema mismatch). Autograd is the ops' own
-  (csrc/autograd): under TRITON_INTERPRET=1, ``on_cpu()`` makes these functions the ops' CPU
+  kernels of ``normkernels::<name>``, raising on a schema mismatch). BN+SBN is the op; SBN is it
+  with the BN stage off (``bn=False``: BN's outputs are empty (0,) tensors). Autograd is the ops'
+  own (csrc/autograd): under TRITON_INTERPRET=1, ``on_cpu()`` makes these functions the ops' CPU
   kernels, so tests run a CUDA call's whole path on CPU tensors.
 * The literal FFT path's spectral passes (``sbn_fft_spectral_forward`` / ``_backward``).
 
+Inputs are validated once, in normkernels/functional.py; here only what would otherwise launch a
+kernel that reads or writes out of bounds, or on another device, is checked (``_operands``).
 Every launch goes through ``normkernels.triton.launch.launch`` and every host function runs on
 meta tensors (no .item(), no data-dependent host logic), so tests can enumerate the kernels'
 specialisations for real shapes without a GPU.
 
-Launches per call (the running-statistics update is its own op: one more launch per buffer set):
-  *_forward training: statistics pass, finalize, apply (3); eval: finalize, apply (2);
-  *_backward (training or eval): gradient sums, finalize, apply (3);
+Launches per call (the running-statistics update is its own op: one more launch per buffer set).
+The finalize (statistics, coefficients) runs in the prologue of the apply kernel's programs:
+  sbn_forward training: statistics pass, finalize + apply (2); eval: finalize + apply (1);
+  sbn_backward (training or eval): gradient sums pass, finalize + apply (2);
   the synchronized pieces: sbn_stats and sbn_grad_stats: pass + reduction of the partials (2),
-  *_finish and *_grad_finish: finalize + apply (2); an empty local batch skips its passes.
+  sbn_finish and sbn_grad_finish: finalize + apply (1); an empty local batch skips its passes
+  (its finish still launches, for the statistics and its share of the parameter gradients).
 """
 
 from __future__ import annotations
@@ -31,50 +36,44 @@ import triton
 import triton.language as tl
 
 from normkernels.ops._act import ACTS
+from normkernels.ops.sbn_layout import FFT_NORMS, GSUMS, ROWS, SAVED
 from normkernels.triton.launch import launch, multiprocessor_count
 from normkernels.triton.sbn_kernels import (
-    BNSBN_SAVED,
-    FFT_NORMS,
-    SBN_SAVED,
-    _NCOEF,
     _NG,
     _NS,
-    _bnsbn_bwd_finalize_kernel,
-    _bnsbn_finalize_kernel,
+    _backward_kernel,
     _fft_apply_kernel,
     _fft_grad_apply_kernel,
     _fft_grad_stats_kernel,
     _fft_stats_kernel,
+    _forward_kernel,
+    _grad_stats_kernel,
     _rows_kernel,
-    _sbn_bwd_apply_kernel,
-    _sbn_bwd_finalize_kernel,
-    _sbn_finalize_kernel,
-    _sbn_fwd_apply_kernel,
-    _sbn_grad_stats_kernel,
-    _sbn_stats_kernel,
+    _stats_kernel,
 )
 
 __all__ = [
     "sbn_stats", "sbn_finish", "sbn_forward", "sbn_grad_stats", "sbn_grad_finish", "sbn_backward",
-    "bnsbn_finish", "bnsbn_forward", "bnsbn_grad_finish", "bnsbn_backward", "IMPL",
-    "register_kernels", "on_cpu", "registered_on_cpu", "sbn_fft_spectral_forward",
-    "sbn_fft_spectral_backward", "FFT_NORMS", "SBN_SAVED", "BNSBN_SAVED",
+    "IMPL", "register_kernels", "on_cpu", "registered_on_cpu", "sbn_fft_spectral_forward",
+    "sbn_fft_spectral_backward", "FFT_NORMS",
 ]
 
 # ----------------------------------------------------------------------------------------------
-# host: validation, constants, tiling
+# host: constants, tiling
 # ----------------------------------------------------------------------------------------------
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ACT_CODE = {name: i for i, name in enumerate(ACTS)}
 _CONSTS: dict = {}
+
+# where the statistics of a finalize come from (the kernels' SRC)
+_FROM_PARTIALS, _FROM_GROUP, _GIVEN = 0, 1, 2
 
 # Tuning knobs (tests shrink them to reach several chunks and tiled rows on small inputs).
 PROGRAMS_PER_SM = 8          # statistics/apply programs aimed at per multiprocessor
 MIN_TILES_PER_CHUNK = 4      # a chunk is at least this many tiles of rows
 MAX_BW = 1024                # longest row held in one tile; longer rows are tiled
 TILE = 2048                  # elements per tile (float64: half as many, the same registers)
-FINALIZE_BLOCK = 128         # channels per finalize program
+FINALIZE_BLOCK = 128         # channels per program of the partials' reduction
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -85,63 +84,26 @@ def _acc_tl(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _fail(op: str, msg: str, exc=ValueError):
-    raise exc(f"normkernels::{op} (triton): {msg}")
-
-
-def _check_x(op: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        _fail(op, "x must be a Tensor", TypeError)
+def _operands(x: torch.Tensor, *named) -> None:
+    """The minimal internal assertion (inputs are validated in normkernels/functional.py): x is
+    (N, C, H, W) and each (name, tensor, shape) given (not None) has that shape and x's device,
+    so that no launch reads out of bounds or on another device."""
     if x.dim() != 4:
-        _fail(op, f"expected a 4d input (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in _DTYPES:
-        _fail(op, f"x must be float16, bfloat16, float32 or float64, got {x.dtype}", TypeError)
-    if x.shape[2] < 1 or x.shape[3] < 1:
-        _fail(op, f"H and W must be at least 1, got shape {tuple(x.shape)}")
-    if x.shape[0] * x.shape[2] >= 2 ** 31:
-        _fail(op, f"N*H must be below 2^31, got shape {tuple(x.shape)}")
+        raise RuntimeError(f"normkernels (triton): x must be (N, C, H, W), got {tuple(x.shape)}")
+    for name, t, shape in named:
+        if t is not None and (t.shape != shape or t.device != x.device):
+            raise RuntimeError(f"normkernels (triton): {name} must be {tuple(shape)} on {x.device}, "
+                               f"got {tuple(t.shape)} on {t.device}")
 
 
-def _check_t(op: str, name: str, t, x, shape, dtype=None, optional=True) -> None:
-    if t is None:
-        if not optional:
-            _fail(op, f"{name} is required")
-        return
-    if not isinstance(t, torch.Tensor):
-        _fail(op, f"{name} must be a Tensor", TypeError)
-    if tuple(t.shape) != tuple(shape):
-        _fail(op, f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.device != x.device:
-        _fail(op, f"{name} is on {t.device}, x on {x.device}")
-    if dtype is not None and t.dtype != dtype:
-        _fail(op, f"{name} must be {dtype}, got {t.dtype}", TypeError)
-    if dtype is None and not t.is_floating_point():
-        _fail(op, f"{name} must be floating point, got {t.dtype}", TypeError)
-
-
-def _check_act(op: str, act: str) -> None:
-    if act not in _ACT_CODE:
-        _fail(op, f"act must be one of {ACTS}, got {act!r}")
-
-
-def _check_mode(op: str, fft_norm: str, act: str) -> None:
-    if fft_norm not in FFT_NORMS:
-        _fail(op, f"fft_norm must be one of {FFT_NORMS}, got {fft_norm!r}")
-    _check_act(op, act)
-
-
-def _check_dy(op: str, dy, x) -> None:
-    _check_t(op, "dy", dy, x, x.shape, optional=False)
-
-
-def _norm_factors(fft_norm: str, H: int, W: int) -> tuple[float, float, float, float]:
-    """(f, f^2, h, h^2): f the forward transform's scale under fft_norm, h = 1/f."""
+def _scales(fft_norm: str, H: int, W: int) -> tuple[float, float]:
+    """(f, h): f the forward transform's scale under fft_norm, h = 1/f."""
     hw = float(H * W)
     if fft_norm == "ortho":
-        return 1.0 / math.sqrt(hw), 1.0 / hw, math.sqrt(hw), hw
+        return 1.0 / math.sqrt(hw), math.sqrt(hw)
     if fft_norm == "forward":
-        return 1.0 / hw, 1.0 / (hw * hw), hw, hw * hw
-    return 1.0, 1.0, 1.0, 1.0
+        return 1.0 / hw, hw
+    return 1.0, 1.0
 
 
 def _row_consts(W: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -151,7 +113,7 @@ def _row_consts(W: int, device: torch.device, dtype: torch.dtype) -> torch.Tenso
     and l = W/2). Pr[0, :] = irfft(ones) = delta_w0 is used as such by the kernels. Computed on
     the device itself (no copy from pageable host memory: a first call may run inside CUDA graph
     capture); tests/test_sbn_triton.py checks them against the oracle's torch.fft derivation."""
-    key = (W, str(device), dtype)
+    key = (W, device, dtype)
     hit = _CONSTS.get(key)
     if hit is None:
         Wr = W // 2 + 1
@@ -241,6 +203,8 @@ class _Plan:
         self.rows = rows
         self.n_chunks = triton.cdiv(self.NH, rows)
         self.grid = (self.c_blocks, self.n_chunks)
+        # the finalize + apply kernels: every channel's programs, at least one (an empty batch)
+        self.grid_at_least_one = (self.c_blocks, max(self.n_chunks, 1))
         self.idx64 = _max_offset(x, *others) >= 2 ** 31
         self.num_warps = 8 if br * bw * bc >= max(tile, 1024) else 4
         self.acc_tl = _acc_tl(x.dtype)
@@ -265,11 +229,6 @@ def _plan(x: torch.Tensor, *others: torch.Tensor) -> _Plan:
     return plan
 
 
-def _fin_grid(C: int):
-    block = max(16, min(FINALIZE_BLOCK, triton.next_power_of_2(max(C, 1))))
-    return (triton.cdiv(C, block),), block
-
-
 # ----------------------------------------------------------------------------------------------
 # host: passes
 # ----------------------------------------------------------------------------------------------
@@ -280,357 +239,198 @@ def _stats_pass(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     plan = _plan(x)
     C = x.shape[1]
     # (one row at least: no null pointer handed to a launch)
-    part = torch.empty((max(plan.n_chunks, 1), _NS, C), dtype=torch.float64, device=x.device)
+    partials = torch.empty((max(plan.n_chunks, 1), _NS, C), dtype=torch.float64, device=x.device)
     if plan.n_chunks > 0 and C > 0:
-        lx = _layout(x)
-        cst = _row_consts(plan.W, x.device, _acc(x.dtype))
-        launch(_sbn_stats_kernel, plan.grid, x, cst, part, C, plan.NH, plan.rows,
-               *_strides(x, lx), X_LAYOUT=lx, num_warps=plan.num_warps, **plan.consts(x))
-    return part, plan.n_chunks
+        layout = _layout(x)
+        launch(_stats_kernel, plan.grid, x, _row_consts(plan.W, x.device, _acc(x.dtype)),
+               partials, C, plan.NH, plan.rows, *_strides(x, layout), X_LAYOUT=layout,
+               num_warps=plan.num_warps, **plan.consts(x))
+    return partials, plan.n_chunks
 
 
-def _forward_apply(x: torch.Tensor, saved: torch.Tensor, act: str, act_param: float
-                   ) -> torch.Tensor:
-    y = _empty_like(x)
-    if x.numel() == 0:
-        return y
-    plan = _plan(x, y)
-    lx = _layout(x)
-    cst = _row_consts(plan.W, x.device, _acc(x.dtype))
-    launch(_sbn_fwd_apply_kernel, plan.grid, x, y, saved, cst, plan.C, plan.NH, plan.rows,
-           saved.shape[1], float(act_param), _ACT_CODE[act], *_strides(x, lx), X_LAYOUT=lx,
-           Y_LAYOUT=_layout(y), num_warps=plan.num_warps, **plan.consts(x))
-    return y
-
-
-def _grad_pass(dy: torch.Tensor, x: torch.Tensor, saved: torch.Tensor, act: str,
-               act_param: float) -> tuple[torch.Tensor, int]:
+def _grad_pass(dy, x, saved, act: str, act_param: float) -> tuple[torch.Tensor, int]:
+    """Per-chunk partials (n_chunks, 4, C) float64 of this process's gradient sums."""
     plan = _plan(x, dy)
     C = x.shape[1]
-    part = torch.empty((max(plan.n_chunks, 1), _NG, C), dtype=torch.float64, device=x.device)
+    partials = torch.empty((max(plan.n_chunks, 1), _NG, C), dtype=torch.float64, device=x.device)
     if plan.n_chunks > 0 and C > 0:
-        lx, ld = _layout(x), _layout(dy)
-        cst = _row_consts(plan.W, x.device, _acc(x.dtype))
-        launch(_sbn_grad_stats_kernel, plan.grid, dy, x, saved, cst, part, C, plan.NH, plan.rows,
-               saved.shape[1], float(act_param), _ACT_CODE[act], *_strides(x, lx),
-               *_strides(dy, ld), X_LAYOUT=lx, DY_LAYOUT=ld, num_warps=plan.num_warps,
-               **plan.consts(x))
-    return part, plan.n_chunks
+        x_layout, dy_layout = _layout(x), _layout(dy)
+        launch(_grad_stats_kernel, plan.grid, dy, x, saved,
+               _row_consts(plan.W, x.device, _acc(x.dtype)), partials, C, plan.NH, plan.rows,
+               float(act_param), _ACT_CODE[act], *_strides(x, x_layout),
+               *_strides(dy, dy_layout), X_LAYOUT=x_layout, DY_LAYOUT=dy_layout,
+               num_warps=plan.num_warps, **plan.consts(x))
+    return partials, plan.n_chunks
 
 
-def _backward_apply(dy, x, saved, coef, training: bool, act: str, act_param: float):
-    dx = _empty_like(x)
-    if x.numel() == 0:
-        return dx
-    plan = _plan(x, dy, dx)
-    lx, ld = _layout(x), _layout(dy)
-    cst = _row_consts(plan.W, x.device, _acc(x.dtype))
-    launch(_sbn_bwd_apply_kernel, plan.grid, dy, x, dx, saved, coef, cst, plan.C, plan.NH,
-           plan.rows, saved.shape[1], float(act_param), _ACT_CODE[act], *_strides(x, lx),
-           *_strides(dy, ld), X_LAYOUT=lx, DY_LAYOUT=ld, DX_LAYOUT=_layout(dx),
-           TRAINING=bool(training), num_warps=plan.num_warps, **plan.consts(x))
-    return dx
-
-
-def _reduce_rows(part: torch.Tensor, n_chunks: int, C: int, N: int, stats: bool) -> torch.Tensor:
-    out = torch.empty((C, 8 if stats else 4), dtype=torch.float64, device=part.device)
+def _reduce_partials(partials: torch.Tensor, n_chunks: int, x: torch.Tensor, stats: bool):
+    """This process's partials reduced to its rows (C, 8) (stats) or gradient sums (C, 4)."""
+    C = x.shape[1]
+    out = torch.empty((C, len(ROWS) if stats else len(GSUMS)), dtype=torch.float64,
+                      device=x.device)
     if C > 0:
-        grid, block = _fin_grid(C)
-        launch(_rows_kernel, grid, part, out, n_chunks, C, float(N), STATS=stats, BLOCK=block,
-               num_warps=4)
+        block = max(16, min(FINALIZE_BLOCK, triton.next_power_of_2(C)))
+        launch(_rows_kernel, (triton.cdiv(C, block),), partials, out, n_chunks, C,
+               float(x.shape[0]), STATS=stats, BLOCK=block, num_warps=4)
     return out
 
 
-def _opt(t):
-    return None if t is None else t.contiguous()
-
-
-# ----------------------------------------------------------------------------------------------
-# host: SBN ops
-# ----------------------------------------------------------------------------------------------
-
-
-def _sbn_finalize(x, src, n_src, rank, weight, bias, mean, var, eps, fft_norm, src_kind):
+def _forward(x, kind, source, n_source, rank, bn, bn_weight, bn_bias, sbn_weight, sbn_bias,
+             given_stats, bn_eps, sbn_eps, fft_norm, act, act_param):
+    """One launch: the finalize in the prologue of the apply, its statistics from ``source``
+    (kind _FROM_PARTIALS: this process's partials over ``n_source`` chunks; _FROM_GROUP: every
+    process's rows, ``n_source`` processes, this one ``rank``) or, kind _GIVEN (eval), from
+    ``given_stats`` = (bn_mean, bn_var, sbn_mean, sbn_var). Returns (y, bn_mean, bn_var,
+    sbn_mean, sbn_var, saved)."""
     N, C, H, W = x.shape
-    acc = _acc(x.dtype)
-    dev = x.device
-    f, f2, hf, hf2 = _norm_factors(fft_norm, H, W)
-    out_mean = torch.empty((C, 2), dtype=acc, device=dev)
-    out_var = torch.empty((C,), dtype=acc, device=dev)
-    saved = torch.empty((C, len(SBN_SAVED)), dtype=torch.float64, device=dev)
+    acc, device = _acc(x.dtype), x.device
+    y = _empty_like(x)
+    bn_mean = torch.empty((C if bn else 0,), dtype=acc, device=device)
+    bn_var = torch.empty((C if bn else 0,), dtype=acc, device=device)
+    sbn_mean = torch.empty((C, 2), dtype=acc, device=device)
+    sbn_var = torch.empty((C,), dtype=acc, device=device)
+    saved = torch.empty((C, len(SAVED)), dtype=torch.float64, device=device)
     if C > 0:
-        grid, block = _fin_grid(C)
-        dummy = saved
-        weight, bias, mean, var = _opt(weight), _opt(bias), _opt(mean), _opt(var)
-        launch(_sbn_finalize_kernel, grid, src if src is not None else dummy,
-               weight if weight is not None else dummy, bias if bias is not None else dummy,
-               mean if mean is not None else dummy, var if var is not None else dummy,
-               out_mean, out_var, saved, C, n_src, rank, float(N), float(eps) * hf2, f, f2, hf,
-               hf2, H, W, SRC=src_kind, HAS_W=weight is not None, HAS_B=bias is not None,
-               BLOCK=block, num_warps=4)
-    return out_mean, out_var, saved
+        plan = _plan(x, y)
+        f, hf = _scales(fft_norm, H, W)
+        inputs = [saved if t is None else t.contiguous()          # (None: an unread stand-in)
+                  for t in (source, bn_weight, bn_bias, sbn_weight, sbn_bias, *given_stats)]
+        x_layout = _layout(x)
+        empty = N == 0          # the prologue only (and no null pointer handed to a launch)
+        launch(_forward_kernel, plan.grid_at_least_one, saved if empty else x,
+               saved if empty else y, _row_consts(W, device, acc), *inputs,
+               bn_mean if bn else saved, bn_var if bn else saved, sbn_mean, sbn_var, saved,
+               C, plan.NH, plan.rows, n_source, rank, float(N), float(bn_eps),
+               float(sbn_eps) * hf * hf, f, hf, float(act_param), _ACT_CODE[act],
+               *_strides(x, x_layout), X_LAYOUT=1 if empty else x_layout,
+               Y_LAYOUT=1 if empty else _layout(y), SRC=kind, BN=bool(bn),
+               HAS_BW=bn_weight is not None, HAS_BB=bn_bias is not None,
+               HAS_SW=sbn_weight is not None, HAS_SB=sbn_bias is not None,
+               num_warps=plan.num_warps, **plan.consts(x))
+    return y, bn_mean, bn_var, sbn_mean, sbn_var, saved
+
+
+def _backward(dy, x, saved, kind, local_sums, group_sums, n_source, bn, training, fft_norm, act,
+              act_param):
+    """One launch: the backward finalize in the prologue of the apply; the gradient sums from
+    this process's partials over ``n_source`` chunks (kind _FROM_PARTIALS, ``group_sums`` None)
+    or from gsums_local / gsums_all (kind _FROM_GROUP). Returns (dx, dbn_weight, dbn_bias,
+    dsbn_weight, dsbn_bias)."""
+    N, C, H, W = x.shape
+    acc, device = _acc(x.dtype), x.device
+    dx = _empty_like(x)
+    grads = [torch.empty((C if bn else 0,), dtype=acc, device=device) for _ in range(2)]
+    grads += [torch.empty((C,), dtype=acc, device=device) for _ in range(2)]
+    if C > 0:
+        plan = _plan(x, dy, dx)
+        x_layout, dy_layout = _layout(x), _layout(dy)
+        empty = N == 0          # the prologue only (and no null pointer handed to a launch)
+        launch(_backward_kernel, plan.grid_at_least_one, saved if empty else dy,
+               saved if empty else x, saved if empty else dx, saved,
+               _row_consts(W, device, acc), local_sums,
+               local_sums if group_sums is None else group_sums,
+               *[g if bn else saved for g in grads[:2]], *grads[2:], C, plan.NH, plan.rows,
+               n_source, float(N), _scales(fft_norm, H, W)[1], float(act_param),
+               _ACT_CODE[act], *_strides(x, x_layout), *_strides(dy, dy_layout),
+               X_LAYOUT=1 if empty else x_layout, DY_LAYOUT=1 if empty else dy_layout,
+               DX_LAYOUT=1 if empty else _layout(dx), SRC=kind, BN=bool(bn),
+               TRAINING=bool(training), num_warps=plan.num_warps, **plan.consts(x))
+    return (dx, *grads)
+
+
+# ----------------------------------------------------------------------------------------------
+# host: the ops (csrc/sbn.cpp), one function each, the schemas' arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def _params(x, bn_weight, bn_bias, sbn_weight, sbn_bias):
+    C = x.shape[1]
+    return (("bn_weight", bn_weight, (C,)), ("bn_bias", bn_bias, (C,)),
+            ("sbn_weight", sbn_weight, (C,)), ("sbn_bias", sbn_bias, (C,)))
 
 
 def sbn_stats(x):
     """rows (C, 8) float64 = [N, K, S1, S2, SR, SA, SD0, SD1] of this process's batch."""
-    _check_x("sbn_stats", x)
+    _operands(x)
     with _guard(x):
-        part, n_chunks = _stats_pass(x)
-        return _reduce_rows(part, n_chunks, x.shape[1], x.shape[0], True)
+        partials, n_chunks = _stats_pass(x)
+        return _reduce_partials(partials, n_chunks, x, stats=True)
 
 
-def _check_rows(op, rows_all, x):
-    if not isinstance(rows_all, torch.Tensor) or rows_all.dim() != 3 or rows_all.shape[0] < 1 \
-            or tuple(rows_all.shape[1:]) != (x.shape[1], 8):
-        _fail(op, f"rows_all must be (P, C, 8) with P >= 1, C = {x.shape[1]}, got "
-                  f"{tuple(getattr(rows_all, 'shape', ()))}")
-    _check_t(op, "rows_all", rows_all, x, rows_all.shape, torch.float64)
+def sbn_finish(x, rows_all, rank, bn, bn_weight, bn_bias, sbn_weight, sbn_bias, bn_eps, sbn_eps,
+               fft_norm, act, act_param):
+    """The group's statistics from every process's rows (rank: this process's row), the
+    coefficients and the apply, in one launch: (y, bn_mean, bn_var, sbn_mean (C, 2), sbn_var,
+    saved (C, 26))."""
+    _operands(x, ("rows_all", rows_all, (rows_all.shape[0], x.shape[1], len(ROWS))),
+              *_params(x, bn_weight, bn_bias, sbn_weight, sbn_bias))
+    with _guard(x):
+        return _forward(x, _FROM_GROUP, rows_all, rows_all.shape[0], int(rank), bn, bn_weight,
+                        bn_bias, sbn_weight, sbn_bias, (None,) * 4, bn_eps, sbn_eps, fft_norm,
+                        act, act_param)
 
 
-def sbn_finish(x, rows_all, weight, bias, eps, fft_norm, act, act_param):
-    """Statistics of the group from every process's rows, coefficients, apply:
-    (y, batch_mean (C, 2), batch_var (C,), saved (C, 10))."""
-    op = "sbn_finish"
-    _check_x(op, x)
+def sbn_forward(x, bn, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias, sbn_mean,
+                sbn_var, bn_eps, sbn_eps, fft_norm, act, act_param):
+    """Training (statistics None): statistics pass, then finalize + apply. Eval (statistics
+    given, SBN's in the fft_norm scale): finalize + apply. Returns (y, bn_mean, bn_var,
+    sbn_mean (C, 2), sbn_var, saved (C, 26))."""
     C = x.shape[1]
-    _check_rows(op, rows_all, x)
-    _check_t(op, "weight", weight, x, (C,))
-    _check_t(op, "bias", bias, x, (C,))
-    _check_mode(op, fft_norm, act)
+    _operands(x, *_params(x, bn_weight, bn_bias, sbn_weight, sbn_bias),
+              ("bn_mean", bn_mean, (C,)), ("bn_var", bn_var, (C,)),
+              ("sbn_mean", sbn_mean, (C, 2)), ("sbn_var", sbn_var, (C,)))
     with _guard(x):
-        mean, var, saved = _sbn_finalize(x, rows_all.contiguous(), rows_all.shape[0], 0, weight,
-                                         bias, None, None, eps, fft_norm, 1)
-        y = _forward_apply(x, saved, act, act_param)
-    return y, mean, var, saved
+        if sbn_mean is None:
+            partials, n_chunks = _stats_pass(x)
+            return _forward(x, _FROM_PARTIALS, partials, n_chunks, 0, bn, bn_weight, bn_bias,
+                            sbn_weight, sbn_bias, (None,) * 4, bn_eps, sbn_eps, fft_norm, act,
+                            act_param)
+        return _forward(x, _GIVEN, None, 0, 0, bn, bn_weight, bn_bias, sbn_weight, sbn_bias,
+                        (bn_mean, bn_var, sbn_mean, sbn_var), bn_eps, sbn_eps, fft_norm, act,
+                        act_param)
 
 
-def sbn_forward(x, weight, bias, mean, var, eps, fft_norm, act, act_param):
-    """Training (mean, var None): statistics pass, finalize, apply. Eval: finalize from mean
-    (C, 2) / var (C,) (the fft_norm scale), apply. Returns (y, batch_mean (C, 2) acc,
-    batch_var (C,) acc, saved (C, 10) float64)."""
-    op = "sbn_forward"
-    _check_x(op, x)
-    C = x.shape[1]
-    _check_t(op, "weight", weight, x, (C,))
-    _check_t(op, "bias", bias, x, (C,))
-    _check_mode(op, fft_norm, act)
-    if (mean is None) != (var is None):
-        _fail(op, "mean and var must both be given (eval) or both be None (training)")
-    _check_t(op, "mean", mean, x, (C, 2))
-    _check_t(op, "var", var, x, (C,))
-    with _guard(x):
-        if mean is None:
-            part, n_chunks = _stats_pass(x)
-            bm, bv, saved = _sbn_finalize(x, part, n_chunks, 0, weight, bias, None, None, eps,
-                                          fft_norm, 0)
-        else:
-            bm, bv, saved = _sbn_finalize(x, None, 0, 0, weight, bias, mean, var, eps, fft_norm,
-                                          2)
-        y = _forward_apply(x, saved, act, act_param)
-    return y, bm, bv, saved
-
-
-def _check_saved(op, saved, x, cols):
-    _check_t(op, "saved", saved, x, (x.shape[1], cols), torch.float64, optional=False)
+def _saved_operands(x, dy, saved, *named):
+    _operands(x, ("dy", dy, x.shape), ("saved", saved, (x.shape[1], len(SAVED))), *named)
 
 
 def sbn_grad_stats(dy, x, saved, act, act_param):
     """gsums (C, 4) float64 = [sum g, sum g t, sum_n g[n,0,0], sum_{n,w} g[n,0,w] Pi[w]],
-    g = act'(pre) dy, t = x - K; reads saved[:, :5] only (SBN and BN+SBN)."""
-    op = "sbn_grad_stats"
-    _check_x(op, x)
-    _check_dy(op, dy, x)
-    if not isinstance(saved, torch.Tensor) or saved.dim() != 2 or saved.shape[1] < 5:
-        _fail(op, "saved must be (C, k >= 5) float64")
-    _check_saved(op, saved, x, saved.shape[1])
-    _check_act(op, act)
+    g = act'(pre) dy, t = x - K; reads saved[:, :5] only."""
+    _saved_operands(x, dy, saved)
     with _guard(x):
-        part, n_chunks = _grad_pass(dy, x, saved.contiguous(), act, act_param)
-        return _reduce_rows(part, n_chunks, x.shape[1], x.shape[0], False)
+        partials, n_chunks = _grad_pass(dy, x, saved.contiguous(), act, act_param)
+        return _reduce_partials(partials, n_chunks, x, stats=False)
 
 
-def _sbn_bwd(dy, x, saved, src, all_sums, n_chunks, training, fft_norm, act, act_param,
-             src_kind):
-    N, C, H, W = x.shape
-    acc = _acc(x.dtype)
-    hf = _norm_factors(fft_norm, H, W)[2]
-    coef = torch.empty((C, _NCOEF), dtype=torch.float64, device=x.device)
-    dw = torch.empty((C,), dtype=acc, device=x.device)
-    db = torch.empty((C,), dtype=acc, device=x.device)
-    if C > 0:
-        grid, block = _fin_grid(C)
-        launch(_sbn_bwd_finalize_kernel, grid, src, all_sums if all_sums is not None else src,
-               saved, coef, dw, db, C, n_chunks, hf, H, W, SRC=src_kind,
-               TRAINING=bool(training), BLOCK=block, num_warps=4)
-    dx = _backward_apply(dy, x, saved, coef, training, act, act_param)
-    return dx, dw, db
-
-
-def _check_gsums(op, g, x, name):
-    _check_t(op, name, g, x, (x.shape[1], 4), torch.float64, optional=False)
-
-
-def sbn_grad_finish(dy, x, saved, gsums_local, gsums_all, training, fft_norm, act, act_param):
-    """(dx, dweight (C,) acc, dbias (C,) acc): dx from the group's gradient sums gsums_all,
-    dweight/dbias this process's share (gsums_local)."""
-    op = "sbn_grad_finish"
-    _check_x(op, x)
-    _check_dy(op, dy, x)
-    _check_saved(op, saved, x, len(SBN_SAVED))
-    _check_gsums(op, gsums_local, x, "gsums_local")
-    _check_gsums(op, gsums_all, x, "gsums_all")
-    _check_mode(op, fft_norm, act)
+def sbn_grad_finish(dy, x, saved, gsums_local, gsums_all, bn, training, fft_norm, act,
+                    act_param):
+    """(dx, dbn_weight, dbn_bias, dsbn_weight, dsbn_bias), (C,) acc each ((0,) BN's with the BN
+    stage off), in one launch: dx from the group's gradient sums, the parameter gradients this
+    process's share."""
+    shape = (x.shape[1], len(GSUMS))
+    _saved_operands(x, dy, saved, ("gsums_local", gsums_local, shape),
+                    ("gsums_all", gsums_all, shape))
     with _guard(x):
-        return _sbn_bwd(dy, x, saved.contiguous(), gsums_local.contiguous(),
-                        gsums_all.contiguous(), 0, training, fft_norm, act, act_param, 1)
+        return _backward(dy, x, saved.contiguous(), _FROM_GROUP, gsums_local.contiguous(),
+                         gsums_all.contiguous(), 0, bn, training, fft_norm, act, act_param)
 
 
-def sbn_backward(dy, x, saved, training, fft_norm, act, act_param):
-    """Gradient sums, backward finalize, apply: (dx, dweight (C,) acc, dbias (C,) acc)."""
-    op = "sbn_backward"
-    _check_x(op, x)
-    _check_dy(op, dy, x)
-    _check_saved(op, saved, x, len(SBN_SAVED))
-    _check_mode(op, fft_norm, act)
+def sbn_backward(dy, x, saved, bn, training, fft_norm, act, act_param):
+    """Gradient sums pass, then backward finalize + apply: (dx, dbn_weight, dbn_bias,
+    dsbn_weight, dsbn_bias), (C,) acc each ((0,) BN's with the BN stage off)."""
+    _saved_operands(x, dy, saved)
     saved = saved.contiguous()
     with _guard(x):
-        part, n_chunks = _grad_pass(dy, x, saved, act, act_param)
-        return _sbn_bwd(dy, x, saved, part, None, n_chunks, training, fft_norm, act, act_param, 0)
-
-
-# ----------------------------------------------------------------------------------------------
-# host: BN+SBN ops
-# ----------------------------------------------------------------------------------------------
-
-
-def _bnsbn_finalize(x, src, n_src, rank, bn_w, bn_b, sbn_w, sbn_b, bn_mean, bn_var, sbn_mean,
-                    sbn_var, bn_eps, sbn_eps, fft_norm, src_kind):
-    N, C, H, W = x.shape
-    acc = _acc(x.dtype)
-    dev = x.device
-    f, f2, hf, hf2 = _norm_factors(fft_norm, H, W)
-    outs = (torch.empty((C,), dtype=acc, device=dev), torch.empty((C,), dtype=acc, device=dev),
-            torch.empty((C, 2), dtype=acc, device=dev), torch.empty((C,), dtype=acc, device=dev))
-    saved = torch.empty((C, len(BNSBN_SAVED)), dtype=torch.float64, device=dev)
-    if C > 0:
-        grid, block = _fin_grid(C)
-        ins = [_opt(t) for t in (bn_w, bn_b, sbn_w, sbn_b, bn_mean, bn_var, sbn_mean, sbn_var)]
-        launch(_bnsbn_finalize_kernel, grid, src if src is not None else saved,
-               *[t if t is not None else saved for t in ins], *outs, saved, C, n_src, rank,
-               float(N), float(bn_eps), float(sbn_eps) * hf2, f, f2, hf, hf2, H, W,
-               SRC=src_kind, HAS_BW=bn_w is not None, HAS_BB=bn_b is not None,
-               HAS_SW=sbn_w is not None, HAS_SB=sbn_b is not None, ACC=_acc_tl(x.dtype),
-               BLOCK=block, num_warps=4)
-    return (*outs, saved)
-
-
-def _check_bnsbn_params(op, x, bn_w, bn_b, sbn_w, sbn_b):
-    C = x.shape[1]
-    for name, t in (("bn_weight", bn_w), ("bn_bias", bn_b), ("sbn_weight", sbn_w),
-                    ("sbn_bias", sbn_b)):
-        _check_t(op, name, t, x, (C,))
-
-
-def bnsbn_finish(x, rows_all, rank, bn_weight, bn_bias, sbn_weight, sbn_bias, bn_eps, sbn_eps,
-                 fft_norm, act, act_param):
-    """BN+SBN from every process's rows (rank: this process's row):
-    (y, bn_mean, bn_var, sbn_mean (C, 2), sbn_var, saved (C, 26))."""
-    op = "bnsbn_finish"
-    _check_x(op, x)
-    _check_rows(op, rows_all, x)
-    if not 0 <= int(rank) < rows_all.shape[0]:
-        _fail(op, f"rank {rank} is not a row of rows_all (P = {rows_all.shape[0]})")
-    _check_bnsbn_params(op, x, bn_weight, bn_bias, sbn_weight, sbn_bias)
-    _check_mode(op, fft_norm, act)
-    with _guard(x):
-        *stats, saved = _bnsbn_finalize(x, rows_all.contiguous(), rows_all.shape[0], int(rank),
-                                        bn_weight, bn_bias, sbn_weight, sbn_bias, None, None,
-                                        None, None, bn_eps, sbn_eps, fft_norm, 1)
-        y = _forward_apply(x, saved, act, act_param)
-    return (y, *stats, saved)
-
-
-def bnsbn_forward(x, bn_weight, bn_bias, bn_mean, bn_var, sbn_weight, sbn_bias, sbn_mean,
-                  sbn_var, bn_eps, sbn_eps, fft_norm, act, act_param):
-    """BN then SBN in one statistics pass, one finalize and one apply (training), or finalize +
-    apply from the four given statistics (eval; SBN's in the fft_norm scale). Returns
-    (y, bn_mean, bn_var, sbn_mean (C, 2), sbn_var, saved (C, 26))."""
-    op = "bnsbn_forward"
-    _check_x(op, x)
-    C = x.shape[1]
-    _check_bnsbn_params(op, x, bn_weight, bn_bias, sbn_weight, sbn_bias)
-    _check_mode(op, fft_norm, act)
-    given = [t is not None for t in (bn_mean, bn_var, sbn_mean, sbn_var)]
-    if any(given) and not all(given):
-        _fail(op, "bn_mean, bn_var, sbn_mean, sbn_var must all be given (eval) or all be None")
-    for name, t, shape in (("bn_mean", bn_mean, (C,)), ("bn_var", bn_var, (C,)),
-                           ("sbn_mean", sbn_mean, (C, 2)), ("sbn_var", sbn_var, (C,))):
-        _check_t(op, name, t, x, shape)
-    with _guard(x):
-        if bn_mean is None:
-            part, n_chunks = _stats_pass(x)
-            *stats, saved = _bnsbn_finalize(x, part, n_chunks, 0, bn_weight, bn_bias, sbn_weight,
-                                            sbn_bias, None, None, None, None, bn_eps, sbn_eps,
-                                            fft_norm, 0)
-        else:
-            *stats, saved = _bnsbn_finalize(x, None, 0, 0, bn_weight, bn_bias, sbn_weight,
-                                            sbn_bias, bn_mean, bn_var, sbn_mean, sbn_var, bn_eps,
-                                            sbn_eps, fft_norm, 2)
-        y = _forward_apply(x, saved, act, act_param)
-    return (y, *stats, saved)
-
-
-def _bnsbn_bwd(dy, x, saved, src, all_sums, n_chunks, training, fft_norm, act, act_param,
-               src_kind):
-    N, C, H, W = x.shape
-    acc = _acc(x.dtype)
-    hf = _norm_factors(fft_norm, H, W)[2]
-    coef = torch.empty((C, _NCOEF), dtype=torch.float64, device=x.device)
-    grads = [torch.empty((C,), dtype=acc, device=x.device) for _ in range(4)]
-    if C > 0:
-        grid, block = _fin_grid(C)
-        launch(_bnsbn_bwd_finalize_kernel, grid, src, all_sums if all_sums is not None else src,
-               saved, coef, *grads, C, n_chunks, float(N), hf, H, W, SRC=src_kind,
-               TRAINING=bool(training), BLOCK=block, num_warps=4)
-    dx = _backward_apply(dy, x, saved, coef, training, act, act_param)
-    return (dx, *grads)
-
-
-def bnsbn_grad_finish(dy, x, saved, gsums_local, gsums_all, training, fft_norm, act, act_param):
-    """(dx, dbn_weight, dbn_bias, dsbn_weight, dsbn_bias), (C,) acc each: dx from the group's
-    sums, the parameter gradients this process's share."""
-    op = "bnsbn_grad_finish"
-    _check_x(op, x)
-    _check_dy(op, dy, x)
-    _check_saved(op, saved, x, len(BNSBN_SAVED))
-    _check_gsums(op, gsums_local, x, "gsums_local")
-    _check_gsums(op, gsums_all, x, "gsums_all")
-    _check_mode(op, fft_norm, act)
-    with _guard(x):
-        return _bnsbn_bwd(dy, x, saved.contiguous(), gsums_local.contiguous(),
-                          gsums_all.contiguous(), 0, training, fft_norm, act, act_param, 1)
-
-
-def bnsbn_backward(dy, x, saved, training, fft_norm, act, act_param):
-    """Gradient sums, backward finalize, apply: (dx, dbn_weight, dbn_bias, dsbn_weight,
-    dsbn_bias), (C,) acc each."""
-    op = "bnsbn_backward"
-    _check_x(op, x)
-    _check_dy(op, dy, x)
-    _check_saved(op, saved, x, len(BNSBN_SAVED))
-    _check_mode(op, fft_norm, act)
-    saved = saved.contiguous()
-    with _guard(x):
-        part, n_chunks = _grad_pass(dy, x, saved, act, act_param)
-        return _bnsbn_bwd(dy, x, saved, part, None, n_chunks, training, fft_norm, act, act_param,
-                          0)
+        partials, n_chunks = _grad_pass(dy, x, saved, act, act_param)
+        return _backward(dy, x, saved, _FROM_PARTIALS, partials, None, n_chunks, bn, training,
+                         fft_norm, act, act_param)
 
 
 IMPL = {
     "sbn_stats": sbn_stats, "sbn_finish": sbn_finish, "sbn_forward": sbn_forward,
     "sbn_grad_stats": sbn_grad_stats, "sbn_grad_finish": sbn_grad_finish,
-    "sbn_backward": sbn_backward, "bnsbn_finish": bnsbn_finish, "bnsbn_forward": bnsbn_forward,
-    "bnsbn_grad_finish": bnsbn_grad_finish, "bnsbn_backward": bnsbn_backward,
+    "sbn_backward": sbn_backward,
 }
 
 
@@ -698,6 +498,7 @@ def registered_on_cpu(namespace: str = "normkernels") -> bool:
     return (namespace, "cpu") in _LIBRARIES
 
 
+
 class _FFTPlan:
     def __init__(self, Xr: torch.Tensor):
         N, C, H, Wr, _ = Xr.shape
@@ -722,14 +523,17 @@ class _FFTPlan:
                     BH=self.BH, BJ=self.BJ)
 
 
-def _check_spectrum(op: str, t, name: str, like=None) -> None:
-    if not isinstance(t, torch.Tensor) or t.dim() != 5 or t.shape[-1] != 2 \
-            or t.dtype not in (torch.float32, torch.float64) or not t.is_contiguous():
-        _fail(op, f"{name} must be a contiguous float32/float64 (N, C, H, Wr, 2) real view of a "
-                  f"half spectrum, got {getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}")
-    if like is not None and (t.shape != like.shape or t.dtype != like.dtype
-                             or t.device != like.device):
-        _fail(op, f"{name} must match Xr's shape, dtype and device")
+def _spectrum_operands(Xr, *named) -> None:
+    """The minimal internal assertion of the FFT passes (their caller, normkernels/ops/sbn.py,
+    builds the spectra): Xr a contiguous (N, C, H, Wr, 2) view (the kernels compute offsets from
+    its sizes), each (name, tensor, shape) given of that shape on Xr's device."""
+    if Xr.dim() != 5 or Xr.shape[-1] != 2 or not Xr.is_contiguous():
+        raise RuntimeError(f"normkernels (triton): Xr must be a contiguous (N, C, H, Wr, 2) real view of a "
+                           f"half spectrum, got shape {tuple(Xr.shape)}")
+    for name, t, shape in named:
+        if t is not None and (t.shape != shape or t.device != Xr.device or
+                              (t.dim() == 5 and not t.is_contiguous())):
+            raise RuntimeError(f"normkernels (triton): {name} must be {tuple(shape)} on {Xr.device}")
 
 
 def sbn_fft_spectral_forward(Xr, weight, bias, stats, eps):
@@ -737,12 +541,8 @@ def sbn_fft_spectral_forward(Xr, weight, bias, stats, eps):
     Returns (Yr, stats (C, 3) = [Re mu, Im mu, var] in Xr's dtype), Y = gamma (X - mu) /
     sqrt(var + eps) + beta, y = irfft2(Y, s=(H, W), norm=fft_norm); the statistics are those of
     the fft_norm-scaled spectrum. stats given (eval) are used instead of batch statistics."""
-    op = "sbn_fft_forward"
-    _check_spectrum(op, Xr, "Xr")
     N, C, H, Wr, _ = Xr.shape
-    for name, t in (("weight", weight), ("bias", bias)):
-        _check_t(op, name, t, Xr, (C,))
-    _check_t(op, "stats", stats, Xr, (C, 3))
+    _spectrum_operands(Xr, ("weight", weight, (C,)), ("bias", bias, (C,)), ("stats", stats, (C, 3)))
     acc = Xr.dtype
     train = stats is None
     with _guard(Xr):
@@ -755,7 +555,8 @@ def sbn_fft_spectral_forward(Xr, weight, bias, stats, eps):
         if train:
             launch(_fft_stats_kernel, plan.grid, Xr, part, C, N, plan.n_per_chunk,
                    num_warps=plan.num_warps, **plan.consts(acc))
-        weight, bias = _opt(weight), _opt(bias)
+        weight = None if weight is None else weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
         launch(_fft_apply_kernel, plan.grid, Xr, Y, part, st,
                weight if weight is not None else st, bias if bias is not None else st, C, N,
                plan.n_chunks, plan.n_per_chunk, 1.0 / max(N * H * Wr, 1), float(eps),
@@ -768,18 +569,11 @@ def sbn_fft_spectral_backward(Gr, Xr, weight, stats, eps, W, training, fft_norm=
     """Gr, Xr: contiguous real views of rfft2(dy, norm=fft_norm) and rfft2(x, norm=fft_norm);
     stats (C, 3) the forward's. Returns (O, grads (C, 2) = [dgamma, dbeta]) with
     dx = irfft2(O, s=(H, W), norm=fft_norm)."""
-    op = "sbn_fft_backward"
-    _check_spectrum(op, Xr, "Xr")
-    _check_spectrum(op, Gr, "Gr", like=Xr)
     N, C, H, Wr, _ = Xr.shape
-    if Wr != int(W) // 2 + 1:
-        _fail(op, f"W = {W} does not match the half spectrum's Wr = {Wr}")
-    if fft_norm not in FFT_NORMS:
-        _fail(op, f"fft_norm must be one of {FFT_NORMS}, got {fft_norm!r}")
-    _check_t(op, "weight", weight, Xr, (C,))
-    _check_t(op, "stats", stats, Xr, (C, 3), optional=False)
+    _spectrum_operands(Xr, ("Gr", Gr, Xr.shape), ("weight", weight, (C,)), ("stats", stats, (C, 3)))
     acc = Xr.dtype
-    f2 = _norm_factors(fft_norm, H, int(W))[1]
+    f = _scales(fft_norm, H, int(W))[0]
+    f2 = f * f
     r = 1.0 / (H * int(W) * f2)
     with _guard(Xr):
         O = torch.empty_like(Xr)
@@ -791,7 +585,7 @@ def sbn_fft_spectral_backward(Gr, Xr, weight, stats, eps, W, training, fft_norm=
         part = torch.empty((max(plan.n_chunks, 1), 3, C), dtype=torch.float64, device=Xr.device)
         launch(_fft_grad_stats_kernel, plan.grid, Gr, Xr, part, st, C, N, plan.n_per_chunk, r,
                float(eps), W=int(W), num_warps=plan.num_warps, **plan.consts(acc))
-        weight = _opt(weight)
+        weight = None if weight is None else weight.contiguous()
         launch(_fft_grad_apply_kernel, plan.grid, Gr, Xr, O, part, st,
                weight if weight is not None else st, grads, C, N, plan.n_chunks,
                plan.n_per_chunk, 1.0 / max(N * H * Wr, 1), r, 1.0 / r, float(eps), W=int(W),

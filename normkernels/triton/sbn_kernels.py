@@ -1,18 +1,34 @@
-"""Triton kernels of Spectral Batch Norm (SBN) and BN+SBN (the ops of csrc/sbn.cpp); their host
-functions (the ops' CUDA kernels) are in normkernels/triton/sbn.py.
+"""Triton kernels of the SBN family (BN+SBN, and SBN as BN+SBN with the BN stage off: the ops of
+csrc/sbn.cpp); their host functions (the ops' CUDA kernels) are in normkernels/triton/sbn.py.
 
-Per direction: a statistics pass writing per-chunk partial sums (no atomics), a finalize kernel
-that reduces them in a fixed order and computes statistics and coefficients in float64, an apply
-pass. The finalize formulas are @triton.jit helpers shared by the single-process finalize (from
-the partials) and the synchronized one (from every process's rows, combined exactly by
-re-centering to a common shift). The literal FFT path's spectral kernels are at the end.
+Kernels (launches per call: sbn.py's docstring)
+-----------------------------------------------
+* ``_stats_kernel``: per-chunk partial sums of x (no atomics).
+* ``_grad_stats_kernel``: per-chunk partial gradient sums of (dy, x).
+* ``_rows_kernel``: this process's partials reduced to rows / gradient sums (the synchronized
+  path's pieces sbn_stats and sbn_grad_stats).
+* ``_forward_kernel``: forward finalize + apply. Each program first computes, in float64, the
+  statistics and apply coefficients of its channels (``_forward_finalize``: from this process's
+  partials, from every process's rows, or from given statistics in eval), then applies them to
+  its rows; the programs of chunk 0 write the statistics and ``saved``.
+* ``_backward_kernel``: backward finalize + apply, the same way (``_backward_finalize``: the dx
+  coefficients from the group's gradient sums and ``saved``; chunk 0 writes the parameter
+  gradients, this process's share).
+The finalize is per channel and reads the partials in chunk order, so every program of a channel
+computes bit-identical coefficients (deterministic, no grid synchronisation), and the finalize of
+a separate kernel launch costs a few hundred float64 operations per program instead. ``BN`` (a
+constexpr) turns the BN stage on: each formula is written once, for BN+SBN; the BN stage off is
+p = 1, sd = 1, Kz = K, mbn = K (compile-time constants: the multiplications fold away).
+The literal FFT path's spectral kernels are at the end.
 
 The math (shifted sums; ops/sbn.py's module docstring has the derivation)
 ------------------------------------------------------------------------
-Per channel, t = x - K with K = x[0, c, 0, 0] (eval: 0 for SBN, BN's mean for BN+SBN); rows are
-(n, h); R = sum_w t, A = sum_w (-1)^w t.
+Per channel, t = x - K with K = x[0, c, 0, 0] (eval: BN's mean with the BN stage on, else 0);
+rows are (n, h); R = sum_w t, A = sum_w (-1)^w t.
 Statistics pass: S1 = sum t, S2 = sum t^2, SR = sum R^2, SA = sum A^2 (0 for odd W),
 SD0 / SD1 = sum_{n,w} t[n, 0, w] Re D(w) / Im D(w), D(w) = sum_{l < W//2+1} exp(-2 pi i l w / W).
+BN stage: z = p t + Kz; SBN's statistics of z follow from the same sums (sum (z - Kz) = p S1,
+sum (z - Kz)^2 = p^2 S2, SR and SA scale by p^2, SD by p).
 Forward apply: pre = cx (x - K) + b off row 0; on row 0: + u at w = 0 (in place of b) and
 b + v Pi[w] elsewhere (Pr[0, :] = delta_w0 exactly, Pi = irfft(1j*ones)); y = act(pre).
 Gradient sums: g = act'(pre) dy with pre recomputed by the same helper: [sum g, sum g t,
@@ -35,6 +51,9 @@ GPU design notes
   the tensor spans 2^31 elements (IDX64). Contiguous and channels_last operands compute their
   offsets from (C, H, W) so that the compiler knows the alignment (16-byte loads where W or C
   allows); other strided views pass their strides.
+* The finalize in a pass's prologue divides and takes square roots in float64 without the IEEE
+  div.rn.f64 / sqrt.rn.f64 sequences (their slow-path calls would put the registers live around
+  them in local memory): ``_rcp64`` and ``_rsqrt64`` (a float32 seed, two Newton steps, ~1 ulp).
 * Launches run under ``torch.cuda.device(x.device)``; the multiprocessor count is cached; the row
   constants (D(w), Pi) are cached per (W, device, dtype).
 """
@@ -44,13 +63,34 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from normkernels.ops.sbn_layout import COL, FFT_NORMS, GSUMS, ROWS, SAVED, SUMS  # noqa: F401
 
+_NS = 1 + len(SUMS)   # statistics partials per chunk: [K, S1, S2, SR, SA, SD0, SD1]
+_NG = len(GSUMS)      # gradient partials per chunk: [sum g, sum g t, G0, G1]
 
-from normkernels.ops.sbn_layout import BNSBN_SAVED, FFT_NORMS, SBN_SAVED  # noqa: E402,F401  (the column layouts)
-
-_NS = 7      # statistics partials per chunk: [K, S1, S2, SR, SA, SD0, SD1]
-_NG = 4      # gradient partials per chunk: [sum g, sum g t, G0, G1]
-_NCOEF = 6   # backward apply coefficients: [c_t, c_R, c_A, cst, u, v] (dy's is cx)
+# The layouts as constexprs the kernels can read (the column indices of normkernels/ops/sbn_layout.py)
+NSAVED = tl.constexpr(len(SAVED))
+NROWS = tl.constexpr(len(ROWS))
+NGSUMS = tl.constexpr(len(GSUMS))
+SV_SHIFT = tl.constexpr(COL["shift"])
+SV_X_SCALE = tl.constexpr(COL["x_scale"])
+SV_OFFSET = tl.constexpr(COL["offset"])
+SV_PR = tl.constexpr(COL["pr_coef"])
+SV_PI = tl.constexpr(COL["pi_coef"])
+SV_BN_SCALE = tl.constexpr(COL["bn_scale"])
+SV_BN_STD = tl.constexpr(COL["bn_std"])
+SV_Z_SHIFT = tl.constexpr(COL["z_shift"])
+SV_MEAN_RE = tl.constexpr(COL["mean_re"])
+SV_MEAN_IM = tl.constexpr(COL["mean_im"])
+SV_SBN_STD = tl.constexpr(COL["sbn_std"])
+SV_SBN_SCALE = tl.constexpr(COL["sbn_scale"])
+SV_BN_MEAN = tl.constexpr(COL["bn_mean"])
+SV_COUNT = tl.constexpr(COL["count"])
+SV_SUMS = tl.constexpr(COL["sum_t"])          # the group's six sums, in SUMS order
+SV_LOCAL = tl.constexpr(COL["local_sum_t"])   # this process's six sums
+ROW_COUNT = tl.constexpr(ROWS.index("count"))
+ROW_SHIFT = tl.constexpr(ROWS.index("shift"))
+ROW_SUMS = tl.constexpr(ROWS.index("sum_t"))
 
 # ----------------------------------------------------------------------------------------------
 # device helpers: activation, offsets, row-0 term
@@ -142,18 +182,37 @@ def _offsets(n, h, w, c, C, sN, sC, sH, sW, H: tl.constexpr, W: tl.constexpr,
 
 
 @triton.jit
-def _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h, has_row0,
-         W: tl.constexpr, ACC: tl.constexpr):
+def _rcp64(v):
+    """1 / v of normal float64 values (|exponent| <= 1000) without the slow-path call of
+    div.rn.f64 (see _sigmoid): v = m 2^e scaled exactly to |m| in [1, 2), a float32 seed, two
+    Newton steps (~1 ulp), times 2^-e. v = 0 gives +inf, inf gives 0, NaN stays NaN."""
+    e = ((v.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023
+    e = tl.minimum(tl.maximum(e, -1000), 1000)
+    scale = ((1023 - e) << 52).to(tl.float64, bitcast=True)         # 2^-e
+    special = (v == 0) | (tl.abs(v) == float("inf"))
+    m = tl.where(special, 1.0, v * scale)
+    y = (1.0 / m.to(tl.float32)).to(tl.float64)
+    y = y * (2.0 - m * y)
+    y = y * (2.0 - m * y)
+    y = y * scale
+    return tl.where(v == 0, float("inf"), tl.where(special, 0.0, y))
+
+
+@triton.jit
+def _sqrt64(v):
+    """sqrt(v) of float64 values >= 0 from _rsqrt64 (sqrt(0) = 0)."""
+    return tl.where(v == 0, 0.0, v * _rsqrt64(v))
+
+
+@triton.jit
+def _pre(xv, K, cx, b, u, v, cst_ptr, w3, wm3, h, has_row0, W: tl.constexpr):
     """The forward apply's pre-activation, written once: every pass that recomputes it (forward
     apply, gradient sums, backward apply) rounds exactly alike, so act' masks agree.
     pre = cx (x - K) + b; on row 0 (tiles that hold one) b is replaced by u at w = 0 and by
-    b + v Pi[w] elsewhere; u, v, Pi are loaded only there (registers stay free elsewhere)."""
+    b + v Pi[w] elsewhere; Pi is loaded only there."""
     t = xv - K
     pre = tl.fma(cx, t, b)
     if has_row0:
-        p = sv_ptr + c * sv_cols
-        u = tl.load(p + 3, mask=cmask, other=0.0).to(ACC)[None, None, :]
-        v = tl.load(p + 4, mask=cmask, other=0.0).to(ACC)[None, None, :]
         pi = tl.load(cst_ptr + 2 * W + w3, mask=wm3, other=0.0)
         row = tl.where(w3 == 0, u, tl.fma(v, pi, b))
         pre = tl.where(h == 0, tl.fma(cx, t, row), pre)
@@ -194,10 +253,10 @@ def _sgn(w3, ACC: tl.constexpr):
 
 
 @triton.jit
-def _sbn_stats_kernel(x_ptr, cst_ptr, part_ptr, C, NH, rows_per_chunk, sN, sC, sH, sW,
-                      H: tl.constexpr, W: tl.constexpr, X_LAYOUT: tl.constexpr,
-                      IDX64: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr,
-                      BW: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr):
+def _stats_kernel(x_ptr, cst_ptr, part_ptr, C, NH, rows_per_chunk, sN, sC, sH, sW,
+                  H: tl.constexpr, W: tl.constexpr, X_LAYOUT: tl.constexpr,
+                  IDX64: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr,
+                  BW: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr):
     """Partials part[chunk, :, c] = [K, S1, S2, SR, SA, SD0, SD1] of this chunk's rows (float64).
     cst = [Re D, Im D, Pi] (3, W)."""
     c, cmask, c3 = _channels(BC, VEC, C, IDX64)
@@ -258,53 +317,31 @@ def _coef(ptr, k, cols, c, cmask, ACC: tl.constexpr):
     return tl.load(ptr + c * cols + k, mask=cmask, other=0.0).to(ACC)[None, None, :]
 
 
-@triton.jit(do_not_specialize=["act"])
-def _sbn_fwd_apply_kernel(x_ptr, y_ptr, sv_ptr, cst_ptr, C, NH, rows_per_chunk, sv_cols,
-                          slope: tl.float64, act, sN, sC, sH, sW,
-                          H: tl.constexpr, W: tl.constexpr, X_LAYOUT: tl.constexpr,
-                          Y_LAYOUT: tl.constexpr, IDX64: tl.constexpr,
-                          ACC: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
-                          BC: tl.constexpr, VEC: tl.constexpr):
-    """y = act(pre), pre from saved[:, :5] (SBN and BN+SBN alike)."""
-    c, cmask, c3 = _channels(BC, VEC, C, IDX64)
-    chunk = tl.program_id(1)
-    cm3 = cmask[None, None, :]
-    K = _coef(sv_ptr, 0, sv_cols, c, cmask, ACC)
-    cx = _coef(sv_ptr, 1, sv_cols, c, cmask, ACC)
-    b = _coef(sv_ptr, 2, sv_cols, c, cmask, ACC)
-    sl = _f64(slope).to(ACC)
-    r_start = chunk * rows_per_chunk
-    r_end = tl.minimum(r_start + rows_per_chunk, NH)
-    for r0 in range(r_start, r_end, BR):
-        n, h, rmask, has_row0 = _rows(r0, r_end, H, BR, IDX64)
-        for w0 in range(0, W, BW):
-            w3 = (w0 + tl.arange(0, BW))[None, :, None]
-            wm3 = w3 < W
-            m = rmask & wm3 & cm3
-            xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W, X_LAYOUT),
-                         mask=m, other=0.0).to(ACC)
-            pre = _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h, has_row0,
-                       W, ACC)
-            y = act_forward(pre, sl, act)
-            tl.store(y_ptr + _offsets(n, h, w3, c3, C, 0, 0, 0, 0, H, W, Y_LAYOUT),
-                     y.to(y_ptr.dtype.element_ty), mask=m)
+
+@triton.jit
+def _apply_coefs(sv_ptr, c, cmask, ACC: tl.constexpr):
+    """saved's apply columns (K, cx, b, u, v) for channels c, as [1, 1, BC] in ACC."""
+    K = _coef(sv_ptr, SV_SHIFT, NSAVED, c, cmask, ACC)
+    cx = _coef(sv_ptr, SV_X_SCALE, NSAVED, c, cmask, ACC)
+    b = _coef(sv_ptr, SV_OFFSET, NSAVED, c, cmask, ACC)
+    u = _coef(sv_ptr, SV_PR, NSAVED, c, cmask, ACC)
+    v = _coef(sv_ptr, SV_PI, NSAVED, c, cmask, ACC)
+    return K, cx, b, u, v
 
 
 @triton.jit(do_not_specialize=["act"])
-def _sbn_grad_stats_kernel(dy_ptr, x_ptr, sv_ptr, cst_ptr, part_ptr, C, NH, rows_per_chunk,
-                           sv_cols, slope: tl.float64, act, sN, sC, sH, sW, dN, dC, dH, dW,
-                           H: tl.constexpr, W: tl.constexpr, X_LAYOUT: tl.constexpr,
-                           DY_LAYOUT: tl.constexpr, IDX64: tl.constexpr,
-                           ACC: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
-                           BC: tl.constexpr, VEC: tl.constexpr):
+def _grad_stats_kernel(dy_ptr, x_ptr, sv_ptr, cst_ptr, part_ptr, C, NH, rows_per_chunk,
+                       slope: tl.float64, act, sN, sC, sH, sW, dN, dC, dH, dW,
+                       H: tl.constexpr, W: tl.constexpr, X_LAYOUT: tl.constexpr,
+                       DY_LAYOUT: tl.constexpr, IDX64: tl.constexpr,
+                       ACC: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
+                       BC: tl.constexpr, VEC: tl.constexpr):
     """Partials part[chunk, :, c] = [sum g, sum g t, sum_n g[n,0,0], sum_{n,w} g[n,0,w] Pi[w]],
     g = act'(pre) dy, t = x - K."""
     c, cmask, c3 = _channels(BC, VEC, C, IDX64)
     chunk = tl.program_id(1)
     cm3 = cmask[None, None, :]
-    K = _coef(sv_ptr, 0, sv_cols, c, cmask, ACC)
-    cx = _coef(sv_ptr, 1, sv_cols, c, cmask, ACC)
-    b = _coef(sv_ptr, 2, sv_cols, c, cmask, ACC)
+    K, cx, b, u, v = _apply_coefs(sv_ptr, c, cmask, ACC)
     sl = _f64(slope).to(ACC)
     r_start = chunk * rows_per_chunk
     r_end = tl.minimum(r_start + rows_per_chunk, NH)
@@ -322,8 +359,7 @@ def _sbn_grad_stats_kernel(dy_ptr, x_ptr, sv_ptr, cst_ptr, part_ptr, C, NH, rows
                          mask=m, other=0.0).to(ACC)
             dyv = tl.load(dy_ptr + _offsets(n, h, w3, c3, C, dN, dC, dH, dW, H, W, DY_LAYOUT),
                           mask=m, other=0.0).to(ACC)
-            pre = _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h, has_row0,
-                       W, ACC)
+            pre = _pre(xv, K, cx, b, u, v, cst_ptr, w3, wm3, h, has_row0, W)
             g = act_backward(pre, dyv, sl, act)      # 0 in masked lanes: dy is loaded as 0
             sg += g
             sgt += g * (xv - K)
@@ -339,89 +375,8 @@ def _sbn_grad_stats_kernel(dy_ptr, x_ptr, sv_ptr, cst_ptr, part_ptr, C, NH, rows
     tl.store(out + 3 * C, tl.sum(tl.sum(g1, 0), 0).to(tl.float64), mask=cmask)
 
 
-@triton.jit(do_not_specialize=["act"])
-def _sbn_bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, sv_ptr, coef_ptr, cst_ptr, C, NH,
-                          rows_per_chunk, sv_cols, slope: tl.float64, act, sN, sC, sH, sW,
-                          dN, dC, dH, dW, H: tl.constexpr, W: tl.constexpr,
-                          X_LAYOUT: tl.constexpr, DY_LAYOUT: tl.constexpr,
-                          DX_LAYOUT: tl.constexpr, TRAINING: tl.constexpr,
-                          IDX64: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr,
-                          BW: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr):
-    """dx = cx g + c_t t + c_R R + c_A A (-1)^w + cst + [h==0](u Re D + v Im D) (training) or
-    cx g (eval); coef[c] = [c_t, c_R, c_A, cst, u, v] (cx: the dy coefficient is the forward's
-    x coefficient, a for SBN, p a for BN+SBN). A row longer than one tile (W > BW) is read
-    twice: once for its sums R, A, then for dx."""
-    c, cmask, c3 = _channels(BC, VEC, C, IDX64)
-    chunk = tl.program_id(1)
-    cm3 = cmask[None, None, :]
-    K = _coef(sv_ptr, 0, sv_cols, c, cmask, ACC)
-    cx = _coef(sv_ptr, 1, sv_cols, c, cmask, ACC)
-    b = _coef(sv_ptr, 2, sv_cols, c, cmask, ACC)
-    sl = _f64(slope).to(ACC)
-    if TRAINING:
-        c_t = _coef(coef_ptr, 0, 6, c, cmask, ACC)
-        c_R = _coef(coef_ptr, 1, 6, c, cmask, ACC)
-        c_A = _coef(coef_ptr, 2, 6, c, cmask, ACC)
-        cst = _coef(coef_ptr, 3, 6, c, cmask, ACC)
-    r_start = chunk * rows_per_chunk
-    r_end = tl.minimum(r_start + rows_per_chunk, NH)
-    for r0 in range(r_start, r_end, BR):
-        n, h, rmask, has_row0 = _rows(r0, r_end, H, BR, IDX64)
-        if TRAINING:
-            if W > BW:      # a row spans several tiles: its sums first
-                R = tl.zeros([BR, 1, BC], ACC)
-                A = tl.zeros([BR, 1, BC], ACC)
-                for w0 in range(0, W, BW):
-                    w3 = (w0 + tl.arange(0, BW))[None, :, None]
-                    m = rmask & (w3 < W) & cm3
-                    xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W,
-                                                  X_LAYOUT), mask=m, other=0.0)
-                    t = tl.where(m, xv.to(ACC) - K, 0.0)
-                    R += tl.sum(t, axis=1, keep_dims=True)
-                    if W % 2 == 0:
-                        A += tl.sum(t * _sgn(w3, ACC), axis=1, keep_dims=True)
-        for w0 in range(0, W, BW):
-            w3 = (w0 + tl.arange(0, BW))[None, :, None]
-            wm3 = w3 < W
-            m = rmask & wm3 & cm3
-            dyv = tl.load(dy_ptr + _offsets(n, h, w3, c3, C, dN, dC, dH, dW, H, W, DY_LAYOUT),
-                          mask=m, other=0.0).to(ACC)
-            if TRAINING:
-                xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W, X_LAYOUT),
-                             mask=m, other=0.0).to(ACC)
-                pre = _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h,
-                           has_row0, W, ACC)
-                g = act_backward(pre, dyv, sl, act)
-                t = tl.where(m, xv - K, 0.0)
-                if W <= BW:
-                    R = tl.sum(t, axis=1, keep_dims=True)
-                    if W % 2 == 0:
-                        A = tl.sum(t * _sgn(w3, ACC), axis=1, keep_dims=True)
-                out = tl.fma(cx, g, tl.fma(c_t, t, tl.fma(c_R, R, cst)))
-                if W % 2 == 0:
-                    out += (c_A * A) * _sgn(w3, ACC)
-                if has_row0:
-                    uD = _coef(coef_ptr, 4, 6, c, cmask, ACC)
-                    vD = _coef(coef_ptr, 5, 6, c, cmask, ACC)
-                    dre = tl.load(cst_ptr + w3, mask=wm3, other=0.0)
-                    dim = tl.load(cst_ptr + W + w3, mask=wm3, other=0.0)
-                    out = tl.where(h == 0, out + tl.fma(uD, dre, vD * dim), out)
-            else:
-                if act == 0:        # identity: dx = cx dy, x is not read
-                    g = dyv
-                else:
-                    xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W,
-                                                  X_LAYOUT), mask=m, other=0.0).to(ACC)
-                    pre = _pre(xv, K, cx, b, sv_ptr, sv_cols, c, cmask, cst_ptr, w3, wm3, h,
-                               has_row0, W, ACC)
-                    g = act_backward(pre, dyv, sl, act)
-                out = cx * g
-            tl.store(dx_ptr + _offsets(n, h, w3, c3, C, 0, 0, 0, 0, H, W, DX_LAYOUT),
-                     out.to(dx_ptr.dtype.element_ty), mask=m)
-
-
 # ----------------------------------------------------------------------------------------------
-# finalize: device helpers (float64), written once for the single-process and the group finalize
+# finalize: device helpers (float64), written once for every source of the statistics
 # ----------------------------------------------------------------------------------------------
 
 
@@ -458,9 +413,9 @@ def _group_sums(rows_ptr, P, rank, C, c, cmask, H, W):
     Ks = tl.zeros(c.shape, tl.float64)
     found = tl.zeros(c.shape, tl.int32)
     for p in range(0, P):
-        base = rows_ptr + (p * C + c) * 8
-        Np = tl.load(base, mask=cmask, other=0.0)
-        Kp = tl.load(base + 1, mask=cmask, other=0.0)
+        base = rows_ptr + (p * C + c) * NROWS
+        Np = tl.load(base + ROW_COUNT, mask=cmask, other=0.0)
+        Kp = tl.load(base + ROW_SHIFT, mask=cmask, other=0.0)
         take = (Np > 0) & (found == 0)
         Ks = tl.where(take, Kp, Ks)
         found = tl.where(take, 1, found)
@@ -478,15 +433,15 @@ def _group_sums(rows_ptr, P, rank, C, c, cmask, H, W):
     LD0 = tl.zeros(c.shape, tl.float64)
     LD1 = tl.zeros(c.shape, tl.float64)
     for p in range(0, P):
-        base = rows_ptr + (p * C + c) * 8
-        Np = tl.load(base, mask=cmask, other=0.0)
-        d = tl.load(base + 1, mask=cmask, other=0.0) - Ks
-        s1 = tl.load(base + 2, mask=cmask, other=0.0)
-        s2 = tl.load(base + 3, mask=cmask, other=0.0)
-        sr = tl.load(base + 4, mask=cmask, other=0.0)
-        sa = tl.load(base + 5, mask=cmask, other=0.0)
-        sd0 = tl.load(base + 6, mask=cmask, other=0.0)
-        sd1 = tl.load(base + 7, mask=cmask, other=0.0)
+        base = rows_ptr + (p * C + c) * NROWS
+        Np = tl.load(base + ROW_COUNT, mask=cmask, other=0.0)
+        d = tl.load(base + ROW_SHIFT, mask=cmask, other=0.0) - Ks
+        s1 = tl.load(base + ROW_SUMS, mask=cmask, other=0.0)
+        s2 = tl.load(base + ROW_SUMS + 1, mask=cmask, other=0.0)
+        sr = tl.load(base + ROW_SUMS + 2, mask=cmask, other=0.0)
+        sa = tl.load(base + ROW_SUMS + 3, mask=cmask, other=0.0)
+        sd0 = tl.load(base + ROW_SUMS + 4, mask=cmask, other=0.0)
+        sd1 = tl.load(base + ROW_SUMS + 5, mask=cmask, other=0.0)
         nd = Np * (H * W) * d
         m1 = s1 + nd
         m2 = s2 + d * (2.0 * s1 + nd)
@@ -510,90 +465,6 @@ def _group_sums(rows_ptr, P, rank, C, c, cmask, H, W):
 
 
 @triton.jit
-def _spectral_stats(S1, S2, SR, SA, SD0, SD1, K, N, H, W):
-    """Shifted sums of t = z - K over N samples -> (Re mu, Im mu, var) of SBN on z ("backward"
-    scale), exactly: mu_t = (H/M) SD, var_t = (HW S2 + H SR + [W even] H SA)/(2M) - |mu_t|^2,
-    mu = mu_t + K W/Wr, var = var_t + d (N (d - K W/Wr) + 2 (S1 - N Re mu_t)) / M, d = K H W."""
-    M = N * (H * (W // 2 + 1))
-    mr_t = SD0 * H / M
-    mi_t = SD1 * H / M
-    E = S2 * (H * W) + SR * H
-    if W % 2 == 0:
-        E += SA * H
-    var_t = E / (2.0 * M) - mr_t * mr_t - mi_t * mi_t
-    d = K * (H * W)
-    cK = K * W / (W // 2 + 1)
-    var = var_t + d * (N * (d - cK) + 2.0 * (S1 - N * mr_t)) / M
-    return mr_t + cK, mi_t, tl.maximum(var, 0.0)
-
-
-@triton.jit
-def _param(ptr, c, cmask, HAS: tl.constexpr, default: tl.constexpr):
-    if HAS:
-        val = tl.load(ptr + c, mask=cmask, other=default).to(tl.float64)
-    else:
-        val = tl.full(c.shape, default, tl.float64)
-    return val
-
-
-@triton.jit
-def _sbn_grad_core(Sdy, Gt, G0, G1, Kz, mr, mi, s, a, N, H, W):
-    """SBN backward on z from the gradient sums (of every process): Sdy = sum g, Gt = sum g (z-Kz),
-    G0, G1 (row-0 sums against Pr, Pi) -> (kE, u, v, cst) with
-    dz = a g + kE (HW (z-Kz) + H R + [W even] H A (-1)^w) + cst + [h==0] (u Re D + v Im D)."""
-    M = N * (H * (W // 2 + 1))
-    Ga = Gt + Kz * Sdy - mr * G0 - mi * G1
-    kE = (Ga / s) * (a / s) * (-0.5 / M)        # dvar / M, dvar = -Ga a / (2 s^2)
-    u = -(H / M) * a * G0 - (2.0 * H) * mr * kE
-    v = -(H / M) * a * G1 - (2.0 * H) * mi * kE
-    cst = Kz * kE * (2.0 * H * W)
-    return kE, u, v, cst
-
-
-@triton.jit
-def _bn_grad_sums(S1, S2, SR, SA, SD0, SD1, Sdy, Gt, a, p, kE, cst_z, u_z, v_z, N, H, W):
-    """Sums of dz and dz t over N samples with statistics sums S* and gradient sums Sdy, Gt:
-    dz = a g + kE p (HW t + H R_t + [even] H A_t (-1)^w) + cst_z + [h==0](u_z Re D + v_z Im D)
-    (sum_w D(w) = W)."""
-    kEp = kE * p
-    sdz = a * Sdy + kEp * S1 * (2.0 * H * W) + cst_z * (N * H * W) + u_z * (N * W)
-    E = S2 * (H * W) + SR * H
-    if W % 2 == 0:
-        E += SA * H
-    sdzt = a * Gt + kEp * E + cst_z * S1 + u_z * SD0 + v_z * SD1
-    return sdz, sdzt
-
-
-# ----------------------------------------------------------------------------------------------
-# finalize kernels
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit(do_not_specialize=["n_chunks"])
-def _rows_kernel(part_ptr, out_ptr, n_chunks, C, N_f: tl.float64, STATS: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    """Reduce this process's partials: STATS: rows (C, 8) = [N, K, S1, S2, SR, SA, SD0, SD1];
-    else gradient sums (C, 4)."""
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cmask = c < C
-    if STATS:
-        K, S1, S2, SR, SA, SD0, SD1 = _local_sums(part_ptr, n_chunks, C, c, cmask)
-        o = out_ptr + c * 8
-        tl.store(o, tl.full(c.shape, N_f, tl.float64), mask=cmask)
-        tl.store(o + 1, K, mask=cmask)
-        tl.store(o + 2, S1, mask=cmask)
-        tl.store(o + 3, S2, mask=cmask)
-        tl.store(o + 4, SR, mask=cmask)
-        tl.store(o + 5, SA, mask=cmask)
-        tl.store(o + 6, SD0, mask=cmask)
-        tl.store(o + 7, SD1, mask=cmask)
-    else:
-        o = out_ptr + c * 4
-        for k in tl.static_range(4):
-            tl.store(o + k, _sum_partials(part_ptr, n_chunks, C, c, cmask, 4, k), mask=cmask)
-
-
-@triton.jit
 def _batch_stats(src_ptr, n_src, rank, C, c, cmask, N_f, H, W, SRC: tl.constexpr):
     """(N_all, K, the group's sums, this process's sums) from this process's partials (SRC 0)
     or from every process's rows (SRC 1)."""
@@ -607,138 +478,164 @@ def _batch_stats(src_ptr, n_src, rank, C, c, cmask, N_f, H, W, SRC: tl.constexpr
     return N_all, K, S1, S2, SR, SA, SD0, SD1, L1, L2, LR, LA, LD0, LD1
 
 
-@triton.jit(do_not_specialize=["n_src", "rank", "H", "W"])
-def _sbn_finalize_kernel(src_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, out_mean_ptr, out_var_ptr,
-                         sv_ptr, C, n_src, rank, N_f: tl.float64, eps_eff: tl.float64,
-                         f: tl.float64, f2: tl.float64, hf: tl.float64, hf2: tl.float64, H, W,
-                         SRC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    """SBN statistics and coefficients. SRC 0: from this process's partials, 1: from rows_all
-    (P = n_src processes), 2: eval (mean (C, 2), var (C,) in the fft_norm scale).
-    Writes batch mean (C, 2) / var (C,) (the fft_norm scale) and saved (C, 10)."""
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cmask = c < C
-    if SRC == 2:
-        m_re = tl.load(mean_ptr + 2 * c, mask=cmask, other=0.0).to(tl.float64)
-        m_im = tl.load(mean_ptr + 2 * c + 1, mask=cmask, other=0.0).to(tl.float64)
-        var_m = tl.load(var_ptr + c, mask=cmask, other=0.0).to(tl.float64)
-        mr = m_re * hf
-        mi = m_im * hf
-        var = var_m * hf2
-        K = tl.zeros(c.shape, tl.float64)
-        N_all = tl.full(c.shape, N_f, tl.float64)
-    else:
-        N_all, K, S1, S2, SR, SA, SD0, SD1, _l1, _l2, _lr, _la, _ld0, _ld1 = _batch_stats(
-            src_ptr, n_src, rank, C, c, cmask, N_f, H, W, SRC)
-        mr, mi, var = _spectral_stats(S1, S2, SR, SA, SD0, SD1, K, N_all, H, W)
-        m_re = f * mr
-        m_im = f * mi
-        var_m = f2 * var
-    tl.store(out_mean_ptr + 2 * c, m_re.to(out_mean_ptr.dtype.element_ty), mask=cmask)
-    tl.store(out_mean_ptr + 2 * c + 1, m_im.to(out_mean_ptr.dtype.element_ty), mask=cmask)
-    tl.store(out_var_ptr + c, var_m.to(out_var_ptr.dtype.element_ty), mask=cmask)
-    s = tl.sqrt(var + eps_eff)
-    a = hf * _param(w_ptr, c, cmask, HAS_W, 1.0) / s            # gamma_eff = h gamma
-    u = hf * _param(b_ptr, c, cmask, HAS_B, 0.0) + a * (K - mr)
-    o = sv_ptr + c * 10
-    tl.store(o, K, mask=cmask)
-    tl.store(o + 1, a, mask=cmask)
-    tl.store(o + 2, a * K, mask=cmask)
-    tl.store(o + 3, u, mask=cmask)
-    tl.store(o + 4, -a * mi, mask=cmask)
-    tl.store(o + 5, mr, mask=cmask)
-    tl.store(o + 6, mi, mask=cmask)
-    tl.store(o + 7, s, mask=cmask)
-    tl.store(o + 8, a, mask=cmask)
-    tl.store(o + 9, N_all, mask=cmask)
+@triton.jit
+def _spectral_stats(S1, S2, SR, SA, SD0, SD1, K, N, H: tl.constexpr, W: tl.constexpr):
+    """Shifted sums of t = z - K over N samples -> (Re mu, Im mu, var) of SBN on z ("backward"
+    scale), exactly: mu_t = (H/M) SD, var_t = (HW S2 + H SR + [W even] H SA)/(2M) - |mu_t|^2,
+    mu = mu_t + K W/Wr, var = var_t + d (N (d - K W/Wr) + 2 (S1 - N Re mu_t)) / M, d = K H W."""
+    inv_M = _rcp64(N * (H * (W // 2 + 1)))
+    mr_t = SD0 * (H * inv_M)
+    mi_t = SD1 * (H * inv_M)
+    E = S2 * (H * W) + SR * H
+    if W % 2 == 0:
+        E += SA * H
+    var_t = E * (0.5 * inv_M) - mr_t * mr_t - mi_t * mi_t
+    d = K * (H * W)
+    cK = K * (W / (W // 2 + 1))
+    var = var_t + d * (N * (d - cK) + 2.0 * (S1 - N * mr_t)) * inv_M
+    return mr_t + cK, mi_t, tl.maximum(var, 0.0)
 
 
 @triton.jit
-def _store6(o, cmask, s1, s2, sr, sa, sd0, sd1):
-    tl.store(o, s1, mask=cmask)
-    tl.store(o + 1, s2, mask=cmask)
-    tl.store(o + 2, sr, mask=cmask)
-    tl.store(o + 3, sa, mask=cmask)
-    tl.store(o + 4, sd0, mask=cmask)
-    tl.store(o + 5, sd1, mask=cmask)
+def _param(ptr, c, cmask, HAS: tl.constexpr, default: tl.constexpr):
+    if HAS:
+        val = tl.load(ptr + c, mask=cmask, other=default).to(tl.float64)
+    else:
+        val = tl.full(c.shape, default, tl.float64)
+    return val
 
 
-@triton.jit(do_not_specialize=["n_src", "rank", "H", "W"])
-def _bnsbn_finalize_kernel(src_ptr, bw_ptr, bb_ptr, sw_ptr, sb_ptr, bmean_ptr, bvar_ptr,
-                           smean_ptr, svar_ptr, o_bmean_ptr, o_bvar_ptr, o_smean_ptr,
-                           o_svar_ptr, sv_ptr, C, n_src, rank, N_f: tl.float64,
-                           bn_eps: tl.float64, eps_eff: tl.float64, f: tl.float64,
-                           f2: tl.float64, hf: tl.float64, hf2: tl.float64, H, W,
-                           SRC: tl.constexpr, HAS_BW: tl.constexpr, HAS_BB: tl.constexpr,
-                           HAS_SW: tl.constexpr, HAS_SB: tl.constexpr, ACC: tl.constexpr,
-                           BLOCK: tl.constexpr):
-    """BN then SBN: z = p t + Kz (t = x - K), SBN statistics of z from the same sums:
-    sum (z - Kz) = p S1, sum (z-Kz)^2 = p^2 S2, SR, SA scale by p^2, SD by p. Writes bn mean/var,
-    sbn mean (C, 2) / var (fft_norm scale) and saved (C, 26)."""
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cmask = c < C
-    bw = _param(bw_ptr, c, cmask, HAS_BW, 1.0)
-    bb = _param(bb_ptr, c, cmask, HAS_BB, 0.0)
+@triton.jit
+def _sbn_grad_core(Sdy, Gt, G0, G1, Kz, mr, mi, inv_s, a, N, H: tl.constexpr, W: tl.constexpr):
+    """SBN backward on z from the gradient sums (of every process): Sdy = sum g, Gt = sum g (z-Kz),
+    G0, G1 (row-0 sums against Pr, Pi) -> (kE, u, v, cst) with
+    dz = a g + kE (HW (z-Kz) + H R + [W even] H A (-1)^w) + cst + [h==0] (u Re D + v Im D)."""
+    inv_M = _rcp64(N * (H * (W // 2 + 1)))
+    Ga = Gt + Kz * Sdy - mr * G0 - mi * G1
+    kE = (Ga * inv_s) * (a * inv_s) * (-0.5 * inv_M)        # dvar / M, dvar = -Ga a / (2 s^2)
+    u = -(H * inv_M) * a * G0 - (2.0 * H) * mr * kE
+    v = -(H * inv_M) * a * G1 - (2.0 * H) * mi * kE
+    cst = Kz * kE * (2.0 * H * W)
+    return kE, u, v, cst
+
+
+@triton.jit
+def _bn_grad_sums(S1, S2, SR, SA, SD0, SD1, Sdy, Gt, a, p, kE, cst_z, u_z, v_z, N,
+                  H: tl.constexpr, W: tl.constexpr):
+    """Sums of dz and dz t over N samples with statistics sums S* and gradient sums Sdy, Gt:
+    dz = a g + kE p (HW t + H R_t + [even] H A_t (-1)^w) + cst_z + [h==0](u_z Re D + v_z Im D)
+    (sum_w D(w) = W)."""
+    kEp = kE * p
+    sdz = a * Sdy + kEp * S1 * (2.0 * H * W) + cst_z * (N * H * W) + u_z * (N * W)
+    E = S2 * (H * W) + SR * H
+    if W % 2 == 0:
+        E += SA * H
+    sdzt = a * Gt + kEp * E + cst_z * S1 + u_z * SD0 + v_z * SD1
+    return sdz, sdzt
+
+
+@triton.jit
+def _store6(o, mask, s1, s2, sr, sa, sd0, sd1):
+    tl.store(o, s1, mask=mask)
+    tl.store(o + 1, s2, mask=mask)
+    tl.store(o + 2, sr, mask=mask)
+    tl.store(o + 3, sa, mask=mask)
+    tl.store(o + 4, sd0, mask=mask)
+    tl.store(o + 5, sd1, mask=mask)
+
+
+@triton.jit
+def _forward_finalize(src_ptr, n_src, rank, bnw_ptr, bnb_ptr, sw_ptr, sb_ptr, bn_mean_ptr,
+                      bn_var_ptr, sbn_mean_ptr, sbn_var_ptr, o_bn_mean_ptr, o_bn_var_ptr,
+                      o_sbn_mean_ptr, o_sbn_var_ptr, sv_ptr, C, c, cmask, chunk, N_f, bn_eps,
+                      eps_eff, f, hf, H: tl.constexpr, W: tl.constexpr, SRC: tl.constexpr,
+                      BN: tl.constexpr, HAS_BW: tl.constexpr, HAS_BB: tl.constexpr,
+                      HAS_SW: tl.constexpr, HAS_SB: tl.constexpr, ACC: tl.constexpr):
+    """Statistics and apply coefficients of channels c, float64: SRC 0 from this process's
+    partials (n_src chunks), 1 from rows_all (n_src processes, this one ``rank``), 2 eval (the
+    given statistics, SBN's in the fft_norm scale). Chunk 0's programs write the
+    statistics (BN's only with the BN stage on) and saved (C, 26). Returns (K, cx, b, u, v).
+    BN stage: z = p t + Kz (t = x - K); SBN on z from the same sums."""
+    if BN:
+        bw = _param(bnw_ptr, c, cmask, HAS_BW, 1.0)
+        bb = _param(bnb_ptr, c, cmask, HAS_BB, 0.0)
     zero = tl.zeros(c.shape, tl.float64)
+    one = tl.full(c.shape, 1.0, tl.float64)
     if SRC == 2:
-        mbn = tl.load(bmean_ptr + c, mask=cmask, other=0.0).to(tl.float64)
-        vbn = tl.load(bvar_ptr + c, mask=cmask, other=0.0).to(tl.float64)
-        m_re = tl.load(smean_ptr + 2 * c, mask=cmask, other=0.0).to(tl.float64)
-        m_im = tl.load(smean_ptr + 2 * c + 1, mask=cmask, other=0.0).to(tl.float64)
-        var_m = tl.load(svar_ptr + c, mask=cmask, other=0.0).to(tl.float64)
+        m_re = tl.load(sbn_mean_ptr + 2 * c, mask=cmask, other=0.0).to(tl.float64)
+        m_im = tl.load(sbn_mean_ptr + 2 * c + 1, mask=cmask, other=0.0).to(tl.float64)
+        var_m = tl.load(sbn_var_ptr + c, mask=cmask, other=0.0).to(tl.float64)
         mr = m_re * hf
         mi = m_im * hf
-        svar = var_m * hf2
-        # shift by the BN mean (rounded to the passes' dtype, so that x - K is the passes' t):
-        # z = p (x - K) + Kz then has no cancellation for data with a large mean
-        K = mbn.to(ACC).to(tl.float64)
+        svar = var_m * (hf * hf)
         N_all = tl.full(c.shape, N_f, tl.float64)
-        sd = tl.sqrt(vbn + bn_eps)
-        p = bw / sd
-        Kz = bb + p * (K - mbn)
         S1, S2, SR, SA, SD0, SD1 = zero, zero, zero, zero, zero, zero
         L1, L2, LR, LA, LD0, LD1 = zero, zero, zero, zero, zero, zero
+        if BN:
+            mbn = tl.load(bn_mean_ptr + c, mask=cmask, other=0.0).to(tl.float64)
+            vbn = tl.load(bn_var_ptr + c, mask=cmask, other=0.0).to(tl.float64)
+            # shift by the BN mean (rounded to the passes' dtype, so that x - K is the passes'
+            # t): z = p (x - K) + Kz then has no cancellation for data with a large mean
+            K = mbn.to(ACC).to(tl.float64)
+            inv_sd = _rsqrt64(vbn + bn_eps)
+            sd = (vbn + bn_eps) * inv_sd
+            p = bw * inv_sd
+            Kz = bb + p * (K - mbn)
+        else:
+            K = zero
+            p, sd, Kz, mbn = one, one, K, K
     else:
         N_all, K, S1, S2, SR, SA, SD0, SD1, L1, L2, LR, LA, LD0, LD1 = _batch_stats(
             src_ptr, n_src, rank, C, c, cmask, N_f, H, W, SRC)
-        nb = N_all * (H * W)
-        m_t = S1 / nb
-        vbn = tl.maximum(S2 / nb - m_t * m_t, 0.0)
-        mbn = K + m_t
-        sd = tl.sqrt(vbn + bn_eps)
-        p = bw / sd
-        Kz = bb - p * m_t
+        if BN:
+            inv_nb = _rcp64(N_all * (H * W))
+            m_t = S1 * inv_nb
+            vbn = tl.maximum(S2 * inv_nb - m_t * m_t, 0.0)
+            mbn = K + m_t
+            inv_sd = _rsqrt64(vbn + bn_eps)
+            sd = (vbn + bn_eps) * inv_sd
+            p = bw * inv_sd
+            Kz = bb - p * m_t
+        else:
+            p, sd, Kz, mbn = one, one, K, K
         p2 = p * p
         mr, mi, svar = _spectral_stats(p * S1, p2 * S2, p2 * SR, p2 * SA, p * SD0, p * SD1, Kz,
                                        N_all, H, W)
         m_re = f * mr
         m_im = f * mi
-        var_m = f2 * svar
-    tl.store(o_bmean_ptr + c, mbn.to(o_bmean_ptr.dtype.element_ty), mask=cmask)
-    tl.store(o_bvar_ptr + c, vbn.to(o_bvar_ptr.dtype.element_ty), mask=cmask)
-    tl.store(o_smean_ptr + 2 * c, m_re.to(o_smean_ptr.dtype.element_ty), mask=cmask)
-    tl.store(o_smean_ptr + 2 * c + 1, m_im.to(o_smean_ptr.dtype.element_ty), mask=cmask)
-    tl.store(o_svar_ptr + c, var_m.to(o_svar_ptr.dtype.element_ty), mask=cmask)
-    s = tl.sqrt(svar + eps_eff)
-    a = hf * _param(sw_ptr, c, cmask, HAS_SW, 1.0) / s          # gamma_eff = h gamma
+        var_m = (f * f) * svar
+    inv_s = _rsqrt64(svar + eps_eff)
+    s = (svar + eps_eff) * inv_s
+    a = hf * _param(sw_ptr, c, cmask, HAS_SW, 1.0) * inv_s          # gamma_eff = h gamma
     u = hf * _param(sb_ptr, c, cmask, HAS_SB, 0.0) + a * (Kz - mr)
-    o = sv_ptr + c * 26
-    tl.store(o, K, mask=cmask)
-    tl.store(o + 1, a * p, mask=cmask)
-    tl.store(o + 2, a * Kz, mask=cmask)
-    tl.store(o + 3, u, mask=cmask)
-    tl.store(o + 4, -a * mi, mask=cmask)
-    tl.store(o + 5, p, mask=cmask)
-    tl.store(o + 6, sd, mask=cmask)
-    tl.store(o + 7, Kz, mask=cmask)
-    tl.store(o + 8, mr, mask=cmask)
-    tl.store(o + 9, mi, mask=cmask)
-    tl.store(o + 10, s, mask=cmask)
-    tl.store(o + 11, a, mask=cmask)
-    tl.store(o + 12, mbn, mask=cmask)
-    tl.store(o + 13, N_all, mask=cmask)
-    _store6(o + 14, cmask, S1, S2, SR, SA, SD0, SD1)
-    _store6(o + 20, cmask, L1, L2, LR, LA, LD0, LD1)
+    cx = a * p
+    b = a * Kz
+    v = -a * mi
+    wm = cmask & ((c * 0 + chunk) == 0)      # chunk 0's programs write
+    if BN:
+        tl.store(o_bn_mean_ptr + c, mbn.to(o_bn_mean_ptr.dtype.element_ty), mask=wm)
+        tl.store(o_bn_var_ptr + c, vbn.to(o_bn_var_ptr.dtype.element_ty), mask=wm)
+    tl.store(o_sbn_mean_ptr + 2 * c, m_re.to(o_sbn_mean_ptr.dtype.element_ty), mask=wm)
+    tl.store(o_sbn_mean_ptr + 2 * c + 1, m_im.to(o_sbn_mean_ptr.dtype.element_ty), mask=wm)
+    tl.store(o_sbn_var_ptr + c, var_m.to(o_sbn_var_ptr.dtype.element_ty), mask=wm)
+    o = sv_ptr + c * NSAVED
+    tl.store(o + SV_SHIFT, K, mask=wm)
+    tl.store(o + SV_X_SCALE, cx, mask=wm)
+    tl.store(o + SV_OFFSET, b, mask=wm)
+    tl.store(o + SV_PR, u, mask=wm)
+    tl.store(o + SV_PI, v, mask=wm)
+    tl.store(o + SV_BN_SCALE, p, mask=wm)
+    tl.store(o + SV_BN_STD, sd, mask=wm)
+    tl.store(o + SV_Z_SHIFT, Kz, mask=wm)
+    tl.store(o + SV_MEAN_RE, mr, mask=wm)
+    tl.store(o + SV_MEAN_IM, mi, mask=wm)
+    tl.store(o + SV_SBN_STD, s, mask=wm)
+    tl.store(o + SV_SBN_SCALE, a, mask=wm)
+    tl.store(o + SV_BN_MEAN, mbn, mask=wm)
+    tl.store(o + SV_COUNT, N_all, mask=wm)
+    _store6(o + SV_SUMS, wm, S1, S2, SR, SA, SD0, SD1)
+    _store6(o + SV_LOCAL, wm, L1, L2, LR, LA, LD0, LD1)
+    return K, cx, b, u, v
 
 
 @triton.jit
@@ -752,126 +649,249 @@ def _grad_sums(src_ptr, all_ptr, n_chunks, C, c, cmask, SRC: tl.constexpr):
         G1 = _sum_partials(src_ptr, n_chunks, C, c, cmask, 4, 3)
         lSdy, lGt, lG0, lG1 = Sdy, Gt, G0, G1
     else:
-        lSdy = tl.load(src_ptr + 4 * c, mask=cmask, other=0.0)
-        lGt = tl.load(src_ptr + 4 * c + 1, mask=cmask, other=0.0)
-        lG0 = tl.load(src_ptr + 4 * c + 2, mask=cmask, other=0.0)
-        lG1 = tl.load(src_ptr + 4 * c + 3, mask=cmask, other=0.0)
-        Sdy = tl.load(all_ptr + 4 * c, mask=cmask, other=0.0)
-        Gt = tl.load(all_ptr + 4 * c + 1, mask=cmask, other=0.0)
-        G0 = tl.load(all_ptr + 4 * c + 2, mask=cmask, other=0.0)
-        G1 = tl.load(all_ptr + 4 * c + 3, mask=cmask, other=0.0)
+        lSdy = tl.load(src_ptr + NGSUMS * c, mask=cmask, other=0.0)
+        lGt = tl.load(src_ptr + NGSUMS * c + 1, mask=cmask, other=0.0)
+        lG0 = tl.load(src_ptr + NGSUMS * c + 2, mask=cmask, other=0.0)
+        lG1 = tl.load(src_ptr + NGSUMS * c + 3, mask=cmask, other=0.0)
+        Sdy = tl.load(all_ptr + NGSUMS * c, mask=cmask, other=0.0)
+        Gt = tl.load(all_ptr + NGSUMS * c + 1, mask=cmask, other=0.0)
+        G0 = tl.load(all_ptr + NGSUMS * c + 2, mask=cmask, other=0.0)
+        G1 = tl.load(all_ptr + NGSUMS * c + 3, mask=cmask, other=0.0)
     return Sdy, Gt, G0, G1, lSdy, lGt, lG0, lG1
 
 
 @triton.jit
-def _store_coefs(coef_ptr, c, cmask, c_t, c_R, c_A, cst, u, v):
-    o = coef_ptr + c * 6
-    tl.store(o, c_t, mask=cmask)
-    tl.store(o + 1, c_R, mask=cmask)
-    tl.store(o + 2, c_A, mask=cmask)
-    tl.store(o + 3, cst, mask=cmask)
-    tl.store(o + 4, u, mask=cmask)
-    tl.store(o + 5, v, mask=cmask)
+def _saved(sv_ptr, col, c, cmask, other: tl.constexpr):
+    return tl.load(sv_ptr + c * NSAVED + col, mask=cmask, other=other)
 
 
-@triton.jit(do_not_specialize=["n_chunks", "H", "W"])
-def _sbn_bwd_finalize_kernel(src_ptr, all_ptr, sv_ptr, coef_ptr, dw_ptr, db_ptr, C, n_chunks,
-                             hf: tl.float64, H, W, SRC: tl.constexpr, TRAINING: tl.constexpr,
-                             BLOCK: tl.constexpr):
-    """SBN backward coefficients (C, 6) for the apply pass (from the group's gradient sums) and
-    dweight = Ga/s, dbias = h G0 (from this process's)."""
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cmask = c < C
-    Sdy, Gt, G0, G1, lSdy, lGt, lG0, lG1 = _grad_sums(src_ptr, all_ptr, n_chunks, C, c, cmask,
-                                                      SRC)
-    sv = sv_ptr + c * 10
-    K = tl.load(sv, mask=cmask, other=0.0)
-    mr = tl.load(sv + 5, mask=cmask, other=0.0)
-    mi = tl.load(sv + 6, mask=cmask, other=0.0)
-    s = tl.load(sv + 7, mask=cmask, other=1.0)
-    a = tl.load(sv + 8, mask=cmask, other=0.0)
-    N_all = tl.load(sv + 9, mask=cmask, other=1.0)
-    dw = hf * (lGt + K * lSdy - mr * lG0 - mi * lG1) / s
-    tl.store(dw_ptr + c, dw.to(dw_ptr.dtype.element_ty), mask=cmask)
-    tl.store(db_ptr + c, (hf * lG0).to(db_ptr.dtype.element_ty), mask=cmask)
+@triton.jit
+def _backward_finalize(src_ptr, all_ptr, n_src, sv_ptr, dbw_ptr, dbb_ptr, dsw_ptr, dsb_ptr, c,
+                       cmask, C, chunk, N_local_f, hf, H: tl.constexpr, W: tl.constexpr,
+                       SRC: tl.constexpr, BN: tl.constexpr, TRAINING: tl.constexpr):
+    """dx coefficients (c_t, c_R, c_A, cst, u, v) of channels c from the group's gradient sums
+    (SRC 0: this process's partials, n_src chunks; 1: gsums_all) and saved; chunk 0's
+    programs write the parameter gradients, this process's share (saved's local sums,
+    gsums_local, this process's N). SBN on z = p t + Kz, then (BN stage on) BN's backward with
+    dz's sums."""
+    Sdy, Gt, G0, G1, lSdy, lGt, lG0, lG1 = _grad_sums(src_ptr, all_ptr, n_src, C, c, cmask, SRC)
     zero = tl.zeros(c.shape, tl.float64)
-    if TRAINING:
-        kE, u, v, cst = _sbn_grad_core(Sdy, Gt, G0, G1, K, mr, mi, s, a, N_all, H, W)
-        kEH = kE * H
-        if W % 2 == 0:
-            c_A = kEH
-        else:
-            c_A = zero
-        _store_coefs(coef_ptr, c, cmask, kEH * W, kEH, c_A, cst, u, v)
+    mr = _saved(sv_ptr, SV_MEAN_RE, c, cmask, 0.0)
+    mi = _saved(sv_ptr, SV_MEAN_IM, c, cmask, 0.0)
+    s = _saved(sv_ptr, SV_SBN_STD, c, cmask, 1.0)
+    a = _saved(sv_ptr, SV_SBN_SCALE, c, cmask, 0.0)
+    inv_s = _rcp64(s)
+    if BN:
+        K = _saved(sv_ptr, SV_SHIFT, c, cmask, 0.0)
+        p = _saved(sv_ptr, SV_BN_SCALE, c, cmask, 0.0)
+        inv_sd = _rcp64(_saved(sv_ptr, SV_BN_STD, c, cmask, 1.0))
+        Kz = _saved(sv_ptr, SV_Z_SHIFT, c, cmask, 0.0)
     else:
-        _store_coefs(coef_ptr, c, cmask, zero, zero, zero, zero, zero, zero)
-
-
-@triton.jit(do_not_specialize=["n_chunks", "H", "W"])
-def _bnsbn_bwd_finalize_kernel(src_ptr, all_ptr, sv_ptr, coef_ptr, dbw_ptr, dbb_ptr, dsw_ptr,
-                               dsb_ptr, C, n_chunks, N_local_f: tl.float64, hf: tl.float64,
-                               H, W, SRC: tl.constexpr, TRAINING: tl.constexpr,
-                               BLOCK: tl.constexpr):
-    """BN+SBN backward: SBN on z = p t + Kz, then BN's backward with dz's sums. Coefficients from
-    the group's sums (saved S*, gradient sums of every process); the parameter gradients are this
-    process's share (saved L*, gsums_local, this process's N)."""
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cmask = c < C
-    Sdy, Gt, G0, G1, lSdy, lGt, lG0, lG1 = _grad_sums(src_ptr, all_ptr, n_chunks, C, c, cmask,
-                                                      SRC)
-    sv = sv_ptr + c * 26
-    K = tl.load(sv, mask=cmask, other=0.0)
-    p = tl.load(sv + 5, mask=cmask, other=0.0)
-    sd = tl.load(sv + 6, mask=cmask, other=1.0)
-    Kz = tl.load(sv + 7, mask=cmask, other=0.0)
-    mr = tl.load(sv + 8, mask=cmask, other=0.0)
-    mi = tl.load(sv + 9, mask=cmask, other=0.0)
-    s = tl.load(sv + 10, mask=cmask, other=1.0)
-    a = tl.load(sv + 11, mask=cmask, other=0.0)
-    mbn = tl.load(sv + 12, mask=cmask, other=0.0)
-    N_all = tl.load(sv + 13, mask=cmask, other=1.0)
+        p = tl.full(c.shape, 1.0, tl.float64)
+        Kz = _saved(sv_ptr, SV_SHIFT, c, cmask, 0.0)
+    wm = cmask & ((c * 0 + chunk) == 0)      # chunk 0's programs write
     # SBN's parameter gradients (this process's share): Ga/s on z, dbeta = h G0
-    dsw = hf * (p * lGt + Kz * lSdy - mr * lG0 - mi * lG1) / s
-    tl.store(dsw_ptr + c, dsw.to(dsw_ptr.dtype.element_ty), mask=cmask)
-    tl.store(dsb_ptr + c, (hf * lG0).to(dsb_ptr.dtype.element_ty), mask=cmask)
-    zero = tl.zeros(c.shape, tl.float64)
+    dsw = hf * (p * lGt + Kz * lSdy - mr * lG0 - mi * lG1) * inv_s
+    tl.store(dsw_ptr + c, dsw.to(dsw_ptr.dtype.element_ty), mask=wm)
+    tl.store(dsb_ptr + c, (hf * lG0).to(dsb_ptr.dtype.element_ty), mask=wm)
     if TRAINING:
-        S1 = tl.load(sv + 14, mask=cmask, other=0.0)
-        S2 = tl.load(sv + 15, mask=cmask, other=0.0)
-        SR = tl.load(sv + 16, mask=cmask, other=0.0)
-        SA = tl.load(sv + 17, mask=cmask, other=0.0)
-        SD0 = tl.load(sv + 18, mask=cmask, other=0.0)
-        SD1 = tl.load(sv + 19, mask=cmask, other=0.0)
-        kE, u_z, v_z, cst_z = _sbn_grad_core(Sdy, p * Gt, G0, G1, Kz, mr, mi, s, a, N_all, H, W)
-        sdz, sdzt = _bn_grad_sums(S1, S2, SR, SA, SD0, SD1, Sdy, Gt, a, p, kE, cst_z, u_z, v_z,
-                                  N_all, H, W)
-        nb = N_all * (H * W)
-        m_t = S1 / nb
-        kb = p * ((sdzt - m_t * sdz) / sd) / (sd * nb)
+        N_all = _saved(sv_ptr, SV_COUNT, c, cmask, 1.0)
+        kE, u_z, v_z, cst_z = _sbn_grad_core(Sdy, p * Gt, G0, G1, Kz, mr, mi, inv_s, a, N_all,
+                                             H, W)
         pkEH = p * p * kE * H
+        c_t = pkEH * W
+        cst = cst_z
+        if BN:
+            S = sv_ptr + c * NSAVED + SV_SUMS
+            S1 = tl.load(S, mask=cmask, other=0.0)
+            sdz, sdzt = _bn_grad_sums(S1, tl.load(S + 1, mask=cmask, other=0.0),
+                                      tl.load(S + 2, mask=cmask, other=0.0),
+                                      tl.load(S + 3, mask=cmask, other=0.0),
+                                      tl.load(S + 4, mask=cmask, other=0.0),
+                                      tl.load(S + 5, mask=cmask, other=0.0),
+                                      Sdy, Gt, a, p, kE, cst_z, u_z, v_z, N_all, H, W)
+            inv_nb = _rcp64(N_all * (H * W))
+            m_t = S1 * inv_nb
+            kb = p * (sdzt - m_t * sdz) * (inv_sd * inv_sd * inv_nb)
+            c_t = c_t - kb
+            cst = p * cst_z - p * sdz * inv_nb + kb * m_t
+            L = sv_ptr + c * NSAVED + SV_LOCAL
+            lsdz, lsdzt = _bn_grad_sums(tl.load(L, mask=cmask, other=0.0),
+                                        tl.load(L + 1, mask=cmask, other=0.0),
+                                        tl.load(L + 2, mask=cmask, other=0.0),
+                                        tl.load(L + 3, mask=cmask, other=0.0),
+                                        tl.load(L + 4, mask=cmask, other=0.0),
+                                        tl.load(L + 5, mask=cmask, other=0.0),
+                                        lSdy, lGt, a, p, kE, cst_z, u_z, v_z, N_local_f, H, W)
+            dbb = lsdz
+            dbw = (lsdzt - m_t * lsdz) * inv_sd
         if W % 2 == 0:
             c_A = pkEH
         else:
             c_A = zero
-        _store_coefs(coef_ptr, c, cmask, pkEH * W - kb, pkEH, c_A,
-                     p * cst_z - p * sdz / nb + kb * m_t, p * u_z, p * v_z)
-        L1 = tl.load(sv + 20, mask=cmask, other=0.0)
-        L2 = tl.load(sv + 21, mask=cmask, other=0.0)
-        LR = tl.load(sv + 22, mask=cmask, other=0.0)
-        LA = tl.load(sv + 23, mask=cmask, other=0.0)
-        LD0 = tl.load(sv + 24, mask=cmask, other=0.0)
-        LD1 = tl.load(sv + 25, mask=cmask, other=0.0)
-        lsdz, lsdzt = _bn_grad_sums(L1, L2, LR, LA, LD0, LD1, lSdy, lGt, a, p, kE, cst_z, u_z,
-                                    v_z, N_local_f, H, W)
-        dbb = lsdz
-        dbw = (lsdzt - m_t * lsdz) / sd
+        c_R = pkEH
+        uD = p * u_z
+        vD = p * v_z
     else:
-        # eval: SBN is affine in z, dz = a g; BN with fixed statistics
-        dbb = a * lSdy
-        dbw = a * (lGt + (K - mbn) * lSdy) / sd
-        _store_coefs(coef_ptr, c, cmask, zero, zero, zero, zero, zero, zero)
-    tl.store(dbw_ptr + c, dbw.to(dbw_ptr.dtype.element_ty), mask=cmask)
-    tl.store(dbb_ptr + c, dbb.to(dbb_ptr.dtype.element_ty), mask=cmask)
+        if BN:
+            # eval: SBN is affine in z, dz = a g; BN with fixed statistics
+            mbn = _saved(sv_ptr, SV_BN_MEAN, c, cmask, 0.0)
+            dbb = a * lSdy
+            dbw = a * (lGt + (K - mbn) * lSdy) * inv_sd
+        c_t, c_R, c_A, cst, uD, vD = zero, zero, zero, zero, zero, zero
+    if BN:
+        tl.store(dbw_ptr + c, dbw.to(dbw_ptr.dtype.element_ty), mask=wm)
+        tl.store(dbb_ptr + c, dbb.to(dbb_ptr.dtype.element_ty), mask=wm)
+    return c_t, c_R, c_A, cst, uD, vD
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels: the reduction of the synchronized path's pieces, forward and backward finalize + apply
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["n_chunks"])
+def _rows_kernel(part_ptr, out_ptr, n_chunks, C, N_f: tl.float64, STATS: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """Reduce this process's partials: STATS: rows (C, 8) = [N, K, S1, S2, SR, SA, SD0, SD1];
+    else gradient sums (C, 4)."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cmask = c < C
+    if STATS:
+        K, S1, S2, SR, SA, SD0, SD1 = _local_sums(part_ptr, n_chunks, C, c, cmask)
+        o = out_ptr + c * NROWS
+        tl.store(o + ROW_COUNT, tl.full(c.shape, N_f, tl.float64), mask=cmask)
+        tl.store(o + ROW_SHIFT, K, mask=cmask)
+        _store6(o + ROW_SUMS, cmask, S1, S2, SR, SA, SD0, SD1)
+    else:
+        o = out_ptr + c * NGSUMS
+        for k in tl.static_range(4):
+            tl.store(o + k, _sum_partials(part_ptr, n_chunks, C, c, cmask, 4, k), mask=cmask)
+
+
+@triton.jit(do_not_specialize=["act", "n_src", "rank"])
+def _forward_kernel(x_ptr, y_ptr, cst_ptr, src_ptr, bnw_ptr, bnb_ptr, sw_ptr, sb_ptr,
+                    bn_mean_ptr, bn_var_ptr, sbn_mean_ptr, sbn_var_ptr, o_bn_mean_ptr,
+                    o_bn_var_ptr, o_sbn_mean_ptr, o_sbn_var_ptr, sv_ptr, C, NH, rows_per_chunk,
+                    n_src, rank, N_f: tl.float64, bn_eps: tl.float64, eps_eff: tl.float64,
+                    f: tl.float64, hf: tl.float64, slope: tl.float64, act, sN, sC, sH, sW,
+                    H: tl.constexpr, W: tl.constexpr, X_LAYOUT: tl.constexpr,
+                    Y_LAYOUT: tl.constexpr, SRC: tl.constexpr, BN: tl.constexpr,
+                    HAS_BW: tl.constexpr, HAS_BB: tl.constexpr, HAS_SW: tl.constexpr,
+                    HAS_SB: tl.constexpr, IDX64: tl.constexpr, ACC: tl.constexpr,
+                    BR: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr):
+    """Forward finalize (``_forward_finalize``: SRC 0 partials, 1 rows_all, 2 eval) of this
+    program's channels, then y = act(pre) over its chunk of rows."""
+    c, cmask, c3 = _channels(BC, VEC, C, IDX64)
+    chunk = tl.program_id(1)
+    cm3 = cmask[None, None, :]
+    K64, cx64, b64, u64, v64 = _forward_finalize(
+        src_ptr, n_src, rank, bnw_ptr, bnb_ptr, sw_ptr, sb_ptr, bn_mean_ptr, bn_var_ptr,
+        sbn_mean_ptr, sbn_var_ptr, o_bn_mean_ptr, o_bn_var_ptr, o_sbn_mean_ptr, o_sbn_var_ptr,
+        sv_ptr, C, c, cmask, chunk, N_f, bn_eps, eps_eff, f, hf, H, W, SRC, BN, HAS_BW,
+        HAS_BB, HAS_SW, HAS_SB, ACC)
+    K = K64.to(ACC)[None, None, :]
+    cx = cx64.to(ACC)[None, None, :]
+    b = b64.to(ACC)[None, None, :]
+    u = u64.to(ACC)[None, None, :]
+    v = v64.to(ACC)[None, None, :]
+    sl = _f64(slope).to(ACC)
+    r_start = chunk * rows_per_chunk
+    r_end = tl.minimum(r_start + rows_per_chunk, NH)
+    for r0 in range(r_start, r_end, BR):
+        n, h, rmask, has_row0 = _rows(r0, r_end, H, BR, IDX64)
+        for w0 in range(0, W, BW):
+            w3 = (w0 + tl.arange(0, BW))[None, :, None]
+            wm3 = w3 < W
+            m = rmask & wm3 & cm3
+            xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W, X_LAYOUT),
+                         mask=m, other=0.0).to(ACC)
+            pre = _pre(xv, K, cx, b, u, v, cst_ptr, w3, wm3, h, has_row0, W)
+            y = act_forward(pre, sl, act)
+            tl.store(y_ptr + _offsets(n, h, w3, c3, C, 0, 0, 0, 0, H, W, Y_LAYOUT),
+                     y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["act", "n_src"])
+def _backward_kernel(dy_ptr, x_ptr, dx_ptr, sv_ptr, cst_ptr, src_ptr, all_ptr, dbw_ptr, dbb_ptr,
+                     dsw_ptr, dsb_ptr, C, NH, rows_per_chunk, n_src, N_f: tl.float64,
+                     hf: tl.float64, slope: tl.float64, act, sN, sC, sH, sW, dN, dC, dH, dW,
+                     H: tl.constexpr, W: tl.constexpr, X_LAYOUT: tl.constexpr,
+                     DY_LAYOUT: tl.constexpr, DX_LAYOUT: tl.constexpr, SRC: tl.constexpr,
+                     BN: tl.constexpr, TRAINING: tl.constexpr, IDX64: tl.constexpr,
+                     ACC: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr,
+                     VEC: tl.constexpr):
+    """Backward finalize (``_backward_finalize``: SRC 0 this process's gradient partials, 1
+    gsums_local / gsums_all) of this program's channels, then over its chunk of rows
+    dx = cx g + c_t t + c_R R + c_A A (-1)^w + cst + [h==0](u Re D + v Im D) (training) or
+    cx g (eval); cx, the dy coefficient, is the forward's x coefficient (a p). A row longer
+    than one tile (W > BW) is read twice: once for its sums R, A, then for dx."""
+    c, cmask, c3 = _channels(BC, VEC, C, IDX64)
+    chunk = tl.program_id(1)
+    cm3 = cmask[None, None, :]
+    c_t64, c_R64, c_A64, cst64, uD64, vD64 = _backward_finalize(
+        src_ptr, all_ptr, n_src, sv_ptr, dbw_ptr, dbb_ptr, dsw_ptr, dsb_ptr, c, cmask, C,
+        chunk, N_f, hf, H, W, SRC, BN, TRAINING)
+    K, cx, b, u, v = _apply_coefs(sv_ptr, c, cmask, ACC)
+    sl = _f64(slope).to(ACC)
+    if TRAINING:
+        c_t = c_t64.to(ACC)[None, None, :]
+        c_R = c_R64.to(ACC)[None, None, :]
+        c_A = c_A64.to(ACC)[None, None, :]
+        cst = cst64.to(ACC)[None, None, :]
+        uD = uD64.to(ACC)[None, None, :]
+        vD = vD64.to(ACC)[None, None, :]
+    r_start = chunk * rows_per_chunk
+    r_end = tl.minimum(r_start + rows_per_chunk, NH)
+    for r0 in range(r_start, r_end, BR):
+        n, h, rmask, has_row0 = _rows(r0, r_end, H, BR, IDX64)
+        if TRAINING:
+            if W > BW:      # a row spans several tiles: its sums first
+                R = tl.zeros([BR, 1, BC], ACC)
+                A = tl.zeros([BR, 1, BC], ACC)
+                for w0 in range(0, W, BW):
+                    w3 = (w0 + tl.arange(0, BW))[None, :, None]
+                    m = rmask & (w3 < W) & cm3
+                    xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W,
+                                                  X_LAYOUT), mask=m, other=0.0)
+                    t = tl.where(m, xv.to(ACC) - K, 0.0)
+                    R += tl.sum(t, axis=1, keep_dims=True)
+                    if W % 2 == 0:
+                        A += tl.sum(t * _sgn(w3, ACC), axis=1, keep_dims=True)
+        for w0 in range(0, W, BW):
+            w3 = (w0 + tl.arange(0, BW))[None, :, None]
+            wm3 = w3 < W
+            m = rmask & wm3 & cm3
+            dyv = tl.load(dy_ptr + _offsets(n, h, w3, c3, C, dN, dC, dH, dW, H, W, DY_LAYOUT),
+                          mask=m, other=0.0).to(ACC)
+            if TRAINING:
+                xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W, X_LAYOUT),
+                             mask=m, other=0.0).to(ACC)
+                pre = _pre(xv, K, cx, b, u, v, cst_ptr, w3, wm3, h, has_row0, W)
+                g = act_backward(pre, dyv, sl, act)
+                t = tl.where(m, xv - K, 0.0)
+                if W <= BW:
+                    R = tl.sum(t, axis=1, keep_dims=True)
+                    if W % 2 == 0:
+                        A = tl.sum(t * _sgn(w3, ACC), axis=1, keep_dims=True)
+                out = tl.fma(cx, g, tl.fma(c_t, t, tl.fma(c_R, R, cst)))
+                if W % 2 == 0:
+                    out += (c_A * A) * _sgn(w3, ACC)
+                if has_row0:
+                    dre = tl.load(cst_ptr + w3, mask=wm3, other=0.0)
+                    dim = tl.load(cst_ptr + W + w3, mask=wm3, other=0.0)
+                    out = tl.where(h == 0, out + tl.fma(uD, dre, vD * dim), out)
+            else:
+                if act == 0:        # identity: dx = cx dy, x is not read
+                    g = dyv
+                else:
+                    xv = tl.load(x_ptr + _offsets(n, h, w3, c3, C, sN, sC, sH, sW, H, W,
+                                                  X_LAYOUT), mask=m, other=0.0).to(ACC)
+                    pre = _pre(xv, K, cx, b, u, v, cst_ptr, w3, wm3, h, has_row0, W)
+                    g = act_backward(pre, dyv, sl, act)
+                out = cx * g
+            tl.store(dx_ptr + _offsets(n, h, w3, c3, C, 0, 0, 0, 0, H, W, DX_LAYOUT),
+                     out.to(dx_ptr.dtype.element_ty), mask=m)
 
 
 # ----------------------------------------------------------------------------------------------
