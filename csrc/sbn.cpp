@@ -26,8 +26,9 @@
 // irfft(1j*ones(W/2+1), n=W)[w] (the row-0 patterns of irfft2 of a constant spectrum; zero on rows
 // h > 0). M = N_all * H * (W/2+1).
 //
-// Statistics rows (sbn_stats; shared by SBN and BN+SBN): (C, 8) float64
+// Statistics rows (sbn_stats): (C, 8) float64
 //     [N, K, S1, S2, SR, SA, SD0, SD1]
+//   (RowCol: count, shift, sum_t, sum_t2, sum_row2, sum_alt2, sum_d_re, sum_d_im)
 //   K = x[0, c, 0, 0] (0 when N == 0); over this process's batch S1 = sum t, S2 = sum t^2,
 //   SR = sum over rows of R^2, SA = sum of A^2 (0 for odd W), SD0 / SD1 = sum_{n,w} t[n, c, 0, w]
 //   Re D(w) / Im D(w).  rows_all (P, C, 8): the rows of every process of a group (P = 1: this
@@ -47,6 +48,8 @@
 //   [K, cx, b, u, v, p, sd, Kz, mr, mi, s, a, mbn, N_all,
 //    S1, S2, SR, SA, SD0, SD1,    the group's sums of t at K
 //    L1, L2, LR, LA, LD0, LD1]    this process's sums of t at K (= the group's when P == 1)
+//   (SavedCol: shift, x_scale, offset, pr_coef, pi_coef, bn_scale, bn_std, z_shift, mean_re,
+//    mean_im, sbn_std, sbn_scale, bn_mean, count, sum_t .. sum_d_im, local_sum_t .. local_sum_d_im)
 //   BN stage: mbn, sd = sqrt(var_bn + bn_eps), p = bn_gamma / sd; z = BN(x) = p (x - K) + Kz
 //   (BN stage off: p = sd = 1, Kz = K, mbn = K); SBN part on z with shift Kz: mr, mi the spectral
 //   mean in the "backward" scale, s = sqrt(var + eps_eff), a = gamma_eff / s; cx = a p; N_all: the
@@ -54,7 +57,8 @@
 //
 // Gradient sums (sbn_grad_stats): (C, 4) float64 [Sdy, Gt, G0, G1]
 //   = [sum g, sum g t, sum_{n,w} g[n, c, 0, w] Pr[w], sum_{n,w} g[n, c, 0, w] Pi[w]],
-//   g = act'(pre) dy, t = x - K, K and pre from saved[:, :5].
+//   g = act'(pre) dy, t = x - K, K and pre from saved[:, :5]  (GradCol: sum_g, sum_gt, sum_g_pr,
+//   sum_g_pi).
 //
 // Ops (one per direction, plus the pieces of the synchronized path)
 // ---
@@ -79,7 +83,8 @@
 // Every top-level CPU op is one leaf op (its passes and finalize in one C++ call). An empty batch
 // (N = 0) is valid for sbn_stats / the grad ops (a process of a group with no samples); the finish
 // ops need N_all > 0. Inputs are validated once, in normkernels/functional.py; the kernels check
-// only what would otherwise read out of bounds (shapes, devices, dtypes).
+// only what would otherwise read out of bounds (shapes, devices, dtypes) and that the BN stage's
+// arguments are None with it off.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(normkernels, m) {

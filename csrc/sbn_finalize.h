@@ -1,8 +1,9 @@
-// The per-channel finalize math of SBN (Parseval) and BN+SBN, written once in float64 for host and
-// device code (the pattern of PyTorch's Normalization.cuh). The CPU ops (csrc/cpu/sbn_cpu.cpp) call
-// these functions; a CUDA finalize kernel may call them too. Column layouts and the meaning of every
-// quantity are documented once in csrc/sbn.cpp; the derivations are in docs/DESIGN.md section 2 and in
-// the module docstring of normkernels/ops/sbn.py (whose torch functions are the oracle of these).
+// The per-channel finalize math of the SBN family (BN+SBN; SBN = the BN stage off), written once
+// in float64 for host and device code (the pattern of PyTorch's Normalization.cuh). The CPU ops
+// (csrc/cpu/sbn_cpu.cpp) call these functions; a CUDA finalize kernel may call them too. Column
+// layouts and the meaning of every quantity are documented once in csrc/sbn.cpp; the derivations
+// are in docs/DESIGN.md section 2 and in the module docstring of normkernels/ops/sbn.py (whose
+// torch functions are the oracle of these).
 //
 // Notation (one channel): x (N, H, W), Wr = W/2 + 1, M = N*H*Wr (spectral coefficients),
 // t = x - K for a per-channel shift K, R = sum_w t (row sums), A = sum_w (-1)^w t (W even),
@@ -19,23 +20,26 @@ namespace sbn {
 // torch.fft's norm argument: the forward transform is scaled by f = 1, 1/sqrt(HW), 1/(HW).
 enum class FftNorm : int { Backward = 0, Ortho = 1, Forward = 2 };
 
-// Column indices of the tensors the ops exchange (csrc/sbn.cpp documents them).
+// Column indices of the tensors the ops exchange (csrc/sbn.cpp documents them, in the math
+// notation of this header: count = N, shift = K, sum_t = S1, ..., x_scale = cx, z_shift = Kz ...);
+// the same names, in the same order, as normkernels/ops/sbn_layout.py (ROWS, SAVED, GSUMS).
 struct RowCol {  // sbn_stats: (C, 8) per process
-  enum : int { N, K, S1, S2, SR, SA, SD0, SD1, Width };
+  enum : int { count, shift, sum_t, sum_t2, sum_row2, sum_alt2, sum_d_re, sum_d_im, Width };
 };
-struct SavedCol {  // SBN saved: (C, 10)
-  enum : int { K, cx, b, u, v, mr, mi, s, a, N_all, Width };
-};
-struct BnSavedCol {  // BN+SBN saved: (C, 26)
+struct SavedCol {  // sbn_forward / sbn_finish saved: (C, 26), BN stage on or off
   enum : int {
-    K, cx, b, u, v, p, sd, Kz, mr, mi, s, a, mbn, N_all,
-    S1, S2, SR, SA, SD0, SD1,  // the group's sums at K
-    L1, L2, LR, LA, LD0, LD1,  // this process's sums at K
+    shift, x_scale, offset, pr_coef, pi_coef,  // the apply coefficients K, cx, b, u, v
+    bn_scale, bn_std, z_shift,                 // BN stage: p, sd, Kz
+    mean_re, mean_im, sbn_std, sbn_scale,      // SBN stage: mr, mi, s, a
+    bn_mean, count,                            // mbn, N_all
+    sum_t, sum_t2, sum_row2, sum_alt2, sum_d_re, sum_d_im,  // the group's sums at K
+    local_sum_t, local_sum_t2, local_sum_row2, local_sum_alt2, local_sum_d_re,
+    local_sum_d_im,                                          // this process's sums at K
     Width
   };
 };
-struct GradCol {  // sbn_grad_stats: (C, 4)
-  enum : int { Sdy, Gt, G0, G1, Width };
+struct GradCol {  // sbn_grad_stats: (C, 4) [Sdy, Gt, G0, G1]
+  enum : int { sum_g, sum_gt, sum_g_pr, sum_g_pi, Width };
 };
 
 constexpr double kPi = 3.14159265358979323846;
@@ -98,7 +102,7 @@ C10_HOST_DEVICE inline void store_sums(const Sums& s, double* p) {
 C10_HOST_DEVICE inline Sums add_sums(const Sums& a, const Sums& b) {
   return {a.S1 + b.S1, a.S2 + b.S2, a.SR + b.SR, a.SA + b.SA, a.SD0 + b.SD0, a.SD1 + b.SD1};
 }
-// Sums of p*t from the sums of t (BN+SBN: z - Kz = p t).
+// Sums of p*t from the sums of t (z - Kz = p t).
 C10_HOST_DEVICE inline Sums scale_sums(const Sums& s, double p) {
   const double p2 = p * p;
   return {p * s.S1, p2 * s.S2, p2 * s.SR, p2 * s.SA, p * s.SD0, p * s.SD1};
@@ -132,20 +136,21 @@ C10_HOST_DEVICE inline Group combine_rows(const double* rows, int64_t P, int64_t
   const double* first = rows + c * RowCol::Width;
   for (int64_t r = 0; r < P; ++r) {
     const double* row = rows + (r * C + c) * RowCol::Width;
-    if (row[RowCol::N] > 0) {
+    if (row[RowCol::count] > 0) {
       first = row;
       break;
     }
   }
   Group g;
-  g.K = first[RowCol::K];
+  g.K = first[RowCol::shift];
   g.N = 0.0;
   g.sums = Sums{0, 0, 0, 0, 0, 0};
   g.local = g.sums;
   for (int64_t r = 0; r < P; ++r) {
     const double* row = rows + (r * C + c) * RowCol::Width;
-    const double n = row[RowCol::N];
-    const Sums moved = recenter(load_sums(row + RowCol::S1), n, row[RowCol::K] - g.K, H, W);
+    const double n = row[RowCol::count];
+    const Sums moved =
+        recenter(load_sums(row + RowCol::sum_t), n, row[RowCol::shift] - g.K, H, W);
     g.sums = add_sums(g.sums, moved);
     g.N += n;
     if (r == rank) g.local = moved;
@@ -195,11 +200,14 @@ C10_HOST_DEVICE inline SbnCoef sbn_coef(double Kz, const Spectral& st, double ga
   return {a, a * Kz, h * beta + a * (Kz - st.mr), -a * st.mi, s, a};
 }
 
-// ------------------------------------------------------------------------------ BN part (BN+SBN)
-// BN of x with batch sums (shift K, N samples) or given statistics: z = p (x - K) + Kz.
+// ------------------------------------------------------------------------------ BN stage
+// BN of x with batch sums (shift K, N samples) or given statistics: z = p (x - K) + Kz; with the
+// BN stage off (SBN alone) the identity z = x: p = sd = 1, Kz = mbn = K (vbn = 0, not reported).
 struct BnPart {
   double mbn, vbn, sd, p, Kz;
 };
+
+C10_HOST_DEVICE inline BnPart bn_identity(double K) { return {K, 0.0, 1.0, 1.0, K}; }
 
 C10_HOST_DEVICE inline BnPart bn_from_sums(const Sums& s, double K, double N, int64_t H,
                                            int64_t W, double gamma, double beta, double eps) {
@@ -244,20 +252,15 @@ C10_HOST_DEVICE inline SbnGrad sbn_grad_core(double Sdy, double gz, double G0, d
   return g;
 }
 
-// Backward-apply coefficients (csrc/sbn.cpp): with t = x - K, R, A of t,
+// Backward-apply coefficients: with t = x - K, R, A of t,
 //   dx = c_dy g + c_t t + cst + c_R R + c_A A (-1)^w + [h == 0] (u Re D(w) + v Im D(w)).
 struct BackCoef {
   double c_dy, c_t, c_R, c_A, cst, u, v;
 };
 
-C10_HOST_DEVICE inline BackCoef sbn_back_coef(double a, const SbnGrad& g, int64_t H, int64_t W) {
-  const double kEH = g.kE * double(H);
-  return {a, kEH * double(W), kEH, W % 2 == 0 ? kEH : 0.0, g.cst, g.u, g.v};
-}
-
-// BN+SBN: sum dz and sum dz t over a batch of N samples with statistics sums s (of t = x - K) and
+// sum dz and sum dz t over a batch of N samples with statistics sums s (of t = x - K) and
 // gradient sums Sdy, Gt (= sum g t), dz as in sbn_grad_core with z - Kz = p t
-// (the row-0 term sums to N W u since sum_w D(w) = W).
+// (the row-0 term sums to N W u since sum_w D(w) = W). Used with the BN stage on, in training.
 C10_HOST_DEVICE inline void bn_grad_sums(const Sums& s, double Sdy, double Gt, double a, double p,
                                          const SbnGrad& g, double N, int64_t H, int64_t W,
                                          double& sdz, double& sdzt) {
@@ -268,21 +271,20 @@ C10_HOST_DEVICE inline void bn_grad_sums(const Sums& s, double Sdy, double Gt, d
   sdzt = a * Gt + kEp * E + g.cst * s.S1 + g.u * s.SD0 + g.v * s.SD1;
 }
 
-// BN+SBN training backward-apply coefficients: dx = p (dz - sdz/nb - xhat dgb/nb) with
-// xhat = (t - m_t)/sd, dgb = (sdzt - m_t sdz)/sd, nb = N H W.
-C10_HOST_DEVICE inline BackCoef bnsbn_back_coef(double p, double a, double sd, double m_t,
-                                                double sdz, double dgb, const SbnGrad& g,
-                                                double N, int64_t H, int64_t W) {
+// The backward-apply coefficients of the family: dx = p (dz - sdz/nb - xhat dgb/nb) with
+// xhat = (t - m_t)/sd, dgb = (sdzt - m_t sdz)/sd, nb = N H W, dz as in sbn_grad_core
+// (z - Kz = p t).
+// The BN-batch terms (sdz, dgb; m_t = S1/nb) are those of training with the BN stage on
+// (bn_batch); otherwise they are zero and dx = p dz (BN stage off: p = 1, dx = dz = SBN's dx;
+// eval: kE = u = v = cst = 0 too, dx = p a g).
+C10_HOST_DEVICE inline BackCoef back_coef(double p, double a, double sd, double m_t, double sdz,
+                                          double dgb, bool bn_batch, const SbnGrad& g, double N,
+                                          int64_t H, int64_t W) {
   const double nb = N * double(H) * double(W);
-  const double kb = p * dgb / (sd * nb);
+  const double kb = bn_batch ? p * dgb / (sd * nb) : 0.0;
+  const double cst = bn_batch ? p * g.cst - p * sdz / nb + kb * m_t : p * g.cst;
   const double pkEH = p * p * g.kE * double(H);
-  return {p * a,
-          pkEH * double(W) - kb,
-          pkEH,
-          W % 2 == 0 ? pkEH : 0.0,
-          p * g.cst - p * sdz / nb + kb * m_t,
-          p * g.u,
-          p * g.v};
+  return {p * a, pkEH * double(W) - kb, pkEH, W % 2 == 0 ? pkEH : 0.0, cst, p * g.u, p * g.v};
 }
 
 }  // namespace sbn

@@ -1,6 +1,7 @@
-// SBN / BN+SBN on CPU: every op of csrc/sbn.cpp (schemas and contracts there) as one C++ call:
-// its heavy passes over the tensor plus the finalize of csrc/sbn_finalize.h, with no aten compute
-// op inside (allocations with at::empty, everything else in the loops below).
+// The SBN family on CPU (BN+SBN; SBN = the BN stage off): every op of csrc/sbn.cpp (schemas and
+// contracts there) as one C++ call: its heavy passes over the tensor plus the finalize of
+// csrc/sbn_finalize.h, with no aten compute op inside (allocations with at::empty, everything else
+// in the loops below).
 //
 // The pass kernels (layouts, lanes, accumulation, determinism) are in sbn_cpu_kernels.h; this file
 // has the ops: argument checks, the coefficient tables of the passes, the finalize calls.
@@ -221,10 +222,11 @@ inline Tab tab_of(Layout lay, bool lanes) {
 }
 inline int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
 
-// Forward-apply coefficients in acc (saved[:, :5] of either layer, `stride` doubles per channel):
-// pre = cx (x - K) + add, add = b off row 0 and T0[c, w] = b (1 - Pr[w]) + u Pr[w] + v Pi[w] on
-// row 0 (Pr = delta_w0, Pi[0] = 0). K, cx, b have C rounded up to 8 entries (0 past C: a block of
-// lanes loads whole vectors). T0 of Planes is [c*ts + q] for the first ts = W rounded up to 8
+// Forward-apply coefficients in acc (saved[:, :5]; the tables' fields keep the kernels' short names
+// K = shift, cx = x_scale, b = offset): pre = x_scale (x - shift) + add, add = offset off row 0 and
+// T0[c, w] = offset (1 - Pr[w]) + pr_coef Pr[w] + pi_coef Pi[w] on row 0 (Pr = delta_w0,
+// Pi[0] = 0). K, cx, b have C rounded up to 8 entries (0 past C: a block of lanes loads whole
+// vectors). T0 of Planes is [c*ts + q] for the first ts = W rounded up to 8
 // values of each plane (q >= W: row 1 already, add = b), so the kernels read whole 8-vectors of
 // offsets from the plane's start; of Lanes [w*cs + c] (cs = C rounded up to 8, 0 past C); of
 // Pixels [w*cs + c] (cs = C).
@@ -235,21 +237,22 @@ struct FwdTab {
 };
 
 template <typename acc_t>
-FwdTab<acc_t> fwd_tab(const double* coef, int64_t stride, int64_t C, int64_t W,
-                      const RowConsts& rc, Tab kind) {
+FwdTab<acc_t> fwd_tab(const double* saved, int64_t C, int64_t W, const RowConsts& rc, Tab kind) {
   const int64_t Cp = pad8(C);
   const int64_t ts = kind == Tab::Planes ? pad8(W) : W;
   const int64_t cs = kind == Tab::Lanes ? Cp : C;
   FwdTab<acc_t> t{std::vector<acc_t>(Cp), std::vector<acc_t>(Cp), std::vector<acc_t>(Cp),
                   std::vector<acc_t>(kind == Tab::Planes ? C * ts : W * cs), ts, cs};
   for (int64_t c = 0; c < C; ++c) {
-    const double* r = coef + c * stride;
-    t.K[c] = static_cast<acc_t>(r[SavedCol::K]);
-    t.cx[c] = static_cast<acc_t>(r[SavedCol::cx]);
-    t.b[c] = static_cast<acc_t>(r[SavedCol::b]);
+    const double* r = saved + c * SavedCol::Width;
+    const double offset = r[SavedCol::offset];
+    t.K[c] = static_cast<acc_t>(r[SavedCol::shift]);
+    t.cx[c] = static_cast<acc_t>(r[SavedCol::x_scale]);
+    t.b[c] = static_cast<acc_t>(offset);
     for (int64_t q = 0; q < ts; ++q) {
-      const double t0 = q >= W ? r[SavedCol::b]
-                               : (q == 0 ? r[SavedCol::u] : r[SavedCol::b]) + r[SavedCol::v] * rc.pi[q];
+      const double t0 = q >= W ? offset
+                               : (q == 0 ? r[SavedCol::pr_coef] : offset) +
+                                     r[SavedCol::pi_coef] * rc.pi[q];
       t.T0[kind == Tab::Planes ? c * ts + q : q * cs + c] = static_cast<acc_t>(t0);
     }
   }
@@ -305,7 +308,7 @@ void stats_rows(const X4& v, const RowConsts& rc, double* rows) {
     for (int64_t c = 0; c < C; ++c) {
       double* o = rows + c * RowCol::Width;
       for (int k = 0; k < RowCol::Width; ++k) o[k] = 0.0;
-      o[RowCol::N] = double(N);
+      o[RowCol::count] = double(N);
     }
     return;
   }
@@ -321,14 +324,14 @@ void stats_rows(const X4& v, const RowConsts& rc, double* rows) {
                                  v.W, v.layout);
     for (int64_t c = 0; c < C; ++c) {
       double* o = rows + c * RowCol::Width;
-      o[RowCol::N] = double(N);
-      o[RowCol::K] = static_cast<double>(K[c]);
-      for (int k = 0; k < 6; ++k) o[RowCol::S1 + k] = 0.0;
+      o[RowCol::count] = double(N);
+      o[RowCol::shift] = static_cast<double>(K[c]);
+      for (int k = 0; k < 6; ++k) o[RowCol::sum_t + k] = 0.0;
     }
     for (int64_t blk = 0; blk < nblk; ++blk)  // fixed order: deterministic
       for (int64_t c = 0; c < C; ++c) {
         const double* p = part.get() + (blk * C + c) * 6;
-        double* o = rows + c * RowCol::Width + RowCol::S1;
+        double* o = rows + c * RowCol::Width + RowCol::sum_t;
         for (int k = 0; k < 6; ++k) o[k] += p[k];
       }
   });
@@ -336,14 +339,13 @@ void stats_rows(const X4& v, const RowConsts& rc, double* rows) {
 
 // ============================================================================== pass drivers
 
-// y for the saved coefficients (saved[:, :5], `stride` doubles per channel).
-Tensor apply_forward(const X4& v, const double* coef, int64_t stride, const RowConsts& rc,
-                     Act act, double slope) {
+// y for the saved coefficients (saved[:, :5]).
+Tensor apply_forward(const X4& v, const double* saved, const RowConsts& rc, Act act, double slope) {
   Tensor y = new_like(v);
   if (v.x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const FwdTab<acc_t> ft = fwd_tab<acc_t>(coef, stride, v.C, v.W, rc, tab_of(v.layout, false));
+    const FwdTab<acc_t> ft = fwd_tab<acc_t>(saved, v.C, v.W, rc, tab_of(v.layout, false));
     with_act(act, [&](auto tag) {
       constexpr Act A = decltype(tag)::value;
       NK_CALL(fwd_apply<A>, v.x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), ft,
@@ -354,8 +356,8 @@ Tensor apply_forward(const X4& v, const double* coef, int64_t stride, const RowC
 }
 
 // The gradient-sums pass: gsums (C, 4) into `out` (double), for the coefficients saved[:, :5].
-void grad_sums(const X4& v, const Tensor& dy, const double* coef, int64_t stride,
-               const RowConsts& rc, Act act, double slope, double* out) {
+void grad_sums(const X4& v, const Tensor& dy, const double* saved, const RowConsts& rc, Act act,
+               double slope, double* out) {
   const int64_t N = v.N, C = v.C;
   for (int64_t i = 0; i < C * GradCol::Width; ++i) out[i] = 0.0;
   if (v.x.numel() == 0) return;
@@ -363,7 +365,7 @@ void grad_sums(const X4& v, const Tensor& dy, const double* coef, int64_t stride
   int64_t nblk = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const FwdTab<acc_t> ft = fwd_tab<acc_t>(coef, stride, C, v.W, rc, tab_of(v.layout, false));
+    const FwdTab<acc_t> ft = fwd_tab<acc_t>(saved, C, v.W, rc, tab_of(v.layout, false));
     const std::vector<acc_t> pi = cast_vec<acc_t>(rc.pi);
     const scalar_t* xp = v.x.const_data_ptr<scalar_t>();
     const scalar_t* dp = dy.const_data_ptr<scalar_t>();
@@ -378,7 +380,7 @@ void grad_sums(const X4& v, const Tensor& dy, const double* coef, int64_t stride
       for (int k = 0; k < 4; ++k) out[c * 4 + k] += part[(blk * C + c) * 4 + k];
 }
 
-Tensor apply_backward(const X4& v, const Tensor& dy, const double* coef, int64_t stride,
+Tensor apply_backward(const X4& v, const Tensor& dy, const double* saved,
                       const std::vector<BackCoef>& bc, const RowConsts& rc, Act act, double slope,
                       bool need_row) {
   Tensor dx = new_like(v);
@@ -386,7 +388,7 @@ Tensor apply_backward(const X4& v, const Tensor& dy, const double* coef, int64_t
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "sbn_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Tab kind = tab_of(v.layout, lanes_bwd(v.layout, v.H, v.W, need_row));
-    const FwdTab<acc_t> ft = fwd_tab<acc_t>(coef, stride, v.C, v.W, rc, kind);
+    const FwdTab<acc_t> ft = fwd_tab<acc_t>(saved, v.C, v.W, rc, kind);
     const BwdTab<acc_t> bt = bwd_tab<acc_t>(bc, v.C, v.W, rc, kind);
     with_act(act, [&](auto tag) {
       constexpr Act A = decltype(tag)::value;
@@ -398,44 +400,103 @@ Tensor apply_backward(const X4& v, const Tensor& dy, const double* coef, int64_t
   return dx;
 }
 
-// ============================================================================== SBN ops
+// ============================================================================== ops
+// One implementation per op for the family: `bn` switches the BN stage on or off (off: z = x,
+// bn_identity; BN's outputs are (0,) tensors).
 
-using Fwd4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
-using Bwd3 = std::tuple<Tensor, Tensor, Tensor>;
+using Fwd6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Bwd5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-// SBN finalize of a group's rows (P, C, 8) + the apply pass.
-Fwd4 sbn_finish_rows(const X4& v, const RowConsts& rc, const double* rows, int64_t P,
-                     const OptTensor& weight, const OptTensor& bias, double eps, FftNorm fn,
-                     Act act, double slope, const char* op) {
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// With the BN stage off, its parameters and statistics must be None.
+void check_bn_off(bool bn, const OptTensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(bn || !given(t), op, ": ", name,
+                    " must be None with bn=False (the BN stage off: SBN alone)");
+}
+
+// The affine parameters per channel (absent: weight 1, bias 0).
+struct Params {
+  std::vector<double> bn_weight, bn_bias, sbn_weight, sbn_bias;
+};
+
+Params read_params(const X4& v, bool bn, const OptTensor& bn_weight, const OptTensor& bn_bias,
+                   const OptTensor& sbn_weight, const OptTensor& sbn_bias, const char* op) {
+  check_bn_off(bn, bn_weight, op, "bn_weight");
+  check_bn_off(bn, bn_bias, op, "bn_bias");
+  return {read_channels(bn_weight, v, 1.0, op, "bn_weight"),
+          read_channels(bn_bias, v, 0.0, op, "bn_bias"),
+          read_channels(sbn_weight, v, 1.0, op, "sbn_weight"),
+          read_channels(sbn_bias, v, 0.0, op, "sbn_bias")};
+}
+
+// The statistics outputs in acc; BN's are (0,) with the BN stage off.
+struct StatsOut {
+  bool bn;
+  AccOut bn_mean, bn_var, sbn_mean, sbn_var;
+  StatsOut(const X4& v, bool bn_on)
+      : bn(bn_on),
+        bn_mean({bn_on ? v.C : 0}, v),
+        bn_var({bn_on ? v.C : 0}, v),
+        sbn_mean({v.C, 2}, v),
+        sbn_var({v.C}, v) {}
+  void set(int64_t c, double mean, double var, double spec_re, double spec_im, double spec_var) {
+    if (bn) {
+      bn_mean.set(c, mean);
+      bn_var.set(c, var);
+    }
+    sbn_mean.set(2 * c, spec_re);
+    sbn_mean.set(2 * c + 1, spec_im);
+    sbn_var.set(c, spec_var);
+  }
+};
+
+// One channel's saved row (SavedCol): the SBN coefficients of z = BN(x) on top of the BN stage.
+void save_channel(const BnPart& bn_stage, double shift, double count, const Sums& sums,
+                  const Sums& local, const Spectral& spec, double sbn_weight, double sbn_bias,
+                  double sbn_eps, double f, double* o) {
+  const SbnCoef sbn = sbn_coef(bn_stage.Kz, spec, sbn_weight, sbn_bias, sbn_eps, f);
+  o[SavedCol::shift] = shift;
+  o[SavedCol::x_scale] = sbn.a * bn_stage.p;
+  o[SavedCol::offset] = sbn.b;
+  o[SavedCol::pr_coef] = sbn.u;
+  o[SavedCol::pi_coef] = sbn.v;
+  o[SavedCol::bn_scale] = bn_stage.p;
+  o[SavedCol::bn_std] = bn_stage.sd;
+  o[SavedCol::z_shift] = bn_stage.Kz;
+  o[SavedCol::mean_re] = spec.mr;
+  o[SavedCol::mean_im] = spec.mi;
+  o[SavedCol::sbn_std] = sbn.s;
+  o[SavedCol::sbn_scale] = sbn.a;
+  o[SavedCol::bn_mean] = bn_stage.mbn;
+  o[SavedCol::count] = count;
+  store_sums(sums, o + SavedCol::sum_t);
+  store_sums(local, o + SavedCol::local_sum_t);
+}
+
+// The training finalize of a group's rows (P, C, 8) + the apply pass.
+Fwd6 finish_rows(const X4& v, const RowConsts& rc, const double* rows, int64_t P, int64_t rank,
+                 bool bn, const Params& prm, double bn_eps, double sbn_eps, FftNorm fn, Act act,
+                 double slope, const char* op) {
   const int64_t C = v.C, H = v.H, W = v.W;
-  const std::vector<double> gamma = read_channels(weight, v, 1.0, op, "weight");
-  const std::vector<double> beta = read_channels(bias, v, 0.0, op, "bias");
   const double f = fft_scale(fn, H, W);
   Tensor saved = new_f64({C, SavedCol::Width}, v);
   double* sv = saved.data_ptr<double>();
-  AccOut mean({C, 2}, v), var({C}, v);
+  StatsOut out(v, bn);
   for (int64_t c = 0; c < C; ++c) {
-    const Group g = combine_rows(rows, P, C, c, 0, H, W);
-    TORCH_CHECK_VALUE(g.N > 0, op, ": the batch (over every process) has no samples");
-    const Spectral st = spectral_stats(g.sums, g.K, g.N, H, W);
-    const SbnCoef k = sbn_coef(g.K, st, gamma[c], beta[c], eps, f);
-    double* o = sv + c * SavedCol::Width;
-    o[SavedCol::K] = g.K;
-    o[SavedCol::cx] = k.cx;
-    o[SavedCol::b] = k.b;
-    o[SavedCol::u] = k.u;
-    o[SavedCol::v] = k.v;
-    o[SavedCol::mr] = st.mr;
-    o[SavedCol::mi] = st.mi;
-    o[SavedCol::s] = k.s;
-    o[SavedCol::a] = k.a;
-    o[SavedCol::N_all] = g.N;
-    mean.set(2 * c, f * st.mr);
-    mean.set(2 * c + 1, f * st.mi);
-    var.set(c, f * f * st.var);
+    const Group group = combine_rows(rows, P, C, c, rank, H, W);
+    TORCH_CHECK_VALUE(group.N > 0, op, ": the batch (over every process) has no samples");
+    const BnPart bn_stage = bn ? bn_from_sums(group.sums, group.K, group.N, H, W,
+                                              prm.bn_weight[c], prm.bn_bias[c], bn_eps)
+                               : bn_identity(group.K);
+    const Spectral spec =
+        spectral_stats(scale_sums(group.sums, bn_stage.p), bn_stage.Kz, group.N, H, W);
+    save_channel(bn_stage, group.K, group.N, group.sums, group.local, spec, prm.sbn_weight[c],
+                 prm.sbn_bias[c], sbn_eps, f, sv + c * SavedCol::Width);
+    out.set(c, bn_stage.mbn, bn_stage.vbn, f * spec.mr, f * spec.mi, f * f * spec.var);
   }
-  Tensor y = apply_forward(v, sv, SavedCol::Width, rc, act, slope);
-  return {y, mean.t, var.t, saved};
+  Tensor y = apply_forward(v, sv, rc, act, slope);
+  return {y, out.bn_mean.t, out.bn_var.t, out.sbn_mean.t, out.sbn_var.t, saved};
 }
 
 Tensor sbn_stats_cpu(const Tensor& x) {
@@ -446,223 +507,12 @@ Tensor sbn_stats_cpu(const Tensor& x) {
   return rows;
 }
 
-Fwd4 sbn_finish_cpu(const Tensor& x, const Tensor& rows_all, const OptTensor& weight,
-                    const OptTensor& bias, double eps, c10::string_view fft_norm,
-                    c10::string_view act, double act_param) {
+Fwd6 sbn_finish_cpu(const Tensor& x, const Tensor& rows_all, int64_t rank, bool bn,
+                    const OptTensor& bn_weight, const OptTensor& bn_bias,
+                    const OptTensor& sbn_weight, const OptTensor& sbn_bias, double bn_eps,
+                    double sbn_eps, c10::string_view fft_norm, c10::string_view act,
+                    double act_param) {
   const char* op = "sbn_finish";
-  const X4 v = view4(x, op);
-  const FftNorm fn = parse_fft_norm(fft_norm, op);
-  const Act a = act_of(act, op);
-  TORCH_CHECK_VALUE(rows_all.dim() == 3, op, ": rows_all must have shape (P, ", v.C, ", ",
-                    int(RowCol::Width), "), got ", rows_all.sizes());
-  const int64_t P = rows_all.size(0);
-  const Tensor rows = f64_arg(rows_all, {P, v.C, RowCol::Width}, v, op, "rows_all");
-  return sbn_finish_rows(v, RowConsts(v.W), rows.const_data_ptr<double>(), P, weight, bias, eps,
-                         fn, a, act_param, op);
-}
-
-Fwd4 sbn_forward_cpu(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
-                     const OptTensor& mean, const OptTensor& var, double eps,
-                     c10::string_view fft_norm, c10::string_view act, double act_param) {
-  const char* op = "sbn_forward";
-  const X4 v = view4(x, op);
-  const FftNorm fn = parse_fft_norm(fft_norm, op);
-  const Act a = act_of(act, op);
-  const RowConsts rc(v.W);
-  const bool has_m = mean.has_value() && mean->defined(), has_v = var.has_value() && var->defined();
-  TORCH_CHECK_VALUE(has_m == has_v, op, ": mean and var must both be given (eval) or both be None");
-  if (!has_m) {
-    std::vector<double> rows(v.C * RowCol::Width);
-    stats_rows(v, rc, rows.data());
-    return sbn_finish_rows(v, rc, rows.data(), 1, weight, bias, eps, fn, a, act_param, op);
-  }
-  // eval: coefficients from the given (m-scale) statistics, K = 0; no statistics pass
-  const int64_t C = v.C, H = v.H, W = v.W;
-  const std::vector<double> m2 = read_mean2(*mean, v, op, "mean");
-  const std::vector<double> vr = read_channels(var, v, 0.0, op, "var");
-  const std::vector<double> gamma = read_channels(weight, v, 1.0, op, "weight");
-  const std::vector<double> beta = read_channels(bias, v, 0.0, op, "bias");
-  const double f = fft_scale(fn, H, W);
-  Tensor saved = new_f64({C, SavedCol::Width}, v);
-  double* sv = saved.data_ptr<double>();
-  AccOut mo({C, 2}, v), vo({C}, v);
-  for (int64_t c = 0; c < C; ++c) {
-    const Spectral st{m2[2 * c] / f, m2[2 * c + 1] / f, vr[c] / (f * f)};
-    const SbnCoef k = sbn_coef(0.0, st, gamma[c], beta[c], eps, f);
-    double* o = sv + c * SavedCol::Width;
-    o[SavedCol::K] = 0.0;
-    o[SavedCol::cx] = k.cx;
-    o[SavedCol::b] = k.b;
-    o[SavedCol::u] = k.u;
-    o[SavedCol::v] = k.v;
-    o[SavedCol::mr] = st.mr;
-    o[SavedCol::mi] = st.mi;
-    o[SavedCol::s] = k.s;
-    o[SavedCol::a] = k.a;
-    o[SavedCol::N_all] = double(v.N);
-    mo.set(2 * c, m2[2 * c]);
-    mo.set(2 * c + 1, m2[2 * c + 1]);
-    vo.set(c, vr[c]);
-  }
-  Tensor y = apply_forward(v, sv, SavedCol::Width, rc, a, act_param);
-  return {y, mo.t, vo.t, saved};
-}
-
-Tensor sbn_grad_stats_cpu(const Tensor& dy_in, const Tensor& x, const Tensor& saved_in,
-                          c10::string_view act, double act_param) {
-  const char* op = "sbn_grad_stats";
-  const X4 v = view4(x, op);
-  const Act a = act_of(act, op);
-  const Tensor dy = like_x(dy_in, v, op, "dy");
-  TORCH_CHECK_VALUE(saved_in.dim() == 2 && saved_in.size(0) == v.C && saved_in.size(1) >= 5, op,
-                    ": saved must have shape (", v.C, ", k >= 5), got ", saved_in.sizes());
-  const Tensor saved = f64_arg(saved_in, saved_in.sizes(), v, op, "saved");
-  Tensor out = new_f64({v.C, GradCol::Width}, v);
-  grad_sums(v, dy, saved.const_data_ptr<double>(), saved.size(1), RowConsts(v.W), a, act_param,
-            out.data_ptr<double>());
-  return out;
-}
-
-// SBN backward finalize from the gradient sums + the backward apply.
-Bwd3 sbn_grad_finish_sums(const X4& v, const Tensor& dy, const RowConsts& rc, const double* sv,
-                          const double* gl, const double* ga, bool training, FftNorm fn, Act act,
-                          double slope) {
-  const int64_t C = v.C, H = v.H, W = v.W;
-  const double h = 1.0 / fft_scale(fn, H, W);
-  AccOut dw({C}, v), db({C}, v);
-  std::vector<BackCoef> bc(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const double* s = sv + c * SavedCol::Width;
-    const double* A = ga + c * GradCol::Width;
-    const double K = s[SavedCol::K], a = s[SavedCol::a], sd = s[SavedCol::s];
-    const double mr = s[SavedCol::mr], mi = s[SavedCol::mi];
-    const SbnGrad g = sbn_grad_core(A[GradCol::Sdy], A[GradCol::Gt], A[GradCol::G0],
-                                    A[GradCol::G1], K, mr, mi, sd, a, s[SavedCol::N_all], H, W,
-                                    training);
-    bc[c] = sbn_back_coef(a, g, H, W);
-    SbnGrad mine = g;
-    if (gl != ga) {
-      const double* L = gl + c * GradCol::Width;
-      mine = sbn_grad_core(L[GradCol::Sdy], L[GradCol::Gt], L[GradCol::G0], L[GradCol::G1], K, mr,
-                           mi, sd, a, s[SavedCol::N_all], H, W, false);
-    }
-    dw.set(c, h * mine.dgamma);
-    db.set(c, h * mine.dbeta);
-  }
-  Tensor dx = apply_backward(v, dy, sv, SavedCol::Width, bc, rc, act, slope, training);
-  return {dx, dw.t, db.t};
-}
-
-Tensor sbn_saved_arg(const Tensor& saved, const X4& v, const char* op) {
-  return f64_arg(saved, {v.C, SavedCol::Width}, v, op, "saved");
-}
-
-Bwd3 sbn_grad_finish_cpu(const Tensor& dy_in, const Tensor& x, const Tensor& saved_in,
-                         const Tensor& gsums_local, const Tensor& gsums_all, bool training,
-                         c10::string_view fft_norm, c10::string_view act, double act_param) {
-  const char* op = "sbn_grad_finish";
-  const X4 v = view4(x, op);
-  const FftNorm fn = parse_fft_norm(fft_norm, op);
-  const Act a = act_of(act, op);
-  const Tensor dy = like_x(dy_in, v, op, "dy");
-  const Tensor saved = sbn_saved_arg(saved_in, v, op);
-  const Tensor gl = f64_arg(gsums_local, {v.C, GradCol::Width}, v, op, "gsums_local");
-  const Tensor ga = f64_arg(gsums_all, {v.C, GradCol::Width}, v, op, "gsums_all");
-  return sbn_grad_finish_sums(v, dy, RowConsts(v.W), saved.const_data_ptr<double>(),
-                              gl.const_data_ptr<double>(), ga.const_data_ptr<double>(), training,
-                              fn, a, act_param);
-}
-
-Bwd3 sbn_backward_cpu(const Tensor& dy_in, const Tensor& x, const Tensor& saved_in, bool training,
-                      c10::string_view fft_norm, c10::string_view act, double act_param) {
-  const char* op = "sbn_backward";
-  const X4 v = view4(x, op);
-  const FftNorm fn = parse_fft_norm(fft_norm, op);
-  const Act a = act_of(act, op);
-  const Tensor dy = like_x(dy_in, v, op, "dy");
-  const Tensor saved = sbn_saved_arg(saved_in, v, op);
-  const RowConsts rc(v.W);
-  const double* sv = saved.const_data_ptr<double>();
-  std::vector<double> gs(v.C * GradCol::Width);
-  grad_sums(v, dy, sv, SavedCol::Width, rc, a, act_param, gs.data());
-  return sbn_grad_finish_sums(v, dy, rc, sv, gs.data(), gs.data(), training, fn, a, act_param);
-}
-
-// ============================================================================== BN+SBN ops
-
-using Fwd6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-using Bwd5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-
-struct BnSbnParams {
-  std::vector<double> bn_g, bn_b, sbn_g, sbn_b;
-};
-
-BnSbnParams read_bnsbn_params(const X4& v, const OptTensor& bn_w, const OptTensor& bn_b,
-                              const OptTensor& sbn_w, const OptTensor& sbn_b, const char* op) {
-  return {read_channels(bn_w, v, 1.0, op, "bn_weight"), read_channels(bn_b, v, 0.0, op, "bn_bias"),
-          read_channels(sbn_w, v, 1.0, op, "sbn_weight"),
-          read_channels(sbn_b, v, 0.0, op, "sbn_bias")};
-}
-
-// One channel's BN+SBN forward coefficients and statistics into saved row `o` and the outputs.
-struct BnSbnOut {
-  AccOut bn_mean, bn_var, sbn_mean, sbn_var;
-  explicit BnSbnOut(const X4& v)
-      : bn_mean({v.C}, v), bn_var({v.C}, v), sbn_mean({v.C, 2}, v), sbn_var({v.C}, v) {}
-};
-
-void bnsbn_channel(const BnPart& bp, double K, double N, const Sums& sums, const Sums& local,
-                   const Spectral& st, double sbn_g, double sbn_b, double sbn_eps, double f,
-                   double* o) {
-  const SbnCoef k = sbn_coef(bp.Kz, st, sbn_g, sbn_b, sbn_eps, f);
-  o[BnSavedCol::K] = K;
-  o[BnSavedCol::cx] = k.a * bp.p;
-  o[BnSavedCol::b] = k.b;
-  o[BnSavedCol::u] = k.u;
-  o[BnSavedCol::v] = k.v;
-  o[BnSavedCol::p] = bp.p;
-  o[BnSavedCol::sd] = bp.sd;
-  o[BnSavedCol::Kz] = bp.Kz;
-  o[BnSavedCol::mr] = st.mr;
-  o[BnSavedCol::mi] = st.mi;
-  o[BnSavedCol::s] = k.s;
-  o[BnSavedCol::a] = k.a;
-  o[BnSavedCol::mbn] = bp.mbn;
-  o[BnSavedCol::N_all] = N;
-  store_sums(sums, o + BnSavedCol::S1);
-  store_sums(local, o + BnSavedCol::L1);
-}
-
-Fwd6 bnsbn_finish_rows(const X4& v, const RowConsts& rc, const double* rows, int64_t P,
-                       int64_t rank, const BnSbnParams& prm, double bn_eps, double sbn_eps,
-                       FftNorm fn, Act act, double slope, const char* op) {
-  const int64_t C = v.C, H = v.H, W = v.W;
-  const double f = fft_scale(fn, H, W);
-  Tensor saved = new_f64({C, BnSavedCol::Width}, v);
-  double* sv = saved.data_ptr<double>();
-  BnSbnOut out(v);
-  for (int64_t c = 0; c < C; ++c) {
-    const Group g = combine_rows(rows, P, C, c, rank, H, W);
-    TORCH_CHECK_VALUE(g.N > 0, op, ": the batch (over every process) has no samples");
-    const BnPart bp = bn_from_sums(g.sums, g.K, g.N, H, W, prm.bn_g[c], prm.bn_b[c], bn_eps);
-    const Spectral st = spectral_stats(scale_sums(g.sums, bp.p), bp.Kz, g.N, H, W);
-    bnsbn_channel(bp, g.K, g.N, g.sums, g.local, st, prm.sbn_g[c], prm.sbn_b[c], sbn_eps, f,
-                  sv + c * BnSavedCol::Width);
-    out.bn_mean.set(c, bp.mbn);
-    out.bn_var.set(c, bp.vbn);
-    out.sbn_mean.set(2 * c, f * st.mr);
-    out.sbn_mean.set(2 * c + 1, f * st.mi);
-    out.sbn_var.set(c, f * f * st.var);
-  }
-  Tensor y = apply_forward(v, sv, BnSavedCol::Width, rc, act, slope);
-  return {y, out.bn_mean.t, out.bn_var.t, out.sbn_mean.t, out.sbn_var.t, saved};
-}
-
-Fwd6 bnsbn_finish_cpu(const Tensor& x, const Tensor& rows_all, int64_t rank,
-                      const OptTensor& bn_w, const OptTensor& bn_b, const OptTensor& sbn_w,
-                      const OptTensor& sbn_b, double bn_eps, double sbn_eps,
-                      c10::string_view fft_norm, c10::string_view act, double act_param) {
-  const char* op = "bnsbn_finish";
   const X4 v = view4(x, op);
   const FftNorm fn = parse_fft_norm(fft_norm, op);
   const Act a = act_of(act, op);
@@ -671,139 +521,167 @@ Fwd6 bnsbn_finish_cpu(const Tensor& x, const Tensor& rows_all, int64_t rank,
   const int64_t P = rows_all.size(0);
   TORCH_CHECK_VALUE(rank >= 0 && rank < P, op, ": rank must be in [0, ", P, "), got ", rank);
   const Tensor rows = f64_arg(rows_all, {P, v.C, RowCol::Width}, v, op, "rows_all");
-  const BnSbnParams prm = read_bnsbn_params(v, bn_w, bn_b, sbn_w, sbn_b, op);
-  return bnsbn_finish_rows(v, RowConsts(v.W), rows.const_data_ptr<double>(), P, rank, prm,
-                           bn_eps, sbn_eps, fn, a, act_param, op);
+  const Params prm = read_params(v, bn, bn_weight, bn_bias, sbn_weight, sbn_bias, op);
+  return finish_rows(v, RowConsts(v.W), rows.const_data_ptr<double>(), P, rank, bn, prm, bn_eps,
+                     sbn_eps, fn, a, act_param, op);
 }
 
-Fwd6 bnsbn_forward_cpu(const Tensor& x, const OptTensor& bn_w, const OptTensor& bn_b,
-                       const OptTensor& bn_mean, const OptTensor& bn_var, const OptTensor& sbn_w,
-                       const OptTensor& sbn_b, const OptTensor& sbn_mean,
-                       const OptTensor& sbn_var, double bn_eps, double sbn_eps,
-                       c10::string_view fft_norm, c10::string_view act, double act_param) {
-  const char* op = "bnsbn_forward";
+Fwd6 sbn_forward_cpu(const Tensor& x, bool bn, const OptTensor& bn_weight,
+                     const OptTensor& bn_bias, const OptTensor& bn_mean, const OptTensor& bn_var,
+                     const OptTensor& sbn_weight, const OptTensor& sbn_bias,
+                     const OptTensor& sbn_mean, const OptTensor& sbn_var, double bn_eps,
+                     double sbn_eps, c10::string_view fft_norm, c10::string_view act,
+                     double act_param) {
+  const char* op = "sbn_forward";
   const X4 v = view4(x, op);
   const FftNorm fn = parse_fft_norm(fft_norm, op);
   const Act a = act_of(act, op);
   const RowConsts rc(v.W);
-  const BnSbnParams prm = read_bnsbn_params(v, bn_w, bn_b, sbn_w, sbn_b, op);
-  const auto given = [](const OptTensor& t) { return t.has_value() && t->defined(); };
+  const Params prm = read_params(v, bn, bn_weight, bn_bias, sbn_weight, sbn_bias, op);
+  check_bn_off(bn, bn_mean, op, "bn_mean");
+  check_bn_off(bn, bn_var, op, "bn_var");
   const int n_given = given(bn_mean) + given(bn_var) + given(sbn_mean) + given(sbn_var);
-  TORCH_CHECK_VALUE(n_given == 0 || n_given == 4, op,
-                    ": bn_mean, bn_var, sbn_mean, sbn_var must all be given (eval) or all be None");
+  TORCH_CHECK_VALUE(n_given == 0 || n_given == (bn ? 4 : 2), op,
+                    bn ? ": bn_mean, bn_var, sbn_mean, sbn_var must all be given (eval) or all be "
+                         "None"
+                       : ": sbn_mean and sbn_var must both be given (eval) or both be None");
   if (n_given == 0) {
     std::vector<double> rows(v.C * RowCol::Width);
     stats_rows(v, rc, rows.data());
-    return bnsbn_finish_rows(v, rc, rows.data(), 1, 0, prm, bn_eps, sbn_eps, fn, a, act_param,
-                             op);
+    return finish_rows(v, rc, rows.data(), 1, 0, bn, prm, bn_eps, sbn_eps, fn, a, act_param, op);
   }
-  // eval: no statistics pass; shift K = BN's mean rounded to acc (so that x - K is the passes'
-  // exact t): z = p (x - K) + Kz then has no cancellation for data with a large mean
+  // eval: no statistics pass. BN stage on: shift = BN's mean rounded to acc (so that x - shift is
+  // the passes' exact t): z = bn_scale (x - shift) + z_shift then has no cancellation for data with
+  // a large mean. BN stage off: shift = 0.
   const int64_t C = v.C, H = v.H, W = v.W;
   const std::vector<double> bm = read_channels(bn_mean, v, 0.0, op, "bn_mean");
   const std::vector<double> bv = read_channels(bn_var, v, 0.0, op, "bn_var");
   const std::vector<double> sm = read_mean2(*sbn_mean, v, op, "sbn_mean");
   const std::vector<double> svr = read_channels(sbn_var, v, 0.0, op, "sbn_var");
   const double f = fft_scale(fn, H, W);
-  Tensor saved = new_f64({C, BnSavedCol::Width}, v);
+  Tensor saved = new_f64({C, SavedCol::Width}, v);
   double* sv = saved.data_ptr<double>();
-  BnSbnOut out(v);
+  StatsOut out(v, bn);
   const Sums zero{0, 0, 0, 0, 0, 0};
   const bool f64 = acc_type(v.x.scalar_type()) == at::kDouble;
   for (int64_t c = 0; c < C; ++c) {
-    const double K = f64 ? bm[c] : static_cast<double>(static_cast<float>(bm[c]));
-    const BnPart bp = bn_from_stats(bm[c], bv[c], K, prm.bn_g[c], prm.bn_b[c], bn_eps);
-    const Spectral st{sm[2 * c] / f, sm[2 * c + 1] / f, svr[c] / (f * f)};
-    bnsbn_channel(bp, K, double(v.N), zero, zero, st, prm.sbn_g[c], prm.sbn_b[c], sbn_eps, f,
-                  sv + c * BnSavedCol::Width);
-    out.bn_mean.set(c, bm[c]);
-    out.bn_var.set(c, bv[c]);
-    out.sbn_mean.set(2 * c, sm[2 * c]);
-    out.sbn_mean.set(2 * c + 1, sm[2 * c + 1]);
-    out.sbn_var.set(c, svr[c]);
+    const double shift =
+        !bn ? 0.0 : (f64 ? bm[c] : static_cast<double>(static_cast<float>(bm[c])));
+    const BnPart bn_stage =
+        bn ? bn_from_stats(bm[c], bv[c], shift, prm.bn_weight[c], prm.bn_bias[c], bn_eps)
+           : bn_identity(shift);
+    const Spectral spec{sm[2 * c] / f, sm[2 * c + 1] / f, svr[c] / (f * f)};
+    save_channel(bn_stage, shift, double(v.N), zero, zero, spec, prm.sbn_weight[c],
+                 prm.sbn_bias[c], sbn_eps, f, sv + c * SavedCol::Width);
+    out.set(c, bm[c], bv[c], sm[2 * c], sm[2 * c + 1], svr[c]);
   }
-  Tensor y = apply_forward(v, sv, BnSavedCol::Width, rc, a, act_param);
+  Tensor y = apply_forward(v, sv, rc, a, act_param);
   return {y, out.bn_mean.t, out.bn_var.t, out.sbn_mean.t, out.sbn_var.t, saved};
 }
 
-Bwd5 bnsbn_grad_finish_sums(const X4& v, const Tensor& dy, const RowConsts& rc, const double* sv,
-                            const double* gl, const double* ga, bool training, FftNorm fn, Act act,
-                            double slope) {
+Tensor saved_arg(const Tensor& saved, const X4& v, const char* op) {
+  return f64_arg(saved, {v.C, SavedCol::Width}, v, op, "saved");
+}
+
+Tensor sbn_grad_stats_cpu(const Tensor& dy_in, const Tensor& x, const Tensor& saved_in,
+                          c10::string_view act, double act_param) {
+  const char* op = "sbn_grad_stats";
+  const X4 v = view4(x, op);
+  const Act a = act_of(act, op);
+  const Tensor dy = like_x(dy_in, v, op, "dy");
+  const Tensor saved = saved_arg(saved_in, v, op);
+  Tensor out = new_f64({v.C, GradCol::Width}, v);
+  grad_sums(v, dy, saved.const_data_ptr<double>(), RowConsts(v.W), a, act_param,
+            out.data_ptr<double>());
+  return out;
+}
+
+// The backward finalize from the gradient sums (the group's `all`, this process's `mine`; the same
+// pointer when P == 1) + the backward apply.
+Bwd5 grad_finish_sums(const X4& v, const Tensor& dy, const RowConsts& rc, const double* saved,
+                      const double* gsums_mine, const double* gsums_all, bool bn, bool training,
+                      FftNorm fn, Act act, double slope) {
   const int64_t C = v.C, H = v.H, W = v.W;
   const double h = 1.0 / fft_scale(fn, H, W);
-  const double N_local = double(v.N);
-  AccOut dgb_o({C}, v), dbb_o({C}, v), dgs_o({C}, v), dbs_o({C}, v);
+  const double local_count = double(v.N);
+  const bool bn_batch = bn && training;  // the BN stage's batch-statistics terms
+  AccOut dbn_weight({bn ? C : 0}, v), dbn_bias({bn ? C : 0}, v), dsbn_weight({C}, v),
+      dsbn_bias({C}, v);
   std::vector<BackCoef> bc(C);
   for (int64_t c = 0; c < C; ++c) {
-    const double* s = sv + c * BnSavedCol::Width;
-    const double* A = ga + c * GradCol::Width;
-    const double* L = gl + c * GradCol::Width;
-    const double K = s[BnSavedCol::K], p = s[BnSavedCol::p], sd = s[BnSavedCol::sd];
-    const double Kz = s[BnSavedCol::Kz], mr = s[BnSavedCol::mr], mi = s[BnSavedCol::mi];
-    const double ss = s[BnSavedCol::s], a = s[BnSavedCol::a], N = s[BnSavedCol::N_all];
-    const SbnGrad g = sbn_grad_core(A[GradCol::Sdy], p * A[GradCol::Gt], A[GradCol::G0],
-                                    A[GradCol::G1], Kz, mr, mi, ss, a, N, H, W, training);
-    const SbnGrad mine =
-        gl == ga ? g
-                 : sbn_grad_core(L[GradCol::Sdy], p * L[GradCol::Gt], L[GradCol::G0],
-                                 L[GradCol::G1], Kz, mr, mi, ss, a, N, H, W, false);
-    dgs_o.set(c, h * mine.dgamma);
-    dbs_o.set(c, h * mine.dbeta);
-    if (training) {
-      const Sums S = load_sums(s + BnSavedCol::S1);
-      double sdz, sdzt;
-      bn_grad_sums(S, A[GradCol::Sdy], A[GradCol::Gt], a, p, g, N, H, W, sdz, sdzt);
-      const double m_t = S.S1 / (N * double(H) * double(W));
-      bc[c] = bnsbn_back_coef(p, a, sd, m_t, sdz, (sdzt - m_t * sdz) / sd, g, N, H, W);
-      if (gl != ga)  // this process's share: its own sums, its own samples
-        bn_grad_sums(load_sums(s + BnSavedCol::L1), L[GradCol::Sdy], L[GradCol::Gt], a, p, g,
-                     N_local, H, W, sdz, sdzt);
-      dbb_o.set(c, sdz);
-      dgb_o.set(c, (sdzt - m_t * sdz) / sd);
-    } else {
-      bc[c] = BackCoef{p * a, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-      dbb_o.set(c, a * L[GradCol::Sdy]);
-      dgb_o.set(c, a * (L[GradCol::Gt] + (K - s[BnSavedCol::mbn]) * L[GradCol::Sdy]) / sd);
+    const double* s = saved + c * SavedCol::Width;
+    const double* all = gsums_all + c * GradCol::Width;
+    const double* mine = gsums_mine + c * GradCol::Width;
+    const double bn_scale = s[SavedCol::bn_scale], bn_std = s[SavedCol::bn_std];
+    const double sbn_scale = s[SavedCol::sbn_scale], count = s[SavedCol::count];
+    const auto sbn_grad = [&](const double* gs, bool batch_terms) {
+      return sbn_grad_core(gs[GradCol::sum_g], bn_scale * gs[GradCol::sum_gt],
+                           gs[GradCol::sum_g_pr], gs[GradCol::sum_g_pi], s[SavedCol::z_shift],
+                           s[SavedCol::mean_re], s[SavedCol::mean_im], s[SavedCol::sbn_std],
+                           sbn_scale, count, H, W, batch_terms);
+    };
+    const SbnGrad g = sbn_grad(all, training);
+    const SbnGrad g_mine = gsums_mine == gsums_all ? g : sbn_grad(mine, false);
+    dsbn_weight.set(c, h * g_mine.dgamma);
+    dsbn_bias.set(c, h * g_mine.dbeta);
+    double mean_t = 0.0, sum_dz = 0.0, dgb = 0.0;  // the BN-batch terms (zero unless bn_batch)
+    if (bn_batch) {
+      const Sums sums = load_sums(s + SavedCol::sum_t);
+      double sum_dzt;
+      bn_grad_sums(sums, all[GradCol::sum_g], all[GradCol::sum_gt], sbn_scale, bn_scale, g, count,
+                   H, W, sum_dz, sum_dzt);
+      mean_t = sums.S1 / (count * double(H) * double(W));
+      dgb = (sum_dzt - mean_t * sum_dz) / bn_std;
+      double my_dz = sum_dz, my_dzt = sum_dzt;
+      if (gsums_mine != gsums_all)  // this process's share: its own sums, its own samples
+        bn_grad_sums(load_sums(s + SavedCol::local_sum_t), mine[GradCol::sum_g],
+                     mine[GradCol::sum_gt], sbn_scale, bn_scale, g, local_count, H, W, my_dz,
+                     my_dzt);
+      dbn_bias.set(c, my_dz);
+      dbn_weight.set(c, (my_dzt - mean_t * my_dz) / bn_std);
+    } else if (bn) {  // eval: dz = sbn_scale g, xhat = (x - bn_mean) / bn_std
+      const double centre = s[SavedCol::shift] - s[SavedCol::bn_mean];
+      dbn_bias.set(c, sbn_scale * mine[GradCol::sum_g]);
+      dbn_weight.set(
+          c, sbn_scale * (mine[GradCol::sum_gt] + centre * mine[GradCol::sum_g]) / bn_std);
     }
+    bc[c] = back_coef(bn_scale, sbn_scale, bn_std, mean_t, sum_dz, dgb, bn_batch, g, count, H, W);
   }
-  Tensor dx = apply_backward(v, dy, sv, BnSavedCol::Width, bc, rc, act, slope, training);
-  return {dx, dgb_o.t, dbb_o.t, dgs_o.t, dbs_o.t};
+  Tensor dx = apply_backward(v, dy, saved, bc, rc, act, slope, training);
+  return {dx, dbn_weight.t, dbn_bias.t, dsbn_weight.t, dsbn_bias.t};
 }
 
-Tensor bnsbn_saved_arg(const Tensor& saved, const X4& v, const char* op) {
-  return f64_arg(saved, {v.C, BnSavedCol::Width}, v, op, "saved");
-}
-
-Bwd5 bnsbn_grad_finish_cpu(const Tensor& dy_in, const Tensor& x, const Tensor& saved_in,
-                           const Tensor& gsums_local, const Tensor& gsums_all, bool training,
-                           c10::string_view fft_norm, c10::string_view act, double act_param) {
-  const char* op = "bnsbn_grad_finish";
+Bwd5 sbn_grad_finish_cpu(const Tensor& dy_in, const Tensor& x, const Tensor& saved_in,
+                         const Tensor& gsums_local, const Tensor& gsums_all, bool bn,
+                         bool training, c10::string_view fft_norm, c10::string_view act,
+                         double act_param) {
+  const char* op = "sbn_grad_finish";
   const X4 v = view4(x, op);
   const FftNorm fn = parse_fft_norm(fft_norm, op);
   const Act a = act_of(act, op);
   const Tensor dy = like_x(dy_in, v, op, "dy");
-  const Tensor saved = bnsbn_saved_arg(saved_in, v, op);
+  const Tensor saved = saved_arg(saved_in, v, op);
   const Tensor gl = f64_arg(gsums_local, {v.C, GradCol::Width}, v, op, "gsums_local");
   const Tensor ga = f64_arg(gsums_all, {v.C, GradCol::Width}, v, op, "gsums_all");
-  return bnsbn_grad_finish_sums(v, dy, RowConsts(v.W), saved.const_data_ptr<double>(),
-                                gl.const_data_ptr<double>(), ga.const_data_ptr<double>(),
-                                training, fn, a, act_param);
+  return grad_finish_sums(v, dy, RowConsts(v.W), saved.const_data_ptr<double>(),
+                          gl.const_data_ptr<double>(), ga.const_data_ptr<double>(), bn, training,
+                          fn, a, act_param);
 }
 
-Bwd5 bnsbn_backward_cpu(const Tensor& dy_in, const Tensor& x, const Tensor& saved_in,
-                        bool training, c10::string_view fft_norm, c10::string_view act,
-                        double act_param) {
-  const char* op = "bnsbn_backward";
+Bwd5 sbn_backward_cpu(const Tensor& dy_in, const Tensor& x, const Tensor& saved_in, bool bn,
+                      bool training, c10::string_view fft_norm, c10::string_view act,
+                      double act_param) {
+  const char* op = "sbn_backward";
   const X4 v = view4(x, op);
   const FftNorm fn = parse_fft_norm(fft_norm, op);
   const Act a = act_of(act, op);
   const Tensor dy = like_x(dy_in, v, op, "dy");
-  const Tensor saved = bnsbn_saved_arg(saved_in, v, op);
+  const Tensor saved = saved_arg(saved_in, v, op);
   const RowConsts rc(v.W);
   const double* sv = saved.const_data_ptr<double>();
   std::vector<double> gs(v.C * GradCol::Width);
-  grad_sums(v, dy, sv, BnSavedCol::Width, rc, a, act_param, gs.data());
-  return bnsbn_grad_finish_sums(v, dy, rc, sv, gs.data(), gs.data(), training, fn, a, act_param);
+  grad_sums(v, dy, sv, rc, a, act_param, gs.data());
+  return grad_finish_sums(v, dy, rc, sv, gs.data(), gs.data(), bn, training, fn, a, act_param);
 }
 
 }  // namespace
@@ -818,8 +696,4 @@ TORCH_LIBRARY_IMPL(normkernels, CPU, m) {
   m.impl("sbn_grad_stats", &s::sbn_grad_stats_cpu);
   m.impl("sbn_grad_finish", &s::sbn_grad_finish_cpu);
   m.impl("sbn_backward", &s::sbn_backward_cpu);
-  m.impl("bnsbn_finish", &s::bnsbn_finish_cpu);
-  m.impl("bnsbn_forward", &s::bnsbn_forward_cpu);
-  m.impl("bnsbn_grad_finish", &s::bnsbn_grad_finish_cpu);
-  m.impl("bnsbn_backward", &s::bnsbn_backward_cpu);
 }
