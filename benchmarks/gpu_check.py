@@ -77,8 +77,7 @@ STAGES = tuple(TIMEOUTS)
 # ResNet-50's four stage shapes, small to large (a stage cut short keeps the small ones)
 RESNET50 = "64x2048x7x7,64x1024x14x14,64x512x28x28,64x256x56x56"
 BENCH_OPS = "l2bn,sbn,bnsbn"   # with bn (torch's BatchNorm2d, the baseline of every ratio)
-TEST_FILES = ["tests/test_l2bn_ops.py", "tests/test_running_stats.py", "tests/test_sbn_ops.py",
-              "tests/test_bn_sbn_ops.py", "tests/test_sbn_triton.py"]
+TEST_FILES = ["tests/test_l2bn_ops.py", "tests/test_running_stats.py", "tests/test_sbn_family.py", "tests/test_sbn_triton.py"]
 TEST_SELECTION = TEST_FILES + ["-k", "(cuda or test_sbn_triton) and not torch_compile and not opcheck"]
 
 # Runs benchmarks/bench.py with its result writes made atomic (the bench checkpoints its JSON and

@@ -1,5 +1,5 @@
-"""Inputs and checks shared by the SBN / BN+SBN op tests (test_sbn_ops.py, test_bn_sbn_ops.py,
-test_sbn_cpp.py). Every tensor is made on the test's device; references run in float64 on it."""
+"""Inputs and checks shared by the SBN family's tests (test_sbn_family.py, test_sbn_family_ops.py,
+test_sbn_triton.py). Every tensor is made on the test's device; references run in float64 on it."""
 import os
 
 import pytest

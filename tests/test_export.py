@@ -313,7 +313,7 @@ def test_ops_can_be_kept_and_training_calls_are_not_decomposed():
 def test_decompositions_leave_the_dispatch_table_alone():
     """They are kernels for export's tracer in the Python dispatcher (active only while
     tracing): no kernel is added to the C++ dispatch table, so eager calls, autograd and
-    torch.compile reach the compiled kernels (tests/test_sbn_cpp.py and test_l2bn_ops.py
+    torch.compile reach the compiled kernels (tests/test_sbn_family_ops.py and test_l2bn_ops.py
     compile them with inductor)."""
     for op in D.DECOMPOSED_OPS:
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")

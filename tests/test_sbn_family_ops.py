@@ -195,7 +195,7 @@ def test_synchronized_entry_equals_the_whole_batch(device, backend, bn):
     ps = [t.double() for t in make_params(3, device, g) + make_params(3, device, g)]
     if not bn:
         ps[0] = ps[1] = None
-    stats, finish, grad_stats = (O.torch_sbn_stats, O.torch_sbn_finish, O.torch_sbn_grad_stats)
+    _, stats, finish, grad_stats, _ = S._ops(backend)  # the backend's own pieces for the other processes
     rows = [stats(p) for p in parts]
     saved = [finish(*finish_args(p, torch.stack(rows), r, bn, *ps, "ortho", "relu"))[5] for r, p in enumerate(parts)]
     gsums = [grad_stats(dy, p, sv, "relu", 0.0) for dy, p, sv in zip(dys, parts, saved)]
@@ -316,13 +316,13 @@ def test_each_top_level_op_is_one_leaf_op_on_cpu():
     x = make_x((2, 8, 4, 4), torch.float32, "cpu", g)
     dy = make_x(x.shape, torch.float32, "cpu", g)
     w, b = make_params(8, "cpu", g)
-    m2, var = torch.zeros(8, 2), torch.ones(8)
+    m2, var, zero = torch.zeros(8, 2), torch.ones(8), torch.zeros(8)
     calls = {}
     for bn in (False, True):
         sv = o.sbn_forward(*fwd_args(x, bn, w, b, w, b))[5]
         calls[f"sbn_forward(bn={bn})"] = lambda bn=bn: o.sbn_forward(*fwd_args(x, bn, w, b, w, b))
         calls[f"sbn_forward(bn={bn}, eval)"] = lambda bn=bn: o.sbn_forward(
-            *fwd_args(x, bn, w, b, w, b, (var * 0, var, m2, var)))
+            *fwd_args(x, bn, w, b, w, b, (zero, var, m2, var)))
         calls[f"sbn_backward(bn={bn})"] = lambda bn=bn, sv=sv: o.sbn_backward(dy, x, sv, bn, True, "ortho", "relu",
                                                                              0.0)
     for name, call in calls.items():
