@@ -6,6 +6,10 @@
 // factor, exactly the same values): with IEEE trapping math a compiler will not evaluate an
 // expression of the other branch speculatively, and emits a branch per element instead, which
 // on CPU is mispredicted half the time and blocks vectorization.
+// One formula for a value and for lanes: the formulas are templates on T, written with if_else
+// (c ? a : b), act_exp and T(c) for a constant, which csrc/cpu/vec8.h provides for the CPU
+// kernels' 8 lanes (Vec8: a lane mask selects, T(c) is c in every lane); so a lane computes what
+// the scalar function computes, bit for bit.
 #pragma once
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
@@ -35,8 +39,8 @@ inline Act parse_act(std::string_view name, const char* op) {
 // x = n ln2 + r, Cephes' degree-7 polynomial for e^r, 2^n from the exponent bits. Relative error
 // within ~2 ulp of expf on [-87.3, 88.7]; 0 below, +inf above, NaN stays NaN.
 // Written once for a float (F = float, I = int32_t: exp_float_host) and for lanes of floats (F, I
-// GCC vector types of float / int32_t of the same width: the CPU kernels' explicit SIMD passes,
-// csrc/cpu/l2bn_cpu_kernels.h): the same IEEE operations lane by lane (no FMA contraction where the
+// GCC vector types of float / int32_t of the same width: act_exp of the CPU kernels' lanes,
+// csrc/cpu/vec8.h): the same IEEE operations lane by lane (no FMA contraction where the
 // target has none), so every lane equals exp_float_host of its value bit for bit. to_int(n)
 // truncates like static_cast<int32_t> (__builtin_convertvector for the lanes).
 template <typename F, typename I, typename ToInt>
@@ -72,8 +76,23 @@ struct TruncToInt32 {
 
 inline float exp_float_host(float x) { return exp_float_lanes<float, int32_t>(x, TruncToInt32{}); }
 
+// The formulas are always inlined on the host: the CPU kernels' lanes (vec8.h) must never be
+// passed to an out-of-line copy, which is default-target code, where a 32-byte vector argument
+// of the AVX2 build has another calling convention (a register with AVX, memory without).
+#if defined(__CUDACC__)
+#define NK_ACT_INLINE C10_HOST_DEVICE inline
+#else
+#define NK_ACT_INLINE C10_ALWAYS_INLINE
+#endif
+
+// c ? a : b (a and b values, never expressions; vec8.h: lane by lane by a lane mask)
 template <typename T>
-C10_HOST_DEVICE inline T act_exp(T v) {
+NK_ACT_INLINE T if_else(bool c, T a, T b) {
+  return c ? a : b;
+}
+
+template <typename T>
+NK_ACT_INLINE T act_exp(T v) {
 #if defined(__CUDA_ARCH__)
   return ::exp(v);
 #else
@@ -88,42 +107,69 @@ C10_HOST_DEVICE inline T act_exp(T v) {
 // 1 + e^-v: sigmoid(v) = 1 / den and silu(v) = v / den (one division either way, as torch's CPU
 // silu; no multiply after the division, which ends the longest dependency chain of the loops)
 template <typename T>
-C10_HOST_DEVICE inline T act_sigmoid_den(T v) {
+NK_ACT_INLINE T act_sigmoid_den(T v) {
   return T(1) + act_exp(-v);
 }
 
 template <typename T>
-C10_HOST_DEVICE inline T act_sigmoid(T v) {
+NK_ACT_INLINE T act_sigmoid(T v) {
   return T(1) / act_sigmoid_den(v);
 }
 
-// act(pre); `slope` is leaky_relu's negative slope (ignored by the others).
+// act(pre) of a compile-time activation A; `slope` is leaky_relu's negative slope (ignored by
+// the others).
+template <Act A, typename T>
+NK_ACT_INLINE T act_forward(T pre, T slope) {
+  if constexpr (A == Act::ReLU) {
+    return if_else(pre < T(0), T(0), pre);  // NaN stays NaN, as torch.relu
+  } else if constexpr (A == Act::LeakyReLU) {
+    return pre * if_else(pre > T(0), T(1), slope);
+  } else if constexpr (A == Act::SiLU) {
+    return pre / act_sigmoid_den(pre);
+  } else {
+    return pre;
+  }
+}
+
+// act'(pre) * dy of a compile-time activation A.
+template <Act A, typename T>
+NK_ACT_INLINE T act_backward(T pre, T slope, T dy) {
+  if constexpr (A == Act::ReLU) {
+    return if_else(pre > T(0), dy, T(0));
+  } else if constexpr (A == Act::LeakyReLU) {
+    return dy * if_else(pre > T(0), T(1), slope);
+  } else if constexpr (A == Act::SiLU) {
+    const T s = act_sigmoid(pre);
+    return dy * s * (T(1) + pre * (T(1) - s));
+  } else {
+    return dy;
+  }
+}
+
+// The same of a run-time activation.
 template <typename T>
-C10_HOST_DEVICE inline T act_forward(Act act, T pre, T slope) {
+NK_ACT_INLINE T act_forward(Act act, T pre, T slope) {
   switch (act) {
     case Act::ReLU:
-      return pre < T(0) ? T(0) : pre;  // NaN stays NaN, as torch.relu
+      return act_forward<Act::ReLU>(pre, slope);
     case Act::LeakyReLU:
-      return pre * (pre > T(0) ? T(1) : slope);
+      return act_forward<Act::LeakyReLU>(pre, slope);
     case Act::SiLU:
-      return pre / act_sigmoid_den(pre);
+      return act_forward<Act::SiLU>(pre, slope);
     default:
       return pre;
   }
 }
 
-// act'(pre) * dy.
 template <typename T>
-C10_HOST_DEVICE inline T act_backward(Act act, T pre, T slope, T dy) {
+NK_ACT_INLINE T act_backward(Act act, T pre, T slope, T dy) {
   switch (act) {
     case Act::ReLU:
-      return pre > T(0) ? dy : T(0);
+      return act_backward<Act::ReLU>(pre, slope, dy);
     case Act::LeakyReLU:
-      return dy * (pre > T(0) ? T(1) : slope);
-    case Act::SiLU: {
-      const T s = act_sigmoid(pre);
-      return dy * s * (T(1) + pre * (T(1) - s));
-    }
+      return act_backward<Act::LeakyReLU>(pre, slope, dy);
+    case Act::SiLU:
+      return act_backward<Act::SiLU>(pre, slope, dy);
     default:
       return dy;
   }

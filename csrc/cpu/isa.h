@@ -1,10 +1,12 @@
 // Run-time choice between the two builds of a CPU kernel source (csrc/cpu/isa_builds.h makes
 // them): the baseline ISA build k_default and, on x86-64 GCC, the AVX2 build k_avx2, taken when
 // the CPU has AVX2. NORMKERNELS_CPU_ISA=baseline forces the baseline build (tests compare the
-// two builds bit for bit).
+// two builds bit for bit). The builds' lanes: vec8.h (included here, at file scope).
 #pragma once
 #include <cstdlib>
 #include <string>
+
+#include "vec8.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define NK_HAVE_AVX2_BUILD 1

@@ -5,12 +5,12 @@
 // guard, no includes (the includer provides ATen, View3, Act, the finalize of l2bn_finalize.h,
 // the job structs FwdJob / BwdJob, team_run / part, NK_INLINE, NK_AVX2 = 0 / 1).
 //
-// Lanes: explicit 8-lane vectors (GCC vector extensions: one ymm register of floats in the AVX2
+// Lanes: explicit 8-lane vectors (V8 of csrc/cpu/vec8.h: one ymm register of floats in the AVX2
 // build, two xmm in the baseline build). Every lane does the IEEE operations the scalar code
-// does, in the same order (no FMA: neither target enables it), and the tails use the scalar
-// functions themselves (pre_act, act_forward, act_backward of csrc/activation.h, whose exp the
-// lanes share), so the two builds, the lanes and the tails agree bit for bit. pre is one
-// expression (pre_act) in every pass, so the activation's masks agree exactly.
+// does, in the same order (no FMA: neither target enables it), and lanes and tails run the same
+// formulas (pre_act, act_forward, act_backward of csrc/activation.h), so the two builds, the
+// lanes and the tails agree bit for bit. pre is one expression (pre_act) in every pass, so the
+// activation's masks agree exactly.
 // Summation orders are fixed functions of the shape (never of the thread count).
 //
 // One parallel region per op: team_run runs an op's phases on a team of threads with a barrier
@@ -24,95 +24,14 @@ constexpr int64_t kSRows = 32;    // NSC: spatial rows per chunk
 constexpr int64_t kFinC = 64;     // channels per block of the channel finalize loops
 
 // ---------------------------------------------------------------- lanes
-// V8<T>: 8 lanes of T as native vectors of this build (Lanes8 of the includer: kVecBytes = 32 in
-// the AVX2 build, 16 in the baseline build), so that every operation is one instruction per
-// native vector: 1 ymm / 2 xmm of floats, 2 ymm / 4 xmm of doubles.
-#if NK_AVX2
-constexpr int kVecBytes = 32;
-#else
-constexpr int kVecBytes = 16;
-#endif
-template <typename T>
-using V8 = Lanes8<T, kVecBytes>;
-using nf_t = typename NatVec<float, kVecBytes>::type;
-using ni_t = typename NatVec<float, kVecBytes>::mask;
-using TruncNI = TruncLanes<kVecBytes>;
-
-template <typename T>
-NK_INLINE V8<T> splat(T s) {
-  return lanes_splat<T, kVecBytes>(s);
-}
-template <typename T>
-NK_INLINE V8<T> zero8() {
-  return lanes_splat<T, kVecBytes>(T(0));
-}
-template <typename T, typename S>
-NK_INLINE V8<T> load8(const S* p) {
-  return lanes_load<T, kVecBytes>(p);
-}
-template <typename T, typename S>
-NK_INLINE void store8(S* p, const V8<T>& v) {
-  lanes_store<T, kVecBytes>(p, v);
-}
-// fixed tree over the lanes
-template <typename T, typename A>
-NK_INLINE T tree8(const A& v) {
-  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
-}
+// V8<T>, splat, load8, store8, tree8: the build's lanes (csrc/cpu/vec8.h); act_forward<A> /
+// act_backward<A> of csrc/activation.h run on them as on a value.
 template <typename T, typename S>
 NK_INLINE T to_acc(S v) {
   if constexpr (std::is_same_v<S, T> || std::is_same_v<S, double> || std::is_same_v<S, float>)
     return static_cast<T>(v);
   else
     return static_cast<T>(static_cast<float>(v));
-}
-
-// ---------------------------------------------------------------- activation lanes
-// act_forward / act_backward of csrc/activation.h lane by lane (the same operations; float SiLU
-// through exp_float_lanes, the lanes' form of exp_float_host; double SiLU calls the scalar code).
-// act_sigmoid_den: 1 + e^-v
-NK_INLINE V8<float> sigmoid_den8(const V8<float>& v) {
-  V8<float> r;
-  for (int k = 0; k < V8<float>::K; ++k)
-    r.v[k] = (nf_t{} + 1.0f) + exp_float_lanes<nf_t, ni_t>(-v.v[k], TruncNI{});
-  return r;
-}
-template <Act A, typename T>
-NK_INLINE V8<T> act8(const V8<T>& pre, T slope) {
-  if constexpr (A == Act::ReLU) {
-    return select(pre < zero8<T>(), zero8<T>(), pre);
-  } else if constexpr (A == Act::LeakyReLU) {
-    return pre * select(pre > zero8<T>(), splat(T(1)), splat(slope));
-  } else if constexpr (A == Act::SiLU) {
-    if constexpr (std::is_same_v<T, float>) {
-      return pre / sigmoid_den8(pre);
-    } else {
-      T y[8];
-      for (int j = 0; j < 8; ++j) y[j] = act_forward<T>(A, pre[j], slope);
-      return load8<T>(y);
-    }
-  } else {
-    return pre;
-  }
-}
-template <Act A, typename T>
-NK_INLINE V8<T> grad8(const V8<T>& pre, T slope, const V8<T>& dy) {
-  if constexpr (A == Act::ReLU) {
-    return select(pre > zero8<T>(), dy, zero8<T>());
-  } else if constexpr (A == Act::LeakyReLU) {
-    return dy * select(pre > zero8<T>(), splat(T(1)), splat(slope));
-  } else if constexpr (A == Act::SiLU) {
-    if constexpr (std::is_same_v<T, float>) {
-      const V8<float> one = splat(1.0f), s = one / sigmoid_den8(pre);
-      return dy * s * (one + pre * (one - s));
-    } else {
-      T g[8];
-      for (int j = 0; j < 8; ++j) g[j] = act_backward<T>(A, pre[j], slope, dy[j]);
-      return load8<T>(g);
-    }
-  } else {
-    return dy;
-  }
 }
 
 template <typename F>
@@ -136,7 +55,7 @@ NK_INLINE void row_stats_shifted(const scalar_t* p, int64_t S, double invS, floa
                                  float& m2) {
   const double x0 = to_acc<double>(p[0]);
   const V8<double> v0 = splat(x0);
-  V8<double> s0 = zero8<double>(), s1 = s0, q0 = s0, q1 = s0;
+  V8<double> s0 = V8<double>{}, s1 = s0, q0 = s0, q1 = s0;
   int64_t i = 0;
   for (; i + 16 <= S; i += 16) {
     const V8<double> a = load8<double>(p + i) - v0, b = load8<double>(p + i + 8) - v0;
@@ -151,7 +70,7 @@ NK_INLINE void row_stats_shifted(const scalar_t* p, int64_t S, double invS, floa
     q0 += a * a;
     i += 8;
   }
-  double sum = tree8<double>(s0 + s1), sq = tree8<double>(q0 + q1);
+  double sum = tree8(s0 + s1), sq = tree8(q0 + q1);
   for (; i < S; ++i) {
     const double d = to_acc<double>(p[i]) - x0;
     sum += d;
@@ -169,19 +88,19 @@ NK_INLINE void row_stats_double(const double* p, int64_t S, double& mean, double
   for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
     const int64_t L = std::min(kChunk, S - s0);
     const double* q = p + s0;
-    V8<double> a = zero8<double>();
+    V8<double> a = V8<double>{};
     int64_t i = 0;
     for (; i + 8 <= L; i += 8) a += load8<double>(q + i);
-    double sum = tree8<double>(a);
+    double sum = tree8(a);
     for (; i < L; ++i) sum += q[i];
     const double mb = sum / static_cast<double>(L);
     const V8<double> vm = splat(mb);
-    V8<double> b = zero8<double>();
+    V8<double> b = V8<double>{};
     for (i = 0; i + 8 <= L; i += 8) {
       const V8<double> d = load8<double>(q + i) - vm;
       b += d * d;
     }
-    double sq = tree8<double>(b);
+    double sq = tree8(b);
     for (; i < L; ++i) sq += (q[i] - mb) * (q[i] - mb);
     chan_merge(row, ChanRow{static_cast<double>(L), mb, sq});
   }
@@ -208,16 +127,16 @@ NK_INLINE void row_grad_sums(const scalar_t* px, const scalar_t* pd, int64_t S,
                              at::opmath_type<scalar_t>& P) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = V8<acc_t>;
-  const V vc = splat(ctr), va = splat(a), vb = splat(b);
+  const V vc = splat(ctr), va = splat(a), vb = splat(b), vs = splat(slope);
   double tq = 0.0, tp = 0.0;
   for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
     const int64_t e = s0 + std::min(kChunk, S - s0);
-    V q0 = zero8<acc_t>(), q1 = q0, p0 = q0, p1 = q0;
+    V q0 = V{}, q1 = q0, p0 = q0, p1 = q0;
     int64_t i = s0;
     for (; i + 16 <= e; i += 16) {
       const V x0 = load8<acc_t>(px + i), x1 = load8<acc_t>(px + i + 8);
-      const V g0 = grad8<A, acc_t>(pre_act<V>(x0, vc, va, vb), slope, load8<acc_t>(pd + i));
-      const V g1 = grad8<A, acc_t>(pre_act<V>(x1, vc, va, vb), slope, load8<acc_t>(pd + i + 8));
+      const V g0 = act_backward<A>(pre_act<V>(x0, vc, va, vb), vs, load8<acc_t>(pd + i));
+      const V g1 = act_backward<A>(pre_act<V>(x1, vc, va, vb), vs, load8<acc_t>(pd + i + 8));
       if constexpr (STORE_G) {
         store8<acc_t>(pg + i, g0);
         store8<acc_t>(pg + i + 8, g1);
@@ -229,13 +148,13 @@ NK_INLINE void row_grad_sums(const scalar_t* px, const scalar_t* pd, int64_t S,
     }
     if (i + 8 <= e) {
       const V x0 = load8<acc_t>(px + i);
-      const V g0 = grad8<A, acc_t>(pre_act<V>(x0, vc, va, vb), slope, load8<acc_t>(pd + i));
+      const V g0 = act_backward<A>(pre_act<V>(x0, vc, va, vb), vs, load8<acc_t>(pd + i));
       if constexpr (STORE_G) store8<acc_t>(pg + i, g0);
       q0 += g0;
       p0 += g0 * (x0 - vc);
       i += 8;
     }
-    acc_t cq = tree8<acc_t>(q0 + q1), cp = tree8<acc_t>(p0 + p1);
+    acc_t cq = tree8(q0 + q1), cp = tree8(p0 + p1);
     for (; i < e; ++i) {
       const acc_t xv = to_acc<acc_t>(px[i]);
       const acc_t g = act_backward<acc_t>(A, pre_act<acc_t>(xv, ctr, a, b), slope, to_acc<acc_t>(pd[i]));
@@ -257,10 +176,10 @@ NK_INLINE void row_apply_fwd(const scalar_t* px, int64_t S, at::opmath_type<scal
                              at::opmath_type<scalar_t> slope, scalar_t* po) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = V8<acc_t>;
-  const V vc = splat(ctr), va = splat(a), vb = splat(b);
+  const V vc = splat(ctr), va = splat(a), vb = splat(b), vs = splat(slope);
   int64_t i = 0;
   for (; i + 8 <= S; i += 8)
-    store8<acc_t>(po + i, act8<A, acc_t>(pre_act<V>(load8<acc_t>(px + i), vc, va, vb), slope));
+    store8<acc_t>(po + i, act_forward<A>(pre_act<V>(load8<acc_t>(px + i), vc, va, vb), vs));
   for (; i < S; ++i)
     po[i] = static_cast<scalar_t>(
         act_forward<acc_t>(A, pre_act<acc_t>(to_acc<acc_t>(px[i]), ctr, a, b), slope));
@@ -276,12 +195,13 @@ NK_INLINE void row_apply_bwd(const scalar_t* px, const scalar_t* pd, int64_t S,
                              scalar_t* po) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = V8<acc_t>;
-  const V vc = splat(ctr), va = splat(a), vb = splat(b), vdc = splat(dxc), vdo = splat(dxo);
+  const V vc = splat(ctr), va = splat(a), vb = splat(b), vs = splat(slope);
+  const V vdc = splat(dxc), vdo = splat(dxo);
   int64_t i = 0;
   for (; i + 8 <= S; i += 8) {
     const V xv = load8<acc_t>(px + i);
     V g = load8<acc_t>(pd + i);
-    if constexpr (!G_IN) g = grad8<A, acc_t>(pre_act<V>(xv, vc, va, vb), slope, g);
+    if constexpr (!G_IN) g = act_backward<A>(pre_act<V>(xv, vc, va, vb), vs, g);
     store8<acc_t>(po + i, va * g + vdc * (xv - vc) + vdo);
   }
   for (; i < S; ++i) {
@@ -354,13 +274,14 @@ inline void sums_block(const scalar_t* bx, const scalar_t* bd, int64_t ld, int64
   int64_t c = 0;
   for (; c + 8 <= W; c += 8) {
     const V vc = load8<acc_t>(ctr + c), va = load8<acc_t>(a + c), vb = load8<acc_t>(bb + c);
-    V tp = zero8<acc_t>(), tq = tp;
+    const V vs = splat(slope);
+    V tp = V{}, tq = tp;
     for (int64_t s0 = 0; s0 < Srows; s0 += kSRows) {
       const int64_t e = s0 + std::min(kSRows, Srows - s0);
-      V cp = zero8<acc_t>(), cq = cp;
+      V cp = V{}, cq = cp;
       for (int64_t s = s0; s < e; ++s) {
         const V xv = load8<acc_t>(bx + s * ld + c);
-        const V g = grad8<A, acc_t>(pre_act<V>(xv, vc, va, vb), slope, load8<acc_t>(bd + s * ld + c));
+        const V g = act_backward<A>(pre_act<V>(xv, vc, va, vb), vs, load8<acc_t>(bd + s * ld + c));
         cq += g;
         cp += g * (xv - vc);
       }
@@ -401,14 +322,15 @@ NK_INLINE void nsc_row_apply(const scalar_t* px, const scalar_t* pd, int64_t C,
                              scalar_t* po) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = V8<acc_t>;
+  const V vs = splat(slope);
   int64_t ch = 0;
   for (; ch + 8 <= C; ch += 8) {
     const V xv = load8<acc_t>(px + ch), vc = load8<acc_t>(ctr + ch);
     const V pre = pre_act<V>(xv, vc, load8<acc_t>(a + ch), load8<acc_t>(b + ch));
     if constexpr (!BWD) {
-      store8<acc_t>(po + ch, act8<A, acc_t>(pre, slope));
+      store8<acc_t>(po + ch, act_forward<A>(pre, vs));
     } else {
-      const V g = grad8<A, acc_t>(pre, slope, load8<acc_t>(pd + ch));
+      const V g = act_backward<A>(pre, vs, load8<acc_t>(pd + ch));
       store8<acc_t>(po + ch, load8<acc_t>(a + ch) * g + load8<acc_t>(dxc + ch) * (xv - vc) +
                                  load8<acc_t>(dxo + ch));
     }
@@ -569,7 +491,7 @@ void sample_scales(int64_t n0, int64_t n1, int64_t C, int64_t S, const acc_t* m,
     int64_t c = 0;
     for (; c + 8 <= C; c += 8)
       for (int j = 0; j < 8; ++j) l[j] += row_sq_norm(mp[c + j], qp[c + j], Sd);
-    double nrm2 = tree8<double>(l);
+    double nrm2 = tree8(l);
     for (; c < C; ++c) nrm2 += row_sq_norm(mp[c], qp[c], Sd);
     const SampleScale sc = sample_scale(nrm2, l2_eps, sqrt_d);
     inv_r[n] = sc.inv_r;
@@ -705,7 +627,7 @@ void grad_row_coefs(int64_t n0, int64_t n1, int64_t C, int64_t S, const acc_t* q
         const int64_t i = o + c + j;
         l[j] += grad_dot_term(gc[c + j], p[i], q[i], m[i], m2[i], ir, cen[i], Sd);
       }
-    double dot = tree8<double>(l);
+    double dot = tree8(l);
     for (; c < C; ++c) {
       const int64_t i = o + c;
       dot += grad_dot_term(gc[c], p[i], q[i], m[i], m2[i], ir, cen[i], Sd);

@@ -28,141 +28,42 @@ constexpr int64_t kChunk = 1024;  // elements per lane summed in acc before a fl
 constexpr int64_t kTMax = 4096;   // NCHW statistics: largest map processed transposed
 constexpr int64_t kTasks = 64;    // reductions: sample blocks are cut to give about this many tasks
 
-template <typename acc_t>
-inline acc_t lane_sum(const acc_t* a) {
-  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
-}
-
-template <Act A, typename acc_t>
-inline acc_t grad_of(acc_t pre, acc_t slope, acc_t dy) {
-  return act_backward(A, pre, slope, dy);
-}
-
-// 8-lane vectors (GCC vector extensions): one ymm register of floats in the AVX2 build, two xmm
-// in the baseline build; elementwise IEEE arithmetic, so a lane computes exactly what scalar code
-// would (no reassociation, no FMA).
-template <typename T>
-struct V8Of;
-template <>
-struct V8Of<float> {
-  typedef float type __attribute__((vector_size(32)));
-  typedef int32_t mask __attribute__((vector_size(32)));
-};
-template <>
-struct V8Of<double> {
-  typedef double type __attribute__((vector_size(64)));
-  typedef int64_t mask __attribute__((vector_size(64)));
-};
-template <typename T>
-using V8 = typename V8Of<T>::type;
-template <typename T>
-using M8 = typename V8Of<T>::mask;  // lane selector of `m ? a : b` (0 or -1 per lane)
-
-template <typename T>
-NK_INLINE V8<T> splat(T s) {
-  return V8<T>{s, s, s, s, s, s, s, s};
-}
-template <typename T, typename S>
-NK_INLINE V8<T> load8(const S* p) {
-  V8<T> v;
-  if constexpr (std::is_same_v<S, T>) {
-    __builtin_memcpy(&v, p, sizeof(v));
-  } else {
-    for (int j = 0; j < 8; ++j) v[j] = static_cast<T>(p[j]);
-  }
-  return v;
-}
-template <typename T, typename S>
-NK_INLINE void store8(S* p, const V8<T>& v) {
-  if constexpr (std::is_same_v<S, T>) {
-    __builtin_memcpy(p, &v, sizeof(v));
-  } else {
-    for (int j = 0; j < 8; ++j) p[j] = static_cast<S>(v[j]);
-  }
-}
-// the fixed tree of lane_sum
-template <typename T>
-NK_INLINE T hsum(const V8<T>& v) {
-  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
-}
-// The activations on 8 lanes: csrc/activation.h's formulas written as vector operations (the same
-// IEEE operations in the same order, so a lane equals the scalar function bit for bit), with
-// selects instead of branches. SiLU's exp for float is activation.h's exp_float_lanes on these
-// vectors (the lanes' form of exp_float_host); for double it stays the scalar std::exp per lane.
-struct TruncToLanes {
-  M8<float> operator()(const V8<float>& n) const { return __builtin_convertvector(n, M8<float>); }
-};
-NK_INLINE V8<float> exp_v(const V8<float>& x) {
-  return exp_float_lanes<V8<float>, M8<float>>(x, TruncToLanes{});
-}
-template <typename T>
-NK_INLINE V8<T> sigmoid_v(const V8<T>& v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return splat(1.0f) / (splat(1.0f) + exp_v(-v));
-  } else {
-    V8<T> s;
-    for (int j = 0; j < 8; ++j) s[j] = act_sigmoid(T(v[j]));
-    return s;
-  }
-}
-// g = act'(pre) dy
-template <Act A, typename T>
-NK_INLINE V8<T> grad_v(const V8<T>& pre, T slope, const V8<T>& dy) {
-  const V8<T> zero = {};
-  if constexpr (A == Act::ReLU) {
-    return pre > zero ? dy : zero;
-  } else if constexpr (A == Act::LeakyReLU) {
-    return dy * (pre > zero ? splat(T(1)) : splat(slope));
-  } else if constexpr (A == Act::SiLU) {
-    const V8<T> s = sigmoid_v<T>(pre);
-    return dy * s * (splat(T(1)) + pre * (splat(T(1)) - s));
-  } else {
-    return dy;
-  }
-}
-// act(pre)
-template <Act A, typename T>
-NK_INLINE V8<T> act_v(const V8<T>& pre, T slope) {
-  const V8<T> zero = {};
-  if constexpr (A == Act::ReLU) {
-    return pre < zero ? zero : pre;  // NaN stays NaN
-  } else if constexpr (A == Act::LeakyReLU) {
-    return pre * (pre > zero ? splat(T(1)) : splat(slope));
-  } else if constexpr (A == Act::SiLU) {
-    if constexpr (std::is_same_v<T, float>) {
-      return pre / (splat(1.0f) + exp_v(-pre));  // activation.h: pre / act_sigmoid_den(pre)
-    } else {
-      V8<T> y;
-      for (int j = 0; j < 8; ++j) y[j] = act_forward(Act::SiLU, T(pre[j]), T(0));
-      return y;
-    }
-  } else {
-    return pre;
-  }
-}
+// The lanes: V8<T>, M8<T>, splat, load8, store8, tree8 of csrc/cpu/vec8.h (one ymm register of
+// floats in the AVX2 build, two xmm in the baseline build); act_forward<A> / act_backward<A> of
+// csrc/activation.h run on them as on a value (lane masks select, the float exp of SiLU is
+// exp_float_lanes), so a lane equals the scalar function bit for bit.
 // Lanes l >= 8 - r (-1), the others 0: of the last 8 values of a span whose last r < 8 values
 // are left after its whole vectors, the lanes not done yet (the span's end is then one overlapping
 // vector instead of r scalar steps, which would branch per value for a masked activation).
 template <typename T>
 NK_INLINE M8<T> last_lanes(int64_t r) {
-  M8<T> m;
-  for (int l = 0; l < 8; ++l) m[l] = l >= 8 - r ? -1 : 0;
+  M8<T> m = {};
+  for (int l = 0; l < 8; ++l) m.set(l, l >= 8 - r);
   return m;
 }
 // Lanes at odd positions (-1): with a vector starting at an even column, the odd columns.
 template <typename T>
 NK_INLINE M8<T> odd_lanes() {
-  M8<T> m;
-  for (int l = 0; l < 8; ++l) m[l] = (l & 1) ? -1 : 0;
+  M8<T> m = {};
+  for (int l = 0; l < 8; ++l) m.set(l, l & 1);
   return m;
 }
 // lanes j < cw of src[c0 + j], the others 0
 template <typename T>
 NK_INLINE V8<T> lanes8(const T* src, int64_t c0, int cw) {
   V8<T> v = {};
-  for (int j = 0; j < cw; ++j) v[j] = src[c0 + j];
+  for (int j = 0; j < cw; ++j) v.set(j, src[c0 + j]);
   return v;
 }
+#if NK_AVX2
+// the AVX2 build's float lanes as one __m256 and back (the transposes and permutes)
+NK_INLINE __m256 m256(const V8<float>& v) { return (__m256)v.v[0]; }
+NK_INLINE V8<float> v8(__m256 m) {
+  V8<float> v;
+  v.v[0] = (V8<float>::N)m;
+  return v;
+}
+#endif
 
 // Sample blocks of the reductions: `count` blocks of `size` samples, chosen from N and the number
 // of channel tasks only (so the partials, and their fixed-order sum, ignore the thread count).
@@ -266,7 +167,7 @@ inline void row_raq(const scalar_t* p, int64_t W, acc_t k, acc_t& R, acc_t& A, a
     }
     e = (r[0] + r[4]) + (r[2] + r[6]);
     o = (r[1] + r[5]) + (r[3] + r[7]);
-    if (kQ) q = lane_sum(s);
+    if (kQ) q = tree8(s);
   }
   for (; w + 1 < W; w += 2) {  // w is even here
     const acc_t t0 = static_cast<acc_t>(p[w]) - k, t1 = static_cast<acc_t>(p[w + 1]) - k;
@@ -304,8 +205,8 @@ inline void row_dots(const scalar_t* p, int64_t W, acc_t k, const acc_t* P0, con
     ta += t * P0[w];
     tb += t * P1[w];
   }
-  d0 = lane_sum(a) + ta;
-  d1 = lane_sum(b) + tb;
+  d0 = tree8(a) + ta;
+  d1 = tree8(b) + tb;
 }
 
 // ============================================================================== statistics pass
@@ -569,6 +470,7 @@ void fwd_apply(const scalar_t* x, scalar_t* y, const FwdTab<acc_t>& ft, acc_t sl
   const int64_t HW = H * W;
   if (lay == Layout::NCS) {
     using V = V8<acc_t>;
+    const V vs = splat(slope);
     const acc_t* Kp = ft.K.data();
     const acc_t* Ap = ft.cx.data();
     const acc_t* Bp = ft.b.data();
@@ -584,22 +486,22 @@ void fwd_apply(const scalar_t* x, scalar_t* y, const FwdTab<acc_t>& ft, acc_t sl
         const V kv = splat(k), av = splat(a), bv = splat(bc);
         int64_t i = 0;
         for (; i + 8 <= head; i += 8)  // row 0 (and the rest of its last vector)
-          store8<acc_t>(py + i, act_v<A>(av * (load8<acc_t>(px + i) - kv) + load8<acc_t>(t0 + i),
-                                         slope));
+          store8<acc_t>(py + i, act_forward<A>(av * (load8<acc_t>(px + i) - kv) +
+                                                   load8<acc_t>(t0 + i), vs));
         for (; i < head; ++i) {
           const acc_t pre = a * (static_cast<acc_t>(px[i]) - k) + t0[i];
-          py[i] = static_cast<scalar_t>(act_forward(A, pre, slope));
+          py[i] = static_cast<scalar_t>(act_forward<A>(pre, slope));
         }
         for (; i + 8 <= HW; i += 8)
-          store8<acc_t>(py + i, act_v<A>(av * (load8<acc_t>(px + i) - kv) + bv, slope));
+          store8<acc_t>(py + i, act_forward<A>(av * (load8<acc_t>(px + i) - kv) + bv, vs));
         if (i < HW && HW - 8 >= head) {  // the last 8 values again: those already written get
           const int64_t j = HW - 8;       // the same value (the same formula) once more
-          store8<acc_t>(py + j, act_v<A>(av * (load8<acc_t>(px + j) - kv) + bv, slope));
+          store8<acc_t>(py + j, act_forward<A>(av * (load8<acc_t>(px + j) - kv) + bv, vs));
           continue;
         }
         for (; i < HW; ++i) {
           const acc_t pre = a * (static_cast<acc_t>(px[i]) - k) + bc;
-          py[i] = static_cast<scalar_t>(act_forward(A, pre, slope));
+          py[i] = static_cast<scalar_t>(act_forward<A>(pre, slope));
         }
       }
     });
@@ -616,7 +518,7 @@ void fwd_apply(const scalar_t* x, scalar_t* y, const FwdTab<acc_t>& ft, acc_t sl
           const acc_t* add = row0 ? ft.T0.data() + w * C : bp;
           for (int64_t c = 0; c < C; ++c) {
             const acc_t pre = ap[c] * (static_cast<acc_t>(px[c]) - kp[c]) + add[c];
-            py[c] = static_cast<scalar_t>(act_forward(A, pre, slope));
+            py[c] = static_cast<scalar_t>(act_forward<A>(pre, slope));
           }
         }
       }
@@ -636,6 +538,7 @@ template <Act A, typename scalar_t, typename acc_t>
 int64_t grad_nchw(const scalar_t* dy, const scalar_t* x, const FwdTab<acc_t>& ft, const acc_t* Pi,
                   acc_t slope, double* part, int64_t N, int64_t C, int64_t H, int64_t W) {
   using V = V8<acc_t>;
+  const V vs = splat(slope);
   const int64_t HW = H * W, ts = ft.ts, head = std::min(ts, HW);
   std::vector<acc_t> pi(ts, acc_t(0));  // Pi[0, :] padded to the head vectors
   std::copy(Pi, Pi + W, pi.begin());
@@ -667,7 +570,7 @@ int64_t grad_nchw(const scalar_t* dy, const scalar_t* x, const FwdTab<acc_t>& ft
         int64_t i = 0;
         for (; i + 8 <= head; i += 8) {
           const V t = load8<acc_t>(px + i) - kv;
-          const V g = grad_v<A>(av * t + load8<acc_t>(t0 + i), slope, load8<acc_t>(pd + i));
+          const V g = act_backward<A>(av * t + load8<acc_t>(t0 + i), vs, load8<acc_t>(pd + i));
           if (i == 0) g0 += g[0];
           u += g;
           vv += g * t;
@@ -675,7 +578,7 @@ int64_t grad_nchw(const scalar_t* dy, const scalar_t* x, const FwdTab<acc_t>& ft
         }
         for (; i < head; ++i) {
           const acc_t t = static_cast<acc_t>(px[i]) - k;
-          const acc_t g = grad_of<A>(a * t + t0[i], slope, static_cast<acc_t>(pd[i]));
+          const acc_t g = act_backward<A>(a * t + t0[i], slope, static_cast<acc_t>(pd[i]));
           if (i == 0) g0 += g;
           tu += g;
           tv += g * t;
@@ -683,38 +586,38 @@ int64_t grad_nchw(const scalar_t* dy, const scalar_t* x, const FwdTab<acc_t>& ft
         }
         for (; i + 8 <= HW; i += 8) {
           const V t = load8<acc_t>(px + i) - kv;
-          const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + i));
+          const V g = act_backward<A>(av * t + bv, vs, load8<acc_t>(pd + i));
           u += g;
           vv += g * t;
         }
         if (vec_tail) {  // lanes of values >= i (off row 0: i >= head), the others masked out
           const V zero = {};
           const V t = load8<acc_t>(px + HW - 8) - kv;
-          const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + HW - 8));
-          u += tail ? g : zero;
-          vv += tail ? g * t : zero;
+          const V g = act_backward<A>(av * t + bv, vs, load8<acc_t>(pd + HW - 8));
+          u += if_else(tail, g, zero);
+          vv += if_else(tail, g * t, zero);
           i = HW;
         }
         for (; i < HW; ++i) {
           const acc_t t = static_cast<acc_t>(px[i]) - k;
-          const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(pd[i]));
+          const acc_t g = act_backward<A>(a * t + bc, slope, static_cast<acc_t>(pd[i]));
           tu += g;
           tv += g * t;
         }
-        g1 += hsum<acc_t>(gh) + th;
+        g1 += tree8(gh) + th;
         sd += tu;
         sdt += tv;
         pending += HW / 8;
         if (pending >= kChunk) {
-          sd += hsum<acc_t>(u);
-          sdt += hsum<acc_t>(vv);
+          sd += tree8(u);
+          sdt += tree8(vv);
           u = V{};
           vv = V{};
           pending = 0;
         }
       }
-      sd += hsum<acc_t>(u);
-      sdt += hsum<acc_t>(vv);
+      sd += tree8(u);
+      sdt += tree8(vv);
       double* o = part + (blk * C + c) * 4;
       o[0] = sd;
       o[1] = sdt;
@@ -747,7 +650,7 @@ inline void nhwc_row_grad(const scalar_t* pd, const scalar_t* px, int64_t W, int
       const acc_t* t0 = T0 + w * C;
       for (int j = 0; j < CB; ++j) {
         const acc_t t = static_cast<acc_t>(x0[j]) - k[j];
-        const acc_t g = grad_of<A>(a[j] * t + t0[j], slope, static_cast<acc_t>(d0[j]));
+        const acc_t g = act_backward<A>(a[j] * t + t0[j], slope, static_cast<acc_t>(d0[j]));
         if (w == 0) G0[j] = g;
         se[j] += g;
         te[j] += g * t;
@@ -756,7 +659,7 @@ inline void nhwc_row_grad(const scalar_t* pd, const scalar_t* px, int64_t W, int
     } else {
       for (int j = 0; j < CB; ++j) {
         const acc_t t = static_cast<acc_t>(x0[j]) - k[j];
-        const acc_t g = grad_of<A>(a[j] * t + add[j], slope, static_cast<acc_t>(d0[j]));
+        const acc_t g = act_backward<A>(a[j] * t + add[j], slope, static_cast<acc_t>(d0[j]));
         se[j] += g;
         te[j] += g * t;
       }
@@ -852,6 +755,7 @@ void bwd_nchw_t(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTa
                 const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H,
                 int64_t W) {
   using V = V8<acc_t>;
+  const V vs = splat(slope);
   const int64_t HW = H * W, ncb = (C + 7) / 8, cs = ft.cs;
   at::parallel_for(0, N * ncb, grain_for(3 * 8 * HW), [&](int64_t b, int64_t e) {
     std::vector<acc_t> bx(HW * 8), bd(HW * 8);
@@ -884,7 +788,8 @@ void bwd_nchw_t(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTa
         if (h == 0) {
           for (w = 0; w < W; ++w) {
             const V t = load8<acc_t>(rx + w * 8) - k;
-            const V g = grad_v<A>(a * t + load8<acc_t>(T0 + w * cs), slope, load8<acc_t>(rd + w * 8));
+            const V g =
+                act_backward<A>(a * t + load8<acc_t>(T0 + w * cs), vs, load8<acc_t>(rd + w * 8));
             store8<acc_t>(rd + w * 8,
                           cdy * g + ct * t + (((w & 1) ? oo : oe) + load8<acc_t>(T1 + w * cs)));
           }
@@ -892,14 +797,14 @@ void bwd_nchw_t(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTa
         }
         for (w = 0; w + 1 < W; w += 2) {
           const V t0 = load8<acc_t>(rx + w * 8) - k, t1 = load8<acc_t>(rx + w * 8 + 8) - k;
-          const V g0 = grad_v<A>(a * t0 + add, slope, load8<acc_t>(rd + w * 8));
-          const V g1 = grad_v<A>(a * t1 + add, slope, load8<acc_t>(rd + w * 8 + 8));
+          const V g0 = act_backward<A>(a * t0 + add, vs, load8<acc_t>(rd + w * 8));
+          const V g1 = act_backward<A>(a * t1 + add, vs, load8<acc_t>(rd + w * 8 + 8));
           store8<acc_t>(rd + w * 8, cdy * g0 + ct * t0 + oe);
           store8<acc_t>(rd + w * 8 + 8, cdy * g1 + ct * t1 + oo);
         }
         if (w < W) {
           const V t = load8<acc_t>(rx + w * 8) - k;
-          const V g = grad_v<A>(a * t + add, slope, load8<acc_t>(rd + w * 8));
+          const V g = act_backward<A>(a * t + add, vs, load8<acc_t>(rd + w * 8));
           store8<acc_t>(rd + w * 8, cdy * g + ct * t + oe);
         }
       }
@@ -917,6 +822,7 @@ template <Act A, typename scalar_t, typename acc_t>
 void bwd_nchw_w8(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab<acc_t>& ft,
                  const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H) {
   using V = V8<acc_t>;
+  const V vs = splat(slope);
   const int64_t HW = H * 8, ts = ft.ts;
   const M8<acc_t> odd = odd_lanes<acc_t>();
   at::parallel_for(0, N * C, grain_for(3 * HW), [&](int64_t b, int64_t e) {
@@ -932,10 +838,10 @@ void bwd_nchw_w8(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdT
       // dx of row h from its t and its offsets of = [ev, od, ev, od, ...] (+ row 0's tables)
       auto row = [&](int64_t h, const V& t, const V& of) {
         if (h == 0) {
-          const V g = grad_v<A>(av * t + T0, slope, load8<acc_t>(pd));
+          const V g = act_backward<A>(av * t + T0, vs, load8<acc_t>(pd));
           store8<acc_t>(pdx, dv * g + tv * t + (of + T1));
         } else {
-          const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + h * 8));
+          const V g = act_backward<A>(av * t + bv, vs, load8<acc_t>(pd + h * 8));
           store8<acc_t>(pdx + h * 8, dv * g + tv * t + of);
         }
       };
@@ -952,22 +858,22 @@ void bwd_nchw_w8(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdT
           __m256 m[8];
           for (int j = 0; j < 8; ++j) {
             t[j] = load8<acc_t>(px + (h + j) * 8) - kv;
-            m[j] = (__m256)t[j];
+            m[j] = m256(t[j]);
           }
           transpose8(m);  // m[w] = column w of the 8 rows
-          V ev = (V)m[0] + (V)m[2], od = (V)m[1] + (V)m[3];
-          ev += (V)m[4];
-          od += (V)m[5];
-          ev += (V)m[6];
-          od += (V)m[7];
+          V ev = v8(m[0]) + v8(m[2]), od = v8(m[1]) + v8(m[3]);
+          ev += v8(m[4]);
+          od += v8(m[5]);
+          ev += v8(m[6]);
+          od += v8(m[7]);
           const V R = ev + od, Aa = ev - od;
           const V base = splat(cs) + splat(cr) * R, alt = splat(ca) * Aa;
-          const __m256 oe = (__m256)(base + alt), oo = (__m256)(base - alt);
+          const __m256 oe = m256(base + alt), oo = m256(base - alt);
           const __m256 lo = _mm256_unpacklo_ps(oe, oo), hi = _mm256_unpackhi_ps(oe, oo);
           for (int j = 0; j < 8; ++j) {
             const __m256 src = (j & 2) ? hi : lo;
             const int q = (j & 1) | ((j & 4) >> 1);
-            row(h + j, t[j], (V)_mm256_permutevar8x32_ps(src, kPair[q]));
+            row(h + j, t[j], v8(_mm256_permutevar8x32_ps(src, kPair[q])));
           }
         }
       }
@@ -976,7 +882,7 @@ void bwd_nchw_w8(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdT
         const V t = load8<acc_t>(px + h * 8) - kv;
         const acc_t ev = ((t[0] + t[2]) + t[4]) + t[6], od = ((t[1] + t[3]) + t[5]) + t[7];
         const acc_t base = cs + cr * (ev + od), alt = ca * (ev - od);
-        row(h, t, odd ? splat(base - alt) : splat(base + alt));
+        row(h, t, if_else(odd, splat(base - alt), splat(base + alt)));
       }
     }
   });
@@ -993,17 +899,18 @@ void bwd_nchw_small(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const F
                     const BwdTab<acc_t>& bt, acc_t slope, int64_t N, int64_t C, int64_t H,
                     int64_t W) {
   using V = V8<acc_t>;
+  const V vs = splat(slope);
   const int64_t HW = H * W, ts = ft.ts;
   const int64_t nv = (HW + 7) / 8;  // vectors of a plane; vector p starts at pos[p]
   int64_t pos[8];
   int32_t rowi[8][8];  // row of lane l of vector p
-  M8<acc_t> par[8];    // lanes of odd columns
+  M8<acc_t> par[8] = {};  // lanes of odd columns
   for (int64_t p = 0; p < nv; ++p) {
     pos[p] = std::min<int64_t>(p * 8, HW - 8);
     for (int l = 0; l < 8; ++l) {
       const int64_t i = pos[p] + l;
       rowi[p][l] = static_cast<int32_t>(i / W);
-      par[p][l] = (i % W) & 1 ? -1 : 0;
+      par[p].set(l, (i % W) & 1);
     }
   }
   at::parallel_for(0, N * C, grain_for(3 * HW), [&](int64_t b, int64_t e) {
@@ -1025,22 +932,22 @@ void bwd_nchw_small(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const F
           if (h >= H) {
             m[h] = _mm256_setzero_ps();
           } else if (h * W + 8 <= HW) {
-            m[h] = (__m256)(load8<acc_t>(px + h * W) - kv);
+            m[h] = m256(load8<acc_t>(px + h * W) - kv);
           } else {  // lane j = value h*W + j, found at lane j + s of the last vector
             const int s = static_cast<int>(h * W - (HW - 8));
             const __m256i idx = _mm256_min_epi32(
                 _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(s)),
                 _mm256_set1_epi32(7));
-            m[h] = (__m256)((V)_mm256_permutevar8x32_ps(last, idx) - kv);
+            m[h] = m256(v8(_mm256_permutevar8x32_ps(last, idx)) - kv);
           }
         }
         transpose8(m);  // m[w] = column w of the rows
-        V ev = (V)m[0], od = (V)m[1];
+        V ev = v8(m[0]), od = v8(m[1]);
         for (int64_t w = 2; w < W; ++w) {
           if (w & 1)
-            od += (V)m[w];
+            od += v8(m[w]);
           else
-            ev += (V)m[w];
+            ev += v8(m[w]);
         }
         const V R = ev + od, Aa = ev - od;
         const V base = splat(cs) + splat(cr) * R, alt = splat(ca) * Aa;
@@ -1070,21 +977,23 @@ void bwd_nchw_small(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const F
 #if NK_AVX2
         if constexpr (std::is_same_v<acc_t, float>) {
           const __m256i ri = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rowi[p]));
-          const V ve = (V)_mm256_permutevar8x32_ps(_mm256_loadu_ps(oe), ri);
-          const V vo = (V)_mm256_permutevar8x32_ps(_mm256_loadu_ps(oo), ri);
-          of = par[p] ? vo : ve;
+          const V ve = v8(_mm256_permutevar8x32_ps(_mm256_loadu_ps(oe), ri));
+          const V vo = v8(_mm256_permutevar8x32_ps(_mm256_loadu_ps(oo), ri));
+          of = if_else(par[p], vo, ve);
         } else
 #endif
         {
-          for (int l = 0; l < 8; ++l) of[l] = par[p][l] ? oo[rowi[p][l]] : oe[rowi[p][l]];
+          acc_t o[8];
+          for (int l = 0; l < 8; ++l) o[l] = par[p][l] ? oo[rowi[p][l]] : oe[rowi[p][l]];
+          of = load8<acc_t>(o);
         }
         const V t = load8<acc_t>(px + i) - kv;
         if (p == 0) {  // row 0 and the rest of its vector: the tables (b / 0 past W)
-          const V g = grad_v<A>(av * t + load8<acc_t>(ft.T0.data() + c * ts), slope,
+          const V g = act_backward<A>(av * t + load8<acc_t>(ft.T0.data() + c * ts), vs,
                                 load8<acc_t>(pd));
           store8<acc_t>(pdx, dv * g + tv * t + (of + load8<acc_t>(bt.T1.data() + c * ts)));
         } else {
-          const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + i));
+          const V g = act_backward<A>(av * t + bv, vs, load8<acc_t>(pd + i));
           store8<acc_t>(pdx + i, dv * g + tv * t + of);
         }
       }
@@ -1105,6 +1014,7 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab
     bwd_nchw_small<A>(dy, x, dx, ft, bt, slope, N, C, H, W);
   } else if (lay == Layout::NCS) {
     using V = V8<acc_t>;
+    const V vs = splat(slope);
     const int64_t ts = ft.ts, head = std::min(ts, HW);
     const M8<acc_t> odd = odd_lanes<acc_t>();
     at::parallel_for(0, N * C, grain_for(2 * HW), [&](int64_t b, int64_t e) {
@@ -1124,28 +1034,28 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab
           int64_t i = 0;
           for (; i + 8 <= head; i += 8) {
             const V t = load8<acc_t>(px + i) - kv;
-            const V g = grad_v<A>(av * t + load8<acc_t>(t0 + i), slope, load8<acc_t>(pd + i));
+            const V g = act_backward<A>(av * t + load8<acc_t>(t0 + i), vs, load8<acc_t>(pd + i));
             store8<acc_t>(pdx + i, dv * g + tv * t + (sv + load8<acc_t>(t1 + i)));
           }
           for (; i < head; ++i) {
             const acc_t t = static_cast<acc_t>(px[i]) - k;
-            const acc_t g = grad_of<A>(a * t + t0[i], slope, static_cast<acc_t>(pd[i]));
+            const acc_t g = act_backward<A>(a * t + t0[i], slope, static_cast<acc_t>(pd[i]));
             pdx[i] = static_cast<scalar_t>(cdy * g + ct * t + (cs + t1[i]));
           }
           for (; i + 8 <= HW; i += 8) {
             const V t = load8<acc_t>(px + i) - kv;
-            const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + i));
+            const V g = act_backward<A>(av * t + bv, vs, load8<acc_t>(pd + i));
             store8<acc_t>(pdx + i, dv * g + tv * t + sv);
           }
           if (i < HW && HW - 8 >= head) i = HW - 8;  // overlapping: the same values again
           for (; i + 8 <= HW; i += 8) {
             const V t = load8<acc_t>(px + i) - kv;
-            const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + i));
+            const V g = act_backward<A>(av * t + bv, vs, load8<acc_t>(pd + i));
             store8<acc_t>(pdx + i, dv * g + tv * t + sv);
           }
           for (; i < HW; ++i) {
             const acc_t t = static_cast<acc_t>(px[i]) - k;
-            const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(pd[i]));
+            const acc_t g = act_backward<A>(a * t + bc, slope, static_cast<acc_t>(pd[i]));
             pdx[i] = static_cast<scalar_t>(cdy * g + ct * t + cs);
           }
           continue;
@@ -1162,25 +1072,26 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab
           // vectors from even columns, then (W >= 8) the row's last 8 values overlapping: the
           // values written already get the same value again. Row 0 adds T0 to pre and T1 to dx
           // (their tables have W rounded up to 8 entries).
-          const V ofe = odd ? splat(od) : splat(ev), ofo = odd ? splat(ev) : splat(od);
+          const V ofe = if_else(odd, splat(od), splat(ev));
+          const V ofo = if_else(odd, splat(ev), splat(od));
           if (h == 0) {
             int64_t w = 0;
             for (; w + 8 <= W; w += 8) {
               const V t = load8<acc_t>(px + w) - kv;
-              const V g = grad_v<A>(av * t + load8<acc_t>(t0 + w), slope, load8<acc_t>(pd + w));
+              const V g = act_backward<A>(av * t + load8<acc_t>(t0 + w), vs, load8<acc_t>(pd + w));
               store8<acc_t>(pdx + w, dv * g + tv * t + (ofe + load8<acc_t>(t1 + w)));
             }
             if (w < W && W >= 8) {
               const int64_t j = W - 8;
               const V t = load8<acc_t>(px + j) - kv;
-              const V g = grad_v<A>(av * t + load8<acc_t>(t0 + j), slope, load8<acc_t>(pd + j));
+              const V g = act_backward<A>(av * t + load8<acc_t>(t0 + j), vs, load8<acc_t>(pd + j));
               store8<acc_t>(pdx + j,
                             dv * g + tv * t + (((j & 1) ? ofo : ofe) + load8<acc_t>(t1 + j)));
               w = W;
             }
             for (; w < W; ++w) {
               const acc_t t = static_cast<acc_t>(px[w]) - k;
-              const acc_t g = grad_of<A>(a * t + t0[w], slope, static_cast<acc_t>(pd[w]));
+              const acc_t g = act_backward<A>(a * t + t0[w], slope, static_cast<acc_t>(pd[w]));
               pdx[w] = static_cast<scalar_t>(cdy * g + ct * t + (((w & 1) ? od : ev) + t1[w]));
             }
             continue;
@@ -1188,19 +1099,19 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab
           int64_t w = 0;
           for (; w + 8 <= W; w += 8) {
             const V t = load8<acc_t>(px + w) - kv;
-            const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + w));
+            const V g = act_backward<A>(av * t + bv, vs, load8<acc_t>(pd + w));
             store8<acc_t>(pdx + w, dv * g + tv * t + ofe);
           }
           if (w < W && W >= 8) {
             const int64_t j = W - 8;
             const V t = load8<acc_t>(px + j) - kv;
-            const V g = grad_v<A>(av * t + bv, slope, load8<acc_t>(pd + j));
+            const V g = act_backward<A>(av * t + bv, vs, load8<acc_t>(pd + j));
             store8<acc_t>(pdx + j, dv * g + tv * t + ((j & 1) ? ofo : ofe));
             w = W;
           }
           for (; w < W; ++w) {
             const acc_t t = static_cast<acc_t>(px[w]) - k;
-            const acc_t g = grad_of<A>(a * t + bc, slope, static_cast<acc_t>(pd[w]));
+            const acc_t g = act_backward<A>(a * t + bc, slope, static_cast<acc_t>(pd[w]));
             pdx[w] = static_cast<scalar_t>(cdy * g + ct * t + ((w & 1) ? od : ev));
           }
         }
@@ -1256,7 +1167,7 @@ void bwd_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const FwdTab
           }
           for (int64_t c = 0; c < C; ++c) {
             const acc_t t = static_cast<acc_t>(px[c]) - kp[c];
-            const acc_t g = grad_of<A>(ap[c] * t + add[c], slope, static_cast<acc_t>(pd[c]));
+            const acc_t g = act_backward<A>(ap[c] * t + add[c], slope, static_cast<acc_t>(pd[c]));
             pdx[c] = static_cast<scalar_t>(cdy[c] * g + ctp[c] * t + of[c]);
           }
         }
