@@ -1,8 +1,9 @@
-// SBN (Parseval) and BN+SBN: the op schemas and their contracts, written once here.
-// Kernels: CPU in csrc/cpu/sbn_cpu.cpp (C++), CUDA in normkernels/triton (Triton, registered from
-// Python onto these schemas); autograd in csrc/autograd/sbn_autograd.cpp; fake kernels and the
-// torch oracle (python functions with exactly these contracts) in normkernels/ops/sbn.py. The
-// finalize math is csrc/sbn_finalize.h (float64, host + device).
+// The SBN family (BN+SBN; SBN, Parseval, is it with the BN stage off): the op schemas and their
+// contracts, written once here. Kernels: CPU in csrc/cpu/sbn_cpu.cpp (C++), CUDA in
+// normkernels/triton (Triton, registered from Python onto these schemas); autograd in
+// csrc/autograd/sbn_autograd.cpp; fake kernels in normkernels/ops/sbn.py; the torch oracle (python
+// functions with exactly these contracts) in normkernels/ops/sbn_oracle.py. The finalize math is
+// csrc/sbn_finalize.h (float64, host + device).
 //
 // Common
 // ------

@@ -2,8 +2,8 @@
 // in float64 for host and device code (the pattern of PyTorch's Normalization.cuh). The CPU ops
 // (csrc/cpu/sbn_cpu.cpp) call these functions; a CUDA finalize kernel may call them too. Column
 // layouts and the meaning of every quantity are documented once in csrc/sbn.cpp; the derivations
-// are in docs/DESIGN.md section 2 and in the module docstring of normkernels/ops/sbn.py (whose
-// torch functions are the oracle of these).
+// are in docs/DESIGN.md section 2 and in the module docstring of normkernels/ops/sbn_oracle.py
+// (whose torch functions are the oracle of these).
 //
 // Notation (one channel): x (N, H, W), Wr = W/2 + 1, M = N*H*Wr (spectral coefficients),
 // t = x - K for a per-channel shift K, R = sum_w t (row sums), A = sum_w (-1)^w t (W even),

@@ -11,8 +11,8 @@ as with nn.SyncBatchNorm). Uneven and empty (N = 0) local batches are allowed: a
 still joins both collectives and returns an empty output and zero parameter gradients.
 Eval mode (running statistics) does no collective.
 
-The math is the ops' own: ``l2bn_sync`` (normkernels/ops/l2bn.py) and the SBN family's
-functional entry with a reducer (functional.spectral_family -> normkernels/ops/sbn.py) run the
+The math is the ops' own: each layer's functional entry with a reducer (functional.l2bn_family,
+functional.spectral_family -> normkernels/ops/l2bn.py l2bn_sync, normkernels/ops/sbn.py) runs the
 single-process pieces on the gathered rows; this module provides the reducer, the modules and
 convert_sync.
 
@@ -37,7 +37,6 @@ from . import _backend
 from . import functional as F_nk
 from .modules import (BatchNormSBN2d, BatchNormSBNAct2d, L2BatchNorm1d, L2BatchNorm2d, L2BatchNormAct2d,
                       SpectralBatchNorm2d, SpectralBatchNormAct2d)
-from .ops import l2bn as _l2bn
 
 __all__ = ["Reducer", "SyncL2BatchNorm1d", "SyncL2BatchNorm2d", "SyncSpectralBatchNorm2d", "SyncBatchNormSBN2d",
            "SyncL2BatchNormAct2d", "SyncSpectralBatchNormAct2d", "SyncBatchNormSBNAct2d", "SyncBatchNorm",
@@ -108,22 +107,6 @@ class _Agreed:
         return self.reducer.all_reduce(t)
 
 
-# --------------------------------------------------------------------------- validation
-def _check_input(x, ranks, layer):
-    """functional.check_input, except that an empty batch (N = 0) is allowed: in a synchronized
-    group only the GLOBAL batch must have more than one value per channel."""
-    probe = x
-    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 0:
-        probe = torch.empty((1,) + tuple(x.shape[1:]), dtype=x.dtype, device="meta")
-    F_nk.check_input(probe, ranks, layer)
-
-
-def _check_global_count(count: int, x, layer: str) -> None:
-    if count <= 1:
-        raise ValueError(f"{layer}: expected more than 1 value per channel when training over the process "
-                         f"group, got {count} (local input of shape {tuple(x.shape)})")
-
-
 # --------------------------------------------------------------------------- autograd functions
 class _BatchNormSync(torch.autograd.Function):
     """Plain BatchNorm over a process group on any device (nn.SyncBatchNorm's kernels are GPU-only):
@@ -179,7 +162,6 @@ class _BatchNormSync(torch.autograd.Function):
 # The nk layers' math lives with their ops (one gather forward, one all_reduce backward, over the
 # same pieces as the single-process ops); plain BatchNorm's is here.
 
-l2bn_sync = _l2bn.l2bn_sync
 
 
 def batch_norm_sync(x, weight, bias, eps, reducer):
@@ -195,21 +177,10 @@ def _tracked(layer, prefix=""):
 
 
 def _l2bn_forward(layer, input, reducer):
+    """L2BN's synchronized training forward: the layer's own functional call
+    (functional.l2bn_family) with the group's reducer."""
     name = type(layer).__name__
-    _check_input(input, layer._ranks, name)
-    tracked = _tracked(layer)
-    F_nk.check_channel_tensors(input, name, weight=layer.weight, bias=layer.bias,
-                               running_mean=layer.running_mean if tracked else None,
-                               running_var=layer.running_var if tracked else None)
-    be = _backend.resolve("l2bn", layer.backend, input)
-    y, mean, var, count = l2bn_sync(input, layer.weight, layer.bias, float(layer.eps), float(layer.l2_eps),
-                                    bool(layer.rescale), F_nk.check_activation(layer._activation),
-                                    float(layer._negative_slope), be, _Agreed(reducer, name, "l2bn"))
-    _check_global_count(count, input, name)
-    if tracked:
-        F_nk.update_running_stats(layer.running_mean, layer.running_var, mean.detach(), var.detach(), layer.momentum,
-                                  count, layer.num_batches_tracked)
-    return y
+    return layer._family(input, _Agreed(reducer, name, "l2bn"), name)
 
 
 def _spectral_forward(layer, input, reducer):
@@ -227,7 +198,7 @@ def _batch_norm_forward(layer, input, reducer):
         raise ValueError(f"{type(layer).__name__}: expected an (N, C, ...) input, got shape {tuple(input.shape)}")
     tracked = _tracked(layer)
     y, mean, var, count = batch_norm_sync(input, layer.weight, layer.bias, float(layer.eps), reducer)
-    _check_global_count(count, input, type(layer).__name__)
+    F_nk.check_group_count(count, input, type(layer).__name__)
     if tracked:
         F_nk.update_running_stats(layer.running_mean, layer.running_var, mean.detach(), var.detach(), layer.momentum,
                                   count, layer.num_batches_tracked)

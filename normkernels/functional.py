@@ -54,6 +54,13 @@ def check_batch_stats(count: int, x, layer: str) -> None:
         )
 
 
+def check_group_count(count: int, x, layer: str) -> None:
+    """check_batch_stats over a process group: only the group's batch needs more than one value."""
+    if count <= 1:
+        raise ValueError(f"{layer}: expected more than 1 value per channel when training over the process group, "
+                         f"got {count} (local input of shape {tuple(x.shape)})")
+
+
 def check_running(running_mean, running_var, training: bool, layer: str) -> None:
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{layer}: pass both running_mean and running_var, or neither")
@@ -155,23 +162,35 @@ def l2_batch_norm(
     num_batches_tracked, which is incremented when given). activation: None, "relu",
     "leaky_relu" (negative_slope) or "silu", fused into the elementwise pass.
     """
-    layer = "l2_batch_norm"
-    check_input(input, (2, 3, 4), layer)
+    return l2bn_family(input, running_mean, running_var, weight, bias, training, momentum, eps, l2_eps, rescale,
+                       backend, num_batches_tracked, activation, negative_slope)
+
+
+def l2bn_family(input, running_mean, running_var, weight, bias, training: bool, momentum, eps: float, l2_eps: float,
+                rescale: bool, backend: str, num_batches_tracked, activation, negative_slope: float, *,
+                ranks: tuple[int, ...] = (2, 3, 4), reducer=None, layer: str | None = None):
+    """L2BN's one entry (l2_batch_norm, the L2BN modules, and with a reducer their synchronized
+    forms: normkernels/distributed.py): validates, runs the op (or its synchronized pieces over
+    the reducer's group), then updates the running statistics."""
+    layer = layer or "l2_batch_norm"
+    check_input(input, ranks, layer)
     check_channel_tensors(input, layer, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     check_running(running_mean, running_var, training, layer)
     act = check_activation(activation, layer)
     update = training and running_mean is not None
     if update:
         check_momentum(momentum, num_batches_tracked, layer)
-    if input.shape[0] == 0:
-        return empty_batch(input, (num_batches_tracked,) if update else ())
-    count = input.numel() // input.shape[1]
-    if training:
-        check_batch_stats(count, input, layer)
+    if reducer is None:
+        if input.shape[0] == 0:
+            return empty_batch(input, (num_batches_tracked,) if update else ())
+        if training:
+            check_batch_stats(input.numel() // input.shape[1], input, layer)
     be = _backend.resolve("l2bn", backend, input)
     mean, var = (None, None) if training else (running_mean, running_var)
-    y, batch_mean, batch_var = _l2bn.l2_batch_norm(input, weight, bias, mean, var, float(eps), float(l2_eps),
-                                                   bool(rescale), act, float(negative_slope), be)
+    y, batch_mean, batch_var, count = _l2bn.l2_batch_norm(input, weight, bias, mean, var, float(eps), float(l2_eps),
+                                                          bool(rescale), act, float(negative_slope), be, reducer)
+    if reducer is not None:
+        check_group_count(count, input, layer)
     if update:
         update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count, num_batches_tracked)
     return y
@@ -295,9 +314,8 @@ def spectral_family(input, bn: bool, bn_running_mean, bn_running_var, sbn_runnin
             input, bn, bn_weight, bn_bias, stats[0], stats[1], sbn_weight, sbn_bias, stats[2], stats[3],
             float(bn_eps), float(sbn_eps), fft_norm, act, float(negative_slope), be, reducer)
     h, w = input.shape[2], input.shape[3]
-    if reducer is not None and samples * h * (w // 2 + 1) <= 1:
-        raise ValueError(f"{layer}: expected more than 1 value per channel when training over the process group, "
-                         f"got {samples * h * (w // 2 + 1)} (local input of shape {tuple(input.shape)})")
+    if reducer is not None:
+        check_group_count(samples * h * (w // 2 + 1), input, layer)
     if update:
         if bn:
             update_running_stats(bn_running_mean, bn_running_var, bn_mean, bn_var, bn_momentum, samples * h * w,

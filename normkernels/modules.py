@@ -149,8 +149,18 @@ class _NormBase(nn.Module):
     def forward(self, input):
         return _layer_call(self, input)
 
-    def _forward(self, input):  # the layer's computation (each layer's own)
+    def _forward(self, input):  # the layer's computation: its family's functional entry
+        return self._family(input)
+
+    def _family(self, input, reducer=None, layer=None):  # each layer's own (over reducer's group if given)
         raise NotImplementedError
+
+    def _running(self, prefix: str = ""):
+        """(running_mean, running_var, num_batches_tracked) of one stage as a call uses them:
+        None in training without tracked statistics (batch statistics, nothing updated)."""
+        if self.training and not self.track_running_stats:
+            return None, None, None
+        return tuple(getattr(self, prefix + n) for n in ("running_mean", "running_var", "num_batches_tracked"))
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -234,17 +244,14 @@ class _L2BatchNorm(_NormBase):
         self.rescale = rescale
         self.backend = backend
 
-    def _forward(self, input):
+    def _family(self, input, reducer=None, layer=None):
+        """L2BN (functional.l2bn_family), over reducer's group if given."""
         if not isinstance(input, torch.Tensor) or input.dim() not in self._ranks:
             F_nk.check_input(input, self._ranks, type(self).__name__)
-        if self.training and not self.track_running_stats:
-            return F_nk.l2_batch_norm(input, None, None, self.weight, self.bias, True, self.momentum, self.eps,
-                                      self.l2_eps, self.rescale, self.backend, activation=self._activation,
-                                      negative_slope=self._negative_slope)
-        return F_nk.l2_batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                                  self.training or self.running_mean is None, self.momentum, self.eps, self.l2_eps,
-                                  self.rescale, self.backend, num_batches_tracked=self.num_batches_tracked,
-                                  activation=self._activation, negative_slope=self._negative_slope)
+        mean, var, count = self._running()
+        return F_nk.l2bn_family(input, mean, var, self.weight, self.bias, self.training or mean is None, self.momentum,
+                                self.eps, self.l2_eps, self.rescale, self.backend, count, self._activation,
+                                self._negative_slope, ranks=self._ranks, reducer=reducer, layer=layer)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -326,13 +333,9 @@ class SpectralBatchNorm2d(_NormBase):
         self.fft_norm = fft_norm
         self.backend = backend
 
-    def _forward(self, input):
-        return self._family(input)
-
     def _family(self, input, reducer=None, layer=None):
         """SBN (functional.spectral_family with the BN stage off), over reducer's group if given."""
-        tracked = not (self.training and not self.track_running_stats)
-        mean, var, count = (self.running_mean, self.running_var, self.num_batches_tracked) if tracked else (None,) * 3
+        mean, var, count = self._running()
         return F_nk.spectral_family(input, False, None, None, mean, var, None, None, self.weight, self.bias,
                                     self.training or mean is None, None, self.momentum, 0.0, self.eps, self.backend,
                                     self.fft_norm, None, count, self._activation, self._negative_slope,
@@ -376,15 +379,9 @@ class BatchNormSBN2d(_NormBase):
         self.fft_norm = fft_norm
         self.backend = backend
 
-    def _forward(self, input):
-        return self._family(input)
-
     def _family(self, input, reducer=None, layer=None):
         """BN then SBN (functional.spectral_family), over reducer's group if given."""
-        tracked = not (self.training and not self.track_running_stats)
-        bn_state = (self.running_mean, self.running_var, self.num_batches_tracked) if tracked else (None,) * 3
-        sbn_state = (self.sbn_running_mean, self.sbn_running_var, self.sbn_num_batches_tracked) if tracked \
-            else (None,) * 3
+        bn_state, sbn_state = self._running(), self._running("sbn_")
         return F_nk.spectral_family(input, True, bn_state[0], bn_state[1], sbn_state[0], sbn_state[1], self.weight,
                                     self.bias, self.sbn_weight, self.sbn_bias, self.training or bn_state[0] is None,
                                     self.momentum, self.sbn_momentum, self.eps, self.sbn_eps, self.backend,

@@ -99,7 +99,7 @@ def run_case(x, backend, *, affine=True, eval_mode=False, rescale=False, act="id
     xin = x.detach().clone().requires_grad_()
     win = w.clone().requires_grad_() if w is not None else None
     bin_ = b.clone().requires_grad_() if b is not None else None
-    y, bm, bv = L.l2_batch_norm(xin, win, bin_, mean, var, 1e-5, 1e-12, rescale, act, SLOPE, backend)
+    y, bm, bv, _ = L.l2_batch_norm(xin, win, bin_, mean, var, 1e-5, 1e-12, rescale, act, SLOPE, backend)
     assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     assert bm.dtype == acc and bv.dtype == acc and bm.shape == (C,)
@@ -273,10 +273,10 @@ def test_partial_gradients(device):
     x = _randn((3, 4, 5), device, 40).requires_grad_()
     w = torch.ones(4, device=device, requires_grad=True)
     b = torch.zeros(4, device=device)
-    y, bm, bv = L.l2_batch_norm(x, w, b, None, None, 1e-5, 1e-12, False, "relu", 0.0, be)
+    y, bm, bv, _ = L.l2_batch_norm(x, w, b, None, None, 1e-5, 1e-12, False, "relu", 0.0, be)
     (gw,) = torch.autograd.grad(y.sum(), (w,))
     assert gw.shape == (4,)
-    y, bm, bv = L.l2_batch_norm(x, w, b, None, None, 1e-5, 1e-12, False, "identity", 0.0, be)
+    y, bm, bv, _ = L.l2_batch_norm(x, w, b, None, None, 1e-5, 1e-12, False, "identity", 0.0, be)
     gx, gw = torch.autograd.grad(bm.sum() + (y * 0).sum(), (x, w), allow_unused=True)
     assert torch.equal(gx, torch.zeros_like(gx))
 
@@ -422,7 +422,7 @@ def test_l2bn_sync(device, backend):
     gx, gw, gb = torch.autograd.grad(y, (xs, w, b), dy)
     assert count == 2 * 3 * 25
     x2 = torch.cat([x, x]).requires_grad_()
-    y2, bm2, bv2 = L.l2_batch_norm(x2, w, b, None, None, 1e-5, 1e-12, False, "relu", 0.0, be)
+    y2, bm2, bv2, _ = L.l2_batch_norm(x2, w, b, None, None, 1e-5, 1e-12, False, "relu", 0.0, be)
     gx2, gw2, gb2 = torch.autograd.grad(y2, (x2, w, b), torch.cat([dy, dy]))
     tol = dict(rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(y, y2[:3], **tol)
@@ -569,7 +569,7 @@ def test_torch_compile_fullgraph(device, backend):
     torch._dynamo.reset()
 
     def f(x, w, b):
-        y, bm, bv = L.l2_batch_norm(x, w, b, None, None, 1e-5, 1e-12, False, "relu", 0.0, be)
+        y, bm, bv, _ = L.l2_batch_norm(x, w, b, None, None, 1e-5, 1e-12, False, "relu", 0.0, be)
         return (y * 2).sum() + bm.sum() + bv.sum(), y
 
     x = _randn((4, 3, 5, 6), device, 120).requires_grad_()

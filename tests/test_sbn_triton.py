@@ -542,9 +542,9 @@ def test_on_cpu_replaces_the_cpu_kernels_and_restores_them():
 
 def test_row_consts_are_the_oracles():
     """The kernels' row constants, computed on the device (closed forms: no host copy), against
-    the oracle's torch.fft derivation (normkernels/ops/sbn.py row_consts)."""
-    from normkernels.ops import sbn as S
+    the oracle's torch.fft derivation (normkernels/ops/sbn_oracle.py row_consts)."""
+    from normkernels.ops import sbn_oracle
     for W in range(1, 70):
         got = K._row_consts(W, DEV, F64)
-        want = S.row_consts(W, DEV)
+        want = sbn_oracle.row_consts(W, DEV)
         assert got.device.type == DEV.type and (got - want).abs().max() <= 1e-14 * W * W, W

@@ -155,7 +155,7 @@ def contract_calls(impl: dict, c: Case):
 
 def fft_calls(impl: dict, c: Case):
     """The FFT path's spectral kernels: on the real view (N, C, H, W//2+1, 2) of rfft2(x) in
-    the accumulation dtype (what ops/sbn.py hands them). No activation (never fused there)."""
+    the accumulation dtype (what ops/sbn_fft.py hands them). No activation (never fused there)."""
     N, C, H, W = c.shape
     Xr = c.t(N, C, H, W // 2 + 1, 2)
     w, b = c.param(), c.param()

@@ -110,7 +110,7 @@ def pi_row(W: int, dtype: torch.dtype, device) -> Tensor:
     Pi[0, w] = -(2/W) sum_{l=1}^{(W-1)//2} sin(2 pi (l w mod W) / W). Built from arange, not
     from a tensor constant (a decomposition cannot add constants to an exported program); the
     integer mod keeps sin's argument below 2 pi, so float32 gives ~1e-7.
-    (ops/sbn.py row_consts derives the same row with torch.fft; the tests compare them.)"""
+    (ops/sbn_oracle.py row_consts derives the same row with torch.fft; the tests compare them.)"""
     L = (W - 1) // 2
     w = torch.arange(W, device=device)
     if L == 0:
@@ -137,7 +137,7 @@ def _sbn_apply(xa: Tensor, scale: Tensor, shift: Tensor, row0: Tensor) -> Tensor
 
 def _sbn_coefs(x: Tensor, weight, bias, mean: Tensor, var: Tensor, eps: float, fft_norm: str,
                acc: torch.dtype):
-    """SBN's eval coefficients from running statistics stored in the fft_norm scale (ops/sbn.py
+    """SBN's eval coefficients from running statistics stored in the fft_norm scale (ops/sbn_oracle.py
     docstring: the m-normalized layer is the "backward" formulas with gamma h, beta h, eps/f^2,
     h = 1/f): a = gamma / sqrt(var_m + eps), u = (beta - a Re mu_m)/f, v = -a Im mu_m / f.
     Returns (a, u, v, mr, mi, s) with mr, mi, s in the "backward" scale (saved's columns)."""

@@ -364,8 +364,10 @@ if _EXT:
 
 def l2_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
                   var: Optional[Tensor], eps: float, l2_eps: float, rescale: bool, act: str,
-                  act_param: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """L2BN (+ activation) forward, pure (no running buffers): (y, batch_mean, batch_var).
+                  act_param: float, backend: str, reducer=None) -> tuple[Tensor, Tensor, Tensor, int]:
+    """L2BN (+ activation) forward, pure (no running buffers): (y, batch_mean, batch_var, count),
+    count = the values per channel the statistics cover. With a reducer (training only) the
+    statistics are its group's (l2bn_sync).
 
     mean/var None: batch statistics of u = x_n / max(||x_n||, l2_eps) (* sqrt(D) if rescale);
     given: eval with them. Statistics in the accumulation dtype (float64 for float64 x, else
@@ -373,13 +375,15 @@ def l2_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], m
     backend (already resolved): "cpp" / "cuda" -> normkernels::l2bn_forward, "torch" -> the
     oracle op. The caller (functional.py) has validated the arguments.
     """
+    if reducer is not None:
+        return l2bn_sync(x, weight, bias, eps, l2_eps, rescale, act, act_param, backend, reducer)
     op = _FORWARD_OPS.get(backend)
     if op is None:
         if backend in ("cpp", "cuda"):
             _no_extension(backend)
         raise ValueError(f"l2_batch_norm: backend must be 'cpp', 'cuda' or 'torch', got {backend!r}")
     y, batch_mean, batch_var, _ = op(x, weight, bias, mean, var, eps, l2_eps, rescale, act, act_param)
-    return y, batch_mean, batch_var
+    return y, batch_mean, batch_var, x.numel() // x.shape[1]
 
 
 def _pieces(backend: str):

@@ -524,7 +524,7 @@ class _FFTPlan:
 
 
 def _spectrum_operands(Xr, *named) -> None:
-    """The minimal internal assertion of the FFT passes (their caller, normkernels/ops/sbn.py,
+    """The minimal internal assertion of the FFT passes (their caller, normkernels/ops/sbn_fft.py,
     builds the spectra): Xr a contiguous (N, C, H, Wr, 2) view (the kernels compute offsets from
     its sizes), each (name, tensor, shape) given of that shape on Xr's device."""
     if Xr.dim() != 5 or Xr.shape[-1] != 2 or not Xr.is_contiguous():

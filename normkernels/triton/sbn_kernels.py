@@ -21,7 +21,7 @@ constexpr) turns the BN stage on: each formula is written once, for BN+SBN; the 
 p = 1, sd = 1, Kz = K, mbn = K (compile-time constants: the multiplications fold away).
 The literal FFT path's spectral kernels are at the end.
 
-The math (shifted sums; ops/sbn.py's module docstring has the derivation)
+The math (shifted sums; ops/sbn_oracle.py's module docstring has the derivation)
 ------------------------------------------------------------------------
 Per channel, t = x - K with K = x[0, c, 0, 0] (eval: BN's mean with the BN stage on, else 0);
 rows are (n, h); R = sum_w t, A = sum_w (-1)^w t.
@@ -196,12 +196,6 @@ def _rcp64(v):
     y = y * (2.0 - m * y)
     y = y * scale
     return tl.where(v == 0, float("inf"), tl.where(special, 0.0, y))
-
-
-@triton.jit
-def _sqrt64(v):
-    """sqrt(v) of float64 values >= 0 from _rsqrt64 (sqrt(0) = 0)."""
-    return tl.where(v == 0, 0.0, v * _rsqrt64(v))
 
 
 @triton.jit

@@ -8,6 +8,7 @@ header touches). -O0: the run time is the emulated threads' hand-overs, not arit
 unoptimized build both compiles fastest and keeps every __shared__ access a memory access.
 """
 import os
+import time
 
 import torch
 import torch.utils.cpp_extension as ce
@@ -19,11 +20,22 @@ SOURCES = [os.path.join(HERE, f) for f in ("cuda_emu.cpp", "emu_ops.cpp", "l2bn_
 SOURCES += [os.path.join(ROOT, "csrc", f) for f in ("common.cpp", "l2bn.cpp", "running_stats.cpp")]
 
 
+def _clear_stale_lock(path, age_s=1800):
+    """torch's build lock is a bare file: a build killed mid-way (Ctrl-C, a timeout) leaves it,
+    and every later build would wait for it forever. A lock older than any build is stale."""
+    try:
+        if time.time() - os.path.getmtime(path) > age_s:
+            os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
 def load(verbose=False):
     """Loads the library (once per process) and returns torch.ops.normkernels_cuda_emu."""
     if not hasattr(torch.ops.normkernels_cuda_emu, "emu_set_device"):
         build_dir = os.path.join(ROOT, "build", "cuda_emu")
         os.makedirs(build_dir, exist_ok=True)
+        _clear_stale_lock(os.path.join(build_dir, "lock"))
         ce.load(name="normkernels_cuda_emu", sources=SOURCES, build_directory=build_dir,
                 extra_cflags=["-O0", "-DNORMKERNELS_CUDA_EMULATION",
                               "-DNORMKERNELS_LIBRARY=normkernels_cuda_emu", "-Wno-unknown-pragmas",
