@@ -334,8 +334,19 @@ def _backward(dy, x, saved, kind, local_sums, group_sums, n_source, bn, training
                _ACT_CODE[act], *_strides(x, x_layout), *_strides(dy, dy_layout),
                X_LAYOUT=1 if empty else x_layout, DY_LAYOUT=1 if empty else dy_layout,
                DX_LAYOUT=1 if empty else _layout(dx), SRC=kind, BN=bool(bn),
-               TRAINING=bool(training), num_warps=plan.num_warps, **plan.consts(x))
+               TRAINING=bool(training), num_warps=_backward_warps(plan, x, training),
+               **plan.consts(x))
     return (dx, *grads)
+
+
+def _backward_warps(plan: _Plan, x: torch.Tensor, training: bool) -> int:
+    """The training backward apply in float64 holds ~11 float64 coefficients a channel besides
+    its finalize: on 8 warps ptxas capped it at 64-128 registers and kept a value or a mask in
+    local memory (some inside the element loop); the same tile on 4 warps (8 values a thread)
+    gets the registers it needs."""
+    if training and _acc(x.dtype) == torch.float64:
+        return min(plan.num_warps, 4)
+    return plan.num_warps
 
 
 # ----------------------------------------------------------------------------------------------

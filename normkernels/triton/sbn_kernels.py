@@ -387,13 +387,22 @@ def _sum_partials(part_ptr, n_chunks, C, c, cmask, NP: tl.constexpr, k: tl.const
 def _local_sums(part_ptr, n_chunks, C, c, cmask):
     """The statistics partials of this process reduced: (K, S1, S2, SR, SA, SD0, SD1)."""
     # (an empty batch has no chunks: its partials buffer is one unwritten row, K = 0)
+    # one loop over the chunks for the six sums (each still summed in chunk order)
+    S1 = tl.zeros(c.shape, tl.float64)
+    S2 = tl.zeros(c.shape, tl.float64)
+    SR = tl.zeros(c.shape, tl.float64)
+    SA = tl.zeros(c.shape, tl.float64)
+    SD0 = tl.zeros(c.shape, tl.float64)
+    SD1 = tl.zeros(c.shape, tl.float64)
+    for i in range(0, n_chunks):
+        q = part_ptr + i * (7 * C) + c
+        S1 += tl.load(q + C, mask=cmask, other=0.0)
+        S2 += tl.load(q + 2 * C, mask=cmask, other=0.0)
+        SR += tl.load(q + 3 * C, mask=cmask, other=0.0)
+        SA += tl.load(q + 4 * C, mask=cmask, other=0.0)
+        SD0 += tl.load(q + 5 * C, mask=cmask, other=0.0)
+        SD1 += tl.load(q + 6 * C, mask=cmask, other=0.0)
     K = tl.where(n_chunks > 0, tl.load(part_ptr + c, mask=cmask, other=0.0), 0.0)
-    S1 = _sum_partials(part_ptr, n_chunks, C, c, cmask, 7, 1)
-    S2 = _sum_partials(part_ptr, n_chunks, C, c, cmask, 7, 2)
-    SR = _sum_partials(part_ptr, n_chunks, C, c, cmask, 7, 3)
-    SA = _sum_partials(part_ptr, n_chunks, C, c, cmask, 7, 4)
-    SD0 = _sum_partials(part_ptr, n_chunks, C, c, cmask, 7, 5)
-    SD1 = _sum_partials(part_ptr, n_chunks, C, c, cmask, 7, 6)
     return K, S1, S2, SR, SA, SD0, SD1
 
 
@@ -550,21 +559,21 @@ def _forward_finalize(src_ptr, n_src, rank, bnw_ptr, bnb_ptr, sw_ptr, sb_ptr, bn
     given statistics, SBN's in the fft_norm scale). Chunk 0's programs write the
     statistics (BN's only with the BN stage on) and saved (C, 26). Returns (K, cx, b, u, v).
     BN stage: z = p t + Kz (t = x - K); SBN on z from the same sums."""
-    if BN:
-        bw = _param(bnw_ptr, c, cmask, HAS_BW, 1.0)
-        bb = _param(bnb_ptr, c, cmask, HAS_BB, 0.0)
+    # Each value is stored as soon as it is known (chunk 0's programs), so that few float64
+    # values are live at once: the sums die after the statistics, the statistics after the
+    # coefficients (a finalize holding them all for one store at its end kept a 64-bit value
+    # in local memory under ptxas 12.9 / 13.4).
+    wm = cmask & ((c * 0 + chunk) == 0)      # chunk 0's programs write
+    o = sv_ptr + c * NSAVED
     zero = tl.zeros(c.shape, tl.float64)
     one = tl.full(c.shape, 1.0, tl.float64)
     if SRC == 2:
         m_re = tl.load(sbn_mean_ptr + 2 * c, mask=cmask, other=0.0).to(tl.float64)
         m_im = tl.load(sbn_mean_ptr + 2 * c + 1, mask=cmask, other=0.0).to(tl.float64)
         var_m = tl.load(sbn_var_ptr + c, mask=cmask, other=0.0).to(tl.float64)
-        mr = m_re * hf
-        mi = m_im * hf
-        svar = var_m * (hf * hf)
         N_all = tl.full(c.shape, N_f, tl.float64)
-        S1, S2, SR, SA, SD0, SD1 = zero, zero, zero, zero, zero, zero
-        L1, L2, LR, LA, LD0, LD1 = zero, zero, zero, zero, zero, zero
+        _store6(o + SV_SUMS, wm, zero, zero, zero, zero, zero, zero)
+        _store6(o + SV_LOCAL, wm, zero, zero, zero, zero, zero, zero)
         if BN:
             mbn = tl.load(bn_mean_ptr + c, mask=cmask, other=0.0).to(tl.float64)
             vbn = tl.load(bn_var_ptr + c, mask=cmask, other=0.0).to(tl.float64)
@@ -572,63 +581,63 @@ def _forward_finalize(src_ptr, n_src, rank, bnw_ptr, bnb_ptr, sw_ptr, sb_ptr, bn
             # t): z = p (x - K) + Kz then has no cancellation for data with a large mean
             K = mbn.to(ACC).to(tl.float64)
             inv_sd = _rsqrt64(vbn + bn_eps)
-            sd = (vbn + bn_eps) * inv_sd
-            p = bw * inv_sd
-            Kz = bb + p * (K - mbn)
+            p = _param(bnw_ptr, c, cmask, HAS_BW, 1.0) * inv_sd
+            Kz = _param(bnb_ptr, c, cmask, HAS_BB, 0.0) + p * (K - mbn)
         else:
             K = zero
-            p, sd, Kz, mbn = one, one, K, K
+            p, Kz, mbn = one, K, K
+        mr = m_re * hf
+        mi = m_im * hf
+        svar = var_m * (hf * hf)
     else:
         N_all, K, S1, S2, SR, SA, SD0, SD1, L1, L2, LR, LA, LD0, LD1 = _batch_stats(
             src_ptr, n_src, rank, C, c, cmask, N_f, H, W, SRC)
+        _store6(o + SV_SUMS, wm, S1, S2, SR, SA, SD0, SD1)
+        _store6(o + SV_LOCAL, wm, L1, L2, LR, LA, LD0, LD1)
         if BN:
             inv_nb = _rcp64(N_all * (H * W))
             m_t = S1 * inv_nb
             vbn = tl.maximum(S2 * inv_nb - m_t * m_t, 0.0)
             mbn = K + m_t
             inv_sd = _rsqrt64(vbn + bn_eps)
-            sd = (vbn + bn_eps) * inv_sd
-            p = bw * inv_sd
-            Kz = bb - p * m_t
+            p = _param(bnw_ptr, c, cmask, HAS_BW, 1.0) * inv_sd
+            Kz = _param(bnb_ptr, c, cmask, HAS_BB, 0.0) - p * m_t
         else:
-            p, sd, Kz, mbn = one, one, K, K
+            p, Kz, mbn = one, K, K
         p2 = p * p
         mr, mi, svar = _spectral_stats(p * S1, p2 * S2, p2 * SR, p2 * SA, p * SD0, p * SD1, Kz,
                                        N_all, H, W)
         m_re = f * mr
         m_im = f * mi
         var_m = (f * f) * svar
+    tl.store(o + SV_SHIFT, K, mask=wm)
+    tl.store(o + SV_COUNT, N_all, mask=wm)
+    tl.store(o + SV_BN_SCALE, p, mask=wm)
+    tl.store(o + SV_Z_SHIFT, Kz, mask=wm)
+    tl.store(o + SV_BN_MEAN, mbn, mask=wm)
+    if BN:
+        tl.store(o + SV_BN_STD, (vbn + bn_eps) * inv_sd, mask=wm)
+        tl.store(o_bn_mean_ptr + c, mbn.to(o_bn_mean_ptr.dtype.element_ty), mask=wm)
+        tl.store(o_bn_var_ptr + c, vbn.to(o_bn_var_ptr.dtype.element_ty), mask=wm)
+    else:
+        tl.store(o + SV_BN_STD, one, mask=wm)
+    tl.store(o_sbn_mean_ptr + 2 * c, m_re.to(o_sbn_mean_ptr.dtype.element_ty), mask=wm)
+    tl.store(o_sbn_mean_ptr + 2 * c + 1, m_im.to(o_sbn_mean_ptr.dtype.element_ty), mask=wm)
+    tl.store(o_sbn_var_ptr + c, var_m.to(o_sbn_var_ptr.dtype.element_ty), mask=wm)
+    tl.store(o + SV_MEAN_RE, mr, mask=wm)
+    tl.store(o + SV_MEAN_IM, mi, mask=wm)
     inv_s = _rsqrt64(svar + eps_eff)
-    s = (svar + eps_eff) * inv_s
+    tl.store(o + SV_SBN_STD, (svar + eps_eff) * inv_s, mask=wm)
     a = hf * _param(sw_ptr, c, cmask, HAS_SW, 1.0) * inv_s          # gamma_eff = h gamma
+    tl.store(o + SV_SBN_SCALE, a, mask=wm)
     u = hf * _param(sb_ptr, c, cmask, HAS_SB, 0.0) + a * (Kz - mr)
     cx = a * p
     b = a * Kz
     v = -a * mi
-    wm = cmask & ((c * 0 + chunk) == 0)      # chunk 0's programs write
-    if BN:
-        tl.store(o_bn_mean_ptr + c, mbn.to(o_bn_mean_ptr.dtype.element_ty), mask=wm)
-        tl.store(o_bn_var_ptr + c, vbn.to(o_bn_var_ptr.dtype.element_ty), mask=wm)
-    tl.store(o_sbn_mean_ptr + 2 * c, m_re.to(o_sbn_mean_ptr.dtype.element_ty), mask=wm)
-    tl.store(o_sbn_mean_ptr + 2 * c + 1, m_im.to(o_sbn_mean_ptr.dtype.element_ty), mask=wm)
-    tl.store(o_sbn_var_ptr + c, var_m.to(o_sbn_var_ptr.dtype.element_ty), mask=wm)
-    o = sv_ptr + c * NSAVED
-    tl.store(o + SV_SHIFT, K, mask=wm)
     tl.store(o + SV_X_SCALE, cx, mask=wm)
     tl.store(o + SV_OFFSET, b, mask=wm)
     tl.store(o + SV_PR, u, mask=wm)
     tl.store(o + SV_PI, v, mask=wm)
-    tl.store(o + SV_BN_SCALE, p, mask=wm)
-    tl.store(o + SV_BN_STD, sd, mask=wm)
-    tl.store(o + SV_Z_SHIFT, Kz, mask=wm)
-    tl.store(o + SV_MEAN_RE, mr, mask=wm)
-    tl.store(o + SV_MEAN_IM, mi, mask=wm)
-    tl.store(o + SV_SBN_STD, s, mask=wm)
-    tl.store(o + SV_SBN_SCALE, a, mask=wm)
-    tl.store(o + SV_BN_MEAN, mbn, mask=wm)
-    tl.store(o + SV_COUNT, N_all, mask=wm)
-    _store6(o + SV_SUMS, wm, S1, S2, SR, SA, SD0, SD1)
-    _store6(o + SV_LOCAL, wm, L1, L2, LR, LA, LD0, LD1)
     return K, cx, b, u, v
 
 
@@ -637,10 +646,17 @@ def _grad_sums(src_ptr, all_ptr, n_chunks, C, c, cmask, SRC: tl.constexpr):
     """(group's [Sdy, Gt, G0, G1], this process's) from the partials (SRC 0: one process) or
     from gsums_local (src) and gsums_all (C, 4) tensors (SRC 1)."""
     if SRC == 0:
-        Sdy = _sum_partials(src_ptr, n_chunks, C, c, cmask, 4, 0)
-        Gt = _sum_partials(src_ptr, n_chunks, C, c, cmask, 4, 1)
-        G0 = _sum_partials(src_ptr, n_chunks, C, c, cmask, 4, 2)
-        G1 = _sum_partials(src_ptr, n_chunks, C, c, cmask, 4, 3)
+        # one loop over the chunks for the four sums (each still summed in chunk order)
+        Sdy = tl.zeros(c.shape, tl.float64)
+        Gt = tl.zeros(c.shape, tl.float64)
+        G0 = tl.zeros(c.shape, tl.float64)
+        G1 = tl.zeros(c.shape, tl.float64)
+        for i in range(0, n_chunks):
+            q = src_ptr + i * (4 * C) + c
+            Sdy += tl.load(q, mask=cmask, other=0.0)
+            Gt += tl.load(q + C, mask=cmask, other=0.0)
+            G0 += tl.load(q + 2 * C, mask=cmask, other=0.0)
+            G1 += tl.load(q + 3 * C, mask=cmask, other=0.0)
         lSdy, lGt, lG0, lG1 = Sdy, Gt, G0, G1
     else:
         lSdy = tl.load(src_ptr + NGSUMS * c, mask=cmask, other=0.0)
@@ -717,8 +733,9 @@ def _backward_finalize(src_ptr, all_ptr, n_src, sv_ptr, dbw_ptr, dbb_ptr, dsw_pt
                                         tl.load(L + 4, mask=cmask, other=0.0),
                                         tl.load(L + 5, mask=cmask, other=0.0),
                                         lSdy, lGt, a, p, kE, cst_z, u_z, v_z, N_local_f, H, W)
-            dbb = lsdz
-            dbw = (lsdzt - m_t * lsdz) * inv_sd
+            tl.store(dbb_ptr + c, lsdz.to(dbb_ptr.dtype.element_ty), mask=wm)
+            tl.store(dbw_ptr + c, ((lsdzt - m_t * lsdz) * inv_sd).to(dbw_ptr.dtype.element_ty),
+                     mask=wm)
         if W % 2 == 0:
             c_A = pkEH
         else:
@@ -730,12 +747,10 @@ def _backward_finalize(src_ptr, all_ptr, n_src, sv_ptr, dbw_ptr, dbb_ptr, dsw_pt
         if BN:
             # eval: SBN is affine in z, dz = a g; BN with fixed statistics
             mbn = _saved(sv_ptr, SV_BN_MEAN, c, cmask, 0.0)
-            dbb = a * lSdy
-            dbw = a * (lGt + (K - mbn) * lSdy) * inv_sd
+            tl.store(dbb_ptr + c, (a * lSdy).to(dbb_ptr.dtype.element_ty), mask=wm)
+            tl.store(dbw_ptr + c, (a * (lGt + (K - mbn) * lSdy) * inv_sd).to(
+                dbw_ptr.dtype.element_ty), mask=wm)
         c_t, c_R, c_A, cst, uD, vD = zero, zero, zero, zero, zero, zero
-    if BN:
-        tl.store(dbw_ptr + c, dbw.to(dbw_ptr.dtype.element_ty), mask=wm)
-        tl.store(dbb_ptr + c, dbb.to(dbb_ptr.dtype.element_ty), mask=wm)
     return c_t, c_R, c_A, cst, uD, vD
 
 
