@@ -39,10 +39,6 @@ def finish_args(x, rows, rank, bn, bw, bb, sw, sb, fft_norm="ortho", act="relu",
     return (x, rows, rank, bn, bw, bb, sw, sb, 1e-5, 2e-5, fft_norm, act, slope)
 
 
-def acc_of(dtype):
-    return F64 if dtype == F64 else torch.float32
-
-
 def close(got, ref, rtol, name):
     assert got.shape == ref.shape and got.dtype == ref.dtype, (name, got.shape, ref.shape,
                                                                got.dtype, ref.dtype)
