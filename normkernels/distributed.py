@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import _backend
 from . import functional as F_nk
 from .modules import (BatchNormSBN2d, BatchNormSBNAct2d, L2BatchNorm1d, L2BatchNorm2d, L2BatchNormAct2d,
                       SpectralBatchNorm2d, SpectralBatchNormAct2d)
