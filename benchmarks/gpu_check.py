@@ -17,7 +17,8 @@ others do, and a hang or a failure in one still leaves the others' results:
                       NORMKERNELS_FORCE_CUDA=1, MAX_JOBS=<all cores>; checks the CUDA kernels
                       registered
     tests      60     the op tests on the GPU (TEST_SELECTION: the [cuda] cases of the L2BN, SBN,
-                      BN+SBN and running-stats op tests, and test_sbn_triton.py), without the
+                      BN+SBN and running-stats op tests and of the CUDA graph capture of a
+                      training step, and test_sbn_triton.py), without the
                       torch.compile and opcheck tests (inductor compiles would take the minute)
     bench      55     python benchmarks/bench.py: nk vs torch (BatchNorm2d) for L2BN, SBN, BN+SBN
                       at the four ResNet-50 stage shapes, small to large, float32 and bfloat16,
@@ -77,7 +78,8 @@ STAGES = tuple(TIMEOUTS)
 # ResNet-50's four stage shapes, small to large (a stage cut short keeps the small ones)
 RESNET50 = "64x2048x7x7,64x1024x14x14,64x512x28x28,64x256x56x56"
 BENCH_OPS = "l2bn,sbn,bnsbn"   # with bn (torch's BatchNorm2d, the baseline of every ratio)
-TEST_FILES = ["tests/test_l2bn_ops.py", "tests/test_running_stats.py", "tests/test_sbn_family.py", "tests/test_sbn_triton.py"]
+TEST_FILES = ["tests/test_l2bn_ops.py", "tests/test_running_stats.py", "tests/test_sbn_family.py", "tests/test_sbn_triton.py",
+              "tests/test_graph_capture.py"]
 TEST_SELECTION = TEST_FILES + ["-k", "(cuda or test_sbn_triton) and not torch_compile and not opcheck"]
 
 # Runs benchmarks/bench.py with its result writes made atomic (the bench checkpoints its JSON and

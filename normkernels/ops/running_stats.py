@@ -48,11 +48,11 @@ def running_stats_update_torch(running_mean: Tensor, running_var: Tensor,
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         if momentum >= 0:
-            f = torch.tensor(momentum, dtype=ct, device=running_var.device)
+            f = torch.full((), momentum, dtype=ct, device=running_var.device)   # no host copy
         else:
             f = 1.0 / num_batches_tracked.to(ct)
         one_minus_f = 1.0 - f
-        fu = f * torch.tensor(unbias, dtype=ct, device=f.device)
+        fu = f * unbias
         mean.copy_(one_minus_f * mean.to(ct) + f * batch_mean.to(ct))
         running_var.copy_(one_minus_f * running_var.to(ct) + fu * batch_var.to(ct))
 
