@@ -114,6 +114,17 @@ def test_triton_host_functions_make_no_host_copies(layout):
 
 # ---------------------------------------------------------------------------------- on a GPU
 
+def _warm_up(fn, times: int):
+    """Runs fn outside capture first (kernels compiled, constants built), on a side stream, as
+    torch.cuda.graph's documentation asks."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
 CAPTURED = ["BatchNorm2d", "L2BatchNorm1d", "L2BatchNorm2d", "SpectralBatchNorm2d", "BatchNormSBN2d",
             "BatchNormSBNAct2d-silu"]
 
@@ -130,12 +141,7 @@ def test_cuda_graph_of_a_training_step(row):
     for m in (model, eager):
         m[1].momentum = momentum
     static_x = inputs(row).cuda()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):                     # warm up (kernels compiled, constants built)
-        for _ in range(2):
-            _step(model, static_x)
-    torch.cuda.current_stream().wait_stream(side)
+    _warm_up(lambda: _step(model, static_x), 2)
     for _ in range(2):
         _step(eager, static_x)
     model.zero_grad(set_to_none=True)
@@ -159,7 +165,7 @@ def test_cuda_graph_of_a_training_step(row):
 
     model.eval(), eager.eval()
     with torch.no_grad():
-        model(static_x)                               # eval's own specialisations, outside capture
+        _warm_up(lambda: model(static_x), 1)
         eval_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(eval_graph):
             static_y = model(static_x)
