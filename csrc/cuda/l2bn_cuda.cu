@@ -231,6 +231,26 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The NSC kernels' block reduction: the TS spatial lanes of channel vector tc add their two
+// sums (a, b) into lane ts = 0's. Every thread of the block calls it (it holds a barrier).
+template <typename acc_t, int V>
+__device__ __forceinline__ void spatial_lanes_sum2(acc_t (*sh)[kThreads * V], int tc, int ts, int TC,
+                                                   acc_t (&a)[V], acc_t (&b)[V]) {
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    sh[0][(ts * TC + tc) * V + k] = a[k];
+    sh[1][(ts * TC + tc) * V + k] = b[k];
+  }
+  __syncthreads();
+  if (ts == 0)
+    for (int l = 1; l < kThreads / TC; ++l)
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        a[k] += sh[0][(l * TC + tc) * V + k];
+        b[k] += sh[1][(l * TC + tc) * V + k];
+      }
+}
+
 // NSC: a block is TC channel vectors x TS spatial lanes; work item = (n, channel tile, segment).
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
@@ -273,19 +293,8 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      sh[0][(ts * TC + tc) * V + k] = s1[k];
-      sh[1][(ts * TC + tc) * V + k] = s2[k];
-    }
-    __syncthreads();
+    spatial_lanes_sum2<acc_t, V>(sh, tc, ts, TC, s1, s2);
     if (ts == 0 && c0 < C) {
-      for (int l = 1; l < TS; ++l)
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-          s1[k] += sh[0][(l * TC + tc) * V + k];
-          s2[k] += sh[1][(l * TC + tc) * V + k];
-        }
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const int64_t row = n * C + c0 + k;
@@ -401,19 +410,8 @@ __global__ void __launch_bounds__(kThreads)
                              ca[k], cb[k], pc.slope, sq[k], sp[k]);
       }
     }
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      sh[0][(ts * TC + tc) * V + k] = sq[k];
-      sh[1][(ts * TC + tc) * V + k] = sp[k];
-    }
-    __syncthreads();
+    spatial_lanes_sum2<acc_t, V>(sh, tc, ts, TC, sq, sp);
     if (ts == 0 && c0 < C) {
-      for (int l = 1; l < TS; ++l)
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-          sq[k] += sh[0][(l * TC + tc) * V + k];
-          sp[k] += sh[1][(l * TC + tc) * V + k];
-        }
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const int64_t row = n * C + c0 + k;
