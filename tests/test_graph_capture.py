@@ -58,10 +58,12 @@ PARAMS = [(row, 0.1) for row in ROWS] + [(row, None) for row in ROWS if row not 
 
 
 @pytest.mark.parametrize("row,momentum", PARAMS)
-def test_a_training_step_reads_nothing_back(row, momentum, device):
-    model = make_model(row).to(device)
+def test_a_training_step_reads_nothing_back(row, momentum):
+    """On the CPU: the Python layer of every layer's step (on a GPU the capture below checks the
+    whole step)."""
+    model = make_model(row)
     model[1].momentum = momentum
-    x = inputs(row).to(device)
+    x = inputs(row)
     _step(model, x)                                   # first call: lazily built constants
     with HostTraffic() as rec:
         _step(model, x)
