@@ -10,6 +10,8 @@ BatchNormSBN2d and the three NormAct forms with ReLU and SiLU. Columns (one test
   compile_dyn    the same with dynamic=True over three batch sizes
   cast           .half() / .bfloat16() / .double() / .to(dtype), then training and eval, against
                  the float64 model; running statistics in at least float32 where BN's would be
+  autocast       torch.autocast (AMP) around the float32 model: 16-bit in and out of the layer,
+                 float32 parameters, gradients and statistics, against the float64 model
   fx             torch.fx.symbolic_trace: the layer is one leaf call (never traced through), the
                  traced module trains and evaluates as eager; fx conv+BN folding (optimization.fuse)
                  never folds an nk layer as if it were BN
@@ -183,6 +185,35 @@ def test_module_cast_then_train_and_eval(row, cast):
     x = inputs(row, 3, seed=9)
     with torch.no_grad():
         assert rel_err(model.to(dtype)(x.to(dtype)), ref(x.double())) < tol
+
+
+# ------------------------------------------------------------------------------ autocast (AMP)
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_autocast_train_and_eval(row, device):
+    """torch.autocast around a float32 model (bfloat16 on the CPU, float16 on a GPU): training
+    and eval as the float64 model does, to the dtype's precision. The layer takes and returns
+    the autocast dtype (its input is a 16-bit conv output), as BatchNorm does; its parameters,
+    their gradients and its running statistics stay float32 (SBN's mean complex64)."""
+    dtype, tol = (torch.bfloat16, 1e-1) if device.type == "cpu" else (torch.float16, 2e-2)
+    model, ref = make_model(row).to(device), make_model(row).double()
+    seen = []
+    model[1].register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    batches = [inputs(row, 4, seed=s) for s in range(2)]
+    with torch.autocast(device.type, dtype=dtype):
+        got = train_steps(model, [b.to(device) for b in batches], lr=0.0)
+    want = train_steps(ref, [b.double() for b in batches], lr=0.0)
+    assert_close_lists([[t.cpu() for t in g] for g in got], want, tol, f"{row} autocast training")
+    assert seen == [(dtype, dtype)] * 2, seen
+    assert {g.dtype for step in got for g in step[2:]} == {torch.float32}      # parameter gradients
+    for k, v in stats_dtypes(model[1]).items():
+        assert v in (torch.float32, torch.complex64), (k, v)
+    assert_same_state({k: v.cpu() for k, v in state(model.double()).items()}, state(ref), tol, f"{row} autocast state")
+    model.float().eval(), ref.eval()
+    x = inputs(row, 3, seed=9)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+        y = model(x.to(device))
+    assert rel_err(y.cpu(), ref(x.double())) < tol
 
 
 # ------------------------------------------------------------------------------ fx
