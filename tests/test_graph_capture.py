@@ -6,14 +6,16 @@ captured into a CUDA graph and replayed.
 On the CPU (CI) this is checked where Python code runs: the modules, functional and the running
 update, recorded by a dispatch mode over a whole step (nn.BatchNorm2d with momentum=None is the
 positive control: it reads num_batches_tracked on the host), and the Triton host functions of the
-SBN family, run on meta tensors (standing for CUDA ones) under the same recorder. The C++ host
-code of the CUDA kernels is checked by the capture itself, on a GPU (the [cuda] tests; `make
-gpu-check` runs them): a step captured with torch.cuda.graph, replayed on new data, gives what
+SBN family, run on meta tensors (standing for CUDA ones) under the same recorder, and the C++
+host code of csrc/cuda/, built for the CPU by tools/cuda_emu, whose every op is recorded by the
+profiler (a host read inside it shows there). On a GPU (the [cuda] tests; `make gpu-check` runs
+them) the capture itself: a step captured with torch.cuda.graph, replayed on new data, gives what
 eager gives.
 """
 from __future__ import annotations
 
-import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -175,3 +177,45 @@ def test_cuda_graph_of_a_training_step(row):
         static_x.copy_(x)
         eval_graph.replay()
         assert rel_err(static_y, eager(x)) < 1e-5, f"{row}: eval output"
+
+
+# ------------------------------------------------------- the CUDA host code, emulated on the CPU
+
+def _host_reads(fn) -> list:
+    """The host reads (aten::_local_scalar_dense: .item(), float(t), bool(t)) of fn and of
+    everything it calls, C++ included, from torch.profiler's record of every op."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name in ("aten::_local_scalar_dense", "aten::item")]
+
+
+def test_cuda_host_code_reads_nothing_back():
+    """The host code of csrc/cuda/ (its launch planning, the cooperative finalize or its
+    two-launch fallback, the running update), built for the CPU by tools/cuda_emu exactly as it
+    runs for CUDA tensors: every op, training and eval, makes no host read (a sync, which capture
+    refuses). The profiler sees the ops the C++ code calls; the positive control is a host read
+    made inside a recorded call."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "tools", "cuda_emu"))
+    import emu_build
+
+    emu = emu_build.load()
+    x = torch.randn(3, 5, 4, 6)
+    dy, w, b = torch.randn_like(x), torch.rand(5) + 0.5, torch.randn(5)
+    mean, var = torch.randn(5) * 0.1, torch.rand(5) + 0.5
+
+    def every_op():
+        for xl in (x, x.contiguous(memory_format=torch.channels_last)):
+            y, bm, bv, saved = emu.l2bn_forward(xl, w, b, None, None, 1e-5, 1e-12, True, "silu", 0.0)
+            emu.l2bn_backward(dy, xl, w, saved, True, "silu", 0.0)
+            _, _, _, saved_eval = emu.l2bn_forward(xl, w, b, mean, var, 1e-5, 1e-12, False, "relu", 0.0)
+            emu.l2bn_backward(dy, xl, w, saved_eval, False, "relu", 0.0)
+            stats, rows = emu.l2bn_stats(xl, 1e-12, True)
+            fin = emu.l2bn_finish(xl, stats, rows[None], w, b, None, None, 1e-5, 1e-12, True, "identity", 0.0)
+            sums, grows = emu.l2bn_grad_stats(dy, xl, fin[3], "identity", 0.0)
+            emu.l2bn_grad_finish(dy, xl, w, fin[3], sums, grows, grows, "identity", 0.0)
+            for momentum in (0.1, -1.0):
+                emu.running_stats_update_(mean.clone(), var.clone(), torch.tensor(3), bm, bv, momentum, 1.1)
+
+    assert _host_reads(every_op) == []
+    assert "aten::_local_scalar_dense" in _host_reads(lambda: float(x.sum()))
