@@ -189,7 +189,7 @@ def _host_reads(fn) -> list:
     return [e.name for e in prof.events() if e.name in ("aten::_local_scalar_dense", "aten::item")]
 
 
-def test_cuda_host_code_reads_nothing_back():
+def test_gpu_host_code_reads_nothing_back():
     """The host code of csrc/cuda/ (its launch planning, the cooperative finalize or its
     two-launch fallback, the running update), built for the CPU by tools/cuda_emu exactly as it
     runs for CUDA tensors: every op, training and eval, makes no host read (a sync, which capture
