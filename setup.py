@@ -17,6 +17,8 @@ torch was built with CUDA and a CUDA toolkit is found (CUDA_HOME), or when force
 import glob
 import os
 import re
+import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -45,6 +47,31 @@ def _env_flag(name):
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _set_cuda_home_from_nvcc():
+    """Where CUDA_HOME and CUDA_PATH are unset, torch.utils.cpp_extension takes the directory above
+    the `nvcc` on PATH as CUDA_HOME. Where that nvcc is a wrapper script or a link outside the
+    toolkit (e.g. /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc), that directory has
+    no CUDA headers or libcudart and the CUDA build fails at the link ("cannot find -lcudart").
+    Then ask nvcc where its toolkit is (its --dryrun prints TOP) and set CUDA_HOME to it. Must run
+    before torch.utils.cpp_extension is imported (it reads CUDA_HOME once, at import)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or os.path.exists(os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include",
+                                                   "cuda_runtime.h")):
+        return
+    try:
+        proc = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True,
+                              text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    m = re.search(r"^#\$ TOP=(.+)$", proc.stdout + proc.stderr, re.M)
+    if m:
+        top = os.path.realpath(m.group(1).strip())
+        if os.path.exists(os.path.join(top, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = top
+
+
 def _ext_modules():
     if _env_flag("NORMKERNELS_NO_EXT"):
         return [], {}
@@ -54,6 +81,8 @@ def _ext_modules():
         if _BUILD_COMMANDS.intersection(sys.argv[1:]):
             raise SystemExit(NO_TORCH) from None
         return [], {}  # sdist / metadata only
+    if not _env_flag("NORMKERNELS_NO_CUDA"):
+        _set_cuda_home_from_nvcc()
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     def rel(pattern):

@@ -8,6 +8,31 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _interpreter_index_fix():
+    """Triton 3.6's interpreter (the GPU machine's triton, when run here without a GPU) holds a
+    scalar as a 1-element 1-d array and turns it into a loop bound with int(array), which numpy >=
+    2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"): every kernel
+    with a `range` over a runtime bound fails. Newer triton (3.9) squeezes first; do the same where
+    the installed interpreter does not. Interpreter only: compiled kernels never go through it."""
+    import importlib.util
+    import inspect
+    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
+        return
+    from triton.runtime import interpreter
+    patch_tensor = interpreter._patch_lang_tensor
+    if "squeeze" in inspect.getsource(patch_tensor):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+_interpreter_index_fix()
+
 # Op tests run on every device present: CPU always, CUDA when there is a GPU.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
