@@ -41,7 +41,7 @@ the tail of the output comes back from the GPU machine).
 
 Without a GPU the same command is a rehearsal of the plumbing (about a minute, CPU): the build
 stage verifies the extension already built (import, registered ops) instead of rebuilding, the
-tests stage runs the GPU selection restricted to cuda-marked tests (all skip on a CPU: it proves
+tests stage runs the GPU selection restricted to cuda-marked tests (none runs on a CPU: it proves
 the invocation and the parsing), bench, compile and e2e run tiny CPU shapes, aot compiles a smoke
 subset. Its files are named rehearsal-<device>.* so that committed results are never
 overwritten. CI runs the rehearsal (tests/test_gpu_check.py).
@@ -268,7 +268,7 @@ def stage_tests(c: Check, gpu: bool):
         if _has("pytest_timeout"):
             argv += ["--timeout", "30"]
     else:
-        argv += ["-m", "cuda"]         # rehearsal: the same files and -k; every [cuda] case skips
+        argv += ["-m", "cuda"]         # rehearsal: the same files and -k; no [cuda] case runs on a CPU
     rc, out, s = c.run("tests", argv)
     n = _pytest_counts(out)
     summary = ", ".join(f"{v} {k}" for k, v in n.items() if v) or "no test ran"
