@@ -22,6 +22,9 @@ ALGORITHMS = ("auto", "parseval", "fft")
 ACTIVATIONS = (None, "identity", "relu", "leaky_relu", "silu")
 from .ops.sbn_layout import FFT_NORMS  # noqa: E402
 _SHAPES = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)"}
+# the per-channel arguments' names in the layers' signatures (BN+SBN: SBN's, then BN's)
+_CHANNEL_NAMES = ("weight", "bias", "running_mean", "running_var")
+_BN_SBN_CHANNEL_NAMES = tuple("sbn_" + n for n in _CHANNEL_NAMES) + tuple("bn_" + n for n in _CHANNEL_NAMES)
 
 
 def check_input(x, ranks: tuple[int, ...], layer: str) -> None:
@@ -36,10 +39,10 @@ def check_input(x, ranks: tuple[int, ...], layer: str) -> None:
         raise ValueError(f"{layer}: got an empty input of shape {tuple(x.shape)}")
 
 
-def check_channel_tensors(x, layer: str, **tensors) -> None:
-    """Per-channel parameters/buffers must have shape (C,) and live on x's device."""
+def check_channel_tensors(x, layer: str, names: tuple[str, ...], tensors: tuple) -> None:
+    """Per-channel parameters/buffers (named by names) must have shape (C,) and live on x's device."""
     shape, dev = x.shape[1:2], x.device  # one comparison each per tensor: this runs every call
-    for name, t in tensors.items():
+    for name, t in zip(names, tensors):
         if t is not None and (t.shape != shape or t.device != dev):
             if t.shape != shape:
                 raise ValueError(f"{layer}: {name} has shape {tuple(t.shape)} but the input has C={x.shape[1]} channels")
@@ -174,7 +177,7 @@ def l2bn_family(input, running_mean, running_var, weight, bias, training: bool, 
     the reducer's group), then updates the running statistics."""
     layer = layer or "l2_batch_norm"
     check_input(input, ranks, layer)
-    check_channel_tensors(input, layer, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    check_channel_tensors(input, layer, _CHANNEL_NAMES, (weight, bias, running_mean, running_var))
     check_running(running_mean, running_var, training, layer)
     act = check_activation(activation, layer)
     update = training and running_mean is not None
@@ -272,10 +275,9 @@ def spectral_family(input, bn: bool, bn_running_mean, bn_running_var, sbn_runnin
     layer = layer or ("batch_norm_sbn" if bn else "spectral_batch_norm")
     sp = "sbn_" if bn else ""  # the SBN arguments' names in this layer's signature
     check_input(input, (4,), layer)
-    check_channel_tensors(input, layer, **{
-        "bn_weight": bn_weight, "bn_bias": bn_bias, "bn_running_mean": bn_running_mean,
-        "bn_running_var": bn_running_var, sp + "weight": sbn_weight, sp + "bias": sbn_bias,
-        sp + "running_mean": sbn_running_mean, sp + "running_var": sbn_running_var})
+    check_channel_tensors(input, layer, _BN_SBN_CHANNEL_NAMES if bn else _CHANNEL_NAMES,  # (bn off: SBN's only)
+                          (sbn_weight, sbn_bias, sbn_running_mean, sbn_running_var, bn_weight, bn_bias,
+                           bn_running_mean, bn_running_var))
     if bn:
         check_running(bn_running_mean, bn_running_var, training, layer)
         if (bn_running_mean is None) != (sbn_running_mean is None):

@@ -24,6 +24,8 @@ __all__ = [
 ]
 
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+# each stage's running buffers by its prefix ("" BN's or the layer's own, "sbn_" BN+SBN's SBN stage)
+_RUNNING_KEYS = {p: tuple(p + n for n in ("running_mean", "running_var", "num_batches_tracked")) for p in ("", "sbn_")}
 
 
 class FreshStateWarning(UserWarning):
@@ -160,7 +162,9 @@ class _NormBase(nn.Module):
         None in training without tracked statistics (batch statistics, nothing updated)."""
         if self.training and not self.track_running_stats:
             return None, None, None
-        return tuple(getattr(self, prefix + n) for n in ("running_mean", "running_var", "num_batches_tracked"))
+        mean, var, count = _RUNNING_KEYS[prefix]
+        buffers = self._buffers  # (direct: nn.Module.__getattr__ per name costs a layer call microseconds)
+        return buffers[mean], buffers[var], buffers[count]
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:

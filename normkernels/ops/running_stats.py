@@ -29,6 +29,8 @@ except ImportError:
     _EXT = False
 
 if _EXT:
+    _UPDATE_OP = torch.ops.normkernels.running_stats_update_.default   # bound once: called every step
+
     @torch.library.register_fake("normkernels::running_stats_update_")
     def _(running_mean, running_var, num_batches_tracked, batch_mean, batch_var, momentum, unbias):
         return None
@@ -70,8 +72,7 @@ def running_stats_update(running_mean: Tensor, running_var: Tensor,
         running_stats_update_torch(running_mean, running_var, num_batches_tracked, batch_mean,
                                    batch_var, momentum, unbias)
     elif _EXT and running_var.device.type in ("cpu", "cuda"):
-        torch.ops.normkernels.running_stats_update_(running_mean, running_var, num_batches_tracked,
-                                                    batch_mean, batch_var, momentum, unbias)
+        _UPDATE_OP(running_mean, running_var, num_batches_tracked, batch_mean, batch_var, momentum, unbias)
     else:
         running_stats_update_torch(running_mean, running_var, num_batches_tracked, batch_mean,
                                    batch_var, momentum, unbias)
